@@ -1,0 +1,3 @@
+"""fedrec: privacy-preserving federated recommendation."""
+
+__version__ = "0.1.0"

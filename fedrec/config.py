@@ -1,0 +1,161 @@
+"""Experiment configuration: YAML parsed once, at the app boundary, into validated dataclasses.
+
+Errors name the file, the line and the option to fix (``configs/x.yaml:12: train.epochs: ...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedrec.data import DataConfig
+from fedrec.errors import FedrecConfigError
+from fedrec.evaluation import EvalConfig
+from fedrec.models import SequentialModelConfig, model_config, model_names
+from fedrec.training import TrainConfig
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole centralized experiment. ``model`` holds ``name`` plus that model's options."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model_name: str = "hstu"
+    model: SequentialModelConfig = field(default_factory=lambda: model_config("hstu"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    output_dir: str = "runs"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["model"] = {"name": out.pop("model_name"), **out["model"]}
+        return out
+
+
+class _Locations:
+    """Line numbers of every key in a YAML document, by dotted path."""
+
+    def __init__(self, text: str):
+        self.lines: dict[str, int] = {}
+        node = yaml.compose(text)
+        if node is not None:
+            self._walk(node, "")
+
+    def _walk(self, node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                path = f"{prefix}.{key.value}" if prefix else str(key.value)
+                self.lines[path] = key.start_mark.line + 1
+                self._walk(value, path)
+
+    def line(self, path: str) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path.rpartition(".")[0]
+        return None
+
+
+def _check_type(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        return _check_type(value, next(o for o in options if o is not type(None)), path)
+    if origin is tuple and isinstance(value, list | tuple):
+        return tuple(value)
+    expected = {int: (int,), float: (int, float), bool: (bool,), str: (str,), dict: (dict,)}.get(
+        origin or hint
+    )
+    if expected is not None and (
+        not isinstance(value, expected) or (hint is not bool and isinstance(value, bool))
+    ):
+        raise ValueError(f"expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def _build(cls: type, data: Any, path: str, where: _Locations, source: str) -> Any:
+    def fail(message: str, at: str) -> FedrecConfigError:
+        line = where.line(at)
+        prefix = f"{source}:{line}" if line else source
+        return FedrecConfigError(f"{prefix}: {at or 'top level'}: {message}")
+
+    if not isinstance(data, dict):
+        raise fail(f"expected a mapping of options, got {data!r}", path)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        at = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = (
+                f" (did you mean {close[0]!r}?)" if close else f"; known options: {sorted(fields)}"
+            )
+            raise fail(f"unknown option{hint}", at)
+        hint_type = hints[key]
+        if dataclasses.is_dataclass(hint_type):
+            kwargs[key] = _build(hint_type, value, at, where, source)  # type: ignore[arg-type]
+            continue
+        try:
+            kwargs[key] = _check_type(value, hint_type, at)
+        except ValueError as err:
+            raise fail(str(err), at) from None
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise fail(str(err), path) from None
+
+
+def parse_config(
+    data: dict[str, Any], source: str = "<config>", text: str | None = None
+) -> ExperimentConfig:
+    where = _Locations(text) if text is not None else _Locations("{}")
+    data = dict(data)
+    raw_model = data.pop("model", {}) or {}
+    if not isinstance(raw_model, dict):
+        raise FedrecConfigError(
+            f"{source}: model: expected a mapping with 'name' and model options"
+        )
+    raw_model = dict(raw_model)
+    name = raw_model.pop("name", "hstu")
+    if name not in model_names():
+        line = where.line("model.name")
+        raise FedrecConfigError(
+            f"{source}:{line}: model.name: unknown model {name!r}; registered: {model_names()}"
+        )
+    config_cls = type(model_config(name))
+    model = _build(config_cls, raw_model, "model", where, source)
+    if "model_name" in data:
+        raise FedrecConfigError(f"{source}: set the model with model.name, not model_name")
+    experiment = _build(ExperimentConfig, data, "", where, source)
+    experiment.model_name = name
+    experiment.model = model
+    return experiment
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FedrecConfigError(f"{path}: config file not found (see configs/ for examples)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise FedrecConfigError(
+            f"{path}{line}: invalid YAML: {getattr(err, 'problem', err)}"
+        ) from None
+    if not isinstance(data, dict):
+        raise FedrecConfigError(f"{path}: expected a mapping at the top level")
+    return parse_config(data, str(path), text)

@@ -1,0 +1,21 @@
+"""Full-ranking evaluation over all items (no sampled negatives)."""
+
+from fedrec.evaluation.evaluator import (
+    EvalConfig,
+    EvalResult,
+    evaluate,
+    metric_names,
+    popularity_scorer,
+)
+from fedrec.evaluation.metrics import rank_metrics, target_ranks, topk_items
+
+__all__ = [
+    "EvalConfig",
+    "EvalResult",
+    "evaluate",
+    "metric_names",
+    "popularity_scorer",
+    "rank_metrics",
+    "target_ranks",
+    "topk_items",
+]
