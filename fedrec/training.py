@@ -171,6 +171,8 @@ def fit(
         total=train.epochs * batches, disable=not train.progress, unit="batch", dynamic_ncols=True
     )
 
+    say = bar.write if train.progress else log.info
+
     def show(value: float) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{value:.4f}", refresh=False)
@@ -208,15 +210,13 @@ def fit(
                     )
             else:
                 stale += 1
-            bar.write(
+            say(
                 f"epoch {epoch}: loss {loss:.4f}  valid {train.monitor} {valid[train.monitor]:.4f}"
                 f"  (best {best_score:.4f} @ {best_epoch})"
             )
         history.append(record)
         if stale >= train.patience:
-            bar.write(
-                f"early stop: {train.monitor} did not improve in {train.patience} validations"
-            )
+            say(f"early stop: {train.monitor} did not improve in {train.patience} validations")
             break
     bar.close()
     model.load_state_dict(best_state)

@@ -1,7 +1,9 @@
 """HSTU as in "Actions Speak Louder than Words" (Zhai et al., ICML 2024), plain PyTorch.
 
 Per layer: ``U, V, Q, K = split(SiLU(f1(LayerNorm(X))))``;
-``A = SiLU(Q Kᵀ + rab) / n`` under a causal mask (pointwise, no softmax);
+``A = SiLU(Q Kᵀ + rab) / n`` under a causal mask (pointwise, no softmax; ``n`` is the
+configured ``max_len``, the padded length of the reference implementation, so outputs do not
+depend on how much padding a batch carries);
 ``Y = X + f2(Norm(A V) ⊙ U)``. The relative attention bias adds a learned weight per
 relative position and per log-bucketed time gap.
 
@@ -78,6 +80,7 @@ class HSTULayer(nn.Module):
     def __init__(self, config: HSTUConfig):
         super().__init__()
         self.heads = config.num_heads
+        self.max_len = config.max_len
         self.attention_dim = config.attention_dim
         self.linear_dim = config.linear_dim
         dim = config.embedding_dim
@@ -95,7 +98,7 @@ class HSTULayer(nn.Module):
         k = k.view(batch, length, self.heads, self.attention_dim)
         v = v.view(batch, length, self.heads, self.linear_dim)
         scores = torch.einsum("bihd,bjhd->bhij", q, k) + self.relative_bias(buckets).unsqueeze(1)
-        weights = F.silu(scores) / length * mask.unsqueeze(1)
+        weights = F.silu(scores) / self.max_len * mask.unsqueeze(1)
         attended = torch.einsum("bhij,bjhd->bihd", weights, v).reshape(batch, length, hl)
         gated = F.layer_norm(attended, (hl,), eps=1e-6) * u
         return x + self.output(self.dropout(gated))
