@@ -1,7 +1,7 @@
 # Two entry points, each installing into .venv on first use:
 #   make demo   the main job on the embedded synthetic data set
 #   make test   lint, format check, type check and the whole test suite
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -31,13 +31,19 @@ def _mean_std(values: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", required=True, help="experiment YAML (repeatable)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", action="append", required=True, help="experiment YAML (repeatable)"
+    )
     parser.add_argument("--data-dir", help="overrides data.path of every config")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", default="runs/bench", help="folder for runs and the summary")
     parser.add_argument("--device", default=None, help="auto, cpu or cuda (overrides train.device)")
-    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs (smoke runs)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="override train.epochs (smoke runs)"
+    )
     args = parser.parse_args(argv)
 
     output = Path(args.output)
@@ -80,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         summary[label] = {
             "seeds": args.seeds,
             "test": {m: [r["test"][m] for r in results] for m in METRICS},
-            "valid": {m: [r["valid"][m] for r in results] for m in METRICS if m in results[0]["valid"]},
+            "valid": {
+                m: [r["valid"][m] for r in results] for m in METRICS if m in results[0]["valid"]
+            },
             "seconds_per_epoch": [r["seconds_per_epoch"] for r in results],
             "best_epoch": [r["best_epoch"] for r in results],
         }

@@ -19,7 +19,9 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 torch.set_num_threads(1)
 
 
-def make_dataset(rows: list[tuple[int, int, float]], ratings: list[float] | None = None) -> InteractionDataset:
+def make_dataset(
+    rows: list[tuple[int, int, float]], ratings: list[float] | None = None
+) -> InteractionDataset:
     """A data set from (user, item, time) rows with dense raw ids."""
     users = np.array([r[0] for r in rows], dtype=np.int64)
     items = np.array([r[1] for r in rows], dtype=np.int64)

@@ -37,7 +37,19 @@ def tiny_config(tmp_path: Path, model: str = "hstu") -> Path:
 @pytest.mark.parametrize("model", ["hstu", "sasrec"])
 def test_train_writes_results_and_a_loadable_checkpoint(tmp_path, model):
     run = tmp_path / "run"
-    result = runner.invoke(app, ["train", "-c", str(tiny_config(tmp_path, model)), "--output-dir", str(run), "--no-progress", "--seed", "3"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "-c",
+            str(tiny_config(tmp_path, model)),
+            "--output-dir",
+            str(run),
+            "--no-progress",
+            "--seed",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((run / "results.json").read_text())
     assert results["model"] == model and results["seed"] == 3
@@ -67,7 +79,16 @@ def test_missing_data_dir_is_named(tmp_path):
 
 @pytest.mark.skipif(not ML100K.exists(), reason="MovieLens-100K is not at ../shared/data/ml-100k")
 def test_data_summary_on_movielens(tmp_path):
-    result = runner.invoke(app, ["data-summary", "-c", str(REPO / "configs" / "ml-100k-hstu.yaml"), "--data-dir", str(ML100K)])
+    result = runner.invoke(
+        app,
+        [
+            "data-summary",
+            "-c",
+            str(REPO / "configs" / "ml-100k-hstu.yaml"),
+            "--data-dir",
+            str(ML100K),
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["raw"]["interactions"] == 100_000 and summary["preprocessed"]["users"] == 943

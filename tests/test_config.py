@@ -12,7 +12,12 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def test_there_are_configs():
     names = {p.name for p in CONFIGS}
-    assert {"synthetic.yaml", "ml-100k-hstu.yaml", "ml-100k-sasrec.yaml", "ml-1m-hstu.yaml"} <= names
+    assert {
+        "synthetic.yaml",
+        "ml-100k-hstu.yaml",
+        "ml-100k-sasrec.yaml",
+        "ml-1m-hstu.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -46,7 +51,9 @@ def test_wrong_type_is_reported(tmp_path):
 
 def test_invalid_value_is_reported_with_its_section(tmp_path):
     path = write(tmp_path, "data:\n  preprocess:\n    min_sequence_length: 2\n")
-    with pytest.raises(FedrecConfigError, match=r"bad.yaml:2: data.preprocess: .*min_sequence_length"):
+    with pytest.raises(
+        FedrecConfigError, match=r"bad.yaml:2: data.preprocess: .*min_sequence_length"
+    ):
         load_config(path)
 
 
@@ -67,6 +74,8 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 
 
 def test_lists_become_tuples_and_ints_become_floats(tmp_path):
-    config = load_config(write(tmp_path, "evaluation:\n  ks: [5, 10]\ntrain:\n  learning_rate: 1\n"))
+    config = load_config(
+        write(tmp_path, "evaluation:\n  ks: [5, 10]\ntrain:\n  learning_rate: 1\n")
+    )
     assert config.evaluation.ks == (5, 10)
     assert config.train.learning_rate == 1.0 and isinstance(config.train.learning_rate, float)

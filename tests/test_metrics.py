@@ -87,6 +87,7 @@ def test_evaluate_matches_brute_force_with_history_exclusion(small_split):
 
 def test_history_exclusion_matters(small_split):
     """A scorer that loves the history looks good without exclusion and bad with it."""
+
     def history_lover(users, stage):
         scores = torch.zeros(len(users), small_split.num_items)
         for row, user in enumerate(users):
@@ -106,7 +107,8 @@ def test_popularity_scorer_counts_visible_histories(small_split):
         np.add.at(expected_train, small_split.train_sequence(user)[0], 1)
     assert np.array_equal(valid_scores.numpy(), expected_train)
     assert np.array_equal(
-        test_scores.numpy(), expected_train + np.bincount(small_split.targets("valid"), minlength=small_split.num_items)
+        test_scores.numpy(),
+        expected_train + np.bincount(small_split.targets("valid"), minlength=small_split.num_items),
     )
 
 

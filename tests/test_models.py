@@ -16,7 +16,9 @@ from fedrec.models.hstu.model import time_buckets
 
 
 def tiny(name: str, **overrides):
-    params = dict(max_len=12, embedding_dim=8, num_blocks=2, num_heads=2, dropout=0.0, num_negatives=5)
+    params = dict(
+        max_len=12, embedding_dim=8, num_blocks=2, num_heads=2, dropout=0.0, num_negatives=5
+    )
     params.update(overrides)
     torch.manual_seed(0)
     return build_model(name, 20, model_config(name, params)).eval()
@@ -36,7 +38,9 @@ def reference_bucket(gap: float, num_buckets: int) -> int:
     return min(max(int(math.log(max(abs(gap), 1)) / 0.301), 0), num_buckets)
 
 
-def reference_hstu_layer(layer: HSTULayer, x: torch.Tensor, times: torch.Tensor, valid: torch.Tensor):
+def reference_hstu_layer(
+    layer: HSTULayer, x: torch.Tensor, times: torch.Tensor, valid: torch.Tensor
+):
     """One sequence, one position at a time, straight from the paper's equations."""
     length, dim = x.shape
     heads, dq, dv = layer.heads, layer.attention_dim, layer.linear_dim
@@ -56,9 +60,10 @@ def reference_hstu_layer(layer: HSTULayer, x: torch.Tensor, times: torch.Tensor,
             for j in range(i + 1):
                 if not (valid[j] or j == i):
                     continue
-                bias = w_pos[j - i + layer.max_len - 1] + w_time[
-                    reference_bucket(float(times[i] - times[j]), num_buckets)
-                ]
+                bias = (
+                    w_pos[j - i + layer.max_len - 1]
+                    + w_time[reference_bucket(float(times[i] - times[j]), num_buckets)]
+                )
                 a = F.silu(q[i][h] @ k[j][h] + bias) / layer.max_len
                 acc = acc + a * v[j][h]
             per_head.append(acc)
@@ -122,7 +127,10 @@ def test_extra_left_padding_does_not_change_scores(name):
     padded_items = torch.cat([torch.zeros(1, 6, dtype=torch.long), items], dim=1)
     padded_times = torch.cat([torch.zeros(1, 6, dtype=torch.long), times], dim=1)
     torch.testing.assert_close(
-        model.score_all(items, times), model.score_all(padded_items, padded_times), rtol=1e-5, atol=1e-6
+        model.score_all(items, times),
+        model.score_all(padded_items, padded_times),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -130,7 +138,9 @@ def test_extra_left_padding_does_not_change_scores(name):
 @pytest.mark.parametrize("loss", ["sampled_softmax", "full_softmax"])
 def test_training_reduces_the_loss(name, loss, small_split):
     model = build_model(
-        name, small_split.num_items, model_config(name, {"max_len": 20, "embedding_dim": 16, "loss": loss})
+        name,
+        small_split.num_items,
+        model_config(name, {"max_len": 20, "embedding_dim": 16, "loss": loss}),
     )
     torch.manual_seed(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)

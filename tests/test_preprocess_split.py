@@ -17,8 +17,10 @@ def test_drop_duplicates_keeps_the_earliest_interaction():
 
 def test_rating_threshold_and_min_length():
     rows = [(0, i, float(i)) for i in range(5)] + [(1, i, float(i)) for i in range(5)]
-    ratings = [5, 5, 5, 1, 1] + [5, 5, 5, 5, 4]
-    out = preprocess(make_dataset(rows, ratings), PreprocessConfig(rating_threshold=4, min_sequence_length=4))
+    ratings = [5, 5, 5, 1, 1, 5, 5, 5, 5, 4]  # user 0, then user 1
+    out = preprocess(
+        make_dataset(rows, ratings), PreprocessConfig(rating_threshold=4, min_sequence_length=4)
+    )
     # user 0 keeps 3 items (< 4) and is dropped; user 1 keeps all 5
     assert list(out.raw_user_ids) == ["u1"]
     assert out.num_interactions == 5
@@ -31,7 +33,10 @@ def test_rating_threshold_without_ratings_is_an_error():
 
 def test_k_core_is_iterated_to_a_fixed_point():
     rng = np.random.default_rng(0)
-    rows = [(int(u), int(i), float(t)) for t, (u, i) in enumerate(rng.integers(0, [40, 60], size=(500, 2)))]
+    rows = [
+        (int(u), int(i), float(t))
+        for t, (u, i) in enumerate(rng.integers(0, [40, 60], size=(500, 2)))
+    ]
     out = preprocess(make_dataset(rows), PreprocessConfig(k_core=5, min_sequence_length=3))
     assert np.bincount(out.user_ids).min() >= 5
     assert np.bincount(out.item_ids).min() >= 5
@@ -41,13 +46,19 @@ def test_k_core_is_iterated_to_a_fixed_point():
 
 def test_preprocess_refuses_to_return_an_empty_data_set():
     with pytest.raises(ValueError, match="removed every interaction"):
-        preprocess(make_dataset([(0, 0, 0.0), (0, 1, 1.0)]), PreprocessConfig(min_sequence_length=3))
+        preprocess(
+            make_dataset([(0, 0, 0.0), (0, 1, 1.0)]), PreprocessConfig(min_sequence_length=3)
+        )
 
 
 def test_leave_one_out_matches_a_per_user_reference():
     rng = np.random.default_rng(1)
-    rows = [(int(rng.integers(6)), int(rng.integers(30)), float(rng.integers(20))) for _ in range(120)]
-    ds = preprocess(make_dataset(rows), PreprocessConfig(drop_duplicates=False, min_sequence_length=3))
+    rows = [
+        (int(rng.integers(6)), int(rng.integers(30)), float(rng.integers(20))) for _ in range(120)
+    ]
+    ds = preprocess(
+        make_dataset(rows), PreprocessConfig(drop_duplicates=False, min_sequence_length=3)
+    )
     split = leave_one_out(ds)
     for user in range(split.num_users):
         # reference: this user's rows sorted by time, ties in file order
@@ -91,4 +102,6 @@ def test_history_mask_indices_cover_exactly_the_visible_history(small_split):
     users = np.array([3, 0, 7])
     rows, items = history_mask_indices(small_split, users, "test")
     for row, user in enumerate(users):
-        assert sorted(items[rows == row].tolist()) == sorted(small_split.history(user, "test")[0].tolist())
+        assert sorted(items[rows == row].tolist()) == sorted(
+            small_split.history(user, "test")[0].tolist()
+        )

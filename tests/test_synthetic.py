@@ -27,9 +27,7 @@ def test_catalog_and_user_attributes_are_present():
     assert set(ds.user_features["gender"]) == {"F", "M"}
     lengths = np.bincount(ds.user_ids)
     assert lengths.min() >= 5 and lengths.max() <= 200
-    timestamps_sorted = all(
-        np.all(np.diff(ds.timestamps[ds.user_ids == u]) > 0) for u in range(20)
-    )
+    timestamps_sorted = all(np.all(np.diff(ds.timestamps[ds.user_ids == u]) > 0) for u in range(20))
     assert timestamps_sorted
 
 
@@ -45,13 +43,19 @@ def genre_histogram(ds, users_mask):
 def test_groups_have_different_tastes(attribute, a, b):
     ds = generate_synthetic(SyntheticConfig(num_users=3000, num_items=500, seed=1))
     column = ds.user_features[attribute]
-    distance = 0.5 * np.abs(genre_histogram(ds, column == a) - genre_histogram(ds, column == b)).sum()
+    distance = (
+        0.5 * np.abs(genre_histogram(ds, column == a) - genre_histogram(ds, column == b)).sum()
+    )
     assert distance > 0.1  # total variation distance between the groups' genre mixes
 
 
 def test_sequences_carry_signal_beyond_popularity():
     """A first-order transition count model (a brute-force oracle of sequential signal) beats popularity."""
-    split = leave_one_out(preprocess(generate_synthetic(SyntheticConfig(num_users=2000, num_items=500)), PreprocessConfig()))
+    split = leave_one_out(
+        preprocess(
+            generate_synthetic(SyntheticConfig(num_users=2000, num_items=500)), PreprocessConfig()
+        )
+    )
     transitions = np.zeros((split.num_items, split.num_items))
     for user in range(split.num_users):
         items = split.history(user, "test")[0]

@@ -216,100 +216,74 @@ def _title_and_year(title: str) -> tuple[str, str]:
     return title, ""
 
 
+def _table(columns: dict[str, list[str]], key: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Side-table columns as ``(ids, {name: values})`` object arrays."""
+    arrays = {name: np.asarray(values, dtype=object) for name, values in columns.items()}
+    return arrays.pop(key), arrays
+
+
+def _movielens_users(
+    path: Path,
+    sep: str,
+    encoding: str,
+    layout: tuple[str, ...],
+    occupations: list[str] | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``u.user`` / ``users.dat``: fields named by ``layout``; ML-1M codes its occupations."""
+    table: dict[str, list[str]] = {name: [] for name in layout}
+    for number, text in read_lines(path, encoding):
+        row = dict(zip(layout, split_fields(text, sep, len(layout), path, number), strict=True))
+        row["user_id"] = str(parse_int(row["user_id"], "user_id", path, number))
+        row["age"] = str(parse_int(row["age"], "age", path, number))
+        if occupations is not None:
+            code = parse_int(row["occupation"], "occupation", path, number)
+            if not 0 <= code < len(occupations):
+                raise FedrecDataError(
+                    f"occupation code {code} outside 0..{len(occupations) - 1}", path, number
+                )
+            row["occupation"] = occupations[code]
+        for name in layout:
+            table[name].append(row[name])
+    return _table(table, "user_id")
+
+
 def load_movielens_100k(directory: str | Path, encoding: str = "latin-1") -> InteractionDataset:
     """GroupLens ``u.data``, ``u.item`` and ``u.user`` (as unpacked from ml-100k.zip)."""
     directory = Path(directory)
     users, items, ratings, times = _read_ratings(directory / "u.data", "\t", encoding)
-
     item_path = directory / "u.item"
-    ids, titles, years, genres = [], [], [], []
+    movies: dict[str, list[str]] = {"item_id": [], "title": [], "year": [], "genres": []}
     for number, text in read_lines(item_path, encoding):
         fields = split_fields(text, "|", 5 + len(ML100K_GENRES), item_path, number)
-        ids.append(str(parse_int(fields[0], "item_id", item_path, number)))
+        movies["item_id"].append(str(parse_int(fields[0], "item_id", item_path, number)))
         title, year = _title_and_year(fields[1])
-        titles.append(title)
-        years.append(year or fields[2][-4:])
+        movies["title"].append(title)
+        movies["year"].append(year or fields[2][-4:])
         flags = fields[5:]
-        genres.append(" ".join(g for g, f in zip(ML100K_GENRES, flags, strict=True) if f == "1"))
-
-    user_path = directory / "u.user"
-    uids, ages, genders, occupations, zips = [], [], [], [], []
-    for number, text in read_lines(user_path, encoding):
-        uid, age, gender, occupation, zip_code = split_fields(text, "|", 5, user_path, number)
-        uids.append(str(parse_int(uid, "user_id", user_path, number)))
-        ages.append(str(parse_int(age, "age", user_path, number)))
-        genders.append(gender)
-        occupations.append(occupation)
-        zips.append(zip_code)
-
-    obj = lambda values: np.asarray(values, dtype=object)  # noqa: E731
-    return _build(
-        "ml-100k",
-        users,
-        items,
-        times,
-        ratings,
-        (obj(ids), {"title": obj(titles), "year": obj(years), "genres": obj(genres)}),
-        (
-            obj(uids),
-            {
-                "age": obj(ages),
-                "gender": obj(genders),
-                "occupation": obj(occupations),
-                "zip_code": obj(zips),
-            },
-        ),
-    )
+        movies["genres"].append(
+            " ".join(g for g, f in zip(ML100K_GENRES, flags, strict=True) if f == "1")
+        )
+    layout = ("user_id", "age", "gender", "occupation", "zip_code")
+    user_table = _movielens_users(directory / "u.user", "|", encoding, layout)
+    return _build("ml-100k", users, items, times, ratings, _table(movies, "item_id"), user_table)
 
 
 def load_movielens_1m(directory: str | Path, encoding: str = "latin-1") -> InteractionDataset:
     """GroupLens ``ratings.dat``, ``movies.dat`` and ``users.dat`` ('::'-separated, latin-1)."""
     directory = Path(directory)
     users, items, ratings, times = _read_ratings(directory / "ratings.dat", "::", encoding)
-
     movie_path = directory / "movies.dat"
-    ids, titles, years, genres = [], [], [], []
+    movies: dict[str, list[str]] = {"item_id": [], "title": [], "year": [], "genres": []}
     for number, text in read_lines(movie_path, encoding):
         movie_id, raw_title, genre_list = split_fields(text, "::", 3, movie_path, number)
-        ids.append(str(parse_int(movie_id, "item_id", movie_path, number)))
+        movies["item_id"].append(str(parse_int(movie_id, "item_id", movie_path, number)))
         title, year = _title_and_year(raw_title)
-        titles.append(title)
-        years.append(year)
-        genres.append(" ".join(genre_list.split("|")))
-
-    user_path = directory / "users.dat"
-    uids, genders, ages, occupations, zips = [], [], [], [], []
-    for number, text in read_lines(user_path, encoding):
-        uid, gender, age, occupation, zip_code = split_fields(text, "::", 5, user_path, number)
-        uids.append(str(parse_int(uid, "user_id", user_path, number)))
-        genders.append(gender)
-        ages.append(str(parse_int(age, "age", user_path, number)))
-        code = parse_int(occupation, "occupation", user_path, number)
-        if not 0 <= code < len(ML1M_OCCUPATIONS):
-            raise FedrecDataError(
-                f"occupation code {code} outside 0..{len(ML1M_OCCUPATIONS) - 1}", user_path, number
-            )
-        occupations.append(ML1M_OCCUPATIONS[code])
-        zips.append(zip_code)
-
-    obj = lambda values: np.asarray(values, dtype=object)  # noqa: E731
-    return _build(
-        "ml-1m",
-        users,
-        items,
-        times,
-        ratings,
-        (obj(ids), {"title": obj(titles), "year": obj(years), "genres": obj(genres)}),
-        (
-            obj(uids),
-            {
-                "age": obj(ages),
-                "gender": obj(genders),
-                "occupation": obj(occupations),
-                "zip_code": obj(zips),
-            },
-        ),
-    )
+        movies["title"].append(title)
+        movies["year"].append(year)
+        movies["genres"].append(" ".join(genre_list.split("|")))
+    layout = ("user_id", "gender", "age", "occupation", "zip_code")
+    user_table = _movielens_users(directory / "users.dat", "::", encoding, layout, ML1M_OCCUPATIONS)
+    return _build("ml-1m", users, items, times, ratings, _table(movies, "item_id"), user_table)
 
 
 # --- Plain sequences (SASRec-family repositories) -------------------------------------------
