@@ -102,9 +102,13 @@ def _build(
 
 
 def _read_atomic(
-    path: Path, encoding: str, required: tuple[str, ...]
+    path: Path, encoding: str, required: tuple[str, ...], numeric: tuple[str, ...] = ()
 ) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """Read a RecBole atomic file: tab-separated with a typed ``name:type`` header."""
+    """Read a RecBole atomic file: tab-separated with a typed ``name:type`` header.
+
+    Columns typed ``float``, and those named in ``numeric`` whatever their type, must parse
+    as numbers.
+    """
     lines = read_lines(path, encoding)
     try:
         header_line, header = next(lines)
@@ -138,7 +142,7 @@ def _read_atomic(
     for number, text in lines:
         fields = split_fields(text, "\t", len(names), path, number)
         for column_name, value in zip(names, fields, strict=True):
-            if types[column_name] == "float":
+            if types[column_name] == "float" or column_name in numeric:
                 parse_float(value, column_name, path, number)
             columns[column_name].append(value)
     return types, columns
@@ -161,7 +165,9 @@ def load_recbole(
         raise FedrecDataError(
             f"no {name}.inter here; set --data-dir to a RecBole data set folder", directory
         )
-    _, inter = _read_atomic(inter_path, encoding, (user_field, item_field))
+    _, inter = _read_atomic(
+        inter_path, encoding, (user_field, item_field), numeric=(rating_field, time_field)
+    )
     if time_field in inter:
         timestamps = [float(t) for t in inter[time_field]]
     else:
@@ -299,16 +305,16 @@ def load_sequences(path: str | Path, encoding: str = "utf-8") -> InteractionData
     items: list[str] = []
     times: list[float] = []
     for number, text in read_lines(path, encoding):
+        if "," in text or ";" in text:
+            raise FedrecDataError(
+                "wrong separator: ids must be separated by whitespace", path, number
+            )
         fields = text.split()
         if len(fields) < 2:
             raise FedrecDataError(
                 f"truncated line: expected a user id followed by at least one item id, found {len(fields)} field(s)",
                 path,
                 number,
-            )
-        if "," in text or ";" in text:
-            raise FedrecDataError(
-                "wrong separator: ids must be separated by whitespace", path, number
             )
         user = str(parse_int(fields[0], "user_id", path, number))
         for position, item in enumerate(fields[1:]):

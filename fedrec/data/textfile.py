@@ -6,6 +6,7 @@ reported with its file and line number, and nothing half-parsed may escape.
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,14 @@ def read_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
     """
     if not path.is_file():
         raise FedrecDataError("file not found", path)
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise FedrecDataError(
+            f"unknown encoding {encoding!r}; set the data `encoding` option (e.g. utf-8, latin-1)",
+            path,
+            1,
+        ) from None
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -45,8 +54,6 @@ def read_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
                     path,
                     number,
                 ) from None
-            except LookupError:
-                raise FedrecDataError(f"unknown encoding {encoding!r}", path) from None
             text = text.rstrip("\r\n")
             if text.strip():
                 yield number, text
