@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import random
 import time
@@ -192,6 +193,10 @@ def fit(
         )
         epoch_seconds.append(time.perf_counter() - start)
         record: dict[str, Any] = {"epoch": epoch, "loss": loss}
+        if not math.isfinite(loss):
+            history.append(record)
+            say(f"epoch {epoch}: loss is {loss}; stopping and keeping the best validated weights")
+            break
         if epoch % train.eval_every == 0 or epoch == train.epochs:
             valid = evaluate(scorer, split, "valid", evaluation).metrics
             record["valid"] = valid

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import statistics
 import sys
 import time
@@ -44,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--epochs", type=int, default=None, help="override train.epochs (smoke runs)"
     )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (train.num_threads)"
+    )
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -55,7 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         base = load_config(config_path)
         if args.data_dir:
             base.data.path = args.data_dir
-        overrides = {k: v for k, v in (("device", args.device), ("epochs", args.epochs)) if v}
+        overrides = {
+            k: v
+            for k, v in (
+                ("device", args.device),
+                ("epochs", args.epochs),
+                ("num_threads", args.threads),
+            )
+            if v
+        }
         base.train = dataclasses.replace(base.train, progress=False, **overrides)
         if popularity is None:
             _, split = prepare_split(base.data)

@@ -161,6 +161,10 @@ def generate_synthetic(config: SyntheticConfig) -> InteractionDataset:
         successors[members] = rng.choice(
             members, size=(len(members), config.successors_per_item), p=weights
         )
+        # No item is its own successor (a repeat would be removed by de-duplication).
+        own = successors[members] == members[:, None]
+        shifted = members[(np.searchsorted(members, members) + 1) % len(members)]
+        successors[members] = np.where(own, shifted[:, None], successors[members])
     genre_weight = np.array([popularity[m].sum() if len(m) else 0.0 for m in items_of_genre])
 
     # Users: attribute groups with different genre tastes.

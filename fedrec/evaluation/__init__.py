@@ -7,7 +7,7 @@ from fedrec.evaluation.evaluator import (
     metric_names,
     popularity_scorer,
 )
-from fedrec.evaluation.metrics import rank_metrics, target_ranks, topk_items
+from fedrec.evaluation.metrics import rank_metrics, target_ranks
 
 __all__ = [
     "EvalConfig",
@@ -17,5 +17,4 @@ __all__ = [
     "popularity_scorer",
     "rank_metrics",
     "target_ranks",
-    "topk_items",
 ]

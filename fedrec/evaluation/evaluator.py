@@ -10,7 +10,7 @@ import torch
 
 from fedrec.data.batching import history_mask_indices
 from fedrec.data.split import SequenceSplit, Stage
-from fedrec.evaluation.metrics import rank_metrics, target_ranks, topk_items
+from fedrec.evaluation.metrics import rank_metrics, target_ranks
 
 # A scorer maps a batch of user ids to scores over all items, shape [len(users), num_items].
 Scorer = Callable[[np.ndarray, Stage], torch.Tensor]
@@ -30,7 +30,11 @@ class EvalConfig:
     batch_size: int = 512
 
     def __post_init__(self) -> None:
-        self.ks = tuple(int(k) for k in self.ks)
+        if isinstance(self.ks, int) or not all(
+            isinstance(k, int) and not isinstance(k, bool) for k in self.ks
+        ):
+            raise ValueError(f"evaluation.ks must be a list of positive integers, got {self.ks!r}")
+        self.ks = tuple(self.ks)
         if not self.ks or min(self.ks) < 1:
             raise ValueError(
                 f"evaluation.ks must be a non-empty list of positive integers, got {self.ks}"
@@ -75,7 +79,8 @@ def evaluate(
                 scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
             ranks.append(target_ranks(scores, torch.from_numpy(targets_all[batch])))
             for k, seen in exposed.items():
-                seen[topk_items(scores, k).flatten()] = True
+                top = torch.topk(scores, k=min(k, scores.shape[1]), dim=1)
+                seen[top.indices[top.values > -torch.inf]] = True  # masked items are not shown
     all_ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
     per_user = {name: values.numpy() for name, values in rank_metrics(all_ranks, config.ks).items()}
     metrics = {

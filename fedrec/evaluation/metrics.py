@@ -26,8 +26,3 @@ def rank_metrics(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, torch.Te
         out[f"HR@{k}"] = hit.to(torch.float64)
         out[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 1.0), torch.zeros_like(ranks))
     return out
-
-
-def topk_items(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of each row's top-k items (ties broken by torch.topk)."""
-    return torch.topk(scores, k=min(k, scores.shape[1]), dim=1).indices

@@ -16,8 +16,8 @@ LOSSES = ("sampled_softmax", "full_softmax")
 class SequentialModelConfig:
     """Defaults follow the HSTU repository's ML-1M configs.
 
-    ``loss``: ``sampled_softmax`` draws ``num_negatives`` uniform negatives per batch (shared by
-    all positions; accidental hits are masked) or ``full_softmax`` over all items.
+    ``loss``: ``sampled_softmax`` draws ``num_negatives`` uniform negatives per sequence (shared
+    by its positions; accidental hits are masked) or ``full_softmax`` over all items.
     ``l2_normalize``: cosine scoring of user and item vectors, divided by ``temperature``.
     """
 
@@ -61,8 +61,9 @@ class SequentialRecommender(nn.Module):
         self.item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.position_embedding = nn.Embedding(config.max_len, dim)
         self.input_dropout = nn.Dropout(config.dropout)
-        nn.init.trunc_normal_(self.item_embedding.weight, std=0.02)
-        nn.init.trunc_normal_(self.position_embedding.weight, std=0.02)
+        # As the HSTU reference: truncated N(0, 0.02) items, Xavier-normal positions.
+        nn.init.trunc_normal_(self.item_embedding.weight, std=0.02, a=-0.04, b=0.04)
+        nn.init.xavier_normal_(self.position_embedding.weight)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
 
@@ -76,7 +77,8 @@ class SequentialRecommender(nn.Module):
             self.config.max_len - length, self.config.max_len, device=items.device
         )
         x = self.item_embedding(items) * math.sqrt(self.config.embedding_dim)
-        x = x + self.position_embedding(positions)
+        # Batch-shaped lookup, so per-sample gradient engines (Opacus) attribute it per example.
+        x = x + self.position_embedding(positions.expand(items.shape[0], -1))
         return self.input_dropout(x) * (items > 0).unsqueeze(-1)
 
     def encode(self, items: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
@@ -103,25 +105,27 @@ class SequentialRecommender(nn.Module):
         reduce per sequence (DP-SGD needs a per-example loss) or over all positions.
         """
         valid = targets > 0
-        hidden = self._normalize(self.encode(items, timestamps)[valid])
-        positives = targets[valid]
         if self.config.loss == "full_softmax":
+            hidden = self._normalize(self.encode(items, timestamps)[valid])
             logits = hidden @ self.item_vectors().T / self.config.temperature
-            picked = F.cross_entropy(logits, positives - 1, reduction="none")
-        else:
-            negatives = torch.randint(
-                1, self.num_items + 1, (self.config.num_negatives,), device=items.device
-            )
-            pos_vectors = self._normalize(self.item_embedding(positives))
-            neg_vectors = self._normalize(self.item_embedding(negatives))
-            pos_logits = (hidden * pos_vectors).sum(-1, keepdim=True)
-            neg_logits = (hidden @ neg_vectors.T).masked_fill(
-                negatives[None, :] == positives[:, None], -torch.inf
-            )
-            logits = torch.cat([pos_logits, neg_logits], dim=1) / self.config.temperature
-            picked = -F.log_softmax(logits, dim=1)[:, 0]
-        losses = torch.zeros(valid.shape, dtype=picked.dtype, device=picked.device)
-        losses[valid] = picked
+            picked = F.cross_entropy(logits, targets[valid] - 1, reduction="none")
+            losses = torch.zeros(valid.shape, dtype=picked.dtype, device=picked.device)
+            losses[valid] = picked
+            return losses, valid
+        hidden = self._normalize(self.encode(items, timestamps))
+        # Negatives are drawn per sequence: wider catalogue coverage per step than one shared
+        # set, and each example's loss still depends on that example alone (DP-SGD needs this).
+        negatives = torch.randint(
+            1, self.num_items + 1, (items.shape[0], self.config.num_negatives), device=items.device
+        )
+        pos_vectors = self._normalize(self.item_embedding(targets))
+        neg_vectors = self._normalize(self.item_embedding(negatives))
+        pos_logits = (hidden * pos_vectors).sum(-1, keepdim=True)
+        neg_logits = torch.einsum("bld,brd->blr", hidden, neg_vectors).masked_fill(
+            negatives[:, None, :] == targets[:, :, None], -torch.inf
+        )
+        logits = torch.cat([pos_logits, neg_logits], dim=-1) / self.config.temperature
+        losses = torch.where(valid, -F.log_softmax(logits, dim=-1)[..., 0], 0.0)
         return losses, valid
 
     def loss(

@@ -66,8 +66,8 @@ class RelativeBucketedBias(nn.Module):
         self.max_len = max_len
         self.position_weights = nn.Parameter(torch.empty(2 * max_len - 1))
         self.time_weights = nn.Parameter(torch.empty(num_buckets + 1))
-        nn.init.trunc_normal_(self.position_weights, std=0.02)
-        nn.init.trunc_normal_(self.time_weights, std=0.02)
+        nn.init.trunc_normal_(self.position_weights, std=0.02, a=-0.04, b=0.04)
+        nn.init.trunc_normal_(self.time_weights, std=0.02, a=-0.04, b=0.04)
 
     def forward(self, buckets: torch.Tensor) -> torch.Tensor:
         length = buckets.shape[-1]
@@ -84,8 +84,13 @@ class HSTULayer(nn.Module):
         self.attention_dim = config.attention_dim
         self.linear_dim = config.linear_dim
         dim = config.embedding_dim
-        self.uvqk = nn.Linear(dim, self.heads * (2 * self.linear_dim + 2 * self.attention_dim))
+        self.uvqk = nn.Linear(
+            dim, self.heads * (2 * self.linear_dim + 2 * self.attention_dim), bias=False
+        )
         self.output = nn.Linear(self.heads * self.linear_dim, dim)
+        # The reference implementation's initialisation.
+        nn.init.normal_(self.uvqk.weight, std=0.02)
+        nn.init.xavier_uniform_(self.output.weight)
         self.relative_bias = RelativeBucketedBias(config.max_len, config.num_time_buckets)
         self.dropout = nn.Dropout(config.dropout)
 
