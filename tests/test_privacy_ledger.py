@@ -1,0 +1,95 @@
+"""The privacy ledger against fresh Opacus accountants and the analytic Gaussian mechanism."""
+
+import math
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger, epsilon
+
+
+def event(round_, party="client:0", sigma=1.0, q=0.01, steps=10, unit="event", mechanism="dp-sgd"):
+    return PrivacyEvent(round_, party, mechanism, unit, sigma, q, steps, clip_norm=1.0)
+
+
+def analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
+    """Exact ε of one Gaussian mechanism with sensitivity 1 (Balle & Wang 2018, Thm. 8)."""
+    phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))  # noqa: E731
+
+    def delta_of(eps):
+        return phi(1 / (2 * sigma) - eps * sigma) - math.exp(eps) * phi(
+            -1 / (2 * sigma) - eps * sigma
+        )
+
+    lo, hi = 0.0, 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if delta_of(mid) > delta else (lo, mid)
+    return hi
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_ledger_epsilon_equals_a_fresh_opacus_accountant(accountant):
+    ledger = PrivacyLedger(accountant)
+    fresh = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
+    for round_ in range(1, 6):
+        sigma, q = (1.1, 0.02) if round_ < 4 else (0.9, 0.05)
+        ledger.record(event(round_, sigma=sigma, q=q, steps=7))
+        ledger.record(event(round_, party="client:1", sigma=2.0, q=0.5, steps=1))
+        for _ in range(7):
+            fresh.step(noise_multiplier=sigma, sample_rate=q)
+        assert ledger.epsilon("client:0", 1e-5) == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-9)
+    assert ledger.parties() == ["client:0", "client:1"]
+    assert ledger.history("client:0") == [(1.1, 0.02, 21), (0.9, 0.05, 14)]
+
+
+@pytest.mark.parametrize("sigma", [0.8, 2.0, 5.0])
+def test_full_batch_gaussian_matches_the_analytic_value(sigma):
+    """q = 1 and T steps compose to one Gaussian mechanism with σ/√T, whose ε is known exactly."""
+    steps, delta = 4, 1e-5
+    exact = analytic_gaussian_epsilon(sigma / math.sqrt(steps), delta)
+    assert epsilon([(sigma, 1.0, steps)], delta, "prv") == pytest.approx(exact, rel=0.02)
+    rdp = epsilon([(sigma, 1.0, steps)], delta, "rdp")
+    assert exact <= rdp <= 1.3 * exact  # RDP is an upper bound, and not a loose one here
+
+
+def test_epsilon_grows_with_rounds_and_never_resets_through_state_dict():
+    ledger = PrivacyLedger()
+    for round_ in range(1, 4):
+        ledger.record(event(round_))
+    by_round = ledger.epsilon_by_round("client:0", 1e-5)
+    assert list(by_round) == [1, 2, 3] and by_round[1] < by_round[2] < by_round[3]
+    resumed = PrivacyLedger()
+    resumed.load_state_dict(ledger.state_dict())
+    resumed.record(event(4))
+    assert resumed.epsilon("client:0", 1e-5) > by_round[3]
+    assert resumed.events[:3] == ledger.events
+
+
+def test_noiseless_release_has_infinite_epsilon_and_nothing_has_zero():
+    assert epsilon([], 1e-5) == 0.0
+    assert math.isinf(epsilon([(0.0, 0.1, 1)], 1e-5))
+
+
+def test_budget_refuses_the_release_that_would_exceed_it():
+    ledger = PrivacyLedger()
+    budget = PrivacyBudget(target_epsilon=8.0, delta=1e-5)
+    released = 0
+    for round_ in range(1, 100):
+        next_event = event(round_, sigma=1.0, q=0.1, steps=20)
+        if not budget.allows(ledger, next_event):
+            break
+        ledger.record(next_event)
+        released += 1
+    assert 0 < released < 99
+    assert ledger.epsilon("client:0", 1e-5) <= 8.0
+    assert ledger.epsilon("client:0", 1e-5, extra=event(0, sigma=1.0, q=0.1, steps=20)) > 8.0
+
+
+def test_invalid_events_and_mismatched_checkpoints_are_rejected():
+    with pytest.raises(ValueError, match="unit"):
+        event(1, unit="household")
+    with pytest.raises(ValueError, match="sample_rate"):
+        event(1, q=0.0)
+    with pytest.raises(ValueError, match="accountant"):
+        PrivacyLedger("rdp").load_state_dict(PrivacyLedger("prv").state_dict())
