@@ -88,6 +88,94 @@ def train(
         )
 
 
+@app.command()
+def simulate(
+    config: ConfigOption,
+    data_dir: DataDirOption = None,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Run folder; default: output_dir of the config.")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Override federated.num_rounds.")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue from the run folder's checkpoint (model and privacy ledger)."),
+    ] = False,
+) -> None:
+    """Run a federated simulation on Flower (one virtual client per partition, Ray backend).
+
+    Every round the server evaluates the global model (full ranking), appends to
+    metrics.jsonl, checkpoints model and privacy ledger, and at the end writes results.json,
+    privacy.json and privacy.html. `federated:` in the config sets partitioning, sampling,
+    local training, the strategy and DP (record-level DP-SGD and/or user-level DP-FedAvg).
+    """
+    import os
+
+    import yaml
+
+    from fedrec.federation import CONFIG_ENV, RUN_DIR_ENV, load_population
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        experiment = _load(config, data_dir)
+        if rounds is not None:
+            experiment.federated = dataclasses.replace(experiment.federated, num_rounds=rounds)
+        run_dir = output_dir or Path(experiment.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = run_dir / "config.yaml"
+        resolved.write_text(yaml.safe_dump(experiment.to_dict(), sort_keys=False), encoding="utf-8")
+        population = load_population(str(resolved))
+    except (FedrecConfigError, FedrecDataError, ValueError) as err:
+        _fail(err)
+        return
+    # The apps read these: run_simulation hands them an empty run config.
+    os.environ[CONFIG_ENV] = str(resolved.resolve())
+    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
+    os.environ["FEDREC_RESUME"] = "1" if resume else "0"
+    for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1")):
+        os.environ.setdefault(key, value)
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from server.app import app as server_app
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=len(population.partitions),
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+        },
+    )
+    results = run_dir / "results.json"
+    if not results.exists():
+        _fail(RuntimeError(f"the simulation ended without {results}; see the log above"))
+    typer.echo(f"metrics: {run_dir / 'metrics.jsonl'}")
+    typer.echo(f"results: {results}")
+    typer.echo(f"privacy report: {run_dir / 'privacy.html'}")
+
+
+@app.command("privacy-report")
+def privacy_report(
+    run_dir: Annotated[Path, typer.Argument(help="A federated run folder (holds checkpoint.pt).")],
+) -> None:
+    """Write privacy.json and privacy.html for a run from the ledger in its checkpoint."""
+    import torch
+
+    from fedrec.privacy import PrivacyLedger
+    from fedrec.privacy.report import write_privacy_report
+
+    checkpoint = run_dir / "checkpoint.pt"
+    if not checkpoint.exists():
+        _fail(FedrecDataError("no checkpoint.pt: run `fedrec simulate` first", run_dir))
+        return
+    state = torch.load(checkpoint, weights_only=False)
+    ledger = PrivacyLedger(state["ledger"]["accountant"])
+    ledger.load_state_dict(state["ledger"])
+    json_path, html_path = write_privacy_report(ledger, run_dir)
+    typer.echo(f"{json_path}\n{html_path}")
+
+
 @app.command("data-summary")
 def data_summary(config: ConfigOption, data_dir: DataDirOption = None) -> None:
     """Load, preprocess and split the data of a config; print its statistics as JSON."""

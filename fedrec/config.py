@@ -18,19 +18,22 @@ import yaml
 from fedrec.data import DataConfig
 from fedrec.errors import FedrecConfigError
 from fedrec.evaluation import EvalConfig
+from fedrec.federation import FederatedConfig
 from fedrec.models import SequentialModelConfig, model_config, model_names
 from fedrec.training import TrainConfig
 
 
 @dataclass
 class ExperimentConfig:
-    """A whole centralized experiment. ``model`` holds ``name`` plus that model's options."""
+    """A whole experiment. ``model`` holds ``name`` plus that model's options; ``federated`` is
+    read by ``fedrec simulate`` only."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model_name: str = "hstu"
     model: SequentialModelConfig = field(default_factory=lambda: model_config("hstu"))
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
     seed: int = 0
     output_dir: str = "runs"
 
@@ -83,6 +86,15 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
     return float(value) if hint is float else value
 
 
+def _optional_dataclass(hint: Any) -> Any:
+    """``SomeConfig | None`` → ``SomeConfig`` (a mapping in YAML switches the section on)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if dataclasses.is_dataclass(option):
+                return option
+    return hint
+
+
 def _build(cls: type, data: Any, path: str, where: _Locations, source: str) -> Any:
     def fail(message: str, at: str) -> FedrecConfigError:
         line = where.line(at)
@@ -102,7 +114,7 @@ def _build(cls: type, data: Any, path: str, where: _Locations, source: str) -> A
                 f" (did you mean {close[0]!r}?)" if close else f"; known options: {sorted(fields)}"
             )
             raise fail(f"unknown option{hint}", at)
-        hint_type = hints[key]
+        hint_type = _optional_dataclass(hints[key]) if isinstance(value, dict) else hints[key]
         if dataclasses.is_dataclass(hint_type):
             kwargs[key] = _build(hint_type, value, at, where, source)  # type: ignore[arg-type]
             continue

@@ -9,7 +9,7 @@ from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger, epsilon
 
 
 def event(round_, party="client:0", sigma=1.0, q=0.01, steps=10, unit="event", mechanism="dp-sgd"):
-    return PrivacyEvent(round_, party, mechanism, unit, sigma, q, steps, clip_norm=1.0)
+    return PrivacyEvent(round_, party, mechanism, unit, sigma, q, steps, clip_norm=1.0, delta=1e-5)
 
 
 def analytic_gaussian_epsilon(sigma: float, delta: float) -> float:

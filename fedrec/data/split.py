@@ -47,6 +47,23 @@ class SequenceSplit:
     def history_lengths(self, stage: Stage) -> np.ndarray:
         return np.diff(self.offsets) - (2 if stage == "valid" else 1)
 
+    def subset(self, users: np.ndarray) -> SequenceSplit:
+        """The sequences of ``users`` only (renumbered ``0..len(users)-1``): a client's view."""
+        users = np.asarray(users, dtype=np.int64)
+        lengths = self.offsets[users + 1] - self.offsets[users]
+        positions = (
+            np.concatenate([np.arange(self.offsets[u], self.offsets[u + 1]) for u in users])
+            if len(users)
+            else np.zeros(0, dtype=np.int64)
+        )
+        return SequenceSplit(
+            num_users=len(users),
+            num_items=self.num_items,
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            items=self.items[positions],
+            timestamps=self.timestamps[positions],
+        )
+
     def train_item_counts(self) -> np.ndarray:
         in_train = np.ones(len(self.items), dtype=bool)
         in_train[self.offsets[1:] - 1] = False

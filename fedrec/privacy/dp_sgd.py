@@ -60,6 +60,38 @@ class DPSGDConfig:
         return self.delta if self.delta is not None else 1.0 / (10 * max(records, 1))
 
 
+@dataclass(frozen=True)
+class DPPlan:
+    """What a DP-SGD run on ``records`` examples will spend: known before training starts."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    batch_size: int
+
+
+def plan_dp(records: int, config: DPSGDConfig, epochs: int) -> DPPlan:
+    """Batching, σ (solved from ``target_epsilon`` when given) and steps of a DP-SGD run."""
+    if records == 0:
+        raise ValueError("no training examples: nothing to train on")
+    delta = config.delta_for(records)
+    batch_size = min(config.batch_size, records)
+    batches = -(-records // batch_size)
+    sample_rate = 1.0 / batches
+    sigma = config.noise_multiplier
+    if sigma is None:
+        assert config.target_epsilon is not None
+        sigma = get_noise_multiplier(
+            target_epsilon=config.target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            epochs=epochs,
+            accountant=config.accountant,
+        )
+    return DPPlan(float(sigma), sample_rate, epochs * batches, delta, batch_size)
+
+
 @dataclass
 class DPTrainResult:
     noise_multiplier: float
@@ -96,22 +128,8 @@ def dp_train(
     Empty Poisson batches still take a (noise-only) optimizer step, which the accountant counts.
     The model is returned to a plain module afterwards (Opacus hooks removed).
     """
-    records = len(examples)
-    if records == 0:
-        raise ValueError("no training examples: nothing to train on")
-    delta = config.delta_for(records)
-    loader = DataLoader(examples, batch_size=min(config.batch_size, records))
-    sample_rate = 1.0 / len(loader)
-    sigma = config.noise_multiplier
-    if sigma is None:
-        assert config.target_epsilon is not None
-        sigma = get_noise_multiplier(
-            target_epsilon=config.target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            epochs=epochs,
-            accountant=config.accountant,
-        )
+    plan = plan_dp(len(examples), config, epochs)
+    loader = DataLoader(examples, batch_size=plan.batch_size)
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=learning_rate)
     with warnings.catch_warnings():
         # Opacus warns that secure RNG is off; a simulation does not need a CSPRNG.
@@ -121,7 +139,7 @@ def dp_train(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
-            noise_multiplier=sigma,
+            noise_multiplier=plan.noise_multiplier,
             max_grad_norm=config.max_grad_norm,
             poisson_sampling=poisson_sampling,
             grad_sample_mode=config.grad_sample_mode,
@@ -142,9 +160,9 @@ def dp_train(
     finally:
         private._close()
     return DPTrainResult(
-        noise_multiplier=float(sigma),
-        sample_rate=sample_rate,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
         steps=steps,
-        delta=delta,
+        delta=plan.delta,
         mean_loss=float(np.mean(losses)) if losses else float("nan"),
     )

@@ -18,6 +18,11 @@ from fedrec.privacy.accounting import ACCOUNTANTS, Composition, epsilon
 # level); "user-within-silo": one user's sequence inside a cross-silo client; "user": one client's
 # whole contribution across the federation (DP-FedAvg).
 UNITS = ("event", "user-within-silo", "user")
+UNIT_MEANING = {
+    "event": "one interaction (event) of a user, on that user's device (record-level DP-SGD)",
+    "user-within-silo": "one user's whole sequence inside a silo (record-level DP-SGD)",
+    "user": "one client's whole contribution to the federation (user-level DP-FedAvg)",
+}
 MECHANISMS = ("dp-sgd", "dp-fedavg", "gaussian")
 
 
@@ -31,6 +36,7 @@ class PrivacyEvent:
     sample_rate: float
     steps: int
     clip_norm: float
+    delta: float  # the δ this party's guarantee is stated at
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -45,6 +51,8 @@ class PrivacyEvent:
             )
         if self.clip_norm <= 0:
             raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
 
     @property
     def composition(self) -> Composition:
@@ -67,6 +75,13 @@ class PrivacyLedger:
 
     def parties(self) -> list[str]:
         return sorted({e.party for e in self.events})
+
+    def delta(self, party: str) -> float:
+        """The δ of ``party``'s guarantee (the smallest its events state)."""
+        deltas = [e.delta for e in self.events if e.party == party]
+        if not deltas:
+            raise ValueError(f"no events for {party!r}")
+        return min(deltas)
 
     def history(self, party: str) -> list[Composition]:
         """The party's compositions, merging consecutive runs of identical (σ, q)."""

@@ -1,0 +1,159 @@
+"""Flower ClientApp: one client trains and evaluates on its own partition, and nothing else.
+
+A client loads the population's config, takes only its partition (by ``partition-id``),
+trains locally (with Opacus DP-SGD when ``federated.record_dp`` is set) and replies with the
+model arrays, ``num-examples`` and metrics, including the DP parameters it spent this round.
+It keeps its own privacy ledger in ``context.state`` and refuses to train, saying so in its
+reply, when the next round would take it past ``federated.record_epsilon_budget``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import cast
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedrec.evaluation import EvalConfig, evaluate
+from fedrec.federation import (
+    FederatedConfig,
+    Population,
+    event_windows,
+    load_population,
+    local_train,
+    resolve_config_path,
+)
+from fedrec.models import build_model
+from fedrec.models.base import SequentialRecommender
+from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger
+from fedrec.privacy.dp_sgd import plan_dp
+from fedrec.training import model_scorer, trainable_users
+
+MetricValue = int | float | list[int] | list[float]
+CLIPPING_NORM_KEY = "clipping_norm"  # what Flower's client-side DP wrapper puts in the config
+
+
+def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``fixedclipping_mod``, applied when the server runs DP-FedAvg (it then sends a
+    clipping norm); a federation without central DP passes straight through."""
+    if CLIPPING_NORM_KEY in msg.content.config_records["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp()
+torch.set_num_threads(1)  # one CPU per virtual client was fastest on 2 cores (STACK-NOTES)
+
+
+def _setup(msg: Message, context: Context) -> tuple[Population, int, SequentialRecommender]:
+    population = load_population(resolve_config_path(context.run_config))
+    config = population.config
+    model = build_model(config.model_name, population.split.num_items, config.model)
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+    return population, int(context.node_config["partition-id"]), model
+
+
+def _ledger(context: Context) -> PrivacyLedger:
+    ledger = PrivacyLedger()
+    if "ledger" in context.state:
+        ledger.load_state_dict(json.loads(str(context.state["ledger"]["state"])))
+    return ledger
+
+
+def _planned_event(
+    fed: FederatedConfig, population: Population, partition: int, round_: int
+) -> tuple[PrivacyEvent, float] | None:
+    """The record-level DP release (and its δ) this client would make this round, or None."""
+    if fed.record_dp is None:
+        return None
+    split = population.client_split(partition)
+    users = trainable_users(split)
+    if not len(users):
+        return None
+    records = (
+        len(event_windows(split, users, fed.record_window))
+        if fed.partitioning == "user"
+        else len(users)
+    )
+    plan = plan_dp(records, fed.record_dp, fed.local_epochs)
+    event = PrivacyEvent(
+        round=round_,
+        party=f"client:{partition}",
+        mechanism="dp-sgd",
+        unit=fed.protected_unit,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps,
+        clip_norm=fed.record_dp.max_grad_norm,
+        delta=plan.delta,
+    )
+    return event, plan.delta
+
+
+@app.train(mods=[central_clipping_mod])
+def train(msg: Message, context: Context) -> Message:
+    population, partition, model = _setup(msg, context)
+    config, fed = population.config, population.config.federated
+    round_ = int(cast(int, msg.content.config_records["config"]["server-round"]))
+    unweighted = fed.central_dp is not None  # DP-FedAvg noise is calibrated for a plain mean
+    ledger = _ledger(context)
+    planned = _planned_event(fed, population, partition, round_)
+    metrics: dict[str, MetricValue] = {"partition-id": partition, "refused": 0}
+    if planned is not None and fed.record_epsilon_budget is not None:
+        budget = PrivacyBudget(fed.record_epsilon_budget, planned[1])
+        if not budget.allows(ledger, planned[0]):
+            metrics.update(
+                {"refused": 1, "num-examples": 1 if unweighted else 0, "train-loss": 0.0}
+            )
+            return Message(
+                RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord(metrics)}),
+                reply_to=msg,
+            )
+    result = local_train(
+        model,
+        population.client_split(partition),
+        fed,
+        seed=config.seed * 1_000_003 + round_ * 7919 + partition,
+    )
+    metrics.update(
+        {"num-examples": 1 if unweighted else result.num_examples, "train-loss": result.loss}
+    )
+    if result.dp is not None and planned is not None:
+        spent = dataclasses.replace(planned[0], steps=result.dp.steps)
+        ledger.record(spent)
+        context.state["ledger"] = ConfigRecord({"state": json.dumps(ledger.state_dict())})
+        metrics.update(
+            {
+                "dp-noise-multiplier": spent.noise_multiplier,
+                "dp-sample-rate": spent.sample_rate,
+                "dp-steps": spent.steps,
+                "dp-clip-norm": spent.clip_norm,
+                "dp-delta": result.dp.delta,
+            }
+        )
+    reply = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
+    )
+    return Message(reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_on_device(msg: Message, context: Context) -> Message:
+    """Full-ranking metrics on this client's own held-out (test) items."""
+    population, partition, model = _setup(msg, context)
+    split = population.client_split(partition)
+    result = evaluate(
+        model_scorer(model, split, torch.device("cpu")), split, "test", EvalConfig(ks=(10, 20))
+    )
+    metrics: dict[str, MetricValue] = {
+        name: float(value)
+        for name, value in result.metrics.items()
+        if not name.startswith("Coverage")
+    }
+    metrics["num-examples"] = split.num_users
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,209 @@
+"""What a federated run needs from the library: its config and one client's local training.
+
+Flower itself lives in ``clients/`` and ``server/``; this module knows nothing of messages.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from fedrec.data import prepare_split
+from fedrec.data.batching import training_batch
+from fedrec.data.dataset import InteractionDataset
+from fedrec.data.partition import SCHEMES, partition_users
+from fedrec.data.split import SequenceSplit
+from fedrec.models.base import SequentialRecommender
+from fedrec.privacy.dp_sgd import DPSGDConfig, DPTrainResult, dp_train
+from fedrec.training import train_epoch, trainable_users
+
+if TYPE_CHECKING:
+    from fedrec.config import ExperimentConfig
+
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
+
+
+@dataclass
+class CentralDPConfig:
+    """User-level DP-FedAvg: Flower's client-side fixed clipping plus server noise σ·C/n.
+
+    The server stops once the federation's ε at ``delta`` (default 1 / (10 · clients)) would
+    exceed ``target_epsilon``.
+    """
+
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    target_epsilon: float | None = None
+    delta: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.noise_multiplier < 0 or self.clipping_norm <= 0:
+            raise ValueError("central_dp: noise_multiplier >= 0 and clipping_norm > 0")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ValueError("central_dp.target_epsilon must be > 0")
+
+
+@dataclass
+class FederatedConfig:
+    """A federated run. ``partitioning``: ``user`` (one client per user), ``hash`` or
+    ``attribute`` (silos). ``record_dp``: Opacus DP-SGD on every client (records are windows
+    of ``record_window`` events for one-user clients, whole user sequences for silos), with
+    ``record_epsilon_budget`` per client. ``central_dp``: user-level DP-FedAvg."""
+
+    partitioning: str = "user"
+    num_partitions: int = 0
+    partition_attribute: str = ""
+    num_rounds: int = 5
+    clients_per_round: int = 10
+    local_epochs: int = 1
+    local_learning_rate: float = 1e-3
+    local_batch_size: int = 32
+    strategy: str = "fedavg"
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
+    proximal_mu: float = 0.0
+    round_timeout: float = 600.0
+    record_window: int = 20
+    record_dp: DPSGDConfig | None = None
+    record_epsilon_budget: float | None = None
+    central_dp: CentralDPConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.partitioning not in SCHEMES:
+            raise ValueError(f"federated.partitioning must be one of {SCHEMES}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"federated.strategy must be one of {STRATEGIES}, got {self.strategy!r}"
+            )
+        if (
+            min(self.num_rounds, self.clients_per_round, self.local_epochs, self.local_batch_size)
+            < 1
+        ):
+            raise ValueError(
+                "federated: num_rounds, clients_per_round, local_epochs, local_batch_size >= 1"
+            )
+        if self.local_learning_rate <= 0 or self.round_timeout <= 0 or self.record_window < 1:
+            raise ValueError("federated: local_learning_rate, round_timeout, record_window > 0")
+        if self.record_epsilon_budget is not None and self.record_dp is None:
+            raise ValueError("federated.record_epsilon_budget needs federated.record_dp")
+
+    @property
+    def protected_unit(self) -> str:
+        """What one record-level DP record is: an event of a user, or a user inside a silo."""
+        return "event" if self.partitioning == "user" else "user-within-silo"
+
+
+def event_windows(split: SequenceSplit, users: np.ndarray, window: int) -> TensorDataset:
+    """Disjoint chunks of ``window + 1`` events of each user's training history, one record each.
+
+    Every event lies in exactly one record (the transition between two chunks is not trained),
+    so clipping per record bounds the influence of one event: event-level DP.
+    """
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for user in users:
+        lo, end = int(split.offsets[user]), int(split.offsets[user + 1]) - 2  # training part
+        for start in range(lo, end - 1, window + 1):
+            items = split.items[start : min(start + window + 1, end)] + 1
+            times = split.timestamps[start : min(start + window + 1, end)]
+            pad = window - (len(items) - 1)
+            rows.append(
+                (
+                    np.concatenate([np.zeros(pad, np.int64), items[:-1]]),
+                    np.concatenate([np.zeros(pad, np.int64), times[:-1].astype(np.int64)]),
+                    np.concatenate([np.zeros(pad, np.int64), items[1:]]),
+                )
+            )
+    return TensorDataset(*(torch.from_numpy(np.stack(c)) for c in zip(*rows, strict=True)))
+
+
+@dataclass
+class LocalResult:
+    num_examples: int
+    loss: float
+    dp: DPTrainResult | None
+
+
+def local_train(
+    model: SequentialRecommender, split: SequenceSplit, config: FederatedConfig, seed: int
+) -> LocalResult:
+    """Train ``model`` in place on one client's sequences (all of ``split``)."""
+    users = trainable_users(split)
+    if not len(users):
+        return LocalResult(0, math.nan, None)
+    torch.manual_seed(seed)
+    if config.record_dp is not None:
+        examples = (
+            event_windows(split, users, config.record_window)
+            if config.partitioning == "user"
+            else TensorDataset(*training_batch(split, users, model.config.max_len))
+        )
+        result = dp_train(
+            model, examples, config.record_dp, config.local_epochs, config.local_learning_rate
+        )
+        return LocalResult(len(examples), result.mean_loss, result)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.local_learning_rate)
+    rng = np.random.default_rng(seed)
+    losses = [
+        train_epoch(
+            model, optimizer, split, users, config.local_batch_size, rng, torch.device("cpu")
+        )
+        for _ in range(config.local_epochs)
+    ]
+    positions = int(np.maximum(split.history_lengths("valid")[users] - 1, 0).sum())
+    return LocalResult(positions, float(np.mean(losses)), None)
+
+
+CONFIG_ENV = "FEDREC_CONFIG"
+RUN_DIR_ENV = "FEDREC_RUN_DIR"
+
+
+def resolve_config_path(run_config: Mapping[str, Any]) -> str:
+    """The experiment YAML of a Flower run: ``config`` of the run config (``flwr run``), else
+    ``$FEDREC_CONFIG`` (set by ``fedrec simulate``, whose apps get an empty run config)."""
+    path = str(run_config.get("config", "") or os.environ.get(CONFIG_ENV, ""))
+    if not path:
+        raise ValueError(
+            f"no experiment config: set `config` in [tool.flwr.app.config] or ${CONFIG_ENV}"
+        )
+    return path
+
+
+@dataclass
+class Population:
+    """Everything a process of a simulated federation derives from the config alone."""
+
+    config: ExperimentConfig
+    dataset: InteractionDataset
+    split: SequenceSplit
+    partitions: list[np.ndarray]
+
+    def client_split(self, partition_id: int) -> SequenceSplit:
+        """Partition ``partition_id``'s sequences, and nothing of any other client."""
+        if not 0 <= partition_id < len(self.partitions):
+            raise ValueError(
+                f"partition-id {partition_id} outside 0..{len(self.partitions) - 1}: the "
+                "federation has more supernodes than the config has partitions"
+            )
+        return self.split.subset(self.partitions[partition_id])
+
+
+@functools.lru_cache(maxsize=2)
+def load_population(config_path: str) -> Population:
+    """Load (once per process) the data and partition of a federated run."""
+    from fedrec.config import load_config
+
+    config = load_config(config_path)
+    dataset, split = prepare_split(config.data)
+    fed = config.federated
+    partitions = partition_users(
+        dataset, fed.partitioning, fed.num_partitions, fed.partition_attribute
+    )
+    return Population(config, dataset, split, partitions)

@@ -1,0 +1,242 @@
+"""Flower ServerApp: holds the global model, runs the strategy, evaluates, audits the privacy
+spend and checkpoints after every round.
+
+Per round it appends one line to ``metrics.jsonl`` (validation and test metrics of the global
+model, client counts, ε so far) and rewrites ``checkpoint.pt`` atomically with the model, the
+privacy ledger and the round, so ``resume`` continues both. At the end it writes
+``results.json`` and the privacy report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedrec.evaluation import evaluate
+from fedrec.experiment import environment, write_json_atomic
+from fedrec.federation import RUN_DIR_ENV, Population, load_population, resolve_config_path
+from fedrec.models import build_model
+from fedrec.privacy import PrivacyEvent, PrivacyLedger
+from fedrec.privacy.report import write_privacy_report
+from fedrec.training import model_scorer, resolve_device, save_atomic, seed_everything
+from server.strategy import LedgerKeeper, StopFederation, build_strategy
+
+log = logging.getLogger("fedrec.server")
+app = ServerApp()
+
+
+class Federation:
+    """The server's state across rounds: global model, ledger, metrics and checkpoints."""
+
+    def __init__(self, population: Population, run_dir: Path, resume: bool):
+        self.population = population
+        self.config = population.config
+        self.fed = self.config.federated
+        self.run_dir = run_dir
+        self.device = resolve_device(self.config.train.device)
+        seed_everything(self.config.seed)
+        self.model = build_model(
+            self.config.model_name, population.split.num_items, self.config.model
+        )
+        self.model.to(self.device)
+        self.ledger = PrivacyLedger()
+        self.rounds_done = 0
+        self.num_clients = len(population.partitions)
+        self.sampled = min(self.fed.clients_per_round, self.num_clients)
+        self.delta = self._central_delta()
+        checkpoint = run_dir / "checkpoint.pt"
+        if resume and checkpoint.exists():
+            state = torch.load(checkpoint, weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.ledger.load_state_dict(state["ledger"])
+            self.rounds_done = int(state["round"])
+            log.info("resumed from %s at round %d", checkpoint, self.rounds_done)
+        elif not resume:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.round_started = time.perf_counter()
+
+    def _central_delta(self) -> float:
+        central = self.fed.central_dp
+        if central is not None and central.delta is not None:
+            return central.delta
+        return 1.0 / (10 * self.num_clients)
+
+    def global_round(self, server_round: int) -> int:
+        return self.rounds_done + server_round
+
+    def may_start(self, server_round: int) -> bool:
+        central = self.fed.central_dp
+        self.round_started = time.perf_counter()
+        if central is None or central.target_epsilon is None:
+            return True
+        next_event = self._central_event(server_round, self.sampled)
+        return self.ledger.epsilon("server", self.delta, extra=next_event) <= central.target_epsilon
+
+    def _central_event(self, server_round: int, replies: int) -> PrivacyEvent:
+        central = self.fed.central_dp
+        assert central is not None
+        # Flower adds noise σ·C/n for the n clients sampled; with fewer replies the mean's
+        # sensitivity is C/replies, so the effective σ shrinks: account it conservatively.
+        effective = central.noise_multiplier * min(replies, self.sampled) / self.sampled
+        return PrivacyEvent(
+            round=self.global_round(server_round),
+            party="server",
+            mechanism="dp-fedavg",
+            unit="user",
+            noise_multiplier=effective,
+            sample_rate=self.sampled / self.num_clients,
+            steps=1,
+            clip_norm=central.clipping_norm,
+            delta=self.delta,
+            note="" if replies >= self.sampled else f"{replies} of {self.sampled} replied",
+        )
+
+    def on_replies(self, server_round: int, replies: list[Message]) -> None:
+        ok = [r for r in replies if not r.has_error()]
+        self.last_replies = len(ok)
+        self.last_refused = 0
+        for reply in ok:
+            metrics = reply.content.metric_records["metrics"]
+            self.last_refused += int(cast(int, metrics.get("refused", 0)))
+            if "dp-steps" in metrics:
+                self.ledger.record(
+                    PrivacyEvent(
+                        round=self.global_round(server_round),
+                        party=f"client:{int(cast(int, metrics['partition-id']))}",
+                        mechanism="dp-sgd",
+                        unit=self.fed.protected_unit,
+                        noise_multiplier=float(cast(float, metrics["dp-noise-multiplier"])),
+                        sample_rate=float(cast(float, metrics["dp-sample-rate"])),
+                        steps=int(cast(int, metrics["dp-steps"])),
+                        clip_norm=float(cast(float, metrics["dp-clip-norm"])),
+                        delta=float(cast(float, metrics["dp-delta"])),
+                    )
+                )
+        if self.fed.central_dp is not None and ok:
+            if len(ok) < self.sampled:
+                log.warning(
+                    "round %d: %d of %d sampled clients replied",
+                    server_round,
+                    len(ok),
+                    self.sampled,
+                )
+            self.ledger.record(self._central_event(server_round, len(ok)))
+
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        split, evaluation = self.population.split, self.config.evaluation
+        scorer = model_scorer(self.model, split, self.device)
+        valid = evaluate(scorer, split, "valid", evaluation).metrics
+        test = evaluate(scorer, split, "test", evaluation).metrics
+        round_number = self.global_round(server_round)
+        record: dict[str, Any] = {"round": round_number, "valid": valid, "test": test}
+        if server_round > 0:
+            record.update(
+                {
+                    "clients": getattr(self, "last_replies", 0),
+                    "refused": getattr(self, "last_refused", 0),
+                    "seconds": time.perf_counter() - self.round_started,
+                }
+            )
+            record["epsilon"] = self.epsilons()
+            with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            save_atomic(
+                {
+                    "round": round_number,
+                    "model": self.model.state_dict(),
+                    "ledger": self.ledger.state_dict(),
+                    "config": self.config.to_dict(),
+                },
+                self.run_dir / "checkpoint.pt",
+            )
+        monitor = self.config.train.monitor
+        log.info(
+            "round %d: valid %s %.4f  test %s %.4f  clients %s  ε %s",
+            round_number,
+            monitor,
+            valid[monitor],
+            monitor,
+            test[monitor],
+            record.get("clients", "-"),
+            record.get("epsilon", {}),
+        )
+        return MetricRecord({f"valid-{monitor}": valid[monitor], f"test-{monitor}": test[monitor]})
+
+    def epsilons(self) -> dict[str, float]:
+        """ε so far: the federation's (DP-FedAvg) and the largest of any client (DP-SGD)."""
+        out: dict[str, float] = {}
+        if self.fed.central_dp is not None:
+            out["federation"] = self.ledger.epsilon("server", self.delta)
+        clients = [p for p in self.ledger.parties() if p.startswith("client:")]
+        if clients:
+            out["client_max"] = max(self.ledger.epsilon(p, self.ledger.delta(p)) for p in clients)
+        return out
+
+
+def run_dir_of(context: Context, default: str) -> Path:
+    path = Path(
+        str(context.run_config.get("run-dir", "") or os.environ.get(RUN_DIR_ENV, "") or default)
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    started = time.perf_counter()
+    population = load_population(resolve_config_path(context.run_config))
+    config, fed = population.config, population.config.federated
+    run_dir = run_dir_of(context, config.output_dir)
+    resume = bool(context.run_config.get("resume", False)) or os.environ.get("FEDREC_RESUME") == "1"
+    federation = Federation(population, run_dir, resume)
+    rounds = fed.num_rounds - federation.rounds_done
+    strategy = LedgerKeeper(
+        build_strategy(fed, federation.num_clients), federation.on_replies, federation.may_start
+    )
+    stopped = ""
+    if rounds > 0:
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(federation.model.state_dict()),
+                num_rounds=rounds,
+                timeout=fed.round_timeout,
+                train_config=ConfigRecord({"local-epochs": fed.local_epochs}),
+                evaluate_config=ConfigRecord({}),
+                evaluate_fn=federation.evaluate_round,
+            )
+        except StopFederation as reason:
+            stopped = str(reason)
+            log.warning("stopping: %s", reason)
+    lines = (
+        (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        if (run_dir / "metrics.jsonl").exists()
+        else []
+    )
+    history = [json.loads(line) for line in lines]
+    results = {
+        "model": config.model_name,
+        "mode": "federated",
+        "clients": federation.num_clients,
+        "clients_per_round": federation.sampled,
+        "rounds": history[-1]["round"] if history else federation.rounds_done,
+        "stopped_early": stopped,
+        "final": history[-1] if history else None,
+        "best_valid_round": max(history, key=lambda r: r["valid"][config.train.monitor])["round"]
+        if history
+        else None,
+        "wall_seconds": time.perf_counter() - started,
+        "config": config.to_dict(),
+        "environment": environment(),
+    }
+    write_json_atomic(results, run_dir / "results.json")
+    write_privacy_report(federation.ledger, run_dir)

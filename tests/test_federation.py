@@ -1,0 +1,89 @@
+"""Partitioning, client views and local training: the library side of a federated run."""
+
+import numpy as np
+import pytest
+
+from fedrec.data.partition import partition_users
+from fedrec.federation import FederatedConfig, event_windows, local_train
+from fedrec.models import build_model, model_config
+from fedrec.privacy.dp_sgd import DPSGDConfig
+
+from .conftest import make_dataset
+
+
+def test_partitions_cover_every_user_exactly_once():
+    rows = [(u, i, float(i)) for u in range(30) for i in range(4)]
+    ds = make_dataset(rows)
+    ds.user_features["gender"] = np.array(["F", "M", "X"] * 10, dtype=object)
+    for scheme, kwargs in [
+        ("user", {}),
+        ("hash", {"num_partitions": 4}),
+        ("attribute", {"attribute": "gender"}),
+    ]:
+        parts = partition_users(ds, scheme, **kwargs)
+        assert sorted(np.concatenate(parts).tolist()) == list(range(30)), scheme
+    assert len(partition_users(ds, "attribute", attribute="gender")) == 3
+    # hashing is a pure function of the raw id: the same in every process
+    assert [p.tolist() for p in partition_users(ds, "hash", 4)] == [
+        p.tolist() for p in partition_users(ds, "hash", 4)
+    ]
+    with pytest.raises(ValueError, match="not a user attribute"):
+        partition_users(ds, "attribute", attribute="age")
+
+
+def test_client_view_holds_only_its_users(small_split):
+    users = np.array([4, 1, 9])
+    view = small_split.subset(users)
+    assert view.num_users == 3 and view.num_items == small_split.num_items
+    for local, user in enumerate(users):
+        assert view.full(local)[0].tolist() == small_split.full(user)[0].tolist()
+    assert len(view.items) == sum(len(small_split.full(u)[0]) for u in users)
+
+
+def test_event_windows_put_every_training_event_in_exactly_one_record(small_split):
+    window = 4
+    user = int(np.argmax(small_split.history_lengths("valid")))  # the longest history
+    inputs, _, targets = event_windows(small_split, np.array([user]), window).tensors
+    assert inputs.shape[1] == window and len(inputs) > 1
+    chunks = []
+    for row in range(len(inputs)):
+        valid = targets[row] > 0
+        assert (
+            targets[row][valid][:-1].tolist() == inputs[row][valid][1:].tolist()
+        )  # next-item pairs
+        chunks.append([*inputs[row][valid].tolist(), targets[row][valid][-1].item()])
+    history = (small_split.train_sequence(user)[0] + 1).tolist()
+    joined = [item for chunk in chunks for item in chunk]
+    # disjoint chunks in order; only a final single leftover event may be unused
+    assert all(len(c) <= window + 1 for c in chunks)
+    assert joined == history[: len(joined)] and len(joined) >= len(history) - 1
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_local_training_moves_the_model_and_reports_dp_parameters(small_split, dp):
+    config = FederatedConfig(
+        local_epochs=2,
+        local_learning_rate=0.01,
+        record_window=5,
+        record_dp=DPSGDConfig(noise_multiplier=0.5, batch_size=2) if dp else None,
+    )
+    model = build_model(
+        "sasrec", small_split.num_items, model_config("sasrec", {"max_len": 10, "embedding_dim": 8})
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = local_train(model, small_split.subset(np.array([2])), config, seed=0)
+    assert any(not (before[k] == v).all() for k, v in model.state_dict().items())
+    assert result.num_examples > 0 and np.isfinite(result.loss)
+    if dp:
+        assert result.dp is not None and result.dp.steps == 2 * round(1 / result.dp.sample_rate)
+        assert result.dp.noise_multiplier == 0.5
+    else:
+        assert result.dp is None
+
+
+def test_federated_config_validation():
+    with pytest.raises(ValueError, match="strategy"):
+        FederatedConfig(strategy="fedsgd")
+    with pytest.raises(ValueError, match="record_dp"):
+        FederatedConfig(record_epsilon_budget=3.0)
+    assert FederatedConfig(partitioning="hash").protected_unit == "user-within-silo"
