@@ -3,7 +3,7 @@
 A client loads the population's config, takes only its partition (by ``partition-id``),
 trains locally (with Opacus DP-SGD when ``federated.record_dp`` is set) and replies with the
 model arrays, ``num-examples`` and metrics, including the DP parameters it spent this round.
-It keeps its own privacy ledger in ``context.state`` and refuses to train, saying so in its
+It keeps its own privacy ledger on disk (``client_ledger_path``), so ε survives restarts, and refuses to train, saying so in its
 reply, when the next round would take it past ``federated.record_epsilon_budget``.
 """
 
@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from pathlib import Path
 from typing import cast
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -23,6 +25,7 @@ from fedrec.evaluation import EvalConfig, evaluate
 from fedrec.federation import (
     FederatedConfig,
     Population,
+    client_ledger_path,
     event_windows,
     load_population,
     local_train,
@@ -41,9 +44,23 @@ CLIPPING_NORM_KEY = "clipping_norm"  # what Flower's client-side DP wrapper puts
 def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's ``fixedclipping_mod``, applied when the server runs DP-FedAvg (it then sends a
     clipping norm); a federation without central DP passes straight through."""
-    if CLIPPING_NORM_KEY in msg.content.config_records["config"]:
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
+    if CLIPPING_NORM_KEY not in msg.content.config_records["config"]:
+        return call_next(msg, context)
+    replies: list[Message] = []
+
+    def train_once(message: Message, ctx: Context) -> Message:
+        replies.append(call_next(message, ctx))
+        return replies[-1]
+
+    try:
+        return fixedclipping_mod(msg, context, train_once)
+    except ZeroDivisionError:
+        # Flower's clip divides by the update's norm, so an exactly-zero update (a client that
+        # refused or had nothing to train on) crashes it. Zero is within any clip norm, and the
+        # mod only replaces the arrays after clipping, so the reply is already correct.
+        if not replies:
+            raise
+        return replies[-1]
 
 
 app = ClientApp()
@@ -58,11 +75,22 @@ def _setup(msg: Message, context: Context) -> tuple[Population, int, SequentialR
     return population, int(context.node_config["partition-id"]), model
 
 
-def _ledger(context: Context) -> PrivacyLedger:
+def _ledger_path(context: Context, population: Population) -> Path:
+    return client_ledger_path(context.run_config, context.node_config, population.config.output_dir)
+
+
+def _ledger(path: Path) -> PrivacyLedger:
     ledger = PrivacyLedger()
-    if "ledger" in context.state:
-        ledger.load_state_dict(json.loads(str(context.state["ledger"]["state"])))
+    if path.exists():
+        ledger.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
     return ledger
+
+
+def _save_ledger(ledger: PrivacyLedger, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(ledger.state_dict()), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _planned_event(
@@ -99,9 +127,11 @@ def _planned_event(
 def train(msg: Message, context: Context) -> Message:
     population, partition, model = _setup(msg, context)
     config, fed = population.config, population.config.federated
-    round_ = int(cast(int, msg.content.config_records["config"]["server-round"]))
+    sent = msg.content.config_records["config"]
+    round_ = int(cast(int, sent["server-round"])) + int(cast(int, sent.get("round-offset", 0)))
     unweighted = fed.central_dp is not None  # DP-FedAvg noise is calibrated for a plain mean
-    ledger = _ledger(context)
+    ledger_path = _ledger_path(context, population)
+    ledger = _ledger(ledger_path)
     planned = _planned_event(fed, population, partition, round_)
     metrics: dict[str, MetricValue] = {"partition-id": partition, "refused": 0}
     if planned is not None and fed.record_epsilon_budget is not None:
@@ -126,7 +156,7 @@ def train(msg: Message, context: Context) -> Message:
     if result.dp is not None and planned is not None:
         spent = dataclasses.replace(planned[0], steps=result.dp.steps)
         ledger.record(spent)
-        context.state["ledger"] = ConfigRecord({"state": json.dumps(ledger.state_dict())})
+        _save_ledger(ledger, ledger_path)
         metrics.update(
             {
                 "dp-noise-multiplier": spent.noise_multiplier,

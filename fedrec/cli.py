@@ -43,6 +43,14 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _configure_logging() -> None:
+    # force: Opacus calls logging.basicConfig at import (no level, its own format), which
+    # would otherwise win and hide our INFO lines.
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
+    )
+
+
 @app.command()
 def train(
     config: ConfigOption,
@@ -64,7 +72,7 @@ def train(
     """
     from fedrec.experiment import run_centralized
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging()
     try:
         experiment = _load(config, data_dir)
         if seed is not None:
@@ -114,7 +122,7 @@ def simulate(
 
     from fedrec.federation import CONFIG_ENV, RUN_DIR_ENV, load_population
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging()
     try:
         experiment = _load(config, data_dir)
         if rounds is not None:
@@ -138,6 +146,8 @@ def simulate(
     from clients.app import app as client_app
     from server.app import app as server_app
 
+    results = run_dir / "results.json"
+    results.unlink(missing_ok=True)  # a stale one from an earlier run must not pass as this one's
     run_simulation(
         server_app=server_app,
         client_app=client_app,
@@ -147,12 +157,16 @@ def simulate(
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
         },
     )
-    results = run_dir / "results.json"
     if not results.exists():
         _fail(RuntimeError(f"the simulation ended without {results}; see the log above"))
+    outcome = json.loads(results.read_text(encoding="utf-8"))
+    if outcome["stopped_early"]:
+        typer.echo(f"stopped early: {outcome['stopped_early']}", err=True)
     typer.echo(f"metrics: {run_dir / 'metrics.jsonl'}")
     typer.echo(f"results: {results}")
     typer.echo(f"privacy report: {run_dir / 'privacy.html'}")
+    if outcome["failed"]:
+        raise typer.Exit(1)
 
 
 @app.command("privacy-report")

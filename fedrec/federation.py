@@ -6,10 +6,12 @@ Flower itself lives in ``clients/`` and ``server/``; this module knows nothing o
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +29,10 @@ from fedrec.training import train_epoch, trainable_users
 
 if TYPE_CHECKING:
     from fedrec.config import ExperimentConfig
+
+# Opacus calls logging.basicConfig at import, so every Flower line (Flower has its own console
+# handler) would print twice through the root logger.
+logging.getLogger("flwr").propagate = False
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
 
@@ -163,6 +169,27 @@ def local_train(
 
 CONFIG_ENV = "FEDREC_CONFIG"
 RUN_DIR_ENV = "FEDREC_RUN_DIR"
+CLIENT_LEDGER_DIR = "client-ledgers"
+
+
+def resolve_run_dir(run_config: Mapping[str, Any], default: str) -> Path:
+    """The run folder: ``run-dir`` of the run config, else ``$FEDREC_RUN_DIR``, else ``default``."""
+    return Path(str(run_config.get("run-dir", "") or os.environ.get(RUN_DIR_ENV, "") or default))
+
+
+def client_ledger_path(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any], default_run_dir: str
+) -> Path:
+    """Where a client keeps its privacy ledger, so ε survives restarts and resumed runs.
+
+    A device names its own folder with the node config's ``ledger-dir``; simulated clients
+    share the run folder's ``client-ledgers/`` (one file each, by partition).
+    """
+    partition = int(node_config["partition-id"])
+    folder = node_config.get("ledger-dir") or resolve_run_dir(run_config, default_run_dir) / (
+        CLIENT_LEDGER_DIR
+    )
+    return Path(str(folder)) / f"client-{partition}.json"
 
 
 def resolve_config_path(run_config: Mapping[str, Any]) -> str:

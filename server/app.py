@@ -12,22 +12,39 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedrec.evaluation import evaluate
 from fedrec.experiment import environment, write_json_atomic
-from fedrec.federation import RUN_DIR_ENV, Population, load_population, resolve_config_path
+from fedrec.federation import (
+    CLIENT_LEDGER_DIR,
+    Population,
+    load_population,
+    resolve_config_path,
+    resolve_run_dir,
+)
 from fedrec.models import build_model
 from fedrec.privacy import PrivacyEvent, PrivacyLedger
 from fedrec.privacy.report import write_privacy_report
 from fedrec.training import model_scorer, resolve_device, save_atomic, seed_everything
-from server.strategy import LedgerKeeper, StopFederation, build_strategy
+from server.strategy import (
+    ClientsFailed,
+    LedgerKeeper,
+    StopFederation,
+    build_strategy,
+    load_strategy_state,
+    strategy_state,
+)
 
 log = logging.getLogger("fedrec.server")
 app = ServerApp()
@@ -36,7 +53,7 @@ app = ServerApp()
 class Federation:
     """The server's state across rounds: global model, ledger, metrics and checkpoints."""
 
-    def __init__(self, population: Population, run_dir: Path, resume: bool):
+    def __init__(self, population: Population, run_dir: Path, resume: bool, strategy: Strategy):
         self.population = population
         self.config = population.config
         self.fed = self.config.federated
@@ -52,16 +69,51 @@ class Federation:
         self.num_clients = len(population.partitions)
         self.sampled = min(self.fed.clients_per_round, self.num_clients)
         self.delta = self._central_delta()
+        self.strategy = strategy
         checkpoint = run_dir / "checkpoint.pt"
         if resume and checkpoint.exists():
-            state = torch.load(checkpoint, weights_only=False)
-            self.model.load_state_dict(state["model"])
-            self.ledger.load_state_dict(state["ledger"])
-            self.rounds_done = int(state["round"])
+            self._restore(torch.load(checkpoint, weights_only=False))
             log.info("resumed from %s at round %d", checkpoint, self.rounds_done)
         elif not resume:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(run_dir / CLIENT_LEDGER_DIR, ignore_errors=True)
         self.round_started = time.perf_counter()
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ledger.load_state_dict(state["ledger"])
+        self.rounds_done = int(state["round"])
+        load_strategy_state(self.strategy, state["strategy"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        # A kill between the metrics line and the checkpoint leaves a line for a round that
+        # will run again: keep only the rounds the checkpoint holds.
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists():
+            kept = [
+                line
+                for line in metrics.read_text(encoding="utf-8").splitlines()
+                if json.loads(line)["round"] <= self.rounds_done
+            ]
+            metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def checkpoint(self, round_number: int) -> None:
+        save_atomic(
+            {
+                "round": round_number,
+                "model": self.model.state_dict(),
+                "ledger": self.ledger.state_dict(),
+                "strategy": strategy_state(self.strategy),
+                "rng": {
+                    "python": random.getstate(),
+                    "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state(),
+                },
+                "config": self.config.to_dict(),
+            },
+            self.run_dir / "checkpoint.pt",
+        )
 
     def _central_delta(self) -> float:
         central = self.fed.central_dp
@@ -101,6 +153,12 @@ class Federation:
 
     def on_replies(self, server_round: int, replies: list[Message]) -> None:
         ok = [r for r in replies if not r.has_error()]
+        if not ok:
+            raise ClientsFailed(
+                f"round {self.global_round(server_round)}: none of the {len(replies)} sampled "
+                "clients replied without an error (their tracebacks are in the log above); the "
+                "checkpoint holds the last complete round, fix the cause and rerun with --resume"
+            )
         self.last_replies = len(ok)
         self.last_refused = 0
         for reply in ok:
@@ -149,15 +207,7 @@ class Federation:
             record["epsilon"] = self.epsilons()
             with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-            save_atomic(
-                {
-                    "round": round_number,
-                    "model": self.model.state_dict(),
-                    "ledger": self.ledger.state_dict(),
-                    "config": self.config.to_dict(),
-                },
-                self.run_dir / "checkpoint.pt",
-            )
+            self.checkpoint(round_number)
         monitor = self.config.train.monitor
         log.info(
             "round %d: valid %s %.4f  test %s %.4f  clients %s  ε %s",
@@ -182,27 +232,19 @@ class Federation:
         return out
 
 
-def run_dir_of(context: Context, default: str) -> Path:
-    path = Path(
-        str(context.run_config.get("run-dir", "") or os.environ.get(RUN_DIR_ENV, "") or default)
-    )
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     population = load_population(resolve_config_path(context.run_config))
     config, fed = population.config, population.config.federated
-    run_dir = run_dir_of(context, config.output_dir)
+    run_dir = resolve_run_dir(context.run_config, config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     resume = bool(context.run_config.get("resume", False)) or os.environ.get("FEDREC_RESUME") == "1"
-    federation = Federation(population, run_dir, resume)
+    inner = build_strategy(fed, len(population.partitions))
+    federation = Federation(population, run_dir, resume, inner)
     rounds = fed.num_rounds - federation.rounds_done
-    strategy = LedgerKeeper(
-        build_strategy(fed, federation.num_clients), federation.on_replies, federation.may_start
-    )
-    stopped = ""
+    strategy = LedgerKeeper(inner, federation.on_replies, federation.may_start)
+    stopped, failed = "", False
     if rounds > 0:
         try:
             strategy.start(
@@ -210,13 +252,17 @@ def main(grid: Grid, context: Context) -> None:
                 initial_arrays=ArrayRecord(federation.model.state_dict()),
                 num_rounds=rounds,
                 timeout=fed.round_timeout,
-                train_config=ConfigRecord({"local-epochs": fed.local_epochs}),
+                # Flower numbers the rounds of this start from 1; clients label their ledger
+                # events with the global round, so a resumed run sends the offset.
+                train_config=ConfigRecord(
+                    {"local-epochs": fed.local_epochs, "round-offset": federation.rounds_done}
+                ),
                 evaluate_config=ConfigRecord({}),
                 evaluate_fn=federation.evaluate_round,
             )
         except StopFederation as reason:
-            stopped = str(reason)
-            log.warning("stopping: %s", reason)
+            stopped, failed = str(reason), isinstance(reason, ClientsFailed)
+            (log.error if failed else log.warning)("stopping: %s", reason)
     lines = (
         (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
         if (run_dir / "metrics.jsonl").exists()
@@ -230,6 +276,7 @@ def main(grid: Grid, context: Context) -> None:
         "clients_per_round": federation.sampled,
         "rounds": history[-1]["round"] if history else federation.rounds_done,
         "stopped_early": stopped,
+        "failed": failed,
         "final": history[-1] if history else None,
         "best_valid_round": max(history, key=lambda r: r["valid"][config.train.monitor])["round"]
         if history

@@ -23,9 +23,41 @@ from flwr.serverapp.strategy import (
 
 from fedrec.federation import FederatedConfig
 
+# Server-optimizer state of Flower's strategies (FedAdam/FedOpt moments, FedAvgM momentum):
+# Flower keeps it in attributes and has no state_dict, so checkpoints read these by name.
+_OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")
+
+
+def _strategies(strategy: Strategy) -> list[Strategy]:
+    chain = [strategy]
+    while isinstance(getattr(chain[-1], "strategy", None), Strategy):
+        chain.append(chain[-1].strategy)  # type: ignore[attr-defined]
+    return chain
+
+
+def strategy_state(strategy: Strategy) -> list[dict[str, Any]]:
+    """The server-optimizer state of ``strategy`` and every strategy it wraps."""
+    return [
+        {name: getattr(s, name) for name in _OPTIMIZER_STATE if hasattr(s, name)}
+        for s in _strategies(strategy)
+    ]
+
+
+def load_strategy_state(strategy: Strategy, state: list[dict[str, Any]]) -> None:
+    chain = _strategies(strategy)
+    if len(chain) != len(state):
+        raise ValueError("checkpoint was written by a different strategy stack")
+    for target, values in zip(chain, state, strict=True):
+        for name, value in values.items():
+            setattr(target, name, value)
+
 
 class StopFederation(Exception):
     """Raised before a round that must not run (the federation's privacy budget)."""
+
+
+class ClientsFailed(StopFederation):
+    """Raised when every client sampled for a round failed: the run stops instead of spinning."""
 
 
 def build_strategy(fed: FederatedConfig, num_clients: int) -> Strategy:

@@ -114,6 +114,13 @@ def per_example_loss(
     return losses.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
 
 
+def _ignore_harmless_opacus_warnings() -> None:
+    # Secure RNG: a simulation does not need a CSPRNG. The backward-hook warning fires because
+    # the first layer's inputs are integer ids; the autocast one is about bfloat16 on CPU.
+    for message in (".*[Ss]ecure RNG.*", "Full backward hook is firing", "In CPU autocast"):
+        warnings.filterwarnings("ignore", message=message)
+
+
 def dp_train(
     model: SequentialRecommender,
     examples: TensorDataset,
@@ -132,8 +139,7 @@ def dp_train(
     loader = DataLoader(examples, batch_size=plan.batch_size)
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=learning_rate)
     with warnings.catch_warnings():
-        # Opacus warns that secure RNG is off; a simulation does not need a CSPRNG.
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        _ignore_harmless_opacus_warnings()
         engine = PrivacyEngine(accountant=config.accountant)
         private, dp_optimizer, private_loader = engine.make_private(
             module=model,
@@ -147,16 +153,18 @@ def dp_train(
     model.train()
     steps, losses = 0, []
     try:
-        for _ in range(epochs):
-            for items, times, targets in private_loader:
-                per_example = per_example_loss(model, items, times, targets)
-                loss = per_example.sum() / max(len(per_example), 1)
-                dp_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                dp_optimizer.step()
-                steps += 1
-                if len(per_example):
-                    losses.append(loss.item())
+        with warnings.catch_warnings():
+            _ignore_harmless_opacus_warnings()
+            for _ in range(epochs):
+                for items, times, targets in private_loader:
+                    per_example = per_example_loss(model, items, times, targets)
+                    loss = per_example.sum() / max(len(per_example), 1)
+                    dp_optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    dp_optimizer.step()
+                    steps += 1
+                    if len(per_example):
+                        losses.append(loss.item())
     finally:
         private._close()
     return DPTrainResult(

@@ -1,0 +1,101 @@
+"""Start Flower's processes for a test and make sure every one of them is gone afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """An environment that keeps Flower and Ray inside ``home`` and off the network."""
+    # Ray's socket paths must stay short, so its temp folder is not under pytest's tmp_path.
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home / "flwr"),
+        "RAY_TMPDIR": ray_tmp,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PYTHONPATH": str(REPO),
+    }
+
+
+def _pids_mentioning(marker: str) -> list[int]:
+    """Processes whose command line or environment names ``marker`` (our temp folders)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in blob:
+            found.append(int(entry.name))
+    return found
+
+
+def stop_everything(env: dict[str, str], started: list[subprocess.Popen[bytes]]) -> list[int]:
+    """Kill the started process groups, then any process (detached SuperLink, Ray helpers)
+    that carries this test's FLWR_HOME or RAY_TMPDIR. Returns the PIDs still alive."""
+    for proc in started:
+        if proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    markers = (env["FLWR_HOME"], env["RAY_TMPDIR"])
+    for marker in markers:
+        for pid in _pids_mentioning(marker):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    time.sleep(1)
+    return [pid for marker in markers for pid in _pids_mentioning(marker)]
+
+
+@contextmanager
+def flower_processes(
+    home: Path,
+) -> Iterator[tuple[dict[str, str], Callable[..., subprocess.Popen[bytes]]]]:
+    """Yields the environment and a ``start(args, log_name)`` that launches a process in its own
+    session; on exit every started process and its helpers are killed, and the test fails if any
+    survives."""
+    env = flower_env(home)
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        log = (home / log_name).open("wb")
+        proc = subprocess.Popen(
+            args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        started.append(proc)
+        return proc
+
+    try:
+        yield env, start
+    finally:
+        survivors = stop_everything(env, started)
+        assert not survivors, f"processes outlived the test: {survivors}"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
+
+
+def python() -> str:
+    return sys.executable

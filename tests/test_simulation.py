@@ -1,0 +1,146 @@
+"""The Flower simulation end to end: both DP kinds, client budgets, a killed server, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from opacus.accountants import RDPAccountant
+
+from fedrec.config import load_config
+from fedrec.data import prepare_split
+from fedrec.data.partition import partition_users
+from fedrec.privacy.dp_sgd import plan_dp
+from fedrec.training import trainable_users
+
+from .processes import flower_processes, python, wait_for
+
+ROUNDS = 12  # enough that the kill after round 2 lands mid-run
+RECORD_SIGMA, CENTRAL_SIGMA = 1.0, 0.5
+
+
+def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta))
+
+
+def _tiny_config(path: Path, run_dir: Path, budget: float | None) -> Path:
+    config = {
+        "seed": 0,
+        "output_dir": str(run_dir),
+        "data": {
+            "source": "synthetic",
+            "synthetic": {
+                "num_users": 12,
+                "num_items": 40,
+                "mean_length": 15,
+                "max_length": 30,
+                "seed": 0,
+            },
+        },
+        "model": {"name": "hstu", "max_len": 16, "embedding_dim": 16, "num_blocks": 1},
+        "evaluation": {"ks": [10]},
+        "federated": {
+            "partitioning": "hash",
+            "num_partitions": 3,
+            "num_rounds": ROUNDS,
+            "clients_per_round": 3,
+            "record_dp": {"noise_multiplier": RECORD_SIGMA, "max_grad_norm": 1.0},
+            "record_epsilon_budget": budget,
+            "central_dp": {"noise_multiplier": CENTRAL_SIGMA, "clipping_norm": 1.0},
+        },
+    }
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def _client_plans(config_path: Path) -> list[tuple[float, float, int, float]]:
+    """(σ, q, steps, δ) each silo's record-level DP-SGD spends per round (one record = one user)."""
+    config = load_config(config_path)
+    dataset, split = prepare_split(config.data)
+    partitions = partition_users(dataset, "hash", 3, "")
+    assert config.federated.record_dp is not None
+    plans = []
+    for users in partitions:
+        records = len(trainable_users(split.subset(users)))
+        plan = plan_dp(records, config.federated.record_dp, config.federated.local_epochs)
+        plans.append((plan.noise_multiplier, plan.sample_rate, plan.steps, plan.delta))
+    return plans
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_simulation_with_both_dp_kinds_survives_a_kill_and_resumes_its_ledger(tmp_path):
+    run_dir = tmp_path / "run"
+    probe = _tiny_config(tmp_path / "probe.yaml", run_dir, None)
+    plans = _client_plans(probe)
+    # A budget that lets client 0 train exactly two rounds; the others get what it allows them.
+    sigma, q, steps, delta = plans[0]
+    budget = (
+        _rdp_epsilon([(sigma, q, 2 * steps)], delta) + _rdp_epsilon([(sigma, q, 3 * steps)], delta)
+    ) / 2
+    expected_rounds = [
+        max(k for k in range(ROUNDS + 1) if _rdp_epsilon([(s, r, k * n)], d) <= budget)
+        for s, r, n, d in plans
+    ]
+    assert expected_rounds[0] == 2
+    config = _tiny_config(tmp_path / "tiny.yaml", run_dir, budget)
+    simulate = [python(), "-m", "fedrec.cli", "simulate", "-c", str(config)]
+
+    with flower_processes(tmp_path) as (_, start):
+        first = start(simulate, "first.log")
+        checkpoint = run_dir / "checkpoint.pt"
+        wait_for(
+            lambda: (
+                checkpoint.exists() and torch.load(checkpoint, weights_only=False)["round"] >= 2
+            ),
+            timeout=600,
+            what="round 2's checkpoint",
+            log=tmp_path / "first.log",
+        )
+        first.kill()  # the server dies mid-run (SIGKILL: no clean-up)
+        first.wait(timeout=30)
+    killed_at = torch.load(checkpoint, weights_only=False)["round"]
+    assert 2 <= killed_at < ROUNDS
+
+    with flower_processes(tmp_path) as (_, start):
+        resumed = start([*simulate, "--resume"], "resumed.log")
+        assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-4000:]
+
+    log = (tmp_path / "resumed.log").read_text()
+    assert f"resumed from {checkpoint} at round {killed_at}" in log
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [h["round"] for h in history] == list(range(1, ROUNDS + 1))
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["round"] == ROUNDS
+    events = state["ledger"]["events"]
+
+    # The federation's ledger never reset: one DP-FedAvg event per round, ε equal to a fresh
+    # Opacus accountant fed the same (σ, q = 3/3, 1 step) releases.
+    server = [e for e in events if e["party"] == "server"]
+    assert [e["round"] for e in server] == list(range(1, ROUNDS + 1))
+    assert all(e["unit"] == "user" and e["noise_multiplier"] == CENTRAL_SIGMA for e in server)
+    expected_federation = _rdp_epsilon([(CENTRAL_SIGMA, 1.0, 1)] * ROUNDS, 1 / 30)
+    assert history[-1]["epsilon"]["federation"] == pytest.approx(expected_federation, rel=1e-9)
+    report = json.loads((run_dir / "privacy.json").read_text())
+    assert report["federation"]["epsilon"] == pytest.approx(expected_federation, rel=1e-9)
+    assert report["units"].keys() == {"user", "user-within-silo"}
+    assert (run_dir / "privacy.html").stat().st_size > 10_000
+
+    # Every client trained exactly as many rounds as its budget allows, then refused.
+    for partition, allowed in enumerate(expected_rounds):
+        own = json.loads((run_dir / "client-ledgers" / f"client-{partition}.json").read_text())
+        assert len(own["events"]) == allowed, partition
+        s, r, n, d = plans[partition]
+        assert _rdp_epsilon([(s, r, allowed * n)], d) <= budget
+    refused = sum(h["refused"] for h in history)
+    assert refused >= sum(ROUNDS - k for k in expected_rounds) - 3 * (ROUNDS - killed_at)
+    assert refused > 0
+    assert math.isfinite(history[-1]["test"]["NDCG@10"])
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["rounds"] == ROUNDS and results["clients"] == 3
