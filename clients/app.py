@@ -24,11 +24,14 @@ from flwr.clientapp.typing import ClientAppCallable
 from fedrec.evaluation import EvalConfig, evaluate
 from fedrec.federation import (
     FederatedConfig,
+    LocalResult,
     Population,
     client_ledger_path,
+    client_seed,
     event_windows,
     load_population,
     local_train,
+    reply_weight,
     resolve_config_path,
 )
 from fedrec.models import build_model
@@ -129,7 +132,6 @@ def train(msg: Message, context: Context) -> Message:
     config, fed = population.config, population.config.federated
     sent = msg.content.config_records["config"]
     round_ = int(cast(int, sent["server-round"])) + int(cast(int, sent.get("round-offset", 0)))
-    unweighted = fed.central_dp is not None  # DP-FedAvg noise is calibrated for a plain mean
     ledger_path = _ledger_path(context, population)
     ledger = _ledger(ledger_path)
     planned = _planned_event(fed, population, partition, round_)
@@ -138,7 +140,11 @@ def train(msg: Message, context: Context) -> Message:
         budget = PrivacyBudget(fed.record_epsilon_budget, planned[1])
         if not budget.allows(ledger, planned[0]):
             metrics.update(
-                {"refused": 1, "num-examples": 1 if unweighted else 0, "train-loss": 0.0}
+                {
+                    "refused": 1,
+                    "num-examples": reply_weight(LocalResult(0, 0.0, None), fed),
+                    "train-loss": 0.0,
+                }
             )
             return Message(
                 RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord(metrics)}),
@@ -148,11 +154,9 @@ def train(msg: Message, context: Context) -> Message:
         model,
         population.client_split(partition),
         fed,
-        seed=config.seed * 1_000_003 + round_ * 7919 + partition,
+        seed=client_seed(config.seed, round_, partition),
     )
-    metrics.update(
-        {"num-examples": 1 if unweighted else result.num_examples, "train-loss": result.loss}
-    )
+    metrics.update({"num-examples": reply_weight(result, fed), "train-loss": result.loss})
     if result.dp is not None and planned is not None:
         spent = dataclasses.replace(planned[0], steps=result.dp.steps)
         ledger.record(spent)

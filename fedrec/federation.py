@@ -167,6 +167,17 @@ def local_train(
     return LocalResult(positions, float(np.mean(losses)), None)
 
 
+def client_seed(seed: int, round_number: int, partition: int) -> int:
+    """The torch/numpy seed of one client's local training in one round."""
+    return seed * 1_000_003 + round_number * 7919 + partition
+
+
+def reply_weight(result: LocalResult, config: FederatedConfig) -> int:
+    """``num-examples`` a client reports: 1 under DP-FedAvg, whose noise σ·C/n is calibrated
+    for an unweighted mean of the clipped updates; otherwise its training positions."""
+    return 1 if config.central_dp is not None else result.num_examples
+
+
 CONFIG_ENV = "FEDREC_CONFIG"
 RUN_DIR_ENV = "FEDREC_RUN_DIR"
 CLIENT_LEDGER_DIR = "client-ledgers"

@@ -27,6 +27,8 @@ def flower_env(home: Path) -> dict[str, str]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PYTHONPATH": str(REPO),
+        # Flower's processes start helpers (flower-superexec, flwr-serverapp) by name.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
 
 
@@ -87,11 +89,22 @@ def flower_processes(
         assert not survivors, f"processes outlived the test: {survivors}"
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
+def wait_for(
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    log: Path,
+    watch: tuple[subprocess.Popen[bytes], ...] = (),
+) -> None:
+    """Poll ``condition``; fail on timeout, or at once if a ``watch``ed process has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
+        dead = [p.args for p in watch if p.poll() is not None]
+        if dead:
+            tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+            raise AssertionError(f"{dead} exited while waiting for {what}\n{tail}")
         time.sleep(0.1)
     tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")

@@ -1,0 +1,227 @@
+"""The federated run of a config without Flower's runtime: an in-process reference loop.
+
+    python simulations/inprocess.py --config configs/ml-100k-federated.yaml --rounds 100 \
+        --eval-every 10 --output runs/inprocess-ml100k
+
+Why it exists: a Flower simulation costs ≈ 50–70 ms per client message on this machine
+(STACK-NOTES), so sweeps with hundreds of rounds or 1000+ clients per round (the
+privacy–utility table) would be dominated by the framework, and the benchmark "Flower round vs
+a bare loop" needs the bare loop. It runs the same client code (``local_train``, the same seeds),
+Flower's own aggregation (``aggregate_arrayrecords``) and Flower's own DP-FedAvg primitives
+(clip each update, noise σ·C/n on the unweighted mean), and records the same ledger events.
+``tests/test_inprocess.py`` checks it reproduces the Flower simulation's model.
+Only FedAvg is supported here; client sampling is uniform without replacement, as Flower's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.supercore.differential_privacy import (
+    add_gaussian_noise_inplace,
+    compute_clip_model_update,
+    compute_stdv,
+)
+from tqdm import tqdm
+
+from fedrec.config import ExperimentConfig, parse_config
+from fedrec.evaluation import evaluate
+from fedrec.experiment import environment, write_json_atomic
+from fedrec.federation import Population, client_seed, local_train, reply_weight
+from fedrec.models import build_model
+from fedrec.privacy import PrivacyEvent, PrivacyLedger
+from fedrec.privacy.report import write_privacy_report
+from fedrec.training import model_scorer, seed_everything
+
+log = logging.getLogger("fedrec.inprocess")
+
+
+def population_of(config: ExperimentConfig) -> Population:
+    from fedrec.data import prepare_split
+    from fedrec.data.partition import partition_users
+
+    dataset, split = prepare_split(config.data)
+    fed = config.federated
+    partitions = partition_users(
+        dataset, fed.partitioning, fed.num_partitions, fed.partition_attribute
+    )
+    return Population(config, dataset, split, partitions)
+
+
+def run_inprocess(
+    population: Population,
+    run_dir: Path,
+    eval_every: int = 1,
+    sample_seed: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run ``population.config``'s federation in this process; write metrics, ledger, report."""
+    config, fed = population.config, population.config.federated
+    if fed.strategy != "fedavg":
+        raise ValueError("the in-process loop implements FedAvg only")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    split = population.split
+    model = build_model(config.model_name, split.num_items, config.model)
+    worker = build_model(config.model_name, split.num_items, config.model)
+    num_clients = len(population.partitions)
+    sampled = min(fed.clients_per_round, num_clients)
+    rng = np.random.default_rng(config.seed if sample_seed is None else sample_seed)
+    ledger = PrivacyLedger()
+    central = fed.central_dp
+    delta = (central.delta if central and central.delta else None) or 1 / (10 * num_clients)
+    history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    rounds = tqdm(range(1, fed.num_rounds + 1), desc="rounds", disable=not progress)
+    for round_number in rounds:
+        round_started = time.perf_counter()
+        global_arrays = ArrayRecord(model.state_dict())
+        global_numpy = global_arrays.to_numpy_ndarrays()
+        replies = []
+        chosen = np.sort(rng.choice(num_clients, size=sampled, replace=False))
+        for partition in chosen:
+            worker.load_state_dict(model.state_dict())
+            result = local_train(
+                worker,
+                population.client_split(int(partition)),
+                fed,
+                seed=client_seed(config.seed, round_number, int(partition)),
+            )
+            arrays = ArrayRecord(worker.state_dict())
+            if central is not None:
+                update = arrays.to_numpy_ndarrays()
+                if any(np.any(u != g) for u, g in zip(update, global_numpy, strict=True)):
+                    compute_clip_model_update(update, global_numpy, central.clipping_norm)
+                arrays = ArrayRecord(dict(zip(arrays.keys(), update, strict=True)))
+            if result.dp is not None:
+                assert fed.record_dp is not None
+                ledger.record(
+                    PrivacyEvent(
+                        round=round_number,
+                        party=f"client:{int(partition)}",
+                        mechanism="dp-sgd",
+                        unit=fed.protected_unit,
+                        noise_multiplier=result.dp.noise_multiplier,
+                        sample_rate=result.dp.sample_rate,
+                        steps=result.dp.steps,
+                        clip_norm=fed.record_dp.max_grad_norm,
+                        delta=result.dp.delta,
+                    )
+                )
+            weight = reply_weight(result, fed)
+            replies.append(
+                RecordDict(
+                    {"arrays": arrays, "metrics": MetricRecord({"num-examples": max(weight, 1)})}
+                )
+            )
+        aggregated = aggregate_arrayrecords(replies, "num-examples")
+        if central is not None:
+            noisy = aggregated.to_numpy_ndarrays()
+            add_gaussian_noise_inplace(
+                noisy, compute_stdv(central.noise_multiplier, central.clipping_norm, sampled)
+            )
+            aggregated = ArrayRecord(dict(zip(aggregated.keys(), noisy, strict=True)))
+            ledger.record(
+                PrivacyEvent(
+                    round=round_number,
+                    party="server",
+                    mechanism="dp-fedavg",
+                    unit="user",
+                    noise_multiplier=central.noise_multiplier,
+                    sample_rate=sampled / num_clients,
+                    steps=1,
+                    clip_norm=central.clipping_norm,
+                    delta=delta,
+                )
+            )
+        model.load_state_dict(aggregated.to_torch_state_dict())
+        record: dict[str, Any] = {
+            "round": round_number,
+            "clients": sampled,
+            "seconds": time.perf_counter() - round_started,
+        }
+        if round_number % eval_every == 0 or round_number == fed.num_rounds:
+            scorer = model_scorer(model, split, torch.device("cpu"))
+            record["valid"] = evaluate(scorer, split, "valid", config.evaluation).metrics
+            record["test"] = evaluate(scorer, split, "test", config.evaluation).metrics
+            rounds.set_postfix(valid=f"{record['valid'][config.train.monitor]:.4f}")
+        if central is not None:
+            record["epsilon"] = {"federation": ledger.epsilon("server", delta)}
+        history.append(record)
+        with metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+    torch.save(model.state_dict(), run_dir / "model.pt")
+    evaluated = [h for h in history if "valid" in h]
+    best = max(evaluated, key=lambda h: h["valid"][config.train.monitor])
+    results = {
+        "engine": "in-process",
+        "clients": num_clients,
+        "clients_per_round": sampled,
+        "rounds": fed.num_rounds,
+        "final": history[-1],
+        "best_valid": best,
+        "wall_seconds": time.perf_counter() - started,
+        "config": config.to_dict(),
+        "environment": environment(),
+    }
+    write_json_atomic(results, run_dir / "results.json")
+    write_privacy_report(ledger, run_dir)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="experiment YAML with a federated: part")
+    parser.add_argument("--rounds", type=int, help="override federated.num_rounds")
+    parser.add_argument("--clients-per-round", type=int, help="override clients_per_round")
+    parser.add_argument("--eval-every", type=int, default=1, help="evaluate every N rounds")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--output", required=True, help="run folder")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override a federated field, e.g. --set local_epochs=5 "
+        '--set central_dp=\'{"noise_multiplier": 1.0, "clipping_norm": 0.5}\'',
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
+    torch.set_num_threads(args.threads)
+    data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
+    federated = data.setdefault("federated", {})
+    for item in args.set:
+        key, _, value = item.partition("=")
+        federated[key] = json.loads(value)
+    if args.rounds:
+        federated["num_rounds"] = args.rounds
+    if args.clients_per_round:
+        federated["clients_per_round"] = args.clients_per_round
+    config = parse_config(data, args.config)
+    results = run_inprocess(population_of(config), Path(args.output), args.eval_every)
+    monitor = config.train.monitor
+    print(
+        f"best valid {monitor} {results['best_valid']['valid'][monitor]:.4f} "
+        f"(round {results['best_valid']['round']}), its test {monitor} "
+        f"{results['best_valid']['test'][monitor]:.4f}; {results['wall_seconds']:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

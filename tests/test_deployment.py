@@ -1,0 +1,118 @@
+"""Deployment on loopback with Flower's own processes: a SuperLink, two SuperNodes, `flwr run`."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .processes import REPO, flower_processes, python, wait_for
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _bin(name: str) -> str:
+    return str(Path(python()).parent / name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_supernodes_on_loopback_run_two_rounds_and_every_process_is_stopped(tmp_path):
+    run_dir = tmp_path / "run"
+    config = tmp_path / "deploy.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "seed": 0,
+                "output_dir": str(run_dir),
+                "data": {
+                    "source": "synthetic",
+                    "synthetic": {"num_users": 10, "num_items": 30, "mean_length": 12, "seed": 0},
+                },
+                "model": {"name": "hstu", "max_len": 12, "embedding_dim": 16, "num_blocks": 1},
+                "evaluation": {"ks": [10]},
+                "federated": {
+                    "partitioning": "hash",
+                    "num_partitions": 2,
+                    "num_rounds": 2,
+                    "clients_per_round": 2,
+                    "central_dp": {"noise_multiplier": 0.1, "clipping_norm": 1.0},
+                },
+            }
+        ),
+        encoding="utf-8",
+    )
+    # Flower 1.42 serves the Runtime, Control and Fleet APIs over HTTP on one port.
+    link, node0, node1 = _free_ports(3)
+    with flower_processes(tmp_path) as (env, start):
+        flwr_home = Path(env["FLWR_HOME"])
+        flwr_home.mkdir(parents=True)
+        (flwr_home / "config.toml").write_text(
+            "[superlink]\n"
+            'default = "loopback"\n\n'
+            "[superlink.loopback]\n"
+            f'address = "127.0.0.1:{link}"\n'
+            "insecure = true\n",
+            encoding="utf-8",
+        )
+        superlink = start(
+            [
+                _bin("flower-superlink"),
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link),
+            ],
+            "superlink.log",
+        )
+        nodes = [
+            start(
+                [
+                    _bin("flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f"partition-id={partition} num-partitions=2",
+                ],
+                f"supernode-{partition}.log",
+            )
+            for partition, port in enumerate((node0, node1))
+        ]
+        run_config = f"config='{config}' run-dir='{run_dir}'"
+        start(
+            [_bin("flwr"), "run", str(REPO), "loopback", "--run-config", run_config, "--stream"],
+            "flwr-run.log",
+        )
+        wait_for(
+            lambda: (run_dir / "results.json").exists(),
+            timeout=300,
+            what="the deployed run's results.json",
+            log=tmp_path / "superlink.log",
+            watch=(superlink, *nodes),
+        )
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["rounds"] == 2 and results["clients"] == 2 and not results["failed"]
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [h["round"] for h in history] == [1, 2]
+    assert all(h["clients"] == 2 for h in history)
+    report = json.loads((run_dir / "privacy.json").read_text())
+    assert sorted(report["federation"]["epsilon_by_round"]) == ["1", "2"]
+    assert report["federation"]["unit"] == ["user"]
