@@ -71,6 +71,7 @@ def flower_processes(
     """Yields the environment and a ``start(args, log_name)`` that launches a process in its own
     session; on exit every started process and its helpers are killed, and the test fails if any
     survives."""
+    home.mkdir(parents=True, exist_ok=True)
     env = flower_env(home)
     started: list[subprocess.Popen[bytes]] = []
 

@@ -144,3 +144,36 @@ def test_simulation_with_both_dp_kinds_survives_a_kill_and_resumes_its_ledger(tm
     assert math.isfinite(history[-1]["test"]["NDCG@10"])
     results = json.loads((run_dir / "results.json").read_text())
     assert results["rounds"] == ROUNDS and results["clients"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_flwr_run_local_simulation_and_fedrec_simulate_are_one_code_path(tmp_path):
+    """`flwr run .` (pyproject [tool.flwr.app], Flower's detached local SuperLink) and
+    `fedrec simulate` give the same per-round metrics for the same config and seed."""
+    histories = []
+    for mode in ("simulate", "flwr-run"):
+        run_dir = tmp_path / mode
+        config = _tiny_config(tmp_path / f"{mode}.yaml", run_dir, None)
+        with flower_processes(tmp_path / mode) as (_, start):
+            if mode == "simulate":
+                proc = start([python(), "-m", "fedrec.cli", "simulate", "-c", str(config)], "log")
+                assert proc.wait(timeout=300) == 0
+            else:
+                flwr = str(Path(python()).parent / "flwr")
+                setup = start(
+                    [flwr, "federation", "simulation-config", "--num-supernodes", "3"], "setup"
+                )
+                assert setup.wait(timeout=120) == 0
+                run_config = f"config='{config}' run-dir='{run_dir}'"
+                start([flwr, "run", ".", "--run-config", run_config, "--stream"], "log")
+                wait_for(
+                    lambda run_dir=run_dir: (run_dir / "results.json").exists(),
+                    timeout=300,
+                    what="results.json of `flwr run .`",
+                    log=tmp_path / mode / "log",
+                )
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        histories.append([(h["round"], h["valid"], h["epsilon"]) for h in map(json.loads, lines)])
+    assert len(histories[0]) == ROUNDS
+    assert histories[0] == histories[1]
