@@ -1,5 +1,5 @@
 # Two entry points, each installing into .venv on first use:
-#   make demo   the main job on the embedded synthetic data set
+#   make demo   the main job: a federated simulation (Flower, DP) on the embedded synthetic data
 #   make test   lint, format check, type check and the whole test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -10,7 +10,7 @@ export FLWR_HOME ?= $(CURDIR)/.flwr
 export FLWR_TELEMETRY_ENABLED = 0
 export FLWR_DISABLE_UPDATE_CHECK = 1
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo train test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedrec train --config configs/synthetic.yaml --output-dir runs/demo
+	$(BIN)/fedrec simulate --config configs/federated-synthetic.yaml --output-dir runs/demo
+
+train: $(STAMP)
+	$(BIN)/fedrec train --config configs/synthetic.yaml --output-dir runs/train
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedrec clients server simulations tests

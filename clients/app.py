@@ -41,7 +41,14 @@ from fedrec.privacy.dp_sgd import plan_dp
 from fedrec.training import model_scorer, trainable_users
 
 MetricValue = int | float | list[int] | list[float]
-CLIPPING_NORM_KEY = "clipping_norm"  # what Flower's client-side DP wrapper puts in the config
+CLIPPING_NORM_KEY = "clipping_norm"
+DP_METRICS = (
+    "dp-noise-multiplier",
+    "dp-sample-rate",
+    "dp-steps",
+    "dp-clip-norm",
+    "dp-delta",
+)  # what Flower's client-side DP wrapper puts in the config
 
 
 def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -126,6 +133,18 @@ def _planned_event(
     return event, plan.delta
 
 
+def _spent_metrics(spent: PrivacyEvent | None) -> dict[str, MetricValue]:
+    if spent is None:
+        return {key: 0 if key == "dp-steps" else 0.0 for key in DP_METRICS}
+    return {
+        "dp-noise-multiplier": spent.noise_multiplier,
+        "dp-sample-rate": spent.sample_rate,
+        "dp-steps": spent.steps,
+        "dp-clip-norm": spent.clip_norm,
+        "dp-delta": spent.delta,
+    }
+
+
 @app.train(mods=[central_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     population, partition, model = _setup(msg, context)
@@ -136,6 +155,10 @@ def train(msg: Message, context: Context) -> Message:
     ledger = _ledger(ledger_path)
     planned = _planned_event(fed, population, partition, round_)
     metrics: dict[str, MetricValue] = {"partition-id": partition, "refused": 0}
+    if fed.record_dp is not None:
+        # Flower aggregates only MetricRecords with identical keys, so every reply of a DP
+        # federation carries the DP keys; dp-steps 0 means nothing was released.
+        metrics.update(_spent_metrics(None))
     if planned is not None and fed.record_epsilon_budget is not None:
         budget = PrivacyBudget(fed.record_epsilon_budget, planned[1])
         if not budget.allows(ledger, planned[0]):
@@ -161,15 +184,7 @@ def train(msg: Message, context: Context) -> Message:
         spent = dataclasses.replace(planned[0], steps=result.dp.steps)
         ledger.record(spent)
         _save_ledger(ledger, ledger_path)
-        metrics.update(
-            {
-                "dp-noise-multiplier": spent.noise_multiplier,
-                "dp-sample-rate": spent.sample_rate,
-                "dp-steps": spent.steps,
-                "dp-clip-norm": spent.clip_norm,
-                "dp-delta": result.dp.delta,
-            }
-        )
+        metrics.update(_spent_metrics(spent))
     reply = RecordDict(
         {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
     )

@@ -164,7 +164,7 @@ class Federation:
         for reply in ok:
             metrics = reply.content.metric_records["metrics"]
             self.last_refused += int(cast(int, metrics.get("refused", 0)))
-            if "dp-steps" in metrics:
+            if int(cast(int, metrics.get("dp-steps", 0))) > 0:
                 self.ledger.record(
                     PrivacyEvent(
                         round=self.global_round(server_round),
