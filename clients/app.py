@@ -23,22 +23,20 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedrec.evaluation import EvalConfig, evaluate
 from fedrec.federation import (
-    FederatedConfig,
     LocalResult,
     Population,
     client_ledger_path,
     client_seed,
-    event_windows,
     load_population,
     local_train,
+    planned_record_event,
     reply_weight,
     resolve_config_path,
 )
 from fedrec.models import build_model
 from fedrec.models.base import SequentialRecommender
 from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger
-from fedrec.privacy.dp_sgd import plan_dp
-from fedrec.training import model_scorer, trainable_users
+from fedrec.training import model_scorer
 
 MetricValue = int | float | list[int] | list[float]
 CLIPPING_NORM_KEY = "clipping_norm"
@@ -103,36 +101,6 @@ def _save_ledger(ledger: PrivacyLedger, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _planned_event(
-    fed: FederatedConfig, population: Population, partition: int, round_: int
-) -> tuple[PrivacyEvent, float] | None:
-    """The record-level DP release (and its δ) this client would make this round, or None."""
-    if fed.record_dp is None:
-        return None
-    split = population.client_split(partition)
-    users = trainable_users(split)
-    if not len(users):
-        return None
-    records = (
-        len(event_windows(split, users, fed.record_window))
-        if fed.partitioning == "user"
-        else len(users)
-    )
-    plan = plan_dp(records, fed.record_dp, fed.local_epochs)
-    event = PrivacyEvent(
-        round=round_,
-        party=f"client:{partition}",
-        mechanism="dp-sgd",
-        unit=fed.protected_unit,
-        noise_multiplier=plan.noise_multiplier,
-        sample_rate=plan.sample_rate,
-        steps=plan.steps,
-        clip_norm=fed.record_dp.max_grad_norm,
-        delta=plan.delta,
-    )
-    return event, plan.delta
-
-
 def _spent_metrics(spent: PrivacyEvent | None) -> dict[str, MetricValue]:
     if spent is None:
         return {key: 0 if key == "dp-steps" else 0.0 for key in DP_METRICS}
@@ -153,7 +121,7 @@ def train(msg: Message, context: Context) -> Message:
     round_ = int(cast(int, sent["server-round"])) + int(cast(int, sent.get("round-offset", 0)))
     ledger_path = _ledger_path(context, population)
     ledger = _ledger(ledger_path)
-    planned = _planned_event(fed, population, partition, round_)
+    planned = planned_record_event(fed, population.client_split(partition), partition, round_)
     metrics: dict[str, MetricValue] = {"partition-id": partition, "refused": 0}
     if fed.record_dp is not None:
         # Flower aggregates only MetricRecords with identical keys, so every reply of a DP

@@ -24,7 +24,8 @@ from fedrec.data.dataset import InteractionDataset
 from fedrec.data.partition import SCHEMES, partition_users
 from fedrec.data.split import SequenceSplit
 from fedrec.models.base import SequentialRecommender
-from fedrec.privacy.dp_sgd import DPSGDConfig, DPTrainResult, dp_train
+from fedrec.privacy.dp_sgd import DPSGDConfig, DPTrainResult, dp_train, plan_dp
+from fedrec.privacy.ledger import PrivacyEvent
 from fedrec.training import train_epoch, trainable_users
 
 if TYPE_CHECKING:
@@ -176,6 +177,36 @@ def reply_weight(result: LocalResult, config: FederatedConfig) -> int:
     """``num-examples`` a client reports: 1 under DP-FedAvg, whose noise σ·C/n is calibrated
     for an unweighted mean of the clipped updates; otherwise its training positions."""
     return 1 if config.central_dp is not None else result.num_examples
+
+
+def planned_record_event(
+    fed: FederatedConfig, split: SequenceSplit, partition: int, round_: int
+) -> tuple[PrivacyEvent, float] | None:
+    """The record-level DP release (and its δ) client ``partition`` would make this round, known
+    before it trains (for its budget check), or None without record-level DP or data."""
+    if fed.record_dp is None:
+        return None
+    users = trainable_users(split)
+    if not len(users):
+        return None
+    records = (
+        len(event_windows(split, users, fed.record_window))
+        if fed.partitioning == "user"
+        else len(users)
+    )
+    plan = plan_dp(records, fed.record_dp, fed.local_epochs)
+    event = PrivacyEvent(
+        round=round_,
+        party=f"client:{partition}",
+        mechanism="dp-sgd",
+        unit=fed.protected_unit,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps,
+        clip_norm=fed.record_dp.max_grad_norm,
+        delta=plan.delta,
+    )
+    return event, plan.delta
 
 
 CONFIG_ENV = "FEDREC_CONFIG"

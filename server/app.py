@@ -189,6 +189,7 @@ class Federation:
             self.ledger.record(self._central_event(server_round, len(ok)))
 
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        train_seconds = time.perf_counter() - self.round_started  # sampling to aggregation
         self.model.load_state_dict(arrays.to_torch_state_dict())
         split, evaluation = self.population.split, self.config.evaluation
         scorer = model_scorer(self.model, split, self.device)
@@ -201,7 +202,7 @@ class Federation:
                 {
                     "clients": getattr(self, "last_replies", 0),
                     "refused": getattr(self, "last_refused", 0),
-                    "seconds": time.perf_counter() - self.round_started,
+                    "seconds": train_seconds,
                 }
             )
             record["epsilon"] = self.epsilons()

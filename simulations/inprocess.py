@@ -16,12 +16,13 @@ Only FedAvg is supported here; client sampling is uniform without replacement, a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,13 +39,32 @@ from tqdm import tqdm
 from fedrec.config import ExperimentConfig, parse_config
 from fedrec.evaluation import evaluate
 from fedrec.experiment import environment, write_json_atomic
-from fedrec.federation import Population, client_seed, local_train, reply_weight
+from fedrec.federation import (
+    LocalResult,
+    Population,
+    client_seed,
+    local_train,
+    planned_record_event,
+    reply_weight,
+)
 from fedrec.models import build_model
-from fedrec.privacy import PrivacyEvent, PrivacyLedger
+from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger
 from fedrec.privacy.report import write_privacy_report
 from fedrec.training import model_scorer, seed_everything
 
 log = logging.getLogger("fedrec.inprocess")
+
+
+def _reply(arrays: ArrayRecord, weight: int) -> RecordDict:
+    return RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": weight})})
+
+
+def _epsilons(ledger: PrivacyLedger, delta: float, central: bool) -> dict[str, float]:
+    out = {"federation": ledger.epsilon("server", delta)} if central else {}
+    clients = [p for p in ledger.parties() if p.startswith("client:")]
+    if clients:
+        out["client_max"] = max(ledger.epsilon(p, ledger.delta(p)) for p in clients)
+    return out
 
 
 def population_of(config: ExperimentConfig) -> Population:
@@ -92,13 +112,24 @@ def run_inprocess(
         global_numpy = global_arrays.to_numpy_ndarrays()
         replies = []
         chosen = np.sort(rng.choice(num_clients, size=sampled, replace=False))
-        for partition in chosen:
+        refused = 0
+        for partition in (int(p) for p in chosen):
+            client_split = population.client_split(partition)
+            planned = planned_record_event(fed, client_split, partition, round_number)
+            if (
+                planned is not None
+                and fed.record_epsilon_budget is not None
+                and not PrivacyBudget(fed.record_epsilon_budget, planned[1]).allows(
+                    ledger, planned[0]
+                )
+            ):
+                refused += 1  # as the ClientApp: reply with the global model, unchanged
+                weight = reply_weight(LocalResult(0, 0.0, None), fed)
+                replies.append(_reply(global_arrays, weight))
+                continue
             worker.load_state_dict(model.state_dict())
             result = local_train(
-                worker,
-                population.client_split(int(partition)),
-                fed,
-                seed=client_seed(config.seed, round_number, int(partition)),
+                worker, client_split, fed, seed=client_seed(config.seed, round_number, partition)
             )
             arrays = ArrayRecord(worker.state_dict())
             if central is not None:
@@ -106,27 +137,11 @@ def run_inprocess(
                 if any(np.any(u != g) for u, g in zip(update, global_numpy, strict=True)):
                     compute_clip_model_update(update, global_numpy, central.clipping_norm)
                 arrays = ArrayRecord(dict(zip(arrays.keys(), update, strict=True)))
-            if result.dp is not None:
-                assert fed.record_dp is not None
-                ledger.record(
-                    PrivacyEvent(
-                        round=round_number,
-                        party=f"client:{int(partition)}",
-                        mechanism="dp-sgd",
-                        unit=fed.protected_unit,
-                        noise_multiplier=result.dp.noise_multiplier,
-                        sample_rate=result.dp.sample_rate,
-                        steps=result.dp.steps,
-                        clip_norm=fed.record_dp.max_grad_norm,
-                        delta=result.dp.delta,
-                    )
-                )
-            weight = reply_weight(result, fed)
-            replies.append(
-                RecordDict(
-                    {"arrays": arrays, "metrics": MetricRecord({"num-examples": max(weight, 1)})}
-                )
-            )
+            if result.dp is not None and planned is not None:
+                ledger.record(dataclasses.replace(planned[0], steps=result.dp.steps))
+            replies.append(_reply(arrays, reply_weight(result, fed)))
+        if not any(int(cast(int, r["metrics"]["num-examples"])) for r in replies):
+            replies = [_reply(global_arrays, 1)]  # nobody trained: the model stays
         aggregated = aggregate_arrayrecords(replies, "num-examples")
         if central is not None:
             noisy = aggregated.to_numpy_ndarrays()
@@ -151,6 +166,7 @@ def run_inprocess(
         record: dict[str, Any] = {
             "round": round_number,
             "clients": sampled,
+            "refused": refused,
             "seconds": time.perf_counter() - round_started,
         }
         if round_number % eval_every == 0 or round_number == fed.num_rounds:
@@ -158,8 +174,7 @@ def run_inprocess(
             record["valid"] = evaluate(scorer, split, "valid", config.evaluation).metrics
             record["test"] = evaluate(scorer, split, "test", config.evaluation).metrics
             rounds.set_postfix(valid=f"{record['valid'][config.train.monitor]:.4f}")
-        if central is not None:
-            record["epsilon"] = {"federation": ledger.epsilon("server", delta)}
+        record["epsilon"] = _epsilons(ledger, delta, central is not None)
         history.append(record)
         with metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")

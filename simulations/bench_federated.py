@@ -1,0 +1,230 @@
+"""Federated benchmarks, each measured side by side in one run (medians and ratios):
+
+    python simulations/bench_federated.py dp-step   # Opacus DP-SGD step vs a non-private step
+    python simulations/bench_federated.py round     # Flower simulation round vs in-process loop
+    python simulations/bench_federated.py memory    # peak memory vs population size
+
+Results go to --output (JSON) and are summarised in BENCHMARKS.md with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: make `simulations` importable
+
+
+def bench_dp_step(repeats: int, steps: int) -> dict[str, Any]:
+    """Seconds per local step of HSTU (ML-100K-sized model) on 32 windows of 20 events:
+    plain Adam step vs Opacus DP-SGD (hooks and functorch per-sample gradients)."""
+    from fedrec.data import SyntheticConfig, generate_synthetic, leave_one_out
+    from fedrec.data.preprocess import PreprocessConfig, preprocess
+    from fedrec.federation import event_windows
+    from fedrec.models import build_model
+    from fedrec.models.hstu import HSTUConfig
+    from fedrec.privacy.dp_sgd import DPSGDConfig, dp_train
+    from fedrec.training import trainable_users
+
+    torch.set_num_threads(1)
+    split = leave_one_out(
+        preprocess(
+            generate_synthetic(SyntheticConfig(num_users=60, num_items=1682, mean_length=60)),
+            PreprocessConfig(),
+        )
+    )
+    windows = event_windows(split, trainable_users(split), 20)
+    config = HSTUConfig(max_len=20, embedding_dim=50, num_blocks=2, dropout=0.2)
+    records = len(windows)
+    batch = 32
+    timings: dict[str, list[float]] = {"plain": [], "hooks": [], "functorch": []}
+    for _ in range(repeats):
+        for mode in timings:
+            torch.manual_seed(0)
+            model = build_model("hstu", split.num_items, config)
+            started = time.perf_counter()
+            if mode == "plain":
+                optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+                model.train()
+                for step in range(steps):
+                    lo = (step * batch) % max(records - batch, 1)
+                    items, times, targets = windows[lo : lo + batch]
+                    loss = model.loss(items, times, targets)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                done = steps
+            else:
+                dp = DPSGDConfig(noise_multiplier=1.0, batch_size=batch, grad_sample_mode=mode)
+                epochs = max(1, round(steps * batch / records))
+                done = dp_train(model, windows, dp, epochs, 1e-3).steps
+            timings[mode].append((time.perf_counter() - started) / done)
+    medians = {mode: statistics.median(values) for mode, values in timings.items()}
+    return {
+        "records": records,
+        "batch_size": batch,
+        "seconds_per_step": medians,
+        "ratio_vs_plain": {m: medians[m] / medians["plain"] for m in ("hooks", "functorch")},
+        "repeats": repeats,
+    }
+
+
+def _flower_env(home: Path) -> dict[str, str]:
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home / "flwr"),
+        "RAY_TMPDIR": ray_tmp,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+
+
+def _tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and every descendant (Ray actors included)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        pid, ppid = int(entry.name), int(stat[1])
+        children.setdefault(ppid, []).append(pid)
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                rss[pid] = int(line.split()[1]) * 1024
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def _simulate(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Run `fedrec simulate` on ``config``; return its metrics and the peak tree RSS."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.yaml"
+    config = {**config, "output_dir": str(workdir / "run")}
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    env = _flower_env(workdir)
+    started = time.perf_counter()
+    with (workdir / "log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedrec.cli", "simulate", "-c", str(path)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss(proc.pid))
+            time.sleep(0.5)
+    if proc.returncode != 0:
+        raise RuntimeError(f"simulate failed, see {workdir / 'log'}")
+    history = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").open()]
+    return {"history": history, "peak_rss_bytes": peak, "wall": time.perf_counter() - started}
+
+
+def _synthetic_config(users: int, clients_per_round: int, rounds: int) -> dict[str, Any]:
+    return {
+        "seed": 0,
+        "data": {
+            "source": "synthetic",
+            "synthetic": {"num_users": users, "num_items": 300, "mean_length": 30, "seed": 0},
+        },
+        "model": {"name": "hstu", "max_len": 30, "embedding_dim": 32},
+        "evaluation": {"ks": [10]},
+        "federated": {
+            "partitioning": "user",
+            "num_rounds": rounds,
+            "clients_per_round": clients_per_round,
+            "local_epochs": 2,
+            "local_learning_rate": 0.005,
+        },
+    }
+
+
+def bench_round(workdir: Path, clients_per_round: int, rounds: int) -> dict[str, Any]:
+    """Median seconds per round (sampling → aggregation, evaluation excluded; round 1 with
+    actor start-up excluded) of the Flower simulation and of the in-process loop."""
+    from fedrec.config import parse_config
+    from simulations.inprocess import population_of, run_inprocess
+
+    config = _synthetic_config(1000, clients_per_round, rounds)
+    flower = _simulate(config, workdir / "flower")["history"]
+    torch.set_num_threads(1)
+    parsed = parse_config({**config, "output_dir": str(workdir / "inprocess")})
+    run_inprocess(population_of(parsed), workdir / "inprocess", eval_every=rounds, progress=False)
+    inprocess = [json.loads(line) for line in (workdir / "inprocess" / "metrics.jsonl").open()]
+    flower_s = statistics.median(h["seconds"] for h in flower[1:])
+    bare_s = statistics.median(h["seconds"] for h in inprocess[1:])
+    return {
+        "clients_per_round": clients_per_round,
+        "rounds": rounds,
+        "flower_seconds_per_round": flower_s,
+        "inprocess_seconds_per_round": bare_s,
+        "ratio": flower_s / bare_s,
+        "flower_first_round_seconds": flower[0]["seconds"],
+    }
+
+
+def bench_memory(workdir: Path, populations: list[int], clients_per_round: int) -> dict[str, Any]:
+    """Peak resident memory of the whole simulation (driver + Ray actors), 2 rounds each."""
+    out = {}
+    for users in populations:
+        result = _simulate(_synthetic_config(users, clients_per_round, 2), workdir / f"pop-{users}")
+        out[str(users)] = {
+            "peak_rss_mib": result["peak_rss_bytes"] / 2**20,
+            "wall_seconds": result["wall"],
+            "round_seconds": [h["seconds"] for h in result["history"]],
+        }
+    return {"clients_per_round": clients_per_round, "populations": out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("what", choices=("dp-step", "round", "memory"))
+    parser.add_argument("--output", default="runs/bench-federated", help="folder for results")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--clients-per-round", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--populations", type=int, nargs="+", default=[1000, 10000, 100000])
+    args = parser.parse_args(argv)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    if args.what == "dp-step":
+        result = bench_dp_step(args.repeats, args.steps)
+    elif args.what == "round":
+        result = bench_round(output / "round", args.clients_per_round, args.rounds)
+    else:
+        result = bench_memory(output / "memory", args.populations, args.clients_per_round)
+    result["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__}
+    (output / f"{args.what}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
