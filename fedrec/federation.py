@@ -61,7 +61,7 @@ class CentralDPConfig:
 @dataclass
 class FederatedConfig:
     """A federated run. ``partitioning``: ``user`` (one client per user), ``hash`` or
-    ``attribute`` (silos). ``record_dp``: Opacus DP-SGD on every client (records are windows
+    ``attribute`` (silos). Sampling: ``clients_per_round``, or ``fraction_per_round`` > 0. ``record_dp``: Opacus DP-SGD on every client (records are windows
     of ``record_window`` events for one-user clients, whole user sequences for silos), with
     ``record_epsilon_budget`` per client. ``central_dp``: user-level DP-FedAvg."""
 
@@ -70,6 +70,7 @@ class FederatedConfig:
     partition_attribute: str = ""
     num_rounds: int = 5
     clients_per_round: int = 10
+    fraction_per_round: float = 0.0
     local_epochs: int = 1
     local_learning_rate: float = 1e-3
     local_batch_size: int = 32
@@ -99,8 +100,16 @@ class FederatedConfig:
             )
         if self.local_learning_rate <= 0 or self.round_timeout <= 0 or self.record_window < 1:
             raise ValueError("federated: local_learning_rate, round_timeout, record_window > 0")
+        if not 0 <= self.fraction_per_round <= 1:
+            raise ValueError("federated.fraction_per_round must lie in [0, 1] (0: use the count)")
         if self.record_epsilon_budget is not None and self.record_dp is None:
             raise ValueError("federated.record_epsilon_budget needs federated.record_dp")
+
+    def sampled_clients(self, num_clients: int) -> int:
+        """Clients per round: ``fraction_per_round`` of them when set, else the count."""
+        if self.fraction_per_round > 0:
+            return max(1, round(self.fraction_per_round * num_clients))
+        return min(self.clients_per_round, num_clients)
 
     @property
     def protected_unit(self) -> str:

@@ -67,7 +67,7 @@ class Federation:
         self.ledger = PrivacyLedger()
         self.rounds_done = 0
         self.num_clients = len(population.partitions)
-        self.sampled = min(self.fed.clients_per_round, self.num_clients)
+        self.sampled = self.fed.sampled_clients(self.num_clients)
         self.delta = self._central_delta()
         self.strategy = strategy
         checkpoint = run_dir / "checkpoint.pt"

@@ -62,7 +62,7 @@ class ClientsFailed(StopFederation):
 
 def build_strategy(fed: FederatedConfig, num_clients: int) -> Strategy:
     """Flower's strategy named in the config, wrapped in Flower's DP-FedAvg when asked."""
-    sampled = min(fed.clients_per_round, num_clients)
+    sampled = fed.sampled_clients(num_clients)
     common: dict[str, Any] = {
         "fraction_train": sampled / num_clients,
         "fraction_evaluate": 0.0,  # evaluation runs on the server each round (research mode)

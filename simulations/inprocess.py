@@ -96,7 +96,7 @@ def run_inprocess(
     model = build_model(config.model_name, split.num_items, config.model)
     worker = build_model(config.model_name, split.num_items, config.model)
     num_clients = len(population.partitions)
-    sampled = min(fed.clients_per_round, num_clients)
+    sampled = fed.sampled_clients(num_clients)
     rng = np.random.default_rng(config.seed if sample_seed is None else sample_seed)
     ledger = PrivacyLedger()
     central = fed.central_dp

@@ -87,3 +87,14 @@ def test_federated_config_validation():
     with pytest.raises(ValueError, match="record_dp"):
         FederatedConfig(record_epsilon_budget=3.0)
     assert FederatedConfig(partitioning="hash").protected_unit == "user-within-silo"
+
+
+def test_clients_per_round_is_a_count_or_a_fraction():
+    from fedrec.federation import FederatedConfig
+
+    assert FederatedConfig(clients_per_round=10).sampled_clients(943) == 10
+    assert FederatedConfig(clients_per_round=10).sampled_clients(4) == 4
+    assert FederatedConfig(fraction_per_round=0.1).sampled_clients(943) == 94
+    assert FederatedConfig(fraction_per_round=0.001).sampled_clients(100) == 1
+    with pytest.raises(ValueError, match="fraction_per_round"):
+        FederatedConfig(fraction_per_round=1.5)
