@@ -21,13 +21,14 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
 import yaml
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.differential_privacy import (
     add_gaussian_noise_inplace,
@@ -53,6 +54,10 @@ from fedrec.privacy.report import write_privacy_report
 from fedrec.training import model_scorer, seed_everything
 
 log = logging.getLogger("fedrec.inprocess")
+
+
+def _arrays(keys: Iterable[str], values: list[np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in zip(keys, values, strict=True)})
 
 
 def _reply(arrays: ArrayRecord, weight: int) -> RecordDict:
@@ -136,7 +141,7 @@ def run_inprocess(
                 update = arrays.to_numpy_ndarrays()
                 if any(np.any(u != g) for u, g in zip(update, global_numpy, strict=True)):
                     compute_clip_model_update(update, global_numpy, central.clipping_norm)
-                arrays = ArrayRecord(dict(zip(arrays.keys(), update, strict=True)))
+                arrays = _arrays(arrays.keys(), update)
             if result.dp is not None and planned is not None:
                 ledger.record(dataclasses.replace(planned[0], steps=result.dp.steps))
             replies.append(_reply(arrays, reply_weight(result, fed)))
@@ -148,7 +153,7 @@ def run_inprocess(
             add_gaussian_noise_inplace(
                 noisy, compute_stdv(central.noise_multiplier, central.clipping_norm, sampled)
             )
-            aggregated = ArrayRecord(dict(zip(aggregated.keys(), noisy, strict=True)))
+            aggregated = _arrays(aggregated.keys(), noisy)
             ledger.record(
                 PrivacyEvent(
                     round=round_number,

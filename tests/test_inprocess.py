@@ -36,6 +36,7 @@ def test_inprocess_loop_matches_the_flower_simulation_round_by_round(tmp_path):
                     "local_epochs": 2,
                     "local_learning_rate": 0.01,
                     "record_dp": {"noise_multiplier": 0.7, "max_grad_norm": 1.0},
+                    "central_dp": {"noise_multiplier": 0.3, "clipping_norm": 0.5},
                 },
             }
         ),
