@@ -47,21 +47,50 @@ def _pids_mentioning(marker: str) -> list[int]:
     return found
 
 
-def stop_everything(env: dict[str, str], started: list[subprocess.Popen[bytes]]) -> list[int]:
+def _now_ticks() -> int:
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
+def _orphaned_ray_helpers(since_ticks: int) -> list[int]:
+    """Ray agents started after ``since_ticks`` and orphaned: they rewrite their command line
+    to ``ray::…`` and drop the environment, so no marker finds them."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent, started = int(fields[1]), int(fields[19])
+        if cmdline.startswith(b"ray::") and parent == 1 and started >= since_ticks:
+            found.append(int(entry.name))
+    return found
+
+
+def stop_everything(
+    env: dict[str, str], started: list[subprocess.Popen[bytes]], since_ticks: int
+) -> list[int]:
     """Kill the started process groups, then any process (detached SuperLink, Ray helpers)
-    that carries this test's FLWR_HOME or RAY_TMPDIR. Returns the PIDs still alive."""
+    that carries this test's FLWR_HOME or RAY_TMPDIR, and Ray agents orphaned since the test
+    began. Returns the PIDs still alive."""
     for proc in started:
         if proc.poll() is None:
             with suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     markers = (env["FLWR_HOME"], env["RAY_TMPDIR"])
-    for marker in markers:
-        for pid in _pids_mentioning(marker):
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+
+    def leftovers() -> list[int]:
+        marked = [pid for marker in markers for pid in _pids_mentioning(marker)]
+        return marked + _orphaned_ray_helpers(since_ticks)
+
+    for pid in leftovers():
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     time.sleep(1)
-    return [pid for marker in markers for pid in _pids_mentioning(marker)]
+    return leftovers()
 
 
 @contextmanager
@@ -74,6 +103,7 @@ def flower_processes(
     home.mkdir(parents=True, exist_ok=True)
     env = flower_env(home)
     started: list[subprocess.Popen[bytes]] = []
+    since = _now_ticks()
 
     def start(args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         log = (home / log_name).open("wb")
@@ -86,7 +116,7 @@ def flower_processes(
     try:
         yield env, start
     finally:
-        survivors = stop_everything(env, started)
+        survivors = stop_everything(env, started, since)
         assert not survivors, f"processes outlived the test: {survivors}"
 
 
