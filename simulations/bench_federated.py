@@ -15,7 +15,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: make `simulations` importable
+
+from simulations.flower_env import flower_env  # noqa: E402
 
 
 def bench_dp_step(repeats: int, steps: int) -> dict[str, Any]:
@@ -81,17 +82,6 @@ def bench_dp_step(repeats: int, steps: int) -> dict[str, Any]:
     }
 
 
-def _flower_env(home: Path) -> dict[str, str]:
-    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    return {
-        **os.environ,
-        "FLWR_HOME": str(home / "flwr"),
-        "RAY_TMPDIR": ray_tmp,
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-    }
-
-
 def _tree_rss(root: int) -> int:
     """Resident bytes of ``root`` and every descendant (Ray actors included)."""
     children: dict[int, list[int]] = {}
@@ -123,7 +113,7 @@ def _simulate(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
     path = workdir / "config.yaml"
     config = {**config, "output_dir": str(workdir / "run")}
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    env = _flower_env(workdir)
+    env = flower_env(workdir)
     started = time.perf_counter()
     with (workdir / "log").open("wb") as log:
         proc = subprocess.Popen(

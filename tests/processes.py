@@ -6,30 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from simulations.flower_env import flower_env
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def flower_env(home: Path) -> dict[str, str]:
-    """An environment that keeps Flower and Ray inside ``home`` and off the network."""
-    # Ray's socket paths must stay short, so its temp folder is not under pytest's tmp_path.
-    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    return {
-        **os.environ,
-        "FLWR_HOME": str(home / "flwr"),
-        "RAY_TMPDIR": ray_tmp,
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PYTHONPATH": str(REPO),
-        # Flower's processes start helpers (flower-superexec, flwr-serverapp) by name.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
 
 
 def _pids_mentioning(marker: str) -> list[int]:
