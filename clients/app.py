@@ -15,12 +15,14 @@ import os
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedrec.audits.federated import client_sums
 from fedrec.evaluation import EvalConfig, evaluate
 from fedrec.federation import (
     LocalResult,
@@ -161,16 +163,39 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_on_device(msg: Message, context: Context) -> Message:
-    """Full-ranking metrics on this client's own held-out (test) items."""
+    """Full-ranking metrics on this client's own held-out (test) items; under the federated
+    audit also its audit sums (group statistics, its top-K exposure, optionally noised)."""
     population, partition, model = _setup(msg, context)
     split = population.client_split(partition)
+    config = population.config
+    scorer = model_scorer(model, split, torch.device("cpu"))
+    audit = config.audit
+    if not (audit.enabled and audit.mode == "federated"):
+        result = evaluate(scorer, split, "test", EvalConfig(ks=(10, 20)))
+        metrics = _mean_metrics(result.metrics)
+        metrics["num-examples"] = split.num_users
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    audit_context = population.client_audit_context(partition)
+    top_n = audit.rerank.top_n if audit.rerank is not None else audit.k
     result = evaluate(
-        model_scorer(model, split, torch.device("cpu")), split, "test", EvalConfig(ks=(10, 20))
+        scorer,
+        split,
+        audit_context.stage,
+        config.evaluation,
+        top_n=top_n,
+        rerank=audit_context.reranker(audit),
     )
-    metrics: dict[str, MetricValue] = {
-        name: float(value)
-        for name, value in result.metrics.items()
-        if not name.startswith("Coverage")
-    }
-    metrics["num-examples"] = split.num_users
+    assert result.top_items is not None
+    metrics = _mean_metrics(result.metrics)
+    # Unseeded: the server must not be able to regenerate (and subtract) the noise.
+    sums = client_sums(
+        result.per_user, result.top_items, audit_context, audit, np.random.default_rng()
+    )
+    metrics.update({**sums, "partition-id": partition, "num-examples": split.num_users})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _mean_metrics(metrics: dict[str, float]) -> dict[str, MetricValue]:
+    return {
+        name: float(value) for name, value in metrics.items() if not name.startswith("Coverage")
+    }

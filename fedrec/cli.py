@@ -112,9 +112,11 @@ def simulate(
     """Run a federated simulation on Flower (one virtual client per partition, Ray backend).
 
     Every round the server evaluates the global model (full ranking), appends to
-    metrics.jsonl, checkpoints model and privacy ledger, and at the end writes results.json,
-    privacy.json and privacy.html. `federated:` in the config sets partitioning, sampling,
-    local training, the strategy and DP (record-level DP-SGD and/or user-level DP-FedAvg).
+    metrics.jsonl, audits bias and fairness into audit.jsonl, checkpoints model and privacy
+    ledger, and at the end writes results.json, privacy.json/privacy.html and audit.html.
+    `federated:` in the config sets partitioning, sampling, local training, the strategy and
+    DP (record-level DP-SGD and/or user-level DP-FedAvg); `audit:` sets the audit (server-side
+    or federated from client sums, thresholds, re-ranking).
     """
     import os
 
@@ -164,6 +166,8 @@ def simulate(
         typer.echo(f"stopped early: {outcome['stopped_early']}", err=True)
     typer.echo(f"metrics: {run_dir / 'metrics.jsonl'}")
     typer.echo(f"results: {results}")
+    if (run_dir / "audit.html").exists():
+        typer.echo(f"audit report: {run_dir / 'audit.html'}")
     typer.echo(f"privacy report: {run_dir / 'privacy.html'}")
     if outcome["failed"]:
         raise typer.Exit(1)
@@ -188,6 +192,20 @@ def privacy_report(
     ledger.load_state_dict(state["ledger"])
     json_path, html_path = write_privacy_report(ledger, run_dir)
     typer.echo(f"{json_path}\n{html_path}")
+
+
+@app.command("audit-report")
+def audit_report(
+    run_dir: Annotated[Path, typer.Argument(help="A federated run folder (holds audit.jsonl).")],
+) -> None:
+    """Write audit.html (group gaps with confidence bands, exposure, calibration over rounds,
+    threshold breaches) from the run's audit.jsonl."""
+    from fedrec.audits.report import write_audit_report
+
+    try:
+        typer.echo(str(write_audit_report(run_dir)))
+    except FileNotFoundError as err:
+        _fail(err)
 
 
 @app.command("data-summary")

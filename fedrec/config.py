@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
+from fedrec.audits import AuditConfig
 from fedrec.data import DataConfig
 from fedrec.errors import FedrecConfigError
-from fedrec.evaluation import EvalConfig
+from fedrec.evaluation import EvalConfig, metric_names
 from fedrec.federation import FederatedConfig
 from fedrec.models import SequentialModelConfig, model_config, model_names
 from fedrec.training import TrainConfig
@@ -25,8 +26,8 @@ from fedrec.training import TrainConfig
 
 @dataclass
 class ExperimentConfig:
-    """A whole experiment. ``model`` holds ``name`` plus that model's options; ``federated`` is
-    read by ``fedrec simulate`` only."""
+    """A whole experiment. ``model`` holds ``name`` plus that model's options; ``federated`` and
+    ``audit`` (the per-round bias and fairness audit) are read by ``fedrec simulate`` only."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model_name: str = "hstu"
@@ -34,8 +35,18 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     seed: int = 0
     output_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        known = [n for n in metric_names(self.evaluation.ks) if not n.startswith("Coverage")]
+        missing = [n for n in self.audit.metrics if n not in known]
+        if missing:
+            raise ValueError(
+                f"audit.metrics {missing} are not computed with evaluation.ks "
+                f"{list(self.evaluation.ks)}; choose from {known}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from fedrec.audits import AuditContext
 from fedrec.data import prepare_split
 from fedrec.data.batching import training_batch
 from fedrec.data.dataset import InteractionDataset
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 logging.getLogger("flwr").propagate = False
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
+LOCAL_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 @dataclass
@@ -63,7 +65,12 @@ class FederatedConfig:
     """A federated run. ``partitioning``: ``user`` (one client per user), ``hash`` or
     ``attribute`` (silos). Sampling: ``clients_per_round``, or ``fraction_per_round`` > 0. ``record_dp``: Opacus DP-SGD on every client (records are windows
     of ``record_window`` events for one-user clients, whole user sequences for silos), with
-    ``record_epsilon_budget`` per client. ``central_dp``: user-level DP-FedAvg."""
+    ``record_epsilon_budget`` per client. ``central_dp``: user-level DP-FedAvg.
+    ``local_optimizer``: ``adam`` (a fresh Adam every round) or ``sgd`` (with one local epoch
+    the update is the client's gradient scaled by ``local_learning_rate``: FedSGD, which a
+    server optimizer such as FedAdam turns into large-batch centralized Adam).
+    ``server_tau``: FedAdam's adaptivity τ (Flower's default 1e-3 dominates √v_t when client
+    updates are small, reducing FedAdam to plain server SGD)."""
 
     partitioning: str = "user"
     num_partitions: int = 0
@@ -74,9 +81,11 @@ class FederatedConfig:
     local_epochs: int = 1
     local_learning_rate: float = 1e-3
     local_batch_size: int = 32
+    local_optimizer: str = "adam"
     strategy: str = "fedavg"
     server_learning_rate: float = 1.0
     server_momentum: float = 0.0
+    server_tau: float = 1e-3
     proximal_mu: float = 0.0
     round_timeout: float = 600.0
     record_window: int = 20
@@ -100,6 +109,13 @@ class FederatedConfig:
             )
         if self.local_learning_rate <= 0 or self.round_timeout <= 0 or self.record_window < 1:
             raise ValueError("federated: local_learning_rate, round_timeout, record_window > 0")
+        if self.local_optimizer not in LOCAL_OPTIMIZERS:
+            raise ValueError(
+                f"federated.local_optimizer must be one of {sorted(LOCAL_OPTIMIZERS)}, "
+                f"got {self.local_optimizer!r}"
+            )
+        if self.server_tau <= 0:
+            raise ValueError("federated.server_tau must be > 0")
         if not 0 <= self.fraction_per_round <= 1:
             raise ValueError("federated.fraction_per_round must lie in [0, 1] (0: use the count)")
         if self.record_epsilon_budget is not None and self.record_dp is None:
@@ -161,11 +177,21 @@ def local_train(
             if config.partitioning == "user"
             else TensorDataset(*training_batch(split, users, model.config.max_len))
         )
+        optimizer = LOCAL_OPTIMIZERS[config.local_optimizer](
+            model.parameters(), lr=config.local_learning_rate
+        )
         result = dp_train(
-            model, examples, config.record_dp, config.local_epochs, config.local_learning_rate
+            model,
+            examples,
+            config.record_dp,
+            config.local_epochs,
+            config.local_learning_rate,
+            optimizer=optimizer,
         )
         return LocalResult(len(examples), result.mean_loss, result)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.local_learning_rate)
+    optimizer = LOCAL_OPTIMIZERS[config.local_optimizer](
+        model.parameters(), lr=config.local_learning_rate
+    )
     rng = np.random.default_rng(seed)
     losses = [
         train_epoch(
@@ -271,6 +297,17 @@ class Population:
                 "federation has more supernodes than the config has partitions"
             )
         return self.split.subset(self.partitions[partition_id])
+
+    @functools.cached_property
+    def audit_context(self) -> AuditContext:
+        """Group labels, item popularity and genres of the whole population (the server's
+        audit; clients slice it with ``AuditContext.for_users``)."""
+        return AuditContext.build(self.dataset, self.split, self.config.audit)
+
+    def client_audit_context(self, partition_id: int) -> AuditContext:
+        return self.audit_context.for_users(
+            self.partitions[partition_id], self.client_split(partition_id)
+        )
 
 
 @functools.lru_cache(maxsize=2)

@@ -1,16 +1,18 @@
-"""Flower ServerApp: holds the global model, runs the strategy, evaluates, audits the privacy
-spend and checkpoints after every round.
+"""Flower ServerApp: holds the global model, runs the strategy, evaluates, accounts the privacy
+spend, audits bias and fairness and checkpoints after every round.
 
 Per round it appends one line to ``metrics.jsonl`` (validation and test metrics of the global
-model, client counts, ε so far) and rewrites ``checkpoint.pt`` atomically with the model, the
-privacy ledger and the round, so ``resume`` continues both. At the end it writes
-``results.json`` and the privacy report.
+model, client counts, ε so far) and one to ``audit.jsonl`` (group gaps, exposure, calibration,
+threshold breaches), and rewrites ``checkpoint.pt`` atomically with the model, the privacy
+ledger and the round, so ``resume`` continues all of them. At the end it writes
+``results.json``, the privacy report and the audit report.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -24,7 +26,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedrec.evaluation import evaluate
+from fedrec.audits import audit_line, audit_round
+from fedrec.audits.federated import PREFIX as AUDIT_PREFIX
+from fedrec.audits.federated import Sums, add_sums, audit_from_sums
+from fedrec.audits.report import write_audit_report
+from fedrec.evaluation import EvalResult, evaluate
+from fedrec.evaluation.evaluator import Scorer
 from fedrec.experiment import environment, write_json_atomic
 from fedrec.federation import (
     CLIENT_LEDGER_DIR,
@@ -47,6 +54,7 @@ from server.strategy import (
 )
 
 log = logging.getLogger("fedrec.server")
+LOGS = ("metrics.jsonl", "audit.jsonl")  # one line per round each, trimmed on resume
 app = ServerApp()
 
 
@@ -70,12 +78,15 @@ class Federation:
         self.sampled = self.fed.sampled_clients(self.num_clients)
         self.delta = self._central_delta()
         self.strategy = strategy
+        self.audit = self.config.audit if self.config.audit.enabled else None
+        self.pending_audit: dict[str, Any] | None = None  # the federated audit of this round
         checkpoint = run_dir / "checkpoint.pt"
         if resume and checkpoint.exists():
             self._restore(torch.load(checkpoint, weights_only=False))
             log.info("resumed from %s at round %d", checkpoint, self.rounds_done)
         elif not resume:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            for log_file in LOGS:
+                (run_dir / log_file).unlink(missing_ok=True)
             shutil.rmtree(run_dir / CLIENT_LEDGER_DIR, ignore_errors=True)
         self.round_started = time.perf_counter()
 
@@ -87,16 +98,17 @@ class Federation:
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
-        # A kill between the metrics line and the checkpoint leaves a line for a round that
-        # will run again: keep only the rounds the checkpoint holds.
-        metrics = self.run_dir / "metrics.jsonl"
-        if metrics.exists():
-            kept = [
-                line
-                for line in metrics.read_text(encoding="utf-8").splitlines()
-                if json.loads(line)["round"] <= self.rounds_done
-            ]
-            metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        # A kill between a log line and the checkpoint leaves a line for a round that will
+        # run again: keep only the rounds the checkpoint holds.
+        for log_file in LOGS:
+            path = self.run_dir / log_file
+            if path.exists():
+                kept = [
+                    line
+                    for line in path.read_text(encoding="utf-8").splitlines()
+                    if json.loads(line)["round"] <= self.rounds_done
+                ]
+                path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def checkpoint(self, round_number: int) -> None:
         save_atomic(
@@ -194,10 +206,15 @@ class Federation:
         split, evaluation = self.population.split, self.config.evaluation
         scorer = model_scorer(self.model, split, self.device)
         valid = evaluate(scorer, split, "valid", evaluation).metrics
-        test = evaluate(scorer, split, "test", evaluation).metrics
+        audited = self.audit is not None and self.audit.mode == "server" and server_round > 0
+        tested = evaluate(
+            scorer, split, "test", evaluation, top_n=self.audit.k if self.audit and audited else 0
+        )
+        test = tested.metrics
         round_number = self.global_round(server_round)
         record: dict[str, Any] = {"round": round_number, "valid": valid, "test": test}
         if server_round > 0:
+            audit = self._audit(scorer, round_number, tested if audited else None)
             record.update(
                 {
                     "clients": getattr(self, "last_replies", 0),
@@ -208,7 +225,15 @@ class Federation:
             record["epsilon"] = self.epsilons()
             with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+            if audit is not None:
+                with (self.run_dir / "audit.jsonl").open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(audit) + "\n")
             self.checkpoint(round_number)
+            if audit is not None and audit["breaches"] and self.audit and self.audit.stop_on_breach:
+                raise StopFederation(
+                    f"audit threshold breached in round {round_number} (audit.stop_on_breach): "
+                    + "; ".join(audit["breaches"])
+                )
         monitor = self.config.train.monitor
         log.info(
             "round %d: valid %s %.4f  test %s %.4f  clients %s  ε %s",
@@ -221,6 +246,70 @@ class Federation:
             record.get("epsilon", {}),
         )
         return MetricRecord({f"valid-{monitor}": valid[monitor], f"test-{monitor}": test[monitor]})
+
+    def _audit(
+        self, scorer: Scorer, round_number: int, tested: EvalResult | None
+    ) -> dict[str, Any] | None:
+        if self.audit is None:
+            return None
+        if self.audit.mode == "federated":
+            audit, self.pending_audit = self.pending_audit, None
+            return audit
+        return audit_round(
+            scorer,
+            self.population.audit_context,
+            self.audit,
+            self.config.evaluation,
+            round_number,
+            self.config.seed,
+            tested if self.audit.stage == "test" else None,
+        )
+
+    def on_evaluate(self, server_round: int, replies: list[Message]) -> MetricRecord | None:
+        """The federated audit: add up the clients' audit sums (and ledger their noise)."""
+        assert self.audit is not None
+        started = time.perf_counter()
+        parts: list[Sums] = [
+            {
+                k: cast(float | list[float], v)
+                for k, v in r.content["metrics"].items()
+                if k.startswith(AUDIT_PREFIX)
+            }
+            for r in replies
+            if not r.has_error()
+        ]
+        if not parts:
+            log.warning("round %d: no client returned its audit sums", server_round)
+            return None
+        round_number = self.global_round(server_round)
+        if self.audit.exposure_noise > 0:
+            for reply in replies:
+                if not reply.has_error():
+                    self.ledger.record(self._exposure_event(reply, round_number))
+        rng = np.random.default_rng([self.config.seed, round_number])
+        record = audit_from_sums(add_sums(parts), self.population.audit_context, self.audit, rng)
+        seconds = time.perf_counter() - started
+        self.pending_audit = audit_line(record, self.audit, round_number, seconds, "federated")
+        return MetricRecord({"audit-clients": len(parts)})
+
+    def _exposure_event(self, reply: Message, round_number: int) -> PrivacyEvent:
+        assert self.audit is not None
+        # One user's top-K list is a K-hot vector: L2 sensitivity √K for adding or removing
+        # that user, so noise σ is a Gaussian mechanism with multiplier σ / √K.
+        sensitivity = math.sqrt(self.audit.k)
+        partition = int(cast(int, reply.content["metrics"]["partition-id"]))
+        return PrivacyEvent(
+            round=round_number,
+            party=f"client:{partition}",
+            mechanism="gaussian",
+            unit="user",
+            noise_multiplier=self.audit.exposure_noise / sensitivity,
+            sample_rate=1.0,
+            steps=1,
+            clip_norm=sensitivity,
+            delta=self.delta,
+            note="audit exposure histogram",
+        )
 
     def epsilons(self) -> dict[str, float]:
         """ε so far: the federation's (DP-FedAvg) and the largest of any client (DP-SGD)."""
@@ -241,10 +330,16 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = resolve_run_dir(context.run_config, config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = bool(context.run_config.get("resume", False)) or os.environ.get("FEDREC_RESUME") == "1"
-    inner = build_strategy(fed, len(population.partitions))
+    client_audit = config.audit.enabled and config.audit.mode == "federated"
+    inner = build_strategy(fed, len(population.partitions), client_audit)
     federation = Federation(population, run_dir, resume, inner)
     rounds = fed.num_rounds - federation.rounds_done
-    strategy = LedgerKeeper(inner, federation.on_replies, federation.may_start)
+    strategy = LedgerKeeper(
+        inner,
+        federation.on_replies,
+        federation.may_start,
+        federation.on_evaluate if client_audit else None,
+    )
     stopped, failed = "", False
     if rounds > 0:
         try:
@@ -288,3 +383,5 @@ def main(grid: Grid, context: Context) -> None:
     }
     write_json_atomic(results, run_dir / "results.json")
     write_privacy_report(federation.ledger, run_dir)
+    if (run_dir / "audit.jsonl").exists():
+        write_audit_report(run_dir)

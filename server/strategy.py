@@ -7,8 +7,9 @@ round that would exceed the federation's ε budget.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -22,6 +23,8 @@ from flwr.serverapp.strategy import (
 )
 
 from fedrec.federation import FederatedConfig
+
+log = logging.getLogger("fedrec.server")
 
 # Server-optimizer state of Flower's strategies (FedAdam/FedOpt moments, FedAvgM momentum):
 # Flower keeps it in attributes and has no state_dict, so checkpoints read these by name.
@@ -60,14 +63,17 @@ class ClientsFailed(StopFederation):
     """Raised when every client sampled for a round failed: the run stops instead of spinning."""
 
 
-def build_strategy(fed: FederatedConfig, num_clients: int) -> Strategy:
-    """Flower's strategy named in the config, wrapped in Flower's DP-FedAvg when asked."""
+def build_strategy(fed: FederatedConfig, num_clients: int, client_audit: bool = False) -> Strategy:
+    """Flower's strategy named in the config, wrapped in Flower's DP-FedAvg when asked;
+    ``client_audit``: sampled clients also evaluate (the federated audit)."""
     sampled = fed.sampled_clients(num_clients)
     common: dict[str, Any] = {
         "fraction_train": sampled / num_clients,
-        "fraction_evaluate": 0.0,  # evaluation runs on the server each round (research mode)
+        # Model quality is evaluated on the server each round (research mode); clients are asked
+        # to evaluate only for the federated audit, where they send group sums.
+        "fraction_evaluate": sampled / num_clients if client_audit else 0.0,
         "min_train_nodes": sampled,
-        "min_evaluate_nodes": 0,
+        "min_evaluate_nodes": sampled if client_audit else 0,
         "min_available_nodes": sampled,
     }
     strategy: Strategy
@@ -82,7 +88,12 @@ def build_strategy(fed: FederatedConfig, num_clients: int) -> Strategy:
     elif fed.strategy == "fedprox":
         strategy = FedProx(**common, proximal_mu=fed.proximal_mu)
     else:
-        strategy = FedAdam(**common, eta=fed.server_learning_rate, eta_l=fed.local_learning_rate)
+        strategy = FedAdam(
+            **common,
+            eta=fed.server_learning_rate,
+            eta_l=fed.local_learning_rate,
+            tau=fed.server_tau,
+        )
     if fed.central_dp is not None:
         strategy = DifferentialPrivacyClientSideFixedClipping(
             strategy,
@@ -94,19 +105,22 @@ def build_strategy(fed: FederatedConfig, num_clients: int) -> Strategy:
 
 
 class LedgerKeeper(Strategy):
-    """Delegates to ``strategy``; hands each round's train replies to ``on_replies`` and asks
-    ``may_start(round)`` before configuring a round."""
+    """Delegates to ``strategy``; hands each round's train replies to ``on_replies``, asks
+    ``may_start(round)`` before configuring a round and, when given, lets ``on_evaluate``
+    aggregate the evaluate replies."""
 
     def __init__(
         self,
         strategy: Strategy,
         on_replies: Callable[[int, list[Message]], None],
         may_start: Callable[[int], bool],
+        on_evaluate: Callable[[int, list[Message]], MetricRecord | None] | None = None,
     ):
         super().__init__()
         self.strategy = strategy
         self.on_replies = on_replies
         self.may_start = may_start
+        self.on_evaluate = on_evaluate
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -123,7 +137,17 @@ class LedgerKeeper(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self.on_replies(server_round, replies)
-        return self.strategy.aggregate_train(server_round, replies)
+        # A client that refused (privacy budget) or had nothing to train on replies with
+        # num-examples 0; if nobody trained, Flower's weighted mean would divide by zero.
+        trained = [
+            r
+            for r in replies
+            if r.has_error() or int(cast(int, r.content["metrics"]["num-examples"])) > 0
+        ]
+        if not trained:
+            log.warning("round %d: no sampled client trained; the global model stays", server_round)
+            return None, None
+        return self.strategy.aggregate_train(server_round, trained)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -133,4 +157,7 @@ class LedgerKeeper(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        # Audit sums must be added, not averaged as Flower's strategies do: the server handles them.
+        if self.on_evaluate is not None:
+            return self.on_evaluate(server_round, list(replies))
         return self.strategy.aggregate_evaluate(server_round, replies)

@@ -6,11 +6,12 @@
 Why it exists: a Flower simulation costs ≈ 50–70 ms per client message on this machine
 (STACK-NOTES), so sweeps with hundreds of rounds or 1000+ clients per round (the
 privacy–utility table) would be dominated by the framework, and the benchmark "Flower round vs
-a bare loop" needs the bare loop. It runs the same client code (``local_train``, the same seeds),
-Flower's own aggregation (``aggregate_arrayrecords``) and Flower's own DP-FedAvg primitives
-(clip each update, noise σ·C/n on the unweighted mean), and records the same ledger events.
+a bare loop" needs the bare loop. It runs the same client code (``local_train``, the same seeds,
+Flower's client-side clipping helper) and drives the very strategy object the ServerApp builds
+(``server.strategy.build_strategy``: FedAvg/FedAvgM/FedProx/FedAdam and the DP-FedAvg wrapper,
+so sampling, aggregation, server optimizer and noise are Flower's code), through a grid that
+answers in this process instead of over the network; it records the same ledger events.
 ``tests/test_inprocess.py`` checks it reproduces the Flower simulation's model.
-Only FedAvg is supported here; client sampling is uniform without replacement, as Flower's.
 """
 
 from __future__ import annotations
@@ -23,20 +24,18 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from flwr.supercore.differential_privacy import (
-    add_gaussian_noise_inplace,
-    compute_clip_model_update,
-    compute_stdv,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import compute_clip_model_update
+from flwr.supercore.task_identity import TaskIdentity
 from tqdm import tqdm
 
+from fedrec.audits import audit_round
+from fedrec.audits.report import write_audit_report
 from fedrec.config import ExperimentConfig, parse_config
 from fedrec.evaluation import evaluate
 from fedrec.experiment import environment, write_json_atomic
@@ -52,6 +51,7 @@ from fedrec.models import build_model
 from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger
 from fedrec.privacy.report import write_privacy_report
 from fedrec.training import model_scorer, seed_everything
+from server.strategy import LedgerKeeper, build_strategy
 
 log = logging.getLogger("fedrec.inprocess")
 
@@ -60,8 +60,29 @@ def _arrays(keys: Iterable[str], values: list[np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in zip(keys, values, strict=True)})
 
 
-def _reply(arrays: ArrayRecord, weight: int) -> RecordDict:
-    return RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": weight})})
+def _reply(instruction: Message, arrays: ArrayRecord, weight: int) -> Message:
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": weight})})
+    TaskIdentity.node_id = instruction.metadata.dst_node_id  # the reply's sender
+    return Message(content, reply_to=instruction)
+
+
+class InProcessGrid:
+    """The part of Flower's ``Grid`` a strategy's ``configure_train`` uses: the connected node
+    IDs, here partition + 1 for every client (Flower's node IDs are never 0)."""
+
+    def __init__(self, num_clients: int):
+        self.num_clients = num_clients
+        # Flower stamps every Message with its run and sender; outside a Flower process there
+        # is neither, so this loop is run and task 0 and the server node 0.
+        TaskIdentity.run_id = TaskIdentity.task_id = 0
+        TaskIdentity.node_id = 0
+
+    def get_node_ids(self) -> Iterable[int]:
+        return range(1, self.num_clients + 1)
+
+    @staticmethod
+    def partition(message: Message) -> int:
+        return message.metadata.dst_node_id - 1
 
 
 def _epsilons(ledger: PrivacyLedger, delta: float, central: bool) -> dict[str, float]:
@@ -88,13 +109,16 @@ def run_inprocess(
     population: Population,
     run_dir: Path,
     eval_every: int = 1,
-    sample_seed: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run ``population.config``'s federation in this process; write metrics, ledger, report."""
     config, fed = population.config, population.config.federated
-    if fed.strategy != "fedavg":
-        raise ValueError("the in-process loop implements FedAvg only")
+    audit = config.audit if config.audit.enabled else None
+    if audit is not None and audit.mode == "federated":
+        raise ValueError(
+            "the in-process loop audits on the server (audit.mode: server); the federated "
+            "audit needs client replies: run it with fedrec simulate"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     split = population.split
@@ -102,23 +126,31 @@ def run_inprocess(
     worker = build_model(config.model_name, split.num_items, config.model)
     num_clients = len(population.partitions)
     sampled = fed.sampled_clients(num_clients)
-    rng = np.random.default_rng(config.seed if sample_seed is None else sample_seed)
+    # The ledger is kept below, per client; LedgerKeeper adds the server's handling of rounds
+    # where nobody trained.
+    strategy = LedgerKeeper(build_strategy(fed, num_clients), lambda *_: None, lambda _: True)
+    grid = InProcessGrid(num_clients)
+    flower_log = logging.getLogger("flwr")
+    flower_level, _ = flower_log.level, flower_log.setLevel(logging.WARNING)  # no per-round INFO
     ledger = PrivacyLedger()
     central = fed.central_dp
     delta = (central.delta if central and central.delta else None) or 1 / (10 * num_clients)
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path, audit_path = run_dir / "metrics.jsonl", run_dir / "audit.jsonl"
     metrics_path.unlink(missing_ok=True)
+    audit_path.unlink(missing_ok=True)
     rounds = tqdm(range(1, fed.num_rounds + 1), desc="rounds", disable=not progress)
     for round_number in rounds:
         round_started = time.perf_counter()
         global_arrays = ArrayRecord(model.state_dict())
         global_numpy = global_arrays.to_numpy_ndarrays()
         replies = []
-        chosen = np.sort(rng.choice(num_clients, size=sampled, replace=False))
+        TaskIdentity.node_id = 0
+        instructions = strategy.configure_train(round_number, global_arrays, ConfigRecord(), grid)
         refused = 0
-        for partition in (int(p) for p in chosen):
+        for instruction in sorted(instructions, key=InProcessGrid.partition):
+            partition = InProcessGrid.partition(instruction)
             client_split = population.client_split(partition)
             planned = planned_record_event(fed, client_split, partition, round_number)
             if (
@@ -130,7 +162,7 @@ def run_inprocess(
             ):
                 refused += 1  # as the ClientApp: reply with the global model, unchanged
                 weight = reply_weight(LocalResult(0, 0.0, None), fed)
-                replies.append(_reply(global_arrays, weight))
+                replies.append(_reply(instruction, global_arrays, weight))
                 continue
             worker.load_state_dict(model.state_dict())
             result = local_train(
@@ -144,16 +176,11 @@ def run_inprocess(
                 arrays = _arrays(arrays.keys(), update)
             if result.dp is not None and planned is not None:
                 ledger.record(dataclasses.replace(planned[0], steps=result.dp.steps))
-            replies.append(_reply(arrays, reply_weight(result, fed)))
-        if not any(int(cast(int, r["metrics"]["num-examples"])) for r in replies):
-            replies = [_reply(global_arrays, 1)]  # nobody trained: the model stays
-        aggregated = aggregate_arrayrecords(replies, "num-examples")
+            replies.append(_reply(instruction, arrays, reply_weight(result, fed)))
+        aggregated, _ = strategy.aggregate_train(round_number, replies)
+        if aggregated is None:
+            raise RuntimeError(f"round {round_number}: Flower's strategy aggregated nothing")
         if central is not None:
-            noisy = aggregated.to_numpy_ndarrays()
-            add_gaussian_noise_inplace(
-                noisy, compute_stdv(central.noise_multiplier, central.clipping_norm, sampled)
-            )
-            aggregated = _arrays(aggregated.keys(), noisy)
             ledger.record(
                 PrivacyEvent(
                     round=round_number,
@@ -177,12 +204,28 @@ def run_inprocess(
         if round_number % eval_every == 0 or round_number == fed.num_rounds:
             scorer = model_scorer(model, split, torch.device("cpu"))
             record["valid"] = evaluate(scorer, split, "valid", config.evaluation).metrics
-            record["test"] = evaluate(scorer, split, "test", config.evaluation).metrics
+            top_n = audit.k if audit is not None else 0
+            tested = evaluate(scorer, split, "test", config.evaluation, top_n=top_n)
+            record["test"] = tested.metrics
+            if audit is not None:
+                line = audit_round(
+                    scorer,
+                    population.audit_context,
+                    audit,
+                    config.evaluation,
+                    round_number,
+                    config.seed,
+                    tested if audit.stage == "test" else None,
+                )
+                record["audit_seconds"] = line["seconds"]
+                with audit_path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(line) + "\n")
             rounds.set_postfix(valid=f"{record['valid'][config.train.monitor]:.4f}")
         record["epsilon"] = _epsilons(ledger, delta, central is not None)
         history.append(record)
         with metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+    flower_log.setLevel(flower_level)
     torch.save(model.state_dict(), run_dir / "model.pt")
     evaluated = [h for h in history if "valid" in h]
     best = max(evaluated, key=lambda h: h["valid"][config.train.monitor])
@@ -199,6 +242,8 @@ def run_inprocess(
     }
     write_json_atomic(results, run_dir / "results.json")
     write_privacy_report(ledger, run_dir)
+    if audit is not None:
+        write_audit_report(run_dir)
     return results
 
 

@@ -14,6 +14,8 @@ from fedrec.evaluation.metrics import rank_metrics, target_ranks
 
 # A scorer maps a batch of user ids to scores over all items, shape [len(users), num_items].
 Scorer = Callable[[np.ndarray, Stage], torch.Tensor]
+# A re-ranker reorders each user's top-N: (users, stage, items [B, N], scores [B, N]) -> items.
+Reranker = Callable[[np.ndarray, Stage, np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -54,6 +56,7 @@ class EvalResult:
     per_user: dict[str, np.ndarray]
     users: np.ndarray
     ranks: np.ndarray
+    top_items: np.ndarray | None = None  # [users, top_n] item ids, -1 for masked slots
 
 
 def evaluate(
@@ -62,10 +65,21 @@ def evaluate(
     stage: Stage,
     config: EvalConfig,
     users: np.ndarray | None = None,
+    top_n: int = 0,
+    rerank: Reranker | None = None,
 ) -> EvalResult:
+    """Rank every item for each user; metrics from the target's rank.
+
+    ``top_n`` > 0 also returns each user's top-N list (for audits). ``rerank`` reorders that
+    list before metrics are taken: a target inside it is ranked where the re-ranker put it, one
+    outside keeps its rank (beyond N).
+    """
+    if rerank is not None and top_n < max(config.ks):
+        raise ValueError(f"re-ranking needs top_n >= the largest cut-off {max(config.ks)}")
     users = np.arange(split.num_users) if users is None else np.asarray(users)
     targets_all = split.targets(stage)
-    ranks, exposed = [], {k: torch.zeros(split.num_items, dtype=torch.bool) for k in config.ks}
+    ranks, lists = [], []
+    exposed = {k: torch.zeros(split.num_items, dtype=torch.bool) for k in config.ks}
     with torch.no_grad():
         for lo in range(0, len(users), config.batch_size):
             batch = users[lo : lo + config.batch_size]
@@ -77,10 +91,21 @@ def evaluate(
             if config.exclude_history:
                 rows, cols = history_mask_indices(split, batch, stage)
                 scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
-            ranks.append(target_ranks(scores, torch.from_numpy(targets_all[batch])))
+            batch_ranks = target_ranks(scores, torch.from_numpy(targets_all[batch]))
+            top = torch.topk(scores, k=min(max(top_n, *config.ks), scores.shape[1]), dim=1)
+            # Masked items are not shown.
+            top_items = torch.where(top.values > -torch.inf, top.indices, -1).numpy()
+            if rerank is not None:
+                top_items = rerank(
+                    batch, stage, top_items[:, :top_n], top.values[:, :top_n].numpy()
+                )
+                batch_ranks = _reranked(batch_ranks, top_items, targets_all[batch])
+            ranks.append(batch_ranks)
+            if top_n:
+                lists.append(top_items[:, :top_n])
             for k, seen in exposed.items():
-                top = torch.topk(scores, k=min(k, scores.shape[1]), dim=1)
-                seen[top.indices[top.values > -torch.inf]] = True  # masked items are not shown
+                shown = top_items[:, :k]
+                seen[torch.from_numpy(shown[shown >= 0])] = True
     all_ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
     per_user = {name: values.numpy() for name, values in rank_metrics(all_ranks, config.ks).items()}
     metrics = {
@@ -89,7 +114,20 @@ def evaluate(
     }
     for k, seen in exposed.items():
         metrics[f"Coverage@{k}"] = float(seen.float().mean())
-    return EvalResult(metrics=metrics, per_user=per_user, users=users, ranks=all_ranks.numpy())
+    return EvalResult(
+        metrics=metrics,
+        per_user=per_user,
+        users=users,
+        ranks=all_ranks.numpy(),
+        top_items=np.concatenate(lists) if lists else None,
+    )
+
+
+def _reranked(ranks: torch.Tensor, top_items: np.ndarray, targets: np.ndarray) -> torch.Tensor:
+    rows, positions = np.nonzero(top_items == targets[:, None])
+    out = torch.maximum(ranks, torch.tensor(top_items.shape[1] + 1))
+    out[torch.from_numpy(rows)] = torch.from_numpy(positions + 1).to(out.dtype)
+    return out
 
 
 def popularity_scorer(split: SequenceSplit) -> Scorer:

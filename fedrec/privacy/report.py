@@ -5,15 +5,14 @@ Every number comes from the ledger (``PrivacyLedger.epsilon``); nothing is recom
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import statistics
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from fedrec.plots import embedded_png, pyplot
 from fedrec.privacy.ledger import UNIT_MEANING, PrivacyLedger
 
 
@@ -70,13 +69,8 @@ def privacy_summary(ledger: PrivacyLedger) -> dict[str, Any]:
     }
 
 
-def _figure_png(summary: dict[str, Any]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+def _figure(summary: dict[str, Any]) -> str:
+    figure, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4))
     federation = summary["federation"]
     if federation:
         rounds = sorted(int(r) for r in federation["epsilon_by_round"])
@@ -109,11 +103,7 @@ def _figure_png(summary: dict[str, Any]) -> str:
     left.set(xlabel="round", ylabel="ε", title="ε over rounds")
     left.legend(loc="upper left")
     right.set(xlabel="final ε", ylabel="clients", title="ε across clients (record-level)")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return embedded_png(figure, "ε plots")
 
 
 def _html(summary: dict[str, Any]) -> str:
@@ -150,11 +140,7 @@ def _html(summary: dict[str, Any]) -> str:
             f"<br>Clients (record-level), {clients['count']} with releases: ε min {clients['epsilon_min']:.3f}, "
             f"median {clients['epsilon_median']:.3f}, max {clients['epsilon_max']:.3f}"
         )
-    figure = (
-        f'<img alt="ε plots" src="data:image/png;base64,{_figure_png(summary)}">'
-        if summary["parties"]
-        else ""
-    )
+    figure = _figure(summary) if summary["parties"] else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>fedrec privacy report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px 8px}}table{{border-collapse:collapse}}</style>
 </head><body><h1>Privacy budget report</h1><p>{headline}</p>
