@@ -302,7 +302,7 @@ class Federation:
             round=round_number,
             party=f"client:{partition}",
             mechanism="gaussian",
-            unit="user",
+            unit="user" if self.fed.partitioning == "user" else "user-within-silo",
             noise_multiplier=self.audit.exposure_noise / sensitivity,
             sample_rate=1.0,
             steps=1,

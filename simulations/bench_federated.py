@@ -3,6 +3,8 @@
     python simulations/bench_federated.py dp-step   # Opacus DP-SGD step vs a non-private step
     python simulations/bench_federated.py round     # Flower simulation round vs in-process loop
     python simulations/bench_federated.py memory    # peak memory vs population size
+    python simulations/bench_federated.py audit --config configs/ml-100k-federated-fedadam.yaml
+                                                    # a round with vs without the audit
 
 Results go to --output (JSON) and are summarised in BENCHMARKS.md with the machine.
 """
@@ -190,11 +192,50 @@ def bench_memory(workdir: Path, populations: list[int], clients_per_round: int) 
     return {"clients_per_round": clients_per_round, "populations": out}
 
 
+def bench_audit(config_path: str, workdir: Path, rounds: int, repeats: int) -> dict[str, Any]:
+    """Wall seconds per round (local training, aggregation, full-ranking evaluation every round)
+    of the in-process loop with the server-side audit off and on, alternated ``repeats`` times."""
+    import dataclasses
+
+    from fedrec.config import load_config
+    from simulations.inprocess import population_of, run_inprocess
+
+    torch.set_num_threads(1)
+    base = load_config(config_path)
+    base.federated = dataclasses.replace(base.federated, num_rounds=rounds)
+    population = population_of(base)
+    per_round: dict[str, list[float]] = {"off": [], "on": []}
+    audit_seconds: list[float] = []
+    for repeat in range(repeats):
+        for mode in ("off", "on"):
+            population.config.audit = dataclasses.replace(base.audit, enabled=mode == "on")
+            run_dir = workdir / f"{mode}-{repeat}"
+            started = time.perf_counter()
+            run_inprocess(population, run_dir, eval_every=1, progress=False)
+            per_round[mode].append((time.perf_counter() - started) / rounds)
+            if mode == "on":
+                audit_seconds += [
+                    json.loads(line)["seconds"] for line in (run_dir / "audit.jsonl").open()
+                ]
+    off, on = statistics.median(per_round["off"]), statistics.median(per_round["on"])
+    return {
+        "config": config_path,
+        "rounds": rounds,
+        "repeats": repeats,
+        "seconds_per_round_without_audit": off,
+        "seconds_per_round_with_audit": on,
+        "overhead": on / off - 1,
+        "audit_seconds_median": statistics.median(audit_seconds),
+        "runs": per_round,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("dp-step", "round", "memory"))
+    parser.add_argument("what", choices=("dp-step", "round", "memory", "audit"))
+    parser.add_argument("--config", help="experiment YAML (audit benchmark)")
     parser.add_argument("--output", default="runs/bench-federated", help="folder for results")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
@@ -206,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     if args.what == "dp-step":
         result = bench_dp_step(args.repeats, args.steps)
+    elif args.what == "audit":
+        if not args.config:
+            parser.error("audit needs --config")
+        result = bench_audit(args.config, output / "audit", args.rounds, args.repeats)
     elif args.what == "round":
         result = bench_round(output / "round", args.clients_per_round, args.rounds)
     else:

@@ -4,11 +4,13 @@ reference, the federated sums against the server-side audit, re-rankers, thresho
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from fedrec.audits import AuditConfig, AuditContext, RerankConfig, audit, breaches
 from fedrec.audits import metrics as m
@@ -16,9 +18,12 @@ from fedrec.audits.federated import add_sums, audit_from_sums, client_sums
 from fedrec.audits.groups import activity_terciles, age_band, most_active, user_groups
 from fedrec.audits.report import audit_html
 from fedrec.audits.rerank import calibrated_reranker, long_tail_reranker
+from fedrec.cli import app
+from fedrec.config import parse_config
 from fedrec.data.dataset import InteractionDataset
 from fedrec.data.split import leave_one_out
 from fedrec.evaluation import EvalConfig, evaluate, popularity_scorer
+from simulations.inprocess import population_of, run_inprocess
 
 # --- hand-computed cases -------------------------------------------------------------------
 
@@ -348,3 +353,28 @@ def test_config_validation_names_the_option():
         AuditConfig(rerank=RerankConfig(top_n=5))
     with pytest.raises(ValueError, match=r"rerank\.method"):
         RerankConfig(method="mmr")
+
+
+def test_in_process_run_audits_every_evaluated_round_and_the_cli_rewrites_the_report(tmp_path):
+    config = parse_config(
+        {
+            "data": {
+                "source": "synthetic",
+                "synthetic": {"num_users": 30, "num_items": 40, "seed": 0},
+            },
+            "model": {"name": "hstu", "max_len": 16, "embedding_dim": 16, "num_blocks": 1},
+            "evaluation": {"ks": [10]},
+            "federated": {"num_rounds": 3, "clients_per_round": 5},
+            "audit": {"max_gap": {"NDCG@10": 0.0}},
+        }
+    )
+    run_inprocess(population_of(config), tmp_path, eval_every=1, progress=False)
+    audits = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [a["round"] for a in audits] == [1, 2, 3]
+    assert all(a["mode"] == "server" and a["seconds"] > 0 for a in audits)
+    (tmp_path / "audit.html").unlink()
+    result = CliRunner().invoke(app, ["audit-report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "<img" in (tmp_path / "audit.html").read_text()
+    missing = CliRunner().invoke(app, ["audit-report", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "no audit log" in missing.output

@@ -17,7 +17,19 @@ REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["data-summary"], ["download"], ["models"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["train"],
+        ["simulate"],
+        ["privacy-report"],
+        ["audit-report"],
+        ["data-summary"],
+        ["download"],
+        ["models"],
+    ],
+)
 def test_help_explains_every_command(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output

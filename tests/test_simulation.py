@@ -144,6 +144,11 @@ def test_simulation_with_both_dp_kinds_survives_a_kill_and_resumes_its_ledger(tm
     assert math.isfinite(history[-1]["test"]["NDCG@10"])
     results = json.loads((run_dir / "results.json").read_text())
     assert results["rounds"] == ROUNDS and results["clients"] == 3
+    # The server-side audit ran every round; the resume trimmed its log like metrics.jsonl.
+    audits = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+    assert [a["round"] for a in audits] == list(range(1, ROUNDS + 1))
+    assert {"gender", "age", "activity", "most-active"} <= audits[-1]["groups"].keys()
+    assert (run_dir / "audit.html").stat().st_size > 10_000
 
 
 @pytest.mark.slow
@@ -177,3 +182,36 @@ def test_flwr_run_local_simulation_and_fedrec_simulate_are_one_code_path(tmp_pat
         histories.append([(h["round"], h["valid"], h["epsilon"]) for h in map(json.loads, lines)])
     assert len(histories[0]) == ROUNDS
     assert histories[0] == histories[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_federated_audit_adds_client_sums_ledgers_their_noise_and_stops_on_a_breach(tmp_path):
+    run_dir = tmp_path / "run"
+    config_path = _tiny_config(tmp_path / "tiny.yaml", run_dir, None)
+    config = yaml.safe_load(config_path.read_text())
+    config["federated"].update(num_rounds=4, record_dp=None, central_dp=None)
+    # Coverage can never exceed 1: the first audit breaches and the run stops after round 1.
+    config["audit"] = {
+        "mode": "federated",
+        "exposure_noise": 2.0,
+        "min_coverage": 1.01,
+        "stop_on_breach": True,
+    }
+    config_path.write_text(yaml.safe_dump(config))
+    with flower_processes(tmp_path) as (_, start):
+        proc = start([python(), "-m", "fedrec.cli", "simulate", "-c", str(config_path)], "log")
+        assert proc.wait(timeout=500) == 0, (tmp_path / "log").read_text()[-4000:]
+    log = (tmp_path / "log").read_text()
+    assert "audit threshold breached in round 1" in log and "min_coverage 1.01" in log
+    audits = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+    assert [a["round"] for a in audits] == [1] and audits[0]["mode"] == "federated"
+    counts = audits[0]["groups"]["gender"]["HR@10"]["counts"]
+    assert sum(counts.values()) == 12  # every user of the 3 silos, summed from client replies
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["stopped_early"].startswith("audit threshold breached")
+    events = torch.load(run_dir / "checkpoint.pt", weights_only=False)["ledger"]["events"]
+    noise = [e for e in events if e["mechanism"] == "gaussian"]
+    assert len(noise) == 3 and all(e["unit"] == "user-within-silo" for e in noise)
+    assert noise[0]["noise_multiplier"] == pytest.approx(2.0 / math.sqrt(10))
+    assert (run_dir / "audit.html").exists()

@@ -24,8 +24,9 @@ MODES = ("server", "federated")
 
 @dataclass
 class RerankConfig:
-    """Re-rank each user's top ``top_n`` before the top-K is shown: ``calibrated`` (Steck) or
-    ``long-tail`` (personalised xQuAD); ``lam`` ∈ [0, 1] trades accuracy for the objective."""
+    """Re-rank each user's top ``top_n`` before the top-K is shown: ``calibrated`` (Steck),
+    ``long-tail`` (xQuAD towards equal head/tail exposure) or ``long-tail-personal`` (xQuAD
+    towards each user's own tail share); ``lam`` ∈ [0, 1] trades accuracy for the objective."""
 
     method: str = "calibrated"
     lam: float = 0.5

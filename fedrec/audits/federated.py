@@ -122,19 +122,22 @@ def audit_from_sums(
             metric: _gap_record(_gap_from_moments(stats, labels, metric, config, rng))
             for metric in config.metrics
         }
-    exposure = np.maximum(np.asarray(sums[f"{PREFIX}exposure"], dtype=np.float64), 0.0)
+    # Noisy histograms are summed unclipped (the noise is zero-mean, so sums stay unbiased);
+    # only the distribution metrics need counts >= 0, and shares are clipped to [0, 1].
+    exposure = np.asarray(sums[f"{PREFIX}exposure"], dtype=np.float64)
+    shown = np.maximum(exposure, 0.0)
     slots = float(sums[f"{PREFIX}slots"])  # type: ignore[arg-type]
-    shown_tail = float((exposure * context.tail).sum())
+    shown_tail = float(np.clip((exposure * context.tail).sum(), 0.0, slots))
     rate = np.array(
         [
-            (exposure.sum() - shown_tail) / max(float(sums[f"{PREFIX}available-head"]), 1.0),  # type: ignore[arg-type]
+            (slots - shown_tail) / max(float(sums[f"{PREFIX}available-head"]), 1.0),  # type: ignore[arg-type]
             shown_tail / max(float(sums[f"{PREFIX}available-tail"]), 1.0),  # type: ignore[arg-type]
         ]
     )
     items = {
-        f"coverage@{config.k}": m.item_coverage(np.round(exposure)),
-        "gini": m.gini_index(exposure),
-        "entropy": m.shannon_entropy(exposure),
+        f"coverage@{config.k}": m.item_coverage(np.round(shown)),
+        "gini": m.gini_index(shown),
+        "entropy": m.shannon_entropy(shown),
         # With K items per user, the mean over users of per-list means is the exposure-weighted
         # mean over slots.
         "arp": float((exposure * context.popularity).sum() / max(slots, 1.0)),

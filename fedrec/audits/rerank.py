@@ -8,22 +8,13 @@ Scores are min-max normalised per user over the top-N so λ means the same for a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
 
 from fedrec.data.split import SequenceSplit, Stage
 from fedrec.evaluation.evaluator import Reranker
-
-RERANKERS: dict[str, Callable[..., Reranker]] = {}
-
-
-def _register(name: str) -> Callable[[Callable[..., Reranker]], Callable[..., Reranker]]:
-    def add(factory: Callable[..., Reranker]) -> Callable[..., Reranker]:
-        RERANKERS[name] = factory
-        return factory
-
-    return add
 
 
 def _normalised(scores: np.ndarray) -> np.ndarray:
@@ -90,7 +81,6 @@ def _long_tail_list(
     return _greedy(items, k, gain)
 
 
-@_register("calibrated")
 def calibrated_reranker(
     split: SequenceSplit, genres: np.ndarray, k: int, lam: float, alpha: float = 0.01
 ) -> Reranker:
@@ -113,11 +103,14 @@ def calibrated_reranker(
     return rerank
 
 
-@_register("long-tail")
-def long_tail_reranker(split: SequenceSplit, tail: np.ndarray, k: int, lam: float) -> Reranker:
-    """Personalised smooth xQuAD (Abdollahpouri, Burke, Mobasher, FLAIRS 2019): maximise
-    (1 − λ)·score(i) + λ·Σ_c P(c|u)·[i ∈ c]·(1 − share of c already in the list), c ∈ {head,
-    tail}, P(c|u) the share of the user's history in c: users who like niche items get more."""
+def long_tail_reranker(
+    split: SequenceSplit, tail: np.ndarray, k: int, lam: float, personalised: bool = False
+) -> Reranker:
+    """xQuAD over {head, tail} (Abdollahpouri, Burke, Mobasher, FLAIRS 2019), smooth variant:
+    maximise (1 − λ)·score(i) + λ·Σ_c P(c|u)·[i ∈ c]·(1 − share of c already in the list).
+    ``personalised``: P(c|u) is the share of the user's history in c (lists move towards the
+    user's own taste for niche items, which can also lower tail exposure); otherwise
+    P(c|u) = ½ (lists move towards equal head and tail exposure)."""
 
     def rerank(
         users: np.ndarray, stage: Stage, items: np.ndarray, scores: np.ndarray
@@ -126,9 +119,16 @@ def long_tail_reranker(split: SequenceSplit, tail: np.ndarray, k: int, lam: floa
         for row, user in enumerate(users):
             history = split.history(int(user), stage)[0]
             if len(history) and lam > 0:
-                out[row] = _long_tail_list(
-                    items[row], scores[row], float(tail[history].mean()), tail, k, lam
-                )
+                p_tail = float(tail[history].mean()) if personalised else 0.5
+                out[row] = _long_tail_list(items[row], scores[row], p_tail, tail, k, lam)
         return out
 
     return rerank
+
+
+# Registered by name, as the audit config selects them.
+RERANKERS: dict[str, Callable[..., Reranker]] = {
+    "calibrated": calibrated_reranker,
+    "long-tail": long_tail_reranker,
+    "long-tail-personal": functools.partial(long_tail_reranker, personalised=True),
+}
