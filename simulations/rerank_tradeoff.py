@@ -32,9 +32,15 @@ from fedrec.training import model_scorer
 
 
 def tradeoff(
-    config_path: str, model_path: Path, methods: list[str], lambdas: list[float], top_n: int
+    config_path: str,
+    model_path: Path,
+    methods: list[str],
+    lambdas: list[float],
+    top_n: int,
+    stage: str,
 ) -> list[dict[str, Any]]:
     config = load_config(config_path)
+    config.audit = dataclasses.replace(config.audit, stage=stage)
     dataset, split = prepare_split(config.data)
     model = build_model(config.model_name, split.num_items, config.model)
     state = torch.load(model_path, weights_only=False, map_location="cpu")
@@ -131,10 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         "--lambdas", nargs="+", type=float, default=[0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
     )
     parser.add_argument("--top-n", type=int, default=100, help="candidates re-ranked per user")
+    parser.add_argument(
+        "--stage",
+        choices=("valid", "test"),
+        default="test",
+        help="held-out items to measure on (choose λ on valid, report it on test)",
+    )
     parser.add_argument("--output", required=True, type=Path, help="folder for the results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rows = tradeoff(args.config, args.model, args.methods, args.lambdas, args.top_n)
+    rows = tradeoff(args.config, args.model, args.methods, args.lambdas, args.top_n, args.stage)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "tradeoff.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     table = markdown(rows)
