@@ -155,13 +155,21 @@ def _synthetic_config(users: int, clients_per_round: int, rounds: int) -> dict[s
     }
 
 
-def bench_round(workdir: Path, clients_per_round: int, rounds: int) -> dict[str, Any]:
+def bench_round(
+    workdir: Path, clients_per_round: int, rounds: int, config_path: str | None = None
+) -> dict[str, Any]:
     """Median seconds per round (sampling → aggregation, evaluation excluded; round 1 with
-    actor start-up excluded) of the Flower simulation and of the in-process loop."""
+    actor start-up excluded) of the Flower simulation and of the in-process loop, on a small
+    synthetic workload or on ``config_path``'s federation (its local training, ``rounds``
+    rounds, ``clients_per_round``)."""
     from fedrec.config import parse_config
     from simulations.inprocess import population_of, run_inprocess
 
-    config = _synthetic_config(1000, clients_per_round, rounds)
+    if config_path is None:
+        config = _synthetic_config(1000, clients_per_round, rounds)
+    else:
+        config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+        config["federated"].update(num_rounds=rounds, clients_per_round=clients_per_round)
     flower = _simulate(config, workdir / "flower")["history"]
     torch.set_num_threads(1)
     parsed = parse_config({**config, "output_dir": str(workdir / "inprocess")})
@@ -170,6 +178,7 @@ def bench_round(workdir: Path, clients_per_round: int, rounds: int) -> dict[str,
     flower_s = statistics.median(h["seconds"] for h in flower[1:])
     bare_s = statistics.median(h["seconds"] for h in inprocess[1:])
     return {
+        "config": config_path or "synthetic 1000 users, HSTU d=32, 2 local epochs",
         "clients_per_round": clients_per_round,
         "rounds": rounds,
         "flower_seconds_per_round": flower_s,
@@ -235,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("what", choices=("dp-step", "round", "memory", "audit"))
-    parser.add_argument("--config", help="experiment YAML (audit benchmark)")
+    parser.add_argument("--config", help="experiment YAML (audit; optional for round)")
     parser.add_argument("--output", default="runs/bench-federated", help="folder for results")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
@@ -252,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("audit needs --config")
         result = bench_audit(args.config, output / "audit", args.rounds, args.repeats)
     elif args.what == "round":
-        result = bench_round(output / "round", args.clients_per_round, args.rounds)
+        result = bench_round(output / "round", args.clients_per_round, args.rounds, args.config)
     else:
         result = bench_memory(output / "memory", args.populations, args.clients_per_round)
     result["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__}
