@@ -176,15 +176,7 @@ def evaluate_on_device(msg: Message, context: Context) -> Message:
         metrics["num-examples"] = split.num_users
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     audit_context = population.client_audit_context(partition)
-    top_n = audit.rerank.top_n if audit.rerank is not None else audit.k
-    result = evaluate(
-        scorer,
-        split,
-        audit_context.stage,
-        config.evaluation,
-        top_n=top_n,
-        rerank=audit_context.reranker(audit),
-    )
+    result = audit_context.evaluate(scorer, audit, config.evaluation)
     assert result.top_items is not None
     metrics = _mean_metrics(result.metrics)
     # Unseeded: the server must not be able to regenerate (and subtract) the noise.

@@ -25,7 +25,6 @@ import torch
 from fedrec.audits import AuditContext, RerankConfig, audit
 from fedrec.config import load_config
 from fedrec.data import prepare_split
-from fedrec.evaluation import evaluate
 from fedrec.models import build_model
 from fedrec.plots import pyplot
 from fedrec.training import model_scorer
@@ -54,14 +53,7 @@ def tradeoff(
             )
             context = AuditContext.build(dataset, split, audit_config)
             started = time.perf_counter()
-            result = evaluate(
-                scorer,
-                split,
-                context.stage,
-                config.evaluation,
-                top_n=top_n,
-                rerank=context.reranker(audit_config),
-            )
+            result = context.evaluate(scorer, audit_config, config.evaluation)
             seconds = time.perf_counter() - started
             assert result.top_items is not None
             record = audit(

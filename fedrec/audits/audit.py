@@ -135,6 +135,16 @@ class AuditContext:
             genres=self.genres,
         )
 
+    def evaluate(self, scorer: Scorer, config: AuditConfig, evaluation: EvalConfig) -> EvalResult:
+        """Rank every item for this context's users at the audited stage, with the top-K lists
+        the audit reads (re-ranked when ``config.rerank`` asks)."""
+        top_n = config.rerank.top_n if config.rerank is not None else config.k
+        result = evaluate(
+            scorer, self.split, self.stage, evaluation, top_n=top_n, rerank=self.reranker(config)
+        )
+        assert result.top_items is not None
+        return result
+
     def reranker(self, config: AuditConfig) -> Reranker | None:
         if config.rerank is None:
             return None
@@ -262,12 +272,8 @@ def audit_round(
     re-ranking is asked) and audits it. Its bootstrap seed depends on the round only, so a
     resumed run audits exactly as an uninterrupted one."""
     started = time.perf_counter()
-    reranker = context.reranker(config)
-    if reranker is not None or evaluated is None or evaluated.top_items is None:
-        top_n = config.rerank.top_n if config.rerank is not None else config.k
-        evaluated = evaluate(
-            scorer, context.split, context.stage, evaluation, top_n=top_n, rerank=reranker
-        )
+    if config.rerank is not None or evaluated is None or evaluated.top_items is None:
+        evaluated = context.evaluate(scorer, config, evaluation)
     assert evaluated.top_items is not None
     rng = np.random.default_rng([seed, round_number])
     record = audit(evaluated.per_user, evaluated.top_items, context, config, rng)

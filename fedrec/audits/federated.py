@@ -172,16 +172,4 @@ def _gap_from_moments(
     draws = rng.normal(
         means, np.sqrt(variances / counts), size=(config.bootstrap_resamples, len(labels))
     )
-    gaps = draws.max(axis=1) - draws.min(axis=1)
-    tail = (1 - config.confidence) / 2
-    hi, lo = int(means.argmax()), int(means.argmin())
-    return m.GroupGap(
-        means={g: float(v) for g, v in zip(labels, means, strict=True)},
-        counts={g: int(c) for g, c in zip(labels, counts, strict=True)},
-        gap=float(means[hi] - means[lo]),
-        ratio=float(means[lo] / means[hi]) if means[hi] > 0 else float("nan"),
-        ci_low=float(np.quantile(gaps, tail)),
-        ci_high=float(np.quantile(gaps, 1 - tail)),
-        best=labels[hi],
-        worst=labels[lo],
-    )
+    return m.gap_from_draws(labels, means, [int(c) for c in counts], draws, config.confidence)

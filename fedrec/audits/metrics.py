@@ -46,16 +46,28 @@ def group_gap(
     members = [values[keep & (groups == g)] for g in labels]
     means = np.array([m.mean() for m in members])
     boot = np.stack([_bootstrap_means(m, rng, resamples) for m in members], axis=1)
-    boot_gap = boot.max(axis=1) - boot.min(axis=1)
+    return gap_from_draws(labels, means, [len(m) for m in members], boot, confidence)
+
+
+def gap_from_draws(
+    labels: list[str],
+    means: np.ndarray,
+    counts: list[int],
+    draws: np.ndarray,
+    confidence: float,
+) -> GroupGap:
+    """The gap record from group means and resampled group means ``draws`` [resamples,
+    groups] (bootstrap, or a normal approximation when only sums are known)."""
+    draw_gaps = draws.max(axis=1) - draws.min(axis=1)
     tail = (1 - confidence) / 2
     hi, lo = int(means.argmax()), int(means.argmin())
     return GroupGap(
-        means={g: float(m) for g, m in zip(labels, means, strict=True)},
-        counts={g: len(m) for g, m in zip(labels, members, strict=True)},
+        means={g: float(v) for g, v in zip(labels, means, strict=True)},
+        counts={g: int(c) for g, c in zip(labels, counts, strict=True)},
         gap=float(means[hi] - means[lo]),
         ratio=float(means[lo] / means[hi]) if means[hi] > 0 else float("nan"),
-        ci_low=float(np.quantile(boot_gap, tail)),
-        ci_high=float(np.quantile(boot_gap, 1 - tail)),
+        ci_low=float(np.quantile(draw_gaps, tail)),
+        ci_high=float(np.quantile(draw_gaps, 1 - tail)),
         best=labels[hi],
         worst=labels[lo],
     )
