@@ -21,13 +21,15 @@ from fedrec.errors import FedrecConfigError
 from fedrec.evaluation import EvalConfig, metric_names
 from fedrec.federation import FederatedConfig
 from fedrec.models import SequentialModelConfig, model_config, model_names
+from fedrec.semantic_id.pipeline import SemanticIdConfig
 from fedrec.training import TrainConfig
 
 
 @dataclass
 class ExperimentConfig:
     """A whole experiment. ``model`` holds ``name`` plus that model's options; ``federated`` and
-    ``audit`` (the per-round bias and fairness audit) are read by ``fedrec simulate`` only."""
+    ``audit`` (the per-round bias and fairness audit) are read by ``fedrec simulate`` only;
+    ``semantic_id`` by ``fedrec semantic-ids``."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model_name: str = "hstu"
@@ -36,6 +38,7 @@ class ExperimentConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    semantic_id: SemanticIdConfig = field(default_factory=SemanticIdConfig)
     seed: int = 0
     output_dir: str = "runs"
 

@@ -1,0 +1,1 @@
+"""Semantic IDs: item content embeddings → RQ-VAE codes → generative retrieval over codes."""
