@@ -98,3 +98,31 @@ def test_clients_per_round_is_a_count_or_a_fraction():
     assert FederatedConfig(fraction_per_round=0.001).sampled_clients(100) == 1
     with pytest.raises(ValueError, match="fraction_per_round"):
         FederatedConfig(fraction_per_round=1.5)
+
+
+def test_a_round_where_nobody_trained_keeps_the_global_model():
+    """Refusing clients reply with num-examples 0; if all do, Flower's weighted mean would
+    divide by zero: the keeper returns no new arrays and the model stays."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from server.strategy import LedgerKeeper
+    from simulations.inprocess import InProcessGrid, _reply
+
+    seen: list[int] = []
+    keeper = LedgerKeeper(
+        FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=3),
+        lambda _round, replies: seen.append(len(replies)),
+        lambda _round: True,
+    )
+    arrays = ArrayRecord({"w": Array(np.ones(2, dtype=np.float32))})
+    instructions = list(keeper.configure_train(1, arrays, ConfigRecord(), InProcessGrid(3)))
+    assert keeper.aggregate_train(1, [_reply(m, arrays, 0) for m in instructions]) == (None, None)
+    assert seen == [3]  # the ledger still saw every reply
+    moved = ArrayRecord({"w": Array(np.full(2, 3.0, dtype=np.float32))})
+    replies = [
+        _reply(m, moved if i == 0 else arrays, 1 if i == 0 else 0)
+        for i, m in enumerate(instructions)
+    ]
+    aggregated, _ = keeper.aggregate_train(1, replies)
+    np.testing.assert_allclose(aggregated["w"].numpy(), [3.0, 3.0])  # only the client that trained

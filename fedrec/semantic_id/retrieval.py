@@ -90,6 +90,7 @@ def build_model(vocabulary: CodeVocabulary, config: RetrievalConfig) -> Any:
         bos_token_id=BOS,
         eos_token_id=None,
         pad_token_id=PAD,
+        loss_type="ForCausalLM",  # named, or transformers warns on every model
     )
     return GPT2LMHeadModel(gpt)
 
