@@ -246,3 +246,18 @@ def test_cli_builds_codes_and_reports_cold_start(tmp_path):
     assert set(results["retrieval"]["test"]["metrics"]) == {"HR@10", "NDCG@10"}
     assert SemanticIds.load(tmp_path / "run" / "semantic_ids").codes.shape == (results["items"], 3)
     assert Path(tmp_path / "run" / "semantic_ids" / "codes.npy").exists()
+
+
+def test_new_items_take_their_slots_next_to_generated_items_sharing_the_prefix():
+    from fedrec.semantic_id.retrieval import _prefix, _top_k
+
+    codes = np.array([[0, 0, 0], [0, 0, 1], [1, 1, 0], [0, 1, 0], [1, 0, 0]])
+    vocabulary = CodeVocabulary(codes, codebook_size=2, extra_vocab=2)
+    config = RetrievalConfig(top_k=3, beam_width=3, new_item_slots=1, new_item_prefix=1)
+    new = {}
+    for item in (3, 4):  # new item 3 shares item 0's first token, item 4 item 2's
+        new.setdefault(_prefix(vocabulary, item, config), []).append(item)
+    found = [(0, -0.1), (2, -0.2), (1, -0.3)]
+    assert _top_k(found, set(), new, vocabulary, config) == [0, 3, 2]  # one slot only
+    assert _top_k(found, {3}, new, vocabulary, config) == [0, 2, 4]  # seen items never listed
+    assert _top_k(found, set(), {}, vocabulary, config) == [0, 2, 1]

@@ -22,7 +22,7 @@ import torch
 from fedrec.data.dataset import InteractionDataset
 from fedrec.data.split import SequenceSplit
 from fedrec.evaluation import EvalConfig, evaluate
-from fedrec.semantic_id.content import ContentConfig, content_embeddings
+from fedrec.semantic_id.content import ContentConfig, content_embeddings, item_texts
 from fedrec.semantic_id.retrieval import (
     CodeVocabulary,
     RetrievalConfig,
@@ -60,9 +60,9 @@ class SemanticIdConfig:
 
 
 def prefix_examples(
-    ids: SemanticIds, titles: np.ndarray, groups: int, per_group: int = 5
+    ids: SemanticIds, titles: list[str], groups: int, per_group: int = 5
 ) -> dict[str, list[str]]:
-    """Titles of the items behind the most populated two-level prefixes."""
+    """Descriptions of the items behind the most populated two-level prefixes."""
     members: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for item, code in enumerate(ids.codes.tolist()):
         members[tuple(code[:2])].append(item)
@@ -93,7 +93,9 @@ def _train_and_evaluate(
         "loss_by_epoch": losses,
     }
     for stage in ("valid", "test") if users is None else ("test",):
-        out[stage] = evaluate_retrieval(model, vocabulary, split, stage, config.retrieval, users)
+        out[stage] = evaluate_retrieval(
+            model, vocabulary, split, stage, config.retrieval, users, new_items=skip
+        )
     return out
 
 
@@ -112,7 +114,7 @@ def run_semantic_ids(
     ids, _ = build_semantic_ids(embeddings, config.rqvae, list(dataset.raw_item_ids), progress)
     ids.config["content"] = asdict(config.content)
     ids.save(run_dir / "semantic_ids")
-    titles = dataset.item_features.get("title", dataset.raw_item_ids)
+    titles = item_texts(dataset)
     results: dict[str, Any] = {
         "items": dataset.num_items,
         "encoder": config.content.encoder,

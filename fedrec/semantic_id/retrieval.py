@@ -35,6 +35,10 @@ class RetrievalConfig:
     learning_rate: float = 1e-3
     beam_width: int = 20
     top_k: int = 10
+    # Cold start as in TIGER: up to ``new_item_slots`` of the top-K go to new items (never seen
+    # in training) that share the first ``new_item_prefix`` tokens with a generated item.
+    new_item_slots: int = 1
+    new_item_prefix: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -42,6 +46,8 @@ class RetrievalConfig:
             raise ValueError("retrieval: beam_width >= top_k >= 1")
         if min(self.max_items, self.num_layers, self.num_heads, self.epochs, self.batch_size) < 1:
             raise ValueError("retrieval: sizes, epochs and batch_size must be >= 1")
+        if not 0 <= self.new_item_slots <= self.top_k or self.new_item_prefix < 1:
+            raise ValueError("retrieval: 0 <= new_item_slots <= top_k, new_item_prefix >= 1")
         if self.embedding_dim % self.num_heads:
             raise ValueError("retrieval.embedding_dim must be a multiple of num_heads")
 
@@ -90,8 +96,8 @@ def build_model(vocabulary: CodeVocabulary, config: RetrievalConfig) -> Any:
         bos_token_id=BOS,
         eos_token_id=None,
         pad_token_id=PAD,
-        loss_type="ForCausalLM",  # named, or transformers warns on every model
     )
+    gpt.loss_type = "ForCausalLM"  # named, or transformers warns for every model it builds
     return GPT2LMHeadModel(gpt)
 
 
@@ -199,11 +205,17 @@ def evaluate_retrieval(
     config: RetrievalConfig,
     users: np.ndarray | None = None,
     batch_size: int = 32,
+    new_items: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """HR@K / NDCG@K with the full-ranking protocol's conventions: each user's visible history
     is excluded from the list, the target's rank is its position in the generated top-K (a
-    miss beyond K). Also users per second of the constrained beam search."""
+    miss beyond K). Also users per second of the constrained beam search. ``new_items``
+    (cold start) may take ``config.new_item_slots`` places next to generated items sharing
+    their code prefix."""
     users = np.arange(split.num_users) if users is None else np.asarray(users)
+    by_prefix: dict[tuple[int, ...], list[int]] = {}
+    for item in [] if new_items is None else new_items.tolist():
+        by_prefix.setdefault(_prefix(vocabulary, item, config), []).append(item)
     targets = split.targets(stage)
     ranks = np.full(len(users), np.inf)
     started = time.perf_counter()
@@ -213,8 +225,7 @@ def evaluate_retrieval(
         for row, (user, found) in enumerate(
             zip(batch, generate_items(model, vocabulary, histories, config), strict=True)
         ):
-            seen = set(histories[row].tolist())
-            listed = [item for item, _ in found if item not in seen][: config.top_k]
+            listed = _top_k(found, set(histories[row].tolist()), by_prefix, vocabulary, config)
             if targets[user] in listed:
                 ranks[lo + row] = listed.index(targets[user]) + 1
     seconds = time.perf_counter() - started
@@ -224,3 +235,26 @@ def evaluate_retrieval(
         name: float(v.mean()) for name, v in rank_metrics(finite, (k,)).items() if name != "MRR"
     }
     return {"metrics": metrics, "users": len(users), "users_per_second": len(users) / seconds}
+
+
+def _prefix(vocabulary: CodeVocabulary, item: int, config: RetrievalConfig) -> tuple[int, ...]:
+    return tuple(vocabulary.tokens[item][: config.new_item_prefix].tolist())
+
+
+def _top_k(
+    found: list[tuple[int, float]],
+    seen: set[int],
+    new_by_prefix: dict[tuple[int, ...], list[int]],
+    vocabulary: CodeVocabulary,
+    config: RetrievalConfig,
+) -> list[int]:
+    listed: list[int] = []
+    slots = config.new_item_slots if new_by_prefix else 0
+    for item, _ in found:
+        if item not in seen and item not in listed:
+            listed.append(item)
+        for new in new_by_prefix.get(_prefix(vocabulary, item, config), []):
+            if slots and new not in seen and new not in listed:
+                listed.append(new)
+                slots -= 1
+    return listed[: config.top_k]
