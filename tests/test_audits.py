@@ -378,3 +378,14 @@ def test_in_process_run_audits_every_evaluated_round_and_the_cli_rewrites_the_re
     assert "<img" in (tmp_path / "audit.html").read_text()
     missing = CliRunner().invoke(app, ["audit-report", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "no audit log" in missing.output
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_many_small_groups_from_one_distribution_keep_the_interval_low(seed):
+    # 20 groups of 10 users, all alike: max − min of the group means is large by chance; the
+    # basic bootstrap interval corrects that bias, so its lower end stays far below the gap.
+    rng = np.random.default_rng(seed)
+    values = (rng.random(200) < 0.1).astype(float)
+    groups = np.repeat(np.arange(20).astype(str), 10).astype(object)
+    gap = m.group_gap(values, groups, np.random.default_rng(seed))
+    assert gap.gap >= 0.2 and gap.ci_low <= gap.gap / 2

@@ -36,9 +36,10 @@ class RetrievalConfig:
     beam_width: int = 20
     top_k: int = 10
     # Cold start as in TIGER: up to ``new_item_slots`` of the top-K go to new items (never seen
-    # in training) that share the first ``new_item_prefix`` tokens with a generated item.
-    new_item_slots: int = 1
-    new_item_prefix: int = 2
+    # in training) that share the first ``new_item_prefix`` tokens with a generated item. One
+    # token: with 256 first-level codes, deeper prefixes rarely hold any of a few new items.
+    new_item_slots: int = 3
+    new_item_prefix: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
