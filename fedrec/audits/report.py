@@ -100,7 +100,7 @@ def audit_html(audits: list[dict[str, Any]]) -> str:
         f"<p>{len(audits)} audited rounds; mode <b>{html.escape(last.get('mode', 'server'))}</b>, "
         f"stage {html.escape(last['stage'])}, top-{last['k']}"
         + (f", re-ranked: {html.escape(json.dumps(last['rerank']))}" if last.get("rerank") else "")
-        + ". Gap = largest minus smallest group mean; CI = bootstrap interval of the gap.</p>",
+        + ". Gap = largest minus smallest group mean; CI = basic bootstrap interval of the gap.</p>",
         "<h2>Threshold breaches</h2>" + breach_html,
         "<h2>User side</h2>",
         *(_gap_figure(audits, metric) for metric in metrics),
