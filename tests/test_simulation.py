@@ -207,7 +207,8 @@ def test_federated_audit_adds_client_sums_ledgers_their_noise_and_stops_on_a_bre
     audits = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
     assert [a["round"] for a in audits] == [1] and audits[0]["mode"] == "federated"
     counts = audits[0]["groups"]["gender"]["HR@10"]["counts"]
-    assert sum(counts.values()) == 12  # every user of the 3 silos, summed from client replies
+    users = prepare_split(load_config(config_path).data)[1].num_users
+    assert sum(counts.values()) == users  # every user of the 3 silos, summed from client replies
     results = json.loads((run_dir / "results.json").read_text())
     assert results["stopped_early"].startswith("audit threshold breached")
     events = torch.load(run_dir / "checkpoint.pt", weights_only=False)["ledger"]["events"]
