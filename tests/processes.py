@@ -31,6 +31,14 @@ def _pids_mentioning(marker: str) -> list[int]:
     return found
 
 
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie (killed, only waiting to be reaped by its parent)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def _now_ticks() -> int:
     return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
 
@@ -68,13 +76,17 @@ def stop_everything(
 
     def leftovers() -> list[int]:
         marked = [pid for marker in markers for pid in _pids_mentioning(marker)]
-        return marked + _orphaned_ray_helpers(since_ticks)
+        return [p for p in marked + _orphaned_ray_helpers(since_ticks) if not _dead(p)]
 
-    for pid in leftovers():
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    time.sleep(1)
-    return leftovers()
+    # Ray's helpers can still be starting (or dying slowly on a loaded machine) when the
+    # driver is killed: kill again until none is left, for a bounded time.
+    deadline = time.monotonic() + 20
+    while (alive := leftovers()) and time.monotonic() < deadline:
+        for pid in alive:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+    return alive
 
 
 @contextmanager
