@@ -113,9 +113,10 @@ def training_windows(
         if skip is not None:
             items = items[~np.isin(items, skip)]
         for end in range(len(items), 1, -(max_items + 1)):
-            windows.append(
-                vocabulary.history_tokens(items[max(0, end - max_items - 1) : end], max_items + 1)
-            )
+            start = end - max_items - 1
+            if start <= 0:  # the earliest window: full length, overlapping the next one
+                start, end = 0, min(len(items), max_items + 1)
+            windows.append(vocabulary.history_tokens(items[start:end], max_items + 1))
     return windows
 
 
@@ -143,7 +144,12 @@ def train_retrieval(
             ids, mask = _left_padded([windows[i] for i in order[lo : lo + config.batch_size]])
             labels = ids.masked_fill(mask == 0, -100)
             labels[ids == BOS] = -100
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            # Positions counted from each window's first real token, as generate() does for
+            # left-padded prompts.
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            loss = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels
+            ).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

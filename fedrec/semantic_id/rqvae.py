@@ -126,7 +126,8 @@ class RQVAE(nn.Module):
 
     @torch.no_grad()
     def reset_dead_codes(self, x: torch.Tensor, generator: torch.Generator) -> int:
-        """Re-seed every code no item of ``x`` uses with a random residual of that level."""
+        """Re-seed every code no item of ``x`` (the whole catalogue) uses with a random
+        residual of that level."""
         _, codes, _, residuals = self.quantize(self.encoder(x))
         reset = 0
         for level, book in enumerate(self.codebooks):
@@ -239,7 +240,7 @@ def train_rqvae(
             loss.backward()
             optimizer.step()
         if epoch < reset_until:
-            resets += model.reset_dead_codes(first, generator)
+            resets += model.reset_dead_codes(x, generator)
     with torch.no_grad():
         reconstruction, _, loss = model(x)
     report = {
