@@ -50,6 +50,12 @@ class ExperimentConfig:
                 f"audit.metrics {missing} are not computed with evaluation.ks "
                 f"{list(self.evaluation.ks)}; choose from {known}"
             )
+        rerank = self.audit.rerank
+        if rerank is not None and rerank.top_n < max(self.evaluation.ks):
+            raise ValueError(
+                f"audit.rerank.top_n {rerank.top_n} must be >= the largest evaluation.ks "
+                f"{max(self.evaluation.ks)} (metrics are taken from the re-ranked list)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

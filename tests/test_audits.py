@@ -219,7 +219,7 @@ def _server_audit(config: AuditConfig, seed: int = 0):
 
 
 def test_audit_record_holds_every_metric_and_group():
-    *_, result, record = _server_audit(AuditConfig())
+    *_, result, record = _server_audit(AuditConfig(min_group_size=1))
     assert sorted(record["groups"]) == ["activity", "age", "gender", "most-active"]
     assert set(record["groups"]["gender"]) == {"HR@10", "NDCG@10", "MRR"}
     assert record["items"]["coverage@10"] == pytest.approx(result.metrics["Coverage@10"])
@@ -389,3 +389,48 @@ def test_many_small_groups_from_one_distribution_keep_the_interval_low(seed):
     groups = np.repeat(np.arange(20).astype(str), 10).astype(object)
     gap = m.group_gap(values, groups, np.random.default_rng(seed))
     assert gap.gap >= 0.2 and gap.ci_low <= gap.gap / 2
+
+
+def test_groups_below_the_minimum_size_are_reported_not_compared():
+    # One user with HR 1 would otherwise make a zero-width interval at gap 1.0: a false alarm.
+    values = np.array([1.0] + [0.0] * 205)
+    groups = np.array(["a"] + ["b"] * 200 + ["c"] * 5, dtype=object)
+    gap = m.group_gap(values, groups, np.random.default_rng(0), min_size=10)
+    assert gap is None  # only "b" is large enough
+    groups[1:101] = "d"
+    gap = m.group_gap(values, groups, np.random.default_rng(0), min_size=10)
+    assert gap is not None and gap.small == {"a": 1, "c": 5} and set(gap.means) == {"b", "d"}
+
+
+def test_reranking_keeps_pessimistic_ranks_under_ties():
+    """A constant scorer earns nothing; a λ = 0 re-ranker must not change that."""
+    _, split, *_ = _server_audit(AuditConfig())
+
+    def constant(batch, stage):
+        return torch.zeros(len(batch), split.num_items, dtype=torch.float64)
+
+    ev = EvalConfig(ks=(10,))
+    plain = evaluate(constant, split, "test", ev, top_n=20)
+    same = evaluate(
+        constant,
+        split,
+        "test",
+        ev,
+        top_n=20,
+        rerank=long_tail_reranker(split, np.zeros(split.num_items, bool), 10, 0.0),
+    )
+    np.testing.assert_array_equal(same.ranks, plain.ranks)
+    assert same.metrics["HR@10"] == plain.metrics["HR@10"] == 0.0
+
+
+def test_noisy_exposure_does_not_make_unshown_items_look_covered():
+    config = AuditConfig(exposure_noise=1.0)
+    _, _, _, context, result, server = _server_audit(config)
+    parts = [
+        client_sums(result.per_user, result.top_items, context, config, np.random.default_rng(s))
+        for s in range(20)
+    ]
+    noisy = audit_from_sums(add_sums(parts), context, config, np.random.default_rng(0))
+    # 20 copies of the same lists: the same items are shown; noise alone must not add items.
+    assert noisy["items"]["coverage@10"] <= server["items"]["coverage@10"] + 1e-9
+    assert noisy["items"]["coverage@10"] >= 0.8 * server["items"]["coverage@10"]

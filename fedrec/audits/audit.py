@@ -52,6 +52,9 @@ class AuditConfig:
     histogram (a top-K list is personal data); it is recorded in the privacy ledger.
     Thresholds: ``max_gap`` per metric (``{"NDCG@10": 0.05}``) is breached when the lower end
     of the gap's confidence interval exceeds it, so a small group's noise raises no alarm;
+    groups under ``min_group_size`` users are reported but not compared. With
+    ``exposure_noise`` an item counts as shown (coverage, Gini, entropy) only above three
+    standard deviations of the summed noise.
     ``min_coverage``, ``max_gini``, ``min_aplt``, ``max_calibration_kl`` on the point values.
     ``stop_on_breach`` stops the run after the audit that found a breach.
     """
@@ -64,6 +67,7 @@ class AuditConfig:
     metrics: tuple[str, ...] = ("HR@10", "NDCG@10", "MRR")
     bootstrap_resamples: int = 1000
     confidence: float = 0.95
+    min_group_size: int = 10
     tail_share: float = 0.2
     calibration_alpha: float = 0.01
     max_gap: dict[str, float] = field(default_factory=dict)
@@ -83,6 +87,8 @@ class AuditConfig:
             raise ValueError("audit.stage must be 'valid' or 'test'")
         if self.k < 1 or self.bootstrap_resamples < 10 or not 0 < self.confidence < 1:
             raise ValueError("audit: k >= 1, bootstrap_resamples >= 10, 0 < confidence < 1")
+        if self.min_group_size < 1:
+            raise ValueError("audit.min_group_size must be >= 1")
         if not 0 < self.tail_share < 1 or not 0 < self.calibration_alpha < 1:
             raise ValueError("audit: tail_share and calibration_alpha must lie in (0, 1)")
         if self.exposure_noise < 0:
@@ -167,16 +173,19 @@ def audit(
     top_k = top_items[:, : config.k]
     groups: dict[str, Any] = {}
     for attribute, labels in context.groups.items():
-        if len(set(labels.tolist()) - {""}) < 2:
-            continue
-        groups[attribute] = {
-            metric: _gap_record(
-                m.group_gap(
-                    per_user[metric], labels, rng, config.bootstrap_resamples, config.confidence
-                )
+        gaps = {
+            metric: m.group_gap(
+                per_user[metric],
+                labels,
+                rng,
+                config.bootstrap_resamples,
+                config.confidence,
+                config.min_group_size,
             )
             for metric in config.metrics
         }
+        if all(gap is not None for gap in gaps.values()):
+            groups[attribute] = {metric: _gap_record(gap) for metric, gap in gaps.items() if gap}
     exposure = m.exposure_counts(top_k, context.split.num_items)
     seen = [context.split.history(u, context.stage)[0] for u in range(context.split.num_users)]
     items = {
@@ -224,6 +233,7 @@ def _gap_record(gap: m.GroupGap) -> dict[str, Any]:
         "ci": [gap.ci_low, gap.ci_high],
         "best": gap.best,
         "worst": gap.worst,
+        "small": gap.small,
     }
 
 

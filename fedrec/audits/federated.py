@@ -79,6 +79,7 @@ def client_sums(
     out[f"{PREFIX}available-head"] = available_head
     out[f"{PREFIX}available-tail"] = available_tail
     out[f"{PREFIX}users"] = float(len(top_k))
+    out[f"{PREFIX}clients"] = 1.0
     out[f"{PREFIX}slots"] = float((top_k >= 0).sum())
     return out
 
@@ -116,16 +117,22 @@ def audit_from_sums(
                 for g in labels
                 if stats[g]["kl/count"] > 0
             }
-        if len(labels) < 2:
+        compared = [g for g in labels if stats[g]["count"] >= config.min_group_size]
+        if len(compared) < 2:
             continue
+        small = {g: int(stats[g]["count"]) for g in labels if g not in compared}
         groups[attribute] = {
-            metric: _gap_record(_gap_from_moments(stats, labels, metric, config, rng))
+            metric: _gap_record(_gap_from_moments(stats, compared, metric, config, rng, small))
             for metric in config.metrics
         }
-    # Noisy histograms are summed unclipped (the noise is zero-mean, so sums stay unbiased);
-    # only the distribution metrics need counts >= 0, and shares are clipped to [0, 1].
+    # Noisy histograms are summed unclipped (the noise is zero-mean, so sums stay unbiased) for
+    # ARP, APLT and PopRSP. Coverage, Gini and entropy need to know which items were shown at
+    # all: an item counts only above three standard deviations of the summed noise (else
+    # noise alone would make never-shown items look covered); shares are clipped to [0, 1].
     exposure = np.asarray(sums[f"{PREFIX}exposure"], dtype=np.float64)
-    shown = np.maximum(exposure, 0.0)
+    clients = float(sums[f"{PREFIX}clients"])  # type: ignore[arg-type]
+    floor = 3 * config.exposure_noise * np.sqrt(clients) if config.exposure_noise > 0 else 0.5
+    shown = np.where(exposure > floor, exposure, 0.0)
     slots = float(sums[f"{PREFIX}slots"])  # type: ignore[arg-type]
     shown_tail = float(np.clip((exposure * context.tail).sum(), 0.0, slots))
     rate = np.array(
@@ -135,7 +142,7 @@ def audit_from_sums(
         ]
     )
     items = {
-        f"coverage@{config.k}": m.item_coverage(np.round(shown)),
+        f"coverage@{config.k}": m.item_coverage(shown),
         "gini": m.gini_index(shown),
         "entropy": m.shannon_entropy(shown),
         # With K items per user, the mean over users of per-list means is the exposure-weighted
@@ -163,6 +170,7 @@ def _gap_from_moments(
     metric: str,
     config: AuditConfig,
     rng: np.random.Generator,
+    small: dict[str, int],
 ) -> m.GroupGap:
     counts = np.array([stats[g]["count"] for g in labels])
     means = np.array([stats[g][f"{metric}/sum"] for g in labels]) / counts
@@ -172,4 +180,6 @@ def _gap_from_moments(
     draws = rng.normal(
         means, np.sqrt(variances / counts), size=(config.bootstrap_resamples, len(labels))
     )
-    return m.gap_from_draws(labels, means, [int(c) for c in counts], draws, config.confidence)
+    return m.gap_from_draws(
+        labels, means, [int(c) for c in counts], draws, config.confidence, small
+    )

@@ -16,6 +16,8 @@ def age_band(age: str) -> str:
         years = int(age)
     except ValueError:
         return age
+    if years < 0:
+        return ""  # not an age: unknown
     if years >= 56:
         return OLDEST_BAND
     return next(name for start, name in reversed(AGE_BANDS) if years >= start)

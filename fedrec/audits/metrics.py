@@ -21,10 +21,11 @@ class GroupGap:
     counts: dict[str, int]
     gap: float  # largest group mean minus smallest
     ratio: float  # smallest group mean / largest (1 = parity; nan when the largest is 0)
-    ci_low: float  # bootstrap percentile interval of ``gap``
+    ci_low: float  # basic bootstrap interval of ``gap``
     ci_high: float
     best: str
     worst: str
+    small: dict[str, int]  # groups below the minimum size: reported, not compared
 
 
 def group_gap(
@@ -33,20 +34,25 @@ def group_gap(
     rng: np.random.Generator,
     resamples: int = 1000,
     confidence: float = 0.95,
-) -> GroupGap:
+    min_size: int = 1,
+) -> GroupGap | None:
     """Per-group means of ``values`` (one per user), the largest gap between two groups and a
     bootstrap confidence interval for it (users resampled within each group), so that a gap
-    driven by a handful of users in a small group shows a wide interval. Users in group ``""``
-    (attribute unknown) are left out."""
+    driven by a handful of users shows a wide interval. Users in group ``""`` (attribute
+    unknown) are left out; groups under ``min_size`` users are listed in ``small`` and not
+    compared (a group of one user has no spread to resample, so its interval would be
+    zero-width). None when fewer than two groups are left."""
     values, groups = np.asarray(values, dtype=np.float64), np.asarray(groups).astype(str)
     keep = groups != ""
-    labels = sorted(set(groups[keep].tolist()))
+    sizes = {g: int((groups[keep] == g).sum()) for g in sorted(set(groups[keep].tolist()))}
+    labels = [g for g, n in sizes.items() if n >= min_size]
     if len(labels) < 2:
-        raise ValueError(f"a group gap needs at least two groups, got {labels}")
+        return None
     members = [values[keep & (groups == g)] for g in labels]
     means = np.array([m.mean() for m in members])
     boot = np.stack([_bootstrap_means(m, rng, resamples) for m in members], axis=1)
-    return gap_from_draws(labels, means, [len(m) for m in members], boot, confidence)
+    small = {g: n for g, n in sizes.items() if n < min_size}
+    return gap_from_draws(labels, means, [len(m) for m in members], boot, confidence, small)
 
 
 def gap_from_draws(
@@ -55,6 +61,7 @@ def gap_from_draws(
     counts: list[int],
     draws: np.ndarray,
     confidence: float,
+    small: dict[str, int] | None = None,
 ) -> GroupGap:
     """The gap record from group means and resampled group means ``draws`` [resamples,
     groups] (bootstrap, or a normal approximation when only sums are known).
@@ -77,6 +84,7 @@ def gap_from_draws(
         ci_high=max(0.0, 2 * gap - float(np.quantile(draw_gaps, tail))),
         best=labels[hi],
         worst=labels[lo],
+        small=small or {},
     )
 
 

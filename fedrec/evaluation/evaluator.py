@@ -96,10 +96,9 @@ def evaluate(
             # Masked items are not shown.
             top_items = torch.where(top.values > -torch.inf, top.indices, -1).numpy()
             if rerank is not None:
-                top_items = rerank(
-                    batch, stage, top_items[:, :top_n], top.values[:, :top_n].numpy()
-                )
-                batch_ranks = _reranked(batch_ranks, top_items, targets_all[batch])
+                before = top_items[:, :top_n]
+                top_items = rerank(batch, stage, before, top.values[:, :top_n].numpy())
+                batch_ranks = _reranked(batch_ranks, before, top_items, targets_all[batch])
             ranks.append(batch_ranks)
             if top_n:
                 lists.append(top_items[:, :top_n])
@@ -123,13 +122,6 @@ def evaluate(
     )
 
 
-def _reranked(ranks: torch.Tensor, top_items: np.ndarray, targets: np.ndarray) -> torch.Tensor:
-    rows, positions = np.nonzero(top_items == targets[:, None])
-    out = torch.maximum(ranks, torch.tensor(top_items.shape[1] + 1))
-    out[torch.from_numpy(rows)] = torch.from_numpy(positions + 1).to(out.dtype)
-    return out
-
-
 def popularity_scorer(split: SequenceSplit) -> Scorer:
     """Most-popular baseline: items scored by interaction counts in the visible histories."""
     train_counts = torch.from_numpy(split.train_item_counts()).to(torch.float64)
@@ -142,3 +134,17 @@ def popularity_scorer(split: SequenceSplit) -> Scorer:
         return counts.expand(len(users), -1)
 
     return score
+
+
+def _reranked(
+    ranks: torch.Tensor, before: np.ndarray, after: np.ndarray, targets: np.ndarray
+) -> torch.Tensor:
+    """Target ranks after re-ranking: its new position plus the tie penalty it had (pessimistic
+    rank minus its position in ``torch.topk``'s order), so an unchanged list keeps the
+    pessimistic ranks; targets outside the list stay beyond it."""
+    out = torch.maximum(ranks, torch.tensor(after.shape[1] + 1))
+    rows, new_positions = np.nonzero(after == targets[:, None])
+    old_positions = np.nonzero(before[rows] == targets[rows, None])[1]
+    penalty = ranks[torch.from_numpy(rows)] - torch.from_numpy(old_positions + 1)
+    out[torch.from_numpy(rows)] = torch.from_numpy(new_positions + 1).to(out.dtype) + penalty
+    return out
