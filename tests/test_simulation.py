@@ -54,6 +54,7 @@ def _tiny_config(path: Path, run_dir: Path, budget: float | None) -> Path:
             "record_epsilon_budget": budget,
             "central_dp": {"noise_multiplier": CENTRAL_SIGMA, "clipping_norm": 1.0},
         },
+        "audit": {"min_group_size": 1},  # 5 users after preprocessing: compare every group
     }
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
@@ -193,6 +194,7 @@ def test_federated_audit_adds_client_sums_ledgers_their_noise_and_stops_on_a_bre
     config["federated"].update(num_rounds=4, record_dp=None, central_dp=None)
     # Coverage can never exceed 1: the first audit breaches and the run stops after round 1.
     config["audit"] = {
+        "min_group_size": 1,
         "mode": "federated",
         "exposure_noise": 2.0,
         "min_coverage": 1.01,
