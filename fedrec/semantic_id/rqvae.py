@@ -153,10 +153,6 @@ class SemanticIds:
     version: str = ARTEFACT_VERSION
 
     @property
-    def levels(self) -> int:
-        return self.codes.shape[1] - 1
-
-    @property
     def extra_size(self) -> int:
         return int(self.codes[:, -1].max()) + 1 if len(self.codes) else 1
 
