@@ -20,6 +20,7 @@ from fedrec.data import DataConfig
 from fedrec.errors import FedrecConfigError
 from fedrec.evaluation import EvalConfig, metric_names
 from fedrec.federation import FederatedConfig
+from fedrec.llm_rec.config import LLMRecConfig
 from fedrec.models import SequentialModelConfig, model_config, model_names
 from fedrec.semantic_id.pipeline import SemanticIdConfig
 from fedrec.training import TrainConfig
@@ -29,7 +30,8 @@ from fedrec.training import TrainConfig
 class ExperimentConfig:
     """A whole experiment. ``model`` holds ``name`` plus that model's options; ``federated`` and
     ``audit`` (the per-round bias and fairness audit) are read by ``fedrec simulate`` only;
-    ``semantic_id`` by ``fedrec semantic-ids``."""
+    ``semantic_id`` by ``fedrec semantic-ids``. With an ``llm`` section the federation trains
+    the LLM recommender's adapters instead of ``model``."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model_name: str = "hstu"
@@ -39,6 +41,7 @@ class ExperimentConfig:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     semantic_id: SemanticIdConfig = field(default_factory=SemanticIdConfig)
+    llm: LLMRecConfig | None = None
     seed: int = 0
     output_dir: str = "runs"
 

@@ -9,12 +9,14 @@ one user) or one user's whole sequence (user-level protection inside a cross-sil
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedrec.data.batching import training_batch
@@ -121,23 +123,31 @@ def _ignore_harmless_opacus_warnings() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+PerExampleLoss = Callable[..., torch.Tensor]  # (model, *batch tensors) -> losses [B]
+
+
 def dp_train(
-    model: SequentialRecommender,
+    model: nn.Module,
     examples: TensorDataset,
     config: DPSGDConfig,
     epochs: int,
     learning_rate: float,
     poisson_sampling: bool = True,
     optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: PerExampleLoss = per_example_loss,
 ) -> DPTrainResult:
-    """Train ``model`` in place with DP-SGD and report what the privacy ledger needs.
+    """Train ``model``'s trainable parameters in place with DP-SGD and report what the privacy
+    ledger needs. ``loss_fn(model, *batch)`` gives one loss per example of a batch of
+    ``examples``' tensors.
 
-    Empty Poisson batches still take a (noise-only) optimizer step, which the accountant counts.
-    The model is returned to a plain module afterwards (Opacus hooks removed).
+    Empty Poisson batches still take a (noise-only) optimizer step, which the accountant counts;
+    the model is not run on them (some models fail on zero rows). The model is returned to a
+    plain module afterwards (Opacus hooks removed).
     """
     plan = plan_dp(len(examples), config, epochs)
     loader = DataLoader(examples, batch_size=plan.batch_size)
-    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=learning_rate)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optimizer or torch.optim.Adam(trainable, lr=learning_rate)
     with warnings.catch_warnings():
         _ignore_harmless_opacus_warnings()
         engine = PrivacyEngine(accountant=config.accountant)
@@ -156,15 +166,18 @@ def dp_train(
         with warnings.catch_warnings():
             _ignore_harmless_opacus_warnings()
             for _ in range(epochs):
-                for items, times, targets in private_loader:
-                    per_example = per_example_loss(model, items, times, targets)
-                    loss = per_example.sum() / max(len(per_example), 1)
+                for batch in private_loader:
                     dp_optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if len(batch[0]):
+                        per_example = loss_fn(model, *batch)
+                        loss = per_example.sum() / len(per_example)
+                        loss.backward()
+                        losses.append(loss.item())
+                    else:
+                        for param in trainable:  # Opacus' zero-row convention: noise only
+                            param.grad_sample = param.new_zeros((0, *param.shape))
                     dp_optimizer.step()
                     steps += 1
-                    if len(per_example):
-                        losses.append(loss.item())
     finally:
         private._close()
     return DPTrainResult(

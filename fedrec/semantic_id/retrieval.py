@@ -54,16 +54,23 @@ class RetrievalConfig:
 
 
 class CodeVocabulary:
-    """Item codes ⇄ token ids, and the prefix trie of valid codes."""
+    """Item codes ⇄ token ids, and the prefix trie of valid codes. Code tokens are contiguous
+    from ``first_token`` (the LLM recommender appends them to a text vocabulary)."""
 
-    def __init__(self, codes: np.ndarray, codebook_size: int, extra_vocab: int):
+    def __init__(
+        self,
+        codes: np.ndarray,
+        codebook_size: int,
+        extra_vocab: int,
+        first_token: int = FIRST_CODE_TOKEN,
+    ):
         if codes[:, -1].max() >= extra_vocab:
             raise ValueError(
                 f"extra level needs {codes[:, -1].max() + 1} tokens, has {extra_vocab}"
             )
         self.levels = codes.shape[1]
-        self.offsets = FIRST_CODE_TOKEN + codebook_size * np.arange(self.levels)
-        self.size = FIRST_CODE_TOKEN + codebook_size * (self.levels - 1) + extra_vocab
+        self.offsets = first_token + codebook_size * np.arange(self.levels)
+        self.size = first_token + codebook_size * (self.levels - 1) + extra_vocab
         self.tokens = codes + self.offsets  # [items, levels]
         self.item_of = {tuple(t): i for i, t in enumerate(self.tokens.tolist())}
         if len(self.item_of) != len(codes):

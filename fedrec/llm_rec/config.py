@@ -1,0 +1,121 @@
+"""Options of the LLM recommender: backbone, adapters, prompts, foundation stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SCENARIO_RULES = ("none", "weekend")
+PROMPT_INITS = ("SAMPLE_VOCAB", "RANDOM")
+
+
+@dataclass
+class BackboneConfig:
+    """The default backbone when ``base_model`` is empty: a small Llama built from a config,
+    with a BPE tokenizer of ``text_vocab`` tokens trained on the catalogue text."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_positions: int = 512
+    text_vocab: int = 1000
+
+    def __post_init__(self) -> None:
+        if min(self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size) < 1:
+            raise ValueError("llm.backbone: sizes must be >= 1")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("llm.backbone.hidden_size must be a multiple of num_heads")
+        if self.text_vocab < 100 or self.max_positions < 16:
+            raise ValueError("llm.backbone: text_vocab >= 100 and max_positions >= 16")
+
+
+@dataclass
+class LoraOptions:
+    """PEFT ``LoraConfig``: shared by all clients and aggregated by the server."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError("llm.lora: r >= 1, alpha > 0, 0 <= dropout < 1")
+        if not self.target_modules:
+            raise ValueError("llm.lora.target_modules must name at least one module")
+
+
+@dataclass
+class PromptOptions:
+    """Soft prompts. ``scenario_tokens`` per scenario (shared, aggregated; the scenario of a
+    request follows ``scenario_rule``: ``none`` = one domain prompt, ``weekend`` = weekday vs
+    weekend of the request's last event); ``personal_tokens`` of a prompt that stays on the
+    device (0: none). ``init``: PEFT's ``PromptTuningInit`` (``SAMPLE_VOCAB`` or ``RANDOM``)."""
+
+    scenario_tokens: int = 8
+    scenario_rule: str = "none"
+    personal_tokens: int = 4
+    init: str = "SAMPLE_VOCAB"
+
+    def __post_init__(self) -> None:
+        if self.scenario_tokens < 0 or self.personal_tokens < 0:
+            raise ValueError("llm.prompts: token counts must be >= 0")
+        if self.scenario_rule not in SCENARIO_RULES:
+            raise ValueError(f"llm.prompts.scenario_rule must be one of {SCENARIO_RULES}")
+        if self.init not in PROMPT_INITS:
+            raise ValueError(f"llm.prompts.init must be one of {PROMPT_INITS}")
+
+    @property
+    def num_scenarios(self) -> int:
+        return 2 if self.scenario_rule == "weekend" else 1
+
+
+@dataclass
+class FoundationConfig:
+    """Server-side pretraining of the whole backbone on public data: catalogue text and
+    semantic-ID ⇄ title alignment, plus the training sequences of ``consented_share`` of the
+    users (0: none), who agreed to share them."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    consented_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ValueError("llm.foundation: epochs >= 0, batch_size >= 1, learning_rate > 0")
+        if not 0 <= self.consented_share <= 1:
+            raise ValueError("llm.foundation.consented_share must lie in [0, 1]")
+
+
+@dataclass
+class LLMRecConfig:
+    """An LLM recommender: a causal LM reads a user's history as semantic-ID tokens (optionally
+    with titles) and generates the next item's code under a prefix trie.
+
+    ``base_model``: a local path or hub id of any ``AutoModelForCausalLM`` (its tokenizer gets
+    the code tokens); empty = the ``backbone`` built here. ``semantic_ids``: an artefact folder
+    written by ``fedrec semantic-ids`` (empty: codes are built from the catalogue with the
+    ``semantic_id`` section). ``foundation_dir``: where the foundation stage writes (and later
+    runs read) the pretrained backbone; empty = ``<run dir>/foundation``.
+    """
+
+    base_model: str = ""
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    semantic_ids: str = ""
+    foundation_dir: str = ""
+    foundation: FoundationConfig = field(default_factory=FoundationConfig)
+    max_items: int = 20
+    with_titles: bool = False
+    title_tokens: int = 6
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    prompts: PromptOptions = field(default_factory=PromptOptions)
+    beam_width: int = 20
+    eval_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_items < 1 or self.title_tokens < 1:
+            raise ValueError("llm: max_items >= 1 and title_tokens >= 1")
+        if self.beam_width < 1 or self.eval_batch_size < 1:
+            raise ValueError("llm: beam_width >= 1 and eval_batch_size >= 1")

@@ -1,0 +1,249 @@
+"""The foundation stage, on the server: pretrain the whole backbone on public data before any
+client trains adapters.
+
+Data each task uses:
+- ``catalogue``: each item's text (title, genres, year) — the public catalogue.
+- ``alignment``: "codes → title" and "title → codes" for every item — catalogue only (the
+  semantic IDs are built from content, or given as an artefact).
+- ``consented``: training sequences of ``foundation.consented_share`` of the users, who agreed
+  to share them (0 by default: no user data at all). Their validation and test items are never
+  read.
+The result is a folder: ``backbone/`` (``save_pretrained`` model and tokenizer),
+``semantic_ids/`` (the codes it was trained with) and ``foundation.json`` (what was used).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+from tqdm import tqdm
+
+from fedrec.data.dataset import InteractionDataset
+from fedrec.data.split import SequenceSplit
+from fedrec.llm_rec.backbone import new_backbone
+from fedrec.llm_rec.config import LLMRecConfig
+from fedrec.llm_rec.data import IGNORE, PromptBuilder
+from fedrec.llm_rec.model import LLMRecommender
+from fedrec.semantic_id.content import content_embeddings, item_texts
+from fedrec.semantic_id.retrieval import CodeVocabulary
+from fedrec.semantic_id.rqvae import SemanticIds, build_semantic_ids
+
+if TYPE_CHECKING:
+    from fedrec.config import ExperimentConfig
+
+log = logging.getLogger("fedrec.llm_rec")
+VERSION = "fedrec-llm-foundation/1"
+
+
+def semantic_ids_for(experiment: ExperimentConfig, dataset: InteractionDataset) -> SemanticIds:
+    """The configured artefact (checked against the data's items), or codes built now from the
+    catalogue with the ``semantic_id`` section (content encoder + RQ-VAE)."""
+    assert experiment.llm is not None
+    if experiment.llm.semantic_ids:
+        ids = SemanticIds.load(Path(experiment.llm.semantic_ids))
+        if ids.raw_item_ids and list(ids.raw_item_ids) != [str(i) for i in dataset.raw_item_ids]:
+            raise ValueError(
+                f"llm.semantic_ids {experiment.llm.semantic_ids}: codes are for other items "
+                f"({len(ids.raw_item_ids)} vs {dataset.num_items}); rebuild them with "
+                "`fedrec semantic-ids` on the same data and preprocessing"
+            )
+        return ids
+    section = experiment.semantic_id
+    embeddings = content_embeddings(dataset, section.content)
+    ids, _ = build_semantic_ids(embeddings, section.rqvae, list(dataset.raw_item_ids), False)
+    return ids
+
+
+def _titles(dataset: InteractionDataset) -> list[str]:
+    titles = dataset.item_features.get("title")
+    return [str(t) for t in titles] if titles is not None else item_texts(dataset)
+
+
+@dataclass
+class Foundation:
+    """A loaded foundation folder: what every model of a run is built from."""
+
+    folder: Path
+    tokenizer: Any
+    vocabulary: CodeVocabulary
+    meta: dict[str, Any]
+
+    def builder(self, config: LLMRecConfig, dataset: InteractionDataset) -> PromptBuilder:
+        titles = None
+        if config.with_titles:
+            titles = [
+                self.tokenizer(t, add_special_tokens=False)["input_ids"][: config.title_tokens]
+                for t in _titles(dataset)
+            ]
+        return PromptBuilder(
+            self.vocabulary,
+            bos=self.tokenizer.bos_token_id,
+            pad=self.tokenizer.pad_token_id,
+            max_items=config.max_items,
+            titles=titles,
+            scenario_rule=config.prompts.scenario_rule,
+        )
+
+    def recommender(
+        self, config: LLMRecConfig, dataset: InteractionDataset, seed: int
+    ) -> LLMRecommender:
+        """A fresh recommender: the pretrained backbone (frozen) with new adapters."""
+        from transformers import AutoModelForCausalLM
+
+        backbone = AutoModelForCausalLM.from_pretrained(self.folder / "backbone")
+        backbone.config.loss_type = "ForCausalLM"  # named, or transformers warns per model
+        return LLMRecommender(backbone, self.builder(config, dataset), config, seed)
+
+
+def load_foundation(folder: Path) -> Foundation:
+    from transformers import AutoTokenizer
+
+    meta_path = folder / "foundation.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(
+            f"{folder}: no foundation here; run `fedrec foundation -c CONFIG` (or start the "
+            "federated run, whose server builds it first)"
+        )
+    meta = json.loads(meta_path.read_text("utf-8"))
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{folder}: foundation version {meta.get('version')!r}, need {VERSION}")
+    ids = SemanticIds.load(folder / "semantic_ids")
+    vocabulary = CodeVocabulary(ids.codes, ids.codebook_size, meta["extra_vocab"], meta["first_code"])
+    return Foundation(folder, AutoTokenizer.from_pretrained(folder / "backbone"), vocabulary, meta)
+
+
+def _text_rows(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[int], int]]:
+    rows = []
+    for text in texts:
+        ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+        ids.append(tokenizer.eos_token_id)
+        rows.append((ids, [IGNORE, *ids[1:]], 0))
+    return rows
+
+
+def _alignment_rows(
+    tokenizer: Any, vocabulary: CodeVocabulary, titles: list[str], max_title: int
+) -> list[tuple[list[int], list[int], int]]:
+    rows = []
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for item, title in enumerate(titles):
+        words = tokenizer(title, add_special_tokens=False)["input_ids"][:max_title]
+        code = vocabulary.tokens[item].tolist()
+        for ids in ([bos, *code, *words, eos], [bos, *words, *code, eos]):
+            rows.append((ids, [IGNORE, *ids[1:]], 0))
+    return rows
+
+
+def run_foundation(
+    experiment: ExperimentConfig,
+    dataset: InteractionDataset,
+    split: SequenceSplit,
+    folder: Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pretrain the backbone on public data (see the module docstring) and save it."""
+    config = experiment.llm
+    assert config is not None
+    started = time.perf_counter()
+    ids = semantic_ids_for(experiment, dataset)
+    extra = ids.extra_size + experiment.semantic_id.extra_vocab_margin
+    texts = item_texts(dataset)
+    model, tokenizer, vocabulary = new_backbone(
+        config.base_model, config.backbone, texts, ids.codes, ids.codebook_size, extra, experiment.seed
+    )
+    titles = _titles(dataset)
+    rows = {
+        "catalogue": _text_rows(tokenizer, texts),
+        "alignment": _alignment_rows(tokenizer, vocabulary, titles, 16),
+    }
+    rng = np.random.default_rng(experiment.seed)
+    share = config.foundation.consented_share
+    consented = np.sort(rng.permutation(split.num_users)[: round(share * split.num_users)])
+    builder = PromptBuilder(
+        vocabulary, tokenizer.bos_token_id, tokenizer.pad_token_id, config.max_items
+    )
+    sequences = builder.records(split, consented, config.max_items) if len(consented) else None
+    counts = {name: len(r) for name, r in rows.items()}
+    counts["consented"] = 0 if sequences is None else len(sequences)
+    losses = _pretrain(model, builder, rows, sequences, config, experiment.seed, progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder / "backbone")
+    tokenizer.save_pretrained(folder / "backbone")
+    ids.save(folder / "semantic_ids")
+    meta = {
+        "version": VERSION,
+        "base_model": config.base_model or "llama built from llm.backbone",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "first_code": int(vocabulary.offsets[0]),
+        "extra_vocab": extra,
+        "records": counts,
+        "consented_users": consented.tolist(),
+        "losses": losses,
+        "config": asdict(config.foundation),
+        "seconds": time.perf_counter() - started,
+    }
+    (folder / "foundation.json").write_text(json.dumps(meta, indent=1) + "\n", "utf-8")
+    log.info("foundation: %s records, final loss %.3f", counts, losses[-1] if losses else 0)
+    return meta
+
+
+def _pretrain(
+    model: Any,
+    builder: PromptBuilder,
+    rows: dict[str, list[tuple[list[int], list[int], int]]],
+    sequences: TensorDataset | None,
+    config: LLMRecConfig,
+    seed: int,
+    progress: bool,
+) -> list[float]:
+    """Full-parameter next-token training of the backbone; mean loss per epoch."""
+    batches: list[tuple[torch.Tensor, ...]] = []
+    every = [r for part in rows.values() for r in part]
+    chunks = [every[i : i + 4096] for i in range(0, len(every), 4096)]
+    datasets = [builder.tensors(c) for c in chunks] + ([sequences] if sequences else [])
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.foundation.learning_rate)
+    epochs = config.foundation.epochs
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=config.foundation.learning_rate,
+        total_steps=max(1, epochs * sum(-(-len(d) // config.foundation.batch_size) for d in datasets)),
+    )
+    losses = []
+    model.train()
+    for _ in tqdm(range(epochs), desc="foundation", disable=not progress, leave=False):
+        batches = [
+            tuple(t[order] for t in d.tensors)
+            for d in datasets
+            for order in torch.randperm(len(d), generator=generator).split(
+                config.foundation.batch_size
+            )
+        ]
+        total = []
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            ids, mask, labels, _ = batches[b]
+            width = int(mask.sum(dim=1).max())  # drop all-padding columns of this batch
+            ids, mask, labels = ids[:, -width:], mask[:, -width:], labels[:, -width:]
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=LLMRecommender.positions(mask),
+                labels=labels,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            schedule.step()
+            total.append(out.loss.item())
+        losses.append(float(np.mean(total)))
+    model.eval()
+    return losses
