@@ -2,9 +2,12 @@
 
 A client loads the population's config, takes only its partition (by ``partition-id``),
 trains locally (with Opacus DP-SGD when ``federated.record_dp`` is set) and replies with the
-model arrays, ``num-examples`` and metrics, including the DP parameters it spent this round.
-It keeps its own privacy ledger on disk (``client_ledger_path``), so ε survives restarts, and refuses to train, saying so in its
-reply, when the next round would take it past ``federated.record_epsilon_budget``.
+model's shared arrays (the whole sequential model, or only the LLM recommender's adapters),
+``num-examples`` and metrics, including the DP parameters it spent this round. It keeps its
+own privacy ledger on disk (``client_ledger_path``), so ε survives restarts, and refuses to
+train, saying so in its reply, when the next round would take it past
+``federated.record_epsilon_budget``. An LLM client keeps its personal prompt next to its
+ledger (``client_personal_path``) and never sends it; its backbone is loaded once per process.
 """
 
 from __future__ import annotations
@@ -25,20 +28,20 @@ from flwr.clientapp.typing import ClientAppCallable
 from fedrec.audits.federated import client_sums
 from fedrec.evaluation import EvalConfig, evaluate
 from fedrec.federation import (
+    FederatedModel,
     LocalResult,
     Population,
+    build_federated_model,
     client_ledger_path,
+    client_personal_path,
     client_seed,
     load_population,
-    local_train,
     planned_record_event,
     reply_weight,
     resolve_config_path,
+    resolve_run_dir,
 )
-from fedrec.models import build_model
-from fedrec.models.base import SequentialRecommender
 from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger
-from fedrec.training import model_scorer
 
 MetricValue = int | float | list[int] | list[float]
 CLIPPING_NORM_KEY = "clipping_norm"
@@ -77,11 +80,11 @@ app = ClientApp()
 torch.set_num_threads(1)  # one CPU per virtual client was fastest on 2 cores (STACK-NOTES)
 
 
-def _setup(msg: Message, context: Context) -> tuple[Population, int, SequentialRecommender]:
+def _setup(msg: Message, context: Context) -> tuple[Population, int, FederatedModel]:
     population = load_population(resolve_config_path(context.run_config))
-    config = population.config
-    model = build_model(config.model_name, population.split.num_items, config.model)
-    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+    run_dir = resolve_run_dir(context.run_config, population.config.output_dir)
+    model = build_federated_model(population, run_dir, cached=True)
+    model.load_shared_state(msg.content.array_records["arrays"].to_torch_state_dict())
     return population, int(context.node_config["partition-id"]), model
 
 
@@ -143,11 +146,11 @@ def train(msg: Message, context: Context) -> Message:
                 RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord(metrics)}),
                 reply_to=msg,
             )
-    result = local_train(
-        model,
+    result = model.train_local(
         population.client_split(partition),
         fed,
-        seed=client_seed(config.seed, round_, partition),
+        client_seed(config.seed, round_, partition),
+        client_personal_path(context.run_config, context.node_config, config.output_dir),
     )
     metrics.update({"num-examples": reply_weight(result, fed), "train-loss": result.loss})
     if result.dp is not None and planned is not None:
@@ -156,7 +159,7 @@ def train(msg: Message, context: Context) -> Message:
         _save_ledger(ledger, ledger_path)
         metrics.update(_spent_metrics(spent))
     reply = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
+        {"arrays": ArrayRecord(model.shared_state()), "metrics": MetricRecord(metrics)}
     )
     return Message(reply, reply_to=msg)
 
@@ -168,7 +171,7 @@ def evaluate_on_device(msg: Message, context: Context) -> Message:
     population, partition, model = _setup(msg, context)
     split = population.client_split(partition)
     config = population.config
-    scorer = model_scorer(model, split, torch.device("cpu"))
+    scorer = model.scorer(split, torch.device("cpu"))
     audit = config.audit
     if not (audit.enabled and audit.mode == "federated"):
         result = evaluate(scorer, split, "test", EvalConfig(ks=(10, 20)))

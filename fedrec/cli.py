@@ -257,6 +257,71 @@ def semantic_ids(
     typer.echo(f"results: {run_dir / 'results.json'}")
 
 
+@app.command()
+def foundation(
+    config: ConfigOption,
+    data_dir: DataDirOption = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(help="Foundation folder; default: llm.foundation_dir, else RUN/foundation."),
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Pretrain the LLM recommender's backbone on public data (`llm:` in the config).
+
+    The server's foundation stage, run on its own: builds (or loads) the semantic IDs, trains a
+    BPE tokenizer on the catalogue and a small Llama (or loads llm.base_model), adds the code
+    tokens and trains the whole backbone on catalogue text, code/title alignment and the
+    training sequences of llm.foundation.consented_share of the users. `fedrec simulate` runs
+    this stage itself when the folder is missing.
+    """
+    from fedrec.data import prepare_split
+    from fedrec.llm_rec.foundation import run_foundation
+
+    _configure_logging()
+    try:
+        experiment = _load(config, data_dir)
+        if experiment.llm is None:
+            raise ValueError(f"{config}: no llm section; see configs/llm-synthetic.yaml")
+        folder = output_dir or Path(
+            experiment.llm.foundation_dir or Path(experiment.output_dir) / "foundation"
+        )
+        dataset, split = prepare_split(experiment.data)
+        meta = run_foundation(experiment, dataset, split, folder, progress)
+    except (FedrecConfigError, FedrecDataError, ValueError, FileNotFoundError) as err:
+        _fail(err)
+        return
+    typer.echo(
+        f"foundation: {folder} ({meta['parameters']:,} parameters, records {meta['records']}, "
+        f"final loss {meta['losses'][-1] if meta['losses'] else float('nan'):.3f}, "
+        f"{meta['seconds']:.0f} s)"
+    )
+
+
+@app.command()
+def recommend(
+    run: Annotated[Path, typer.Option("--run", help="Folder of a finished LLM federated run.")],
+    user: Annotated[str, typer.Option("--user", help="User id as in the data files.")],
+    k: Annotated[int, typer.Option(help="How many items.")] = 10,
+) -> None:
+    """Print a user's top-K titles from the run's global adapters (RUN/global, PEFT format)
+    and, when the run folder holds one, that user's personal prompt."""
+    from fedrec.llm_rec.recommend import recommend as top_k
+
+    try:
+        out = top_k(run, user, k)
+    except (FedrecConfigError, FedrecDataError, ValueError, FileNotFoundError) as err:
+        _fail(err)
+        return
+    typer.echo(
+        f"user {out['user']}, scenario {out['scenario']}, personal prompt: "
+        f"{out['personal_prompt'] or 'none (the initial prompt)'}"
+    )
+    typer.echo("recent: " + " | ".join(out["history"]))
+    for rank, row in enumerate(out["top"], 1):
+        typer.echo(f"{rank:2d}. {row['title']}  (item {row['item']}, log p {row['log_prob']:.2f})")
+
+
 @app.command("data-summary")
 def data_summary(config: ConfigOption, data_dir: DataDirOption = None) -> None:
     """Load, preprocess and split the data of a config; print its statistics as JSON."""

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -24,10 +24,12 @@ from fedrec.data.batching import training_batch
 from fedrec.data.dataset import InteractionDataset
 from fedrec.data.partition import SCHEMES, partition_users
 from fedrec.data.split import SequenceSplit
+from fedrec.evaluation.evaluator import Scorer
+from fedrec.models import build_model
 from fedrec.models.base import SequentialRecommender
 from fedrec.privacy.dp_sgd import DPSGDConfig, DPTrainResult, dp_train, plan_dp
 from fedrec.privacy.ledger import PrivacyEvent
-from fedrec.training import train_epoch, trainable_users
+from fedrec.training import model_scorer, train_epoch, trainable_users
 
 if TYPE_CHECKING:
     from fedrec.config import ExperimentConfig
@@ -70,7 +72,9 @@ class FederatedConfig:
     the update is the client's gradient scaled by ``local_learning_rate``: FedSGD, which a
     server optimizer such as FedAdam turns into large-batch centralized Adam).
     ``server_tau``: FedAdam's adaptivity τ (Flower's default 1e-3 dominates √v_t when client
-    updates are small, reducing FedAdam to plain server SGD)."""
+    updates are small, reducing FedAdam to plain server SGD). ``eval_every``: the server
+    evaluates the global model every N rounds and after the last (1: every round, and once
+    before training)."""
 
     partitioning: str = "user"
     num_partitions: int = 0
@@ -88,6 +92,7 @@ class FederatedConfig:
     server_tau: float = 1e-3
     proximal_mu: float = 0.0
     round_timeout: float = 600.0
+    eval_every: int = 1
     record_window: int = 20
     record_dp: DPSGDConfig | None = None
     record_epsilon_budget: float | None = None
@@ -109,6 +114,8 @@ class FederatedConfig:
             )
         if self.local_learning_rate <= 0 or self.round_timeout <= 0 or self.record_window < 1:
             raise ValueError("federated: local_learning_rate, round_timeout, record_window > 0")
+        if self.eval_every < 1:
+            raise ValueError("federated.eval_every must be >= 1")
         if self.local_optimizer not in LOCAL_OPTIMIZERS:
             raise ValueError(
                 f"federated.local_optimizer must be one of {sorted(LOCAL_OPTIMIZERS)}, "
@@ -203,6 +210,70 @@ def local_train(
     return LocalResult(positions, float(np.mean(losses)), None)
 
 
+class FederatedModel(Protocol):
+    """What a federation trains. ``shared_state`` names every tensor that crosses the network
+    (the whole sequential model, or only the LLM recommender's adapters); personal state (a
+    user's own prompt) is kept in the client's ``personal`` file and never in it."""
+
+    def shared_state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_shared_state(self, state: Mapping[str, torch.Tensor]) -> None: ...
+
+    def to(self, device: torch.device) -> FederatedModel: ...
+
+    def scorer(self, split: SequenceSplit, device: torch.device) -> Scorer: ...
+
+    def train_local(
+        self, split: SequenceSplit, fed: FederatedConfig, seed: int, personal: Path | None
+    ) -> LocalResult: ...
+
+    def export(self, folder: Path) -> None: ...
+
+
+class SequentialFederatedModel:
+    """A sequential recommender (HSTU, SASRec) trained whole by the federation."""
+
+    def __init__(self, model: SequentialRecommender):
+        self.model = model
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_shared_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+    def to(self, device: torch.device) -> SequentialFederatedModel:
+        self.model.to(device)
+        return self
+
+    def scorer(self, split: SequenceSplit, device: torch.device) -> Scorer:
+        return model_scorer(self.model, split, device)
+
+    def train_local(
+        self, split: SequenceSplit, fed: FederatedConfig, seed: int, personal: Path | None
+    ) -> LocalResult:
+        return local_train(self.model, split, fed, seed)
+
+    def export(self, folder: Path) -> None:
+        torch.save(self.model.state_dict(), folder / "model.pt")
+
+
+def build_federated_model(
+    population: Population, run_dir: Path, cached: bool = False
+) -> FederatedModel:
+    """The run's model: the LLM recommender when the config has an ``llm`` section (its
+    foundation must exist: ``fedrec.llm_rec.federated.ensure_foundation``), else ``model``.
+    ``cached``: reuse this process' LLM backbone (clients)."""
+    config = population.config
+    if config.llm is not None:
+        from fedrec.llm_rec.federated import llm_federated_model
+
+        return llm_federated_model(population, run_dir, cached)
+    return SequentialFederatedModel(
+        build_model(config.model_name, population.split.num_items, config.model)
+    )
+
+
 def client_seed(seed: int, round_number: int, partition: int) -> int:
     """The torch/numpy seed of one client's local training in one round."""
     return seed * 1_000_003 + round_number * 7919 + partition
@@ -263,10 +334,25 @@ def client_ledger_path(
     share the run folder's ``client-ledgers/`` (one file each, by partition).
     """
     partition = int(node_config["partition-id"])
+    return _client_folder(run_config, node_config, default_run_dir) / f"client-{partition}.json"
+
+
+def client_personal_path(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any], default_run_dir: str
+) -> Path:
+    """Where a client keeps its personal prompt: next to its ledger, on the device."""
+    partition = int(node_config["partition-id"])
+    folder = _client_folder(run_config, node_config, default_run_dir)
+    return folder / f"client-{partition}-personal.safetensors"
+
+
+def _client_folder(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any], default_run_dir: str
+) -> Path:
     folder = node_config.get("ledger-dir") or resolve_run_dir(run_config, default_run_dir) / (
         CLIENT_LEDGER_DIR
     )
-    return Path(str(folder)) / f"client-{partition}.json"
+    return Path(str(folder))
 
 
 def resolve_config_path(run_config: Mapping[str, Any]) -> str:

@@ -36,14 +36,14 @@ from fedrec.experiment import environment, write_json_atomic
 from fedrec.federation import (
     CLIENT_LEDGER_DIR,
     Population,
+    build_federated_model,
     load_population,
     resolve_config_path,
     resolve_run_dir,
 )
-from fedrec.models import build_model
 from fedrec.privacy import PrivacyEvent, PrivacyLedger
 from fedrec.privacy.report import write_privacy_report
-from fedrec.training import model_scorer, resolve_device, save_atomic, seed_everything
+from fedrec.training import resolve_device, save_atomic, seed_everything
 from server.strategy import (
     ClientsFailed,
     LedgerKeeper,
@@ -68,10 +68,11 @@ class Federation:
         self.run_dir = run_dir
         self.device = resolve_device(self.config.train.device)
         seed_everything(self.config.seed)
-        self.model = build_model(
-            self.config.model_name, population.split.num_items, self.config.model
-        )
-        self.model.to(self.device)
+        if self.config.llm is not None:
+            from fedrec.llm_rec.federated import ensure_foundation
+
+            ensure_foundation(population, run_dir)  # the foundation stage, before any round
+        self.model = build_federated_model(population, run_dir).to(self.device)
         self.ledger = PrivacyLedger()
         self.rounds_done = 0
         self.num_clients = len(population.partitions)
@@ -91,7 +92,7 @@ class Federation:
         self.round_started = time.perf_counter()
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.model.load_shared_state(state["model"])
         self.ledger.load_state_dict(state["ledger"])
         self.rounds_done = int(state["round"])
         load_strategy_state(self.strategy, state["strategy"])
@@ -114,7 +115,7 @@ class Federation:
         save_atomic(
             {
                 "round": round_number,
-                "model": self.model.state_dict(),
+                "model": self.model.shared_state(),
                 "ledger": self.ledger.state_dict(),
                 "strategy": strategy_state(self.strategy),
                 "rng": {
@@ -200,11 +201,25 @@ class Federation:
                 )
             self.ledger.record(self._central_event(server_round, len(ok)))
 
-    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluated(self, server_round: int) -> bool:
+        """Whether this round's global model is evaluated (``federated.eval_every``)."""
+        every, round_number = self.fed.eval_every, self.global_round(server_round)
+        if server_round == 0:
+            return every == 1
+        return round_number % every == 0 or round_number >= self.fed.num_rounds
+
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         train_seconds = time.perf_counter() - self.round_started  # sampling to aggregation
-        self.model.load_state_dict(arrays.to_torch_state_dict())
+        self.model.load_shared_state(arrays.to_torch_state_dict())
+        if not self.evaluated(server_round):
+            self._log_round(
+                server_round,
+                {"round": self.global_round(server_round), **self._round_facts(train_seconds)},
+                None,
+            )
+            return None
         split, evaluation = self.population.split, self.config.evaluation
-        scorer = model_scorer(self.model, split, self.device)
+        scorer = self.model.scorer(split, self.device)
         valid = evaluate(scorer, split, "valid", evaluation).metrics
         audited = self.audit is not None and self.audit.mode == "server" and server_round > 0
         tested = evaluate(
@@ -215,25 +230,8 @@ class Federation:
         record: dict[str, Any] = {"round": round_number, "valid": valid, "test": test}
         if server_round > 0:
             audit = self._audit(scorer, round_number, tested if audited else None)
-            record.update(
-                {
-                    "clients": getattr(self, "last_replies", 0),
-                    "refused": getattr(self, "last_refused", 0),
-                    "seconds": train_seconds,
-                }
-            )
-            record["epsilon"] = self.epsilons()
-            with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-            if audit is not None:
-                with (self.run_dir / "audit.jsonl").open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(audit) + "\n")
-            self.checkpoint(round_number)
-            if audit is not None and audit["breaches"] and self.audit and self.audit.stop_on_breach:
-                raise StopFederation(
-                    f"audit threshold breached in round {round_number} (audit.stop_on_breach): "
-                    + "; ".join(audit["breaches"])
-                )
+            record.update(self._round_facts(train_seconds))
+            self._log_round(server_round, record, audit)
         monitor = self.config.train.monitor
         log.info(
             "round %d: valid %s %.4f  test %s %.4f  clients %s  ε %s",
@@ -246,6 +244,31 @@ class Federation:
             record.get("epsilon", {}),
         )
         return MetricRecord({f"valid-{monitor}": valid[monitor], f"test-{monitor}": test[monitor]})
+
+    def _round_facts(self, train_seconds: float) -> dict[str, Any]:
+        return {
+            "clients": getattr(self, "last_replies", 0),
+            "refused": getattr(self, "last_refused", 0),
+            "seconds": train_seconds,
+            "epsilon": self.epsilons(),
+        }
+
+    def _log_round(
+        self, server_round: int, record: dict[str, Any], audit: dict[str, Any] | None
+    ) -> None:
+        """Append the round's lines, then checkpoint (a kill in between is trimmed on resume)."""
+        round_number = self.global_round(server_round)
+        with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if audit is not None:
+            with (self.run_dir / "audit.jsonl").open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(audit) + "\n")
+        self.checkpoint(round_number)
+        if audit is not None and audit["breaches"] and self.audit and self.audit.stop_on_breach:
+            raise StopFederation(
+                f"audit threshold breached in round {round_number} (audit.stop_on_breach): "
+                + "; ".join(audit["breaches"])
+            )
 
     def _audit(
         self, scorer: Scorer, round_number: int, tested: EvalResult | None
@@ -345,7 +368,7 @@ def main(grid: Grid, context: Context) -> None:
         try:
             strategy.start(
                 grid=grid,
-                initial_arrays=ArrayRecord(federation.model.state_dict()),
+                initial_arrays=ArrayRecord(federation.model.shared_state()),
                 num_rounds=rounds,
                 timeout=fed.round_timeout,
                 # Flower numbers the rounds of this start from 1; clients label their ledger
@@ -365,6 +388,7 @@ def main(grid: Grid, context: Context) -> None:
         else []
     )
     history = [json.loads(line) for line in lines]
+    evaluated = [h for h in history if "valid" in h]
     results = {
         "model": config.model_name,
         "mode": "federated",
@@ -373,15 +397,16 @@ def main(grid: Grid, context: Context) -> None:
         "rounds": history[-1]["round"] if history else federation.rounds_done,
         "stopped_early": stopped,
         "failed": failed,
-        "final": history[-1] if history else None,
-        "best_valid_round": max(history, key=lambda r: r["valid"][config.train.monitor])["round"]
-        if history
+        "final": evaluated[-1] if evaluated else None,
+        "best_valid_round": max(evaluated, key=lambda r: r["valid"][config.train.monitor])["round"]
+        if evaluated
         else None,
         "wall_seconds": time.perf_counter() - started,
         "config": config.to_dict(),
         "environment": environment(),
     }
     write_json_atomic(results, run_dir / "results.json")
+    federation.model.export(run_dir)
     write_privacy_report(federation.ledger, run_dir)
     if (run_dir / "audit.jsonl").exists():
         write_audit_report(run_dir)

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Iterable
@@ -40,17 +41,18 @@ from fedrec.config import ExperimentConfig, parse_config
 from fedrec.evaluation import evaluate
 from fedrec.experiment import environment, write_json_atomic
 from fedrec.federation import (
+    CLIENT_LEDGER_DIR,
     LocalResult,
     Population,
+    build_federated_model,
+    client_personal_path,
     client_seed,
-    local_train,
     planned_record_event,
     reply_weight,
 )
-from fedrec.models import build_model
 from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger
 from fedrec.privacy.report import write_privacy_report
-from fedrec.training import model_scorer, seed_everything
+from fedrec.training import seed_everything
 from server.strategy import LedgerKeeper, build_strategy
 
 log = logging.getLogger("fedrec.inprocess")
@@ -122,8 +124,12 @@ def run_inprocess(
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     split = population.split
-    model = build_model(config.model_name, split.num_items, config.model)
-    worker = build_model(config.model_name, split.num_items, config.model)
+    if config.llm is not None:
+        from fedrec.llm_rec.federated import ensure_foundation
+
+        ensure_foundation(population, run_dir, progress)
+    model = build_federated_model(population, run_dir)
+    worker = build_federated_model(population, run_dir)
     num_clients = len(population.partitions)
     sampled = fed.sampled_clients(num_clients)
     # The ledger is kept below, per client; LedgerKeeper adds the server's handling of rounds
@@ -140,10 +146,11 @@ def run_inprocess(
     metrics_path, audit_path = run_dir / "metrics.jsonl", run_dir / "audit.jsonl"
     metrics_path.unlink(missing_ok=True)
     audit_path.unlink(missing_ok=True)
+    shutil.rmtree(run_dir / CLIENT_LEDGER_DIR, ignore_errors=True)  # personal prompts of a past run
     rounds = tqdm(range(1, fed.num_rounds + 1), desc="rounds", disable=not progress)
     for round_number in rounds:
         round_started = time.perf_counter()
-        global_arrays = ArrayRecord(model.state_dict())
+        global_arrays = ArrayRecord(model.shared_state())
         global_numpy = global_arrays.to_numpy_ndarrays()
         replies = []
         TaskIdentity.node_id = 0
@@ -164,11 +171,14 @@ def run_inprocess(
                 weight = reply_weight(LocalResult(0, 0.0, None), fed)
                 replies.append(_reply(instruction, global_arrays, weight))
                 continue
-            worker.load_state_dict(model.state_dict())
-            result = local_train(
-                worker, client_split, fed, seed=client_seed(config.seed, round_number, partition)
+            worker.load_shared_state(model.shared_state())
+            result = worker.train_local(
+                client_split,
+                fed,
+                client_seed(config.seed, round_number, partition),
+                client_personal_path({"run-dir": str(run_dir)}, {"partition-id": partition}, ""),
             )
-            arrays = ArrayRecord(worker.state_dict())
+            arrays = ArrayRecord(worker.shared_state())
             if central is not None:
                 update = arrays.to_numpy_ndarrays()
                 if any(np.any(u != g) for u, g in zip(update, global_numpy, strict=True)):
@@ -194,7 +204,7 @@ def run_inprocess(
                     delta=delta,
                 )
             )
-        model.load_state_dict(aggregated.to_torch_state_dict())
+        model.load_shared_state(aggregated.to_torch_state_dict())
         record: dict[str, Any] = {
             "round": round_number,
             "clients": sampled,
@@ -202,7 +212,7 @@ def run_inprocess(
             "seconds": time.perf_counter() - round_started,
         }
         if round_number % eval_every == 0 or round_number == fed.num_rounds:
-            scorer = model_scorer(model, split, torch.device("cpu"))
+            scorer = model.scorer(split, torch.device("cpu"))
             record["valid"] = evaluate(scorer, split, "valid", config.evaluation).metrics
             top_n = audit.k if audit is not None else 0
             tested = evaluate(scorer, split, "test", config.evaluation, top_n=top_n)
@@ -226,7 +236,7 @@ def run_inprocess(
         with metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
     flower_log.setLevel(flower_level)
-    torch.save(model.state_dict(), run_dir / "model.pt")
+    model.export(run_dir)
     evaluated = [h for h in history if "valid" in h]
     best = max(evaluated, key=lambda h: h["valid"][config.train.monitor])
     results = {

@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from .processes import REPO, flower_processes, python, wait_for
@@ -26,11 +27,37 @@ def _bin(name: str) -> str:
     return str(Path(python()).parent / name)
 
 
+HSTU = {
+    "model": {"name": "hstu", "max_len": 12, "embedding_dim": 16, "num_blocks": 1},
+    "federated": {"central_dp": {"noise_multiplier": 0.1, "clipping_norm": 1.0}},
+}
+LLM = {  # the LLM recommender: foundation on the server, DP-SGD on LoRA + prompts on the nodes
+    "audit": {"enabled": False},
+    "semantic_id": {"content": {"dim": 8}, "rqvae": {"levels": 2, "codebook_size": 4}},
+    "llm": {
+        "backbone": {
+            "hidden_size": 16,
+            "num_layers": 1,
+            "num_heads": 2,
+            "intermediate_size": 32,
+            "text_vocab": 120,
+        },
+        "foundation": {"epochs": 1},
+        "max_items": 4,
+        "prompts": {"scenario_tokens": 2, "personal_tokens": 2},
+        "beam_width": 10,
+    },
+    "federated": {"record_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}},
+}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_supernodes_on_loopback_run_two_rounds_and_every_process_is_stopped(tmp_path):
+@pytest.mark.parametrize("kind", ["hstu", "llm"])
+def test_two_supernodes_on_loopback_run_two_rounds_and_every_process_is_stopped(tmp_path, kind):
     run_dir = tmp_path / "run"
     config = tmp_path / "deploy.yaml"
+    extra = HSTU if kind == "hstu" else LLM
     config.write_text(
         yaml.safe_dump(
             {
@@ -40,14 +67,14 @@ def test_two_supernodes_on_loopback_run_two_rounds_and_every_process_is_stopped(
                     "source": "synthetic",
                     "synthetic": {"num_users": 10, "num_items": 30, "mean_length": 12, "seed": 0},
                 },
-                "model": {"name": "hstu", "max_len": 12, "embedding_dim": 16, "num_blocks": 1},
                 "evaluation": {"ks": [10]},
+                **{k: v for k, v in extra.items() if k != "federated"},
                 "federated": {
                     "partitioning": "hash",
                     "num_partitions": 2,
                     "num_rounds": 2,
                     "clients_per_round": 2,
-                    "central_dp": {"noise_multiplier": 0.1, "clipping_norm": 1.0},
+                    **extra["federated"],
                 },
             }
         ),
@@ -114,5 +141,15 @@ def test_two_supernodes_on_loopback_run_two_rounds_and_every_process_is_stopped(
     assert [h["round"] for h in history] == [1, 2]
     assert all(h["clients"] == 2 for h in history)
     report = json.loads((run_dir / "privacy.json").read_text())
-    assert sorted(report["federation"]["epsilon_by_round"]) == ["1", "2"]
-    assert report["federation"]["unit"] == ["user"]
+    if kind == "hstu":
+        assert sorted(report["federation"]["epsilon_by_round"]) == ["1", "2"]
+        assert report["federation"]["unit"] == ["user"]
+        return
+    # LLM: only adapters were sent (the checkpoint holds what the server sends), each node kept
+    # its personal prompt in its own folder, and spent record-level DP.
+    sent = torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+    assert sent and all(k.startswith(("lora.", "scenario.")) for k in sent)
+    assert report["units"].keys() == {"user-within-silo"}
+    for partition in (0, 1):
+        assert (run_dir / "client-ledgers" / f"client-{partition}-personal.safetensors").exists()
+    assert (run_dir / "global" / "lora" / "adapter_model.safetensors").exists()

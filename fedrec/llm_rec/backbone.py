@@ -4,6 +4,9 @@ built from a config with a BPE tokenizer trained on the catalogue; semantic-ID t
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -12,7 +15,29 @@ import torch
 from fedrec.llm_rec.config import BackboneConfig
 from fedrec.semantic_id.retrieval import CodeVocabulary
 
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+SPECIAL_TOKENS = {
+    "pad_token": "<pad>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+}
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No per-shard progress bars or deprecation chatter while loading and saving models (a
+    simulated client loads its backbone once per process; the bars would flood the log)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def code_token_names(levels: int, codebook_size: int, extra_vocab: int) -> list[str]:

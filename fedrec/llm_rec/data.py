@@ -57,15 +57,19 @@ class PromptBuilder:
         weekday = (int(timestamps[-1]) // 86400 + 3) % 7  # 1970-01-01 was a Thursday
         return int(weekday >= 5)
 
-    def records(self, split: SequenceSplit, users: np.ndarray, window: int) -> TensorDataset:
+    def records(self, split: SequenceSplit, users: np.ndarray, window: int | None) -> TensorDataset:
         """Disjoint chunks of ``window + 1`` events of each user's training history, one record
-        each (as ``fedrec.federation.event_windows``, so one event lies in one record): left-
-        padded ``(input_ids, attention_mask, labels, scenario)``."""
+        each (as ``fedrec.federation.event_windows``, so one event lies in one record), or with
+        ``window=None`` one record per user (its latest ``max_items + 1`` events): left-padded
+        ``(input_ids, attention_mask, labels, scenario)``."""
         rows: list[tuple[list[int], list[int], int]] = []
         for user in users.tolist():
             items, times = split.train_sequence(int(user))
-            for start in range(0, len(items) - 1, window + 1):
-                chunk = slice(start, min(start + window + 1, len(items)))  # >= 2 events
+            if window is None:
+                items, times = items[-(self.max_items + 1) :], times[-(self.max_items + 1) :]
+            step = len(items) if window is None else window + 1
+            for start in range(0, len(items) - 1, step):
+                chunk = slice(start, min(start + step, len(items)))  # >= 2 events
                 tokens, labels = self.sequence(items[chunk][-(self.max_items + 1) :])
                 rows.append((tokens, labels, self.scenario(times[chunk][:-1])))
         return self.tensors(rows)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from fedrec.data.dataset import InteractionDataset
 from fedrec.data.split import SequenceSplit
-from fedrec.llm_rec.backbone import new_backbone
+from fedrec.llm_rec.backbone import new_backbone, quiet_transformers
 from fedrec.llm_rec.config import LLMRecConfig
 from fedrec.llm_rec.data import IGNORE, PromptBuilder
 from fedrec.llm_rec.model import LLMRecommender
@@ -62,7 +62,7 @@ def semantic_ids_for(experiment: ExperimentConfig, dataset: InteractionDataset) 
     return ids
 
 
-def _titles(dataset: InteractionDataset) -> list[str]:
+def item_titles(dataset: InteractionDataset) -> list[str]:
     titles = dataset.item_features.get("title")
     return [str(t) for t in titles] if titles is not None else item_texts(dataset)
 
@@ -81,7 +81,7 @@ class Foundation:
         if config.with_titles:
             titles = [
                 self.tokenizer(t, add_special_tokens=False)["input_ids"][: config.title_tokens]
-                for t in _titles(dataset)
+                for t in item_titles(dataset)
             ]
         return PromptBuilder(
             self.vocabulary,
@@ -98,9 +98,10 @@ class Foundation:
         """A fresh recommender: the pretrained backbone (frozen) with new adapters."""
         from transformers import AutoModelForCausalLM
 
-        backbone = AutoModelForCausalLM.from_pretrained(self.folder / "backbone")
-        backbone.config.loss_type = "ForCausalLM"  # named, or transformers warns per model
-        return LLMRecommender(backbone, self.builder(config, dataset), config, seed)
+        with quiet_transformers():
+            backbone = AutoModelForCausalLM.from_pretrained(self.folder / "backbone")
+            backbone.config.loss_type = "ForCausalLM"  # named, or transformers warns per model
+            return LLMRecommender(backbone, self.builder(config, dataset), config, seed)
 
 
 def load_foundation(folder: Path) -> Foundation:
@@ -116,7 +117,9 @@ def load_foundation(folder: Path) -> Foundation:
     if meta.get("version") != VERSION:
         raise ValueError(f"{folder}: foundation version {meta.get('version')!r}, need {VERSION}")
     ids = SemanticIds.load(folder / "semantic_ids")
-    vocabulary = CodeVocabulary(ids.codes, ids.codebook_size, meta["extra_vocab"], meta["first_code"])
+    vocabulary = CodeVocabulary(
+        ids.codes, ids.codebook_size, meta["extra_vocab"], meta["first_code"]
+    )
     return Foundation(folder, AutoTokenizer.from_pretrained(folder / "backbone"), vocabulary, meta)
 
 
@@ -157,9 +160,15 @@ def run_foundation(
     extra = ids.extra_size + experiment.semantic_id.extra_vocab_margin
     texts = item_texts(dataset)
     model, tokenizer, vocabulary = new_backbone(
-        config.base_model, config.backbone, texts, ids.codes, ids.codebook_size, extra, experiment.seed
+        config.base_model,
+        config.backbone,
+        texts,
+        ids.codes,
+        ids.codebook_size,
+        extra,
+        experiment.seed,
     )
-    titles = _titles(dataset)
+    titles = item_titles(dataset)
     rows = {
         "catalogue": _text_rows(tokenizer, texts),
         "alignment": _alignment_rows(tokenizer, vocabulary, titles, 16),
@@ -175,8 +184,9 @@ def run_foundation(
     counts["consented"] = 0 if sequences is None else len(sequences)
     losses = _pretrain(model, builder, rows, sequences, config, experiment.seed, progress)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder / "backbone")
-    tokenizer.save_pretrained(folder / "backbone")
+    with quiet_transformers():
+        model.save_pretrained(folder / "backbone")
+        tokenizer.save_pretrained(folder / "backbone")
     ids.save(folder / "semantic_ids")
     meta = {
         "version": VERSION,
@@ -216,7 +226,9 @@ def _pretrain(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=config.foundation.learning_rate,
-        total_steps=max(1, epochs * sum(-(-len(d) // config.foundation.batch_size) for d in datasets)),
+        total_steps=max(
+            1, epochs * sum(-(-len(d) // config.foundation.batch_size) for d in datasets)
+        ),
     )
     losses = []
     model.train()

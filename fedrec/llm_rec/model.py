@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,11 @@ def _prompt_config(tokens: int, dim: int, init: str, base: str = "") -> Any:
         prompt_tuning_init=PromptTuningInit[init],
         base_model_name_or_path=base or None,
     )
+
+
+def prompt_rows(prompt: nn.Module) -> torch.Tensor:
+    """The virtual-token rows of a PEFT ``PromptEmbedding``."""
+    return cast(nn.Embedding, prompt.embedding).weight
 
 
 class LLMRecommender(nn.Module):
@@ -91,7 +96,7 @@ class LLMRecommender(nn.Module):
             for k, v in get_peft_model_state_dict(self.peft).items()
         }
         for s, prompt in enumerate(self.scenario_prompts):
-            state[f"{SCENARIO_PREFIX}{s}"] = prompt.embedding.weight.detach().clone()
+            state[f"{SCENARIO_PREFIX}{s}"] = prompt_rows(prompt).detach().clone()
         return state
 
     def load_shared_state(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -107,21 +112,19 @@ class LLMRecommender(nn.Module):
         set_peft_model_state_dict(self.peft, lora)
         with torch.no_grad():
             for s, prompt in enumerate(self.scenario_prompts):
-                prompt.embedding.weight.copy_(state[f"{SCENARIO_PREFIX}{s}"])
+                prompt_rows(prompt).copy_(state[f"{SCENARIO_PREFIX}{s}"])
 
     def personal_state(self) -> dict[str, torch.Tensor]:
         if self.personal_prompt is None:
             return {}
-        return {PERSONAL_KEY: self.personal_prompt.embedding.weight.detach().clone()}
+        return {PERSONAL_KEY: prompt_rows(self.personal_prompt).detach().clone()}
 
     def load_personal_state(self, state: Mapping[str, torch.Tensor] | None) -> None:
         """A user's own prompt, or (``None``) the initial one every new user starts from."""
         if self.personal_prompt is None:
             return
         with torch.no_grad():
-            self.personal_prompt.embedding.weight.copy_(
-                (state or self._initial_personal)[PERSONAL_KEY]
-            )
+            prompt_rows(self.personal_prompt).copy_((state or self._initial_personal)[PERSONAL_KEY])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -130,23 +133,24 @@ class LLMRecommender(nn.Module):
     def _inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, scenario: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        batch = input_ids.shape[0]
+        batch, device = input_ids.shape[0], input_ids.device
         parts: list[torch.Tensor] = []
         if len(self.scenario_prompts):
             n = self.config.prompts.scenario_tokens
             # Batch-shaped (repeated, not expanded) indices: Opacus then sees each example's
             # own lookup of its prompt.
-            index = torch.arange(n, device=input_ids.device).repeat(batch, 1)
+            index = torch.arange(n, device=device).repeat(batch, 1)
             every = torch.stack([p(index) for p in self.scenario_prompts])  # [S, B, n, d]
-            parts.append(every[scenario, torch.arange(batch, device=input_ids.device)])
+            parts.append(every[scenario, torch.arange(batch, device=device)])
         if self.personal_prompt is not None:
             n = self.config.prompts.personal_tokens
-            parts.append(self.personal_prompt(torch.arange(n).repeat(batch, 1)))
+            parts.append(self.personal_prompt(torch.arange(n, device=device).repeat(batch, 1)))
         words = self.peft.get_input_embeddings()(input_ids)
         prefix = sum(p.shape[1] for p in parts)
         embeds = torch.cat([*parts, words.to(parts[0].dtype if parts else words.dtype)], dim=1)
         mask = torch.cat(
-            [torch.ones(batch, prefix, dtype=attention_mask.dtype), attention_mask], dim=1
+            [torch.ones(batch, prefix, dtype=attention_mask.dtype, device=device), attention_mask],
+            dim=1,
         )
         return embeds, mask, prefix
 
@@ -160,7 +164,9 @@ class LLMRecommender(nn.Module):
     ) -> torch.Tensor:
         """Next-token logits at the token positions (after the prompts), ``[B, T, V]``."""
         embeds, mask, prefix = self._inputs(input_ids, attention_mask, scenario)
-        out = self.peft(inputs_embeds=embeds, attention_mask=mask, position_ids=self.positions(mask))
+        out = self.peft(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=self.positions(mask)
+        )
         return out.logits[:, prefix:]
 
     def per_example_loss(
@@ -208,19 +214,19 @@ class LLMRecommender(nn.Module):
             do_sample=False,
             prefix_allowed_tokens_fn=allowed,
             output_scores=True,
+            output_logits=beams == 1,
             return_dict_in_generate=True,
             pad_token_id=self.builder.pad,
             eos_token_id=None,
-            length_penalty=0.0,
+            **({"length_penalty": 0.0} if beams > 1 else {}),  # scores: sums of log-probs
         )
-        codes = out.sequences[:, -vocabulary.levels :].tolist()
-        scores = (
-            out.sequences_scores.tolist()
-            if beams > 1
-            else self.peft.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-            .sum(dim=1)
-            .tolist()
-        )
+        generated = out.sequences[:, -vocabulary.levels :]
+        if beams > 1:
+            scores = out.sequences_scores.tolist()
+        else:  # greedy: the unconstrained log-probabilities of the chosen tokens, as beams have
+            steps = torch.stack(out.logits, dim=1).log_softmax(dim=-1)
+            scores = steps.gather(2, generated.unsqueeze(-1)).sum(dim=(1, 2)).tolist()
+        codes = generated.tolist()
         found: list[list[tuple[int, float]]] = [[] for _ in range(input_ids.shape[0])]
         for row, (code, score) in enumerate(zip(codes, scores, strict=True)):
             item = vocabulary.item_of.get(tuple(code))
@@ -233,9 +239,15 @@ class LLMRecommender(nn.Module):
         """The global adapters in PEFT's own format: ``lora/`` loads with
         ``PeftModel.from_pretrained(backbone, folder / "lora")``; ``scenario-S/`` is a prompt-
         tuning adapter of the LoRA-merged backbone (``merge_and_unload()`` first)."""
+        from fedrec.llm_rec.backbone import quiet_transformers
+
+        with quiet_transformers():
+            self._save_global(folder, base_model)
+
+    def _save_global(self, folder: Path, base_model: str) -> None:
         from peft import get_peft_model
 
-        self.peft.save_pretrained(folder / "lora")
+        self.peft.save_pretrained(str(folder / "lora"))
         if not len(self.scenario_prompts):
             return
         merged = copy.deepcopy(self.peft).merge_and_unload()
@@ -243,12 +255,12 @@ class LLMRecommender(nn.Module):
         for s, prompt in enumerate(self.scenario_prompts):
             tokens = self.config.prompts.scenario_tokens
             wrapped = get_peft_model(
-                merged, _prompt_config(tokens, dim, self.config.prompts.init, base_model)
+                copy.deepcopy(merged),
+                _prompt_config(tokens, dim, self.config.prompts.init, base_model),
             )
             with torch.no_grad():
-                wrapped.prompt_encoder["default"].embedding.weight.copy_(prompt.embedding.weight)
-            wrapped.save_pretrained(folder / f"scenario-{s}")
-            merged = wrapped.unload()  # the same merged backbone, without the prompt adapter
+                prompt_rows(wrapped.prompt_encoder["default"]).copy_(prompt_rows(prompt))
+            wrapped.save_pretrained(str(folder / f"scenario-{s}"))
 
 
 def score_matrix(found: list[list[tuple[int, float]]], num_items: int) -> torch.Tensor:
@@ -265,3 +277,14 @@ def score_matrix(found: list[list[tuple[int, float]]], num_items: int) -> torch.
 def example_losses(model: LLMRecommender, *batch: torch.Tensor) -> torch.Tensor:
     """``dp_train``'s per-example loss for a batch of ``PromptBuilder.records``."""
     return model.per_example_loss(*batch)
+
+
+def global_state(folder: Path, scenarios: int) -> dict[str, torch.Tensor]:
+    """``shared_state`` read back from the PEFT folders ``save_global`` wrote."""
+    from peft.utils import load_peft_weights
+
+    state = {LORA_PREFIX + k: v for k, v in load_peft_weights(str(folder / "lora")).items()}
+    for s in range(scenarios):
+        prompt = load_peft_weights(str(folder / f"scenario-{s}"))["prompt_embeddings"]
+        state[f"{SCENARIO_PREFIX}{s}"] = prompt
+    return state

@@ -175,7 +175,7 @@ def dp_train(
                         losses.append(loss.item())
                     else:
                         for param in trainable:  # Opacus' zero-row convention: noise only
-                            param.grad_sample = param.new_zeros((0, *param.shape))
+                            param.grad_sample = param.new_zeros((0, *param.shape))  # type: ignore[attr-defined]
                     dp_optimizer.step()
                     steps += 1
     finally:

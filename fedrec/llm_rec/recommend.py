@@ -1,0 +1,69 @@
+"""``fedrec recommend``: one user's top-K titles from a finished LLM run's global adapters, with
+that user's personal prompt when their device (here: the run folder) holds one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedrec.config import parse_config
+from fedrec.data import prepare_split
+from fedrec.data.partition import partition_users
+from fedrec.federation import Population, client_personal_path
+from fedrec.llm_rec.federated import foundation_folder, load_personal, new_llm_model
+from fedrec.llm_rec.foundation import item_titles
+from fedrec.llm_rec.model import global_state
+
+
+def recommend(run_dir: Path, raw_user: str, k: int = 10) -> dict[str, Any]:
+    results = run_dir / "results.json"
+    if not results.exists():
+        raise FileNotFoundError(f"{run_dir}: no results.json; is this a finished run folder?")
+    config = parse_config(json.loads(results.read_text("utf-8"))["config"], str(results))
+    if config.llm is None:
+        raise ValueError(f"{run_dir}: not an LLM run (its config has no llm section)")
+    dataset, split = prepare_split(config.data)
+    users = {str(u): i for i, u in enumerate(dataset.raw_user_ids)}
+    if raw_user not in users:
+        raise ValueError(f"user {raw_user!r} is not in {config.data.name or 'the data'}")
+    user = users[raw_user]
+    fed = config.federated
+    partitions = partition_users(
+        dataset, fed.partitioning, fed.num_partitions, fed.partition_attribute
+    )
+    population = Population(config, dataset, split, partitions)
+    wrapper = new_llm_model(population, foundation_folder(population, run_dir))
+    model = wrapper.model
+    model.load_shared_state(global_state(run_dir / "global", len(model.scenario_prompts)))
+    partition = next(p for p, members in enumerate(partitions) if user in members)
+    personal = client_personal_path({"run-dir": str(run_dir)}, {"partition-id": partition}, "")
+    state = load_personal(personal)
+    model.load_personal_state(state)
+    items, times = split.full(user)
+    prompt = model.builder.prompt(items)
+    scenario = torch.tensor([model.builder.scenario(times)])
+    seen = set(items.tolist())
+    beams, top = max(model.config.beam_width, k), list[tuple[int, float]]()
+    while len(top) < k and beams <= 2 * dataset.num_items:  # widen until k unseen items
+        found = model.generate(
+            torch.tensor([prompt]),
+            torch.ones(1, len(prompt), dtype=torch.long),
+            scenario,
+            min(beams, dataset.num_items),
+        )[0]
+        top = [(i, s) for i, s in found if i not in seen][:k]
+        beams *= 2
+    titles = item_titles(dataset)
+    return {
+        "user": raw_user,
+        "personal_prompt": str(personal) if state is not None else None,
+        "scenario": int(scenario[0]),
+        "history": [titles[i] for i in items[-5:].tolist()],
+        "top": [
+            {"item": str(dataset.raw_item_ids[i]), "title": titles[i], "log_prob": s}
+            for i, s in top
+        ],
+    }

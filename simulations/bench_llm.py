@@ -1,0 +1,198 @@
+"""Benchmarks of the LLM recommender, each measured side by side in one run:
+
+    python simulations/bench_llm.py bytes --config configs/ml-100k-llm.yaml
+        bytes a client uploads per round (its ArrayRecord) vs the full model
+    python simulations/bench_llm.py dp-step --config configs/ml-100k-llm.yaml --repeats 5
+        seconds per local step: plain vs Opacus DP-SGD (hooks, functorch), medians and ratios
+    python simulations/bench_llm.py personal --run runs/llm-ml100k
+        test NDCG@10 / HR@10 of the users with a personal prompt: with it vs the initial one
+
+The foundation of the config must exist (`fedrec foundation -c CONFIG`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fedrec.config import load_config, parse_config  # noqa: E402
+from fedrec.evaluation import EvalConfig, evaluate  # noqa: E402
+from fedrec.federation import (  # noqa: E402
+    Population,
+    build_federated_model,
+    client_personal_path,
+    load_population,
+)
+from fedrec.llm_rec.federated import LLMFederatedModel  # noqa: E402
+from fedrec.llm_rec.model import example_losses, global_state  # noqa: E402
+from fedrec.privacy.dp_sgd import DPSGDConfig, dp_train  # noqa: E402
+from fedrec.training import trainable_users  # noqa: E402
+
+
+def _model(population: Population, run_dir: Path) -> LLMFederatedModel:
+    model = build_federated_model(population, run_dir)
+    assert isinstance(model, LLMFederatedModel), "the config has no llm section"
+    return model
+
+
+def _record_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of the tensors as Flower serialises them into a message."""
+    return sum(len(array.data) for array in ArrayRecord(state).values())
+
+
+def bench_bytes(population: Population) -> dict[str, Any]:
+    wrapper = _model(population, Path(population.config.output_dir))
+    model = wrapper.model
+    shared = model.shared_state()
+    full = {k: v for k, v in model.peft.state_dict().items()}
+    full.update({f"prompt.{k}": v for k, v in model.state_dict().items() if "prompt" in k})
+    uploaded, whole = _record_bytes(shared), _record_bytes(full)
+    return {
+        "uploaded_bytes": uploaded,
+        "uploaded_tensors": len(shared),
+        "full_model_bytes": whole,
+        "ratio": uploaded / whole,
+        "personal_prompt_bytes": _record_bytes(model.personal_state()),
+        "parameters": {
+            "shared": sum(v.numel() for v in shared.values()),
+            "full": sum(v.numel() for v in full.values()),
+        },
+    }
+
+
+def bench_dp_step(population: Population, repeats: int, epochs: int) -> dict[str, Any]:
+    """One local epoch of a client holding 32-record batches of ML-100K windows: seconds per
+    step of a plain Adam step vs Opacus DP-SGD (Poisson batches of the same expected size)."""
+    config, fed = population.config, population.config.federated
+    torch.set_num_threads(1)
+    split = population.split
+    users = trainable_users(split)[:60]
+    timings: dict[str, list[float]] = {"plain": [], "hooks": [], "functorch": []}
+    batch = 32
+    records = 0
+    for _ in range(repeats):
+        for mode in timings:
+            torch.manual_seed(0)
+            model = _model(population, Path(config.output_dir)).model
+            examples = model.builder.records(split, users, fed.record_window)
+            records = len(examples)
+            params = model.trainable_parameters()
+            optimizer = torch.optim.Adam(params, lr=1e-3)
+            model.train()
+            started = time.perf_counter()
+            if mode == "plain":
+                done = 0
+                for _ in range(epochs):
+                    for rows in torch.randperm(records).split(batch):
+                        loss = model.per_example_loss(*(t[rows] for t in examples.tensors))
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.mean().backward()
+                        optimizer.step()
+                        done += 1
+            else:
+                dp = DPSGDConfig(noise_multiplier=1.0, batch_size=batch, grad_sample_mode=mode)
+                done = dp_train(
+                    model, examples, dp, epochs, 1e-3, optimizer=optimizer, loss_fn=example_losses
+                ).steps
+            timings[mode].append((time.perf_counter() - started) / done)
+    medians = {mode: statistics.median(values) for mode, values in timings.items()}
+    return {
+        "records": records,
+        "tokens_per_record": int(examples.tensors[1].sum(dim=1).float().mean()),
+        "batch_size": batch,
+        "seconds_per_step": medians,
+        "ratio_vs_plain": {m: medians[m] / medians["plain"] for m in ("hooks", "functorch")},
+        "repeats": repeats,
+        "epochs": epochs,
+    }
+
+
+def bench_personal(run_dir: Path) -> dict[str, Any]:
+    """Test metrics of every user whose device holds a personal prompt, each evaluated twice
+    with the run's global adapters: with that prompt, and with the initial one."""
+    results = json.loads((run_dir / "results.json").read_text("utf-8"))
+    config = parse_config(results["config"], str(run_dir / "results.json"))
+    from fedrec.data import prepare_split
+    from fedrec.data.partition import partition_users
+
+    dataset, split = prepare_split(config.data)
+    fed = config.federated
+    population = Population(
+        config,
+        dataset,
+        split,
+        partition_users(dataset, fed.partitioning, fed.num_partitions, fed.partition_attribute),
+    )
+    wrapper = _model(population, run_dir)
+    wrapper.load_shared_state(global_state(run_dir / "global", len(wrapper.model.scenario_prompts)))
+    evaluation = EvalConfig(ks=(10, 20))
+    per_user: dict[str, list[dict[str, float]]] = {"personal": [], "initial": []}
+    started = time.perf_counter()
+    for partition, members in enumerate(population.partitions):
+        path = client_personal_path({"run-dir": str(run_dir)}, {"partition-id": partition}, "")
+        if not path.exists():
+            continue
+        for variant, personal in (("personal", path), ("initial", None)):
+            scorer = wrapper.scorer(split, torch.device("cpu"), personal)
+            result = evaluate(scorer, split, "test", evaluation, users=np.asarray(members))
+            per_user[variant].append(result.metrics)
+    means = {
+        variant: {k: float(np.mean([m[k] for m in rows])) for k in rows[0] if "Coverage" not in k}
+        for variant, rows in per_user.items()
+        if rows
+    }
+    return {
+        "clients_with_personal_prompt": len(per_user["personal"]),
+        "clients": len(population.partitions),
+        "test": means,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("what", choices=["bytes", "dp-step", "personal"])
+    parser.add_argument("--config", help="LLM experiment YAML (bytes, dp-step)")
+    parser.add_argument("--run", type=Path, help="finished LLM run folder (personal)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--output", type=Path, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    if args.what == "personal":
+        if args.run is None:
+            parser.error("personal needs --run")
+        result = bench_personal(args.run)
+    else:
+        if args.config is None:
+            parser.error(f"{args.what} needs --config")
+        population = load_population(str(Path(args.config).resolve()))
+        load_config(args.config)  # fail early, with file:line, on a bad config
+        result = (
+            bench_bytes(population)
+            if args.what == "bytes"
+            else bench_dp_step(population, args.repeats, args.epochs)
+        )
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""The LLM recommender: PEFT adapters and soft prompts, DP-SGD against oracles, what crosses the
+network, PEFT's own format, constrained decoding, and a federated run end to end."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedrec.cli import app
+from fedrec.config import parse_config
+from fedrec.data import prepare_split
+from fedrec.data.partition import partition_users
+from fedrec.federation import Population, build_federated_model
+from fedrec.llm_rec.foundation import load_foundation, run_foundation
+from fedrec.llm_rec.model import LORA_PREFIX, PERSONAL_KEY, SCENARIO_PREFIX, example_losses
+from fedrec.privacy.dp_sgd import DPSGDConfig, dp_train
+
+TINY = {
+    "seed": 0,
+    "data": {
+        "source": "synthetic",
+        "synthetic": {"num_users": 40, "num_items": 60, "mean_length": 20, "max_length": 40},
+    },
+    "evaluation": {"ks": [10, 20]},
+    "audit": {"enabled": False},
+    "semantic_id": {
+        "content": {"dim": 16},
+        "rqvae": {"levels": 2, "codebook_size": 8, "epochs": 30},
+    },
+    "llm": {
+        "backbone": {
+            "hidden_size": 32,
+            "num_layers": 2,
+            "num_heads": 2,
+            "intermediate_size": 64,
+            "text_vocab": 200,
+        },
+        "foundation": {"epochs": 2, "consented_share": 0.2},
+        "max_items": 5,
+        "prompts": {"scenario_tokens": 3, "scenario_rule": "weekend", "personal_tokens": 2},
+        "beam_width": 10,
+    },
+    "federated": {
+        "num_rounds": 2,
+        "clients_per_round": 4,
+        "local_batch_size": 4,
+        "record_window": 5,
+    },
+}
+
+
+def tiny_config(**llm):
+    data = copy.deepcopy(TINY)
+    data["llm"].update(llm)
+    return parse_config(data)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A foundation of the tiny config (catalogue + 20% consented sequences) and its data."""
+    folder = tmp_path_factory.mktemp("foundation")
+    config = tiny_config(foundation_dir=str(folder))
+    dataset, split = prepare_split(config.data)
+    meta = run_foundation(config, dataset, split, folder, progress=False)
+    return config, dataset, split, folder, meta
+
+
+def recommender(built, **llm):
+    config, dataset, _, folder, _ = built
+    config = tiny_config(foundation_dir=str(folder), **llm) if llm else config
+    model = load_foundation(folder).recommender(config.llm, dataset, config.seed)
+    torch.manual_seed(1)
+    with torch.no_grad():  # LoRA's B starts at 0, which would leave A without gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    return model
+
+
+def test_foundation_records_what_data_each_task_used(built):
+    _config, dataset, split, folder, meta = built
+    assert meta["records"]["catalogue"] == dataset.num_items
+    assert meta["records"]["alignment"] == 2 * dataset.num_items
+    assert len(meta["consented_users"]) == round(0.2 * split.num_users)
+    assert meta["records"]["consented"] > 0
+    assert meta["losses"][-1] < meta["losses"][0]
+    foundation = load_foundation(folder)
+    vocabulary, tokenizer = foundation.vocabulary, foundation.tokenizer
+    first = tokenizer.convert_tokens_to_ids("<sid_0_0>")
+    assert vocabulary.tokens.min() == first and vocabulary.tokens.max() < len(tokenizer)
+    assert tokenizer.decode(vocabulary.tokens[3].tolist()).replace(" ", "").startswith("<sid_0_")
+
+
+def _oracle_update(model, examples, clip):
+    """-(1/B) Σ_i clip(∇ℓ_i) over the trainable parameters, one example at a time."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for row in range(len(examples)):
+        model.zero_grad()
+        model.per_example_loss(*examples.tensors)[row].backward()
+        grads = {
+            n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()
+        }
+        norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
+        factor = min(1.0, clip / (norm.item() + 1e-6))
+        for name in total:
+            total[name] += grads[name] * factor
+    return {n: -v / len(examples) for n, v in total.items()}
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+@pytest.mark.parametrize("clip", [1e6, 0.05])
+def test_dp_sgd_on_lora_and_prompts_equals_the_oracle(built, mode, clip):
+    """Per-example clipping of LoRA + scenario prompts (mixed scenarios in one batch) +
+    personal prompt: equal to one-example-at-a-time clipped gradients; with no clipping equal
+    to the plain batch gradient. Guards PEFT's batch-expanded prompt (STACK-NOTES)."""
+    _, _, split, _, _ = built
+    model = recommender(built)
+    examples = model.builder.records(split, np.arange(3), 5)
+    assert len(set(examples.tensors[3].tolist())) == 2  # both scenarios in the batch
+    oracle = copy.deepcopy(model).train()
+    expected = _oracle_update(oracle, examples, clip)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
+    config = DPSGDConfig(
+        noise_multiplier=0.0, max_grad_norm=clip, batch_size=len(examples), grad_sample_mode=mode
+    )
+    dp_train(
+        model,
+        examples,
+        config,
+        1,
+        1.0,
+        poisson_sampling=False,
+        optimizer=optimizer,
+        loss_fn=example_losses,
+    )
+    after = dict(model.named_parameters())
+    assert set(expected) == set(before) and len(expected) == 2 * 2 * 2 + 2 + 1
+    for name, change in expected.items():
+        assert change.abs().sum() > 0, name
+        torch.testing.assert_close(after[name] - before[name], change, atol=1e-6, rtol=1e-4)
+    if clip == 1e6:
+        plain = copy.deepcopy(oracle)
+        plain.zero_grad()
+        plain.per_example_loss(*examples.tensors).mean().backward()
+        for name, param in plain.named_parameters():
+            if param.requires_grad:
+                torch.testing.assert_close(
+                    after[name] - before[name], -param.grad, atol=1e-6, rtol=1e-4
+                )
+
+
+def test_empty_poisson_batches_take_a_noise_only_step(built):
+    _, _, split, _, _ = built
+    model = recommender(built)
+    examples = model.builder.records(split, np.arange(1), 5)  # 3 records, batch 1
+    before = {k: v.clone() for k, v in model.shared_state().items()}
+    result = dp_train(
+        model,
+        examples,
+        DPSGDConfig(noise_multiplier=1.0, batch_size=1),
+        4,
+        1e-2,
+        loss_fn=example_losses,
+    )
+    assert result.steps == 4 * len(examples)
+    assert all(not torch.equal(before[k], v) for k, v in model.shared_state().items())
+
+
+def test_only_adapters_cross_the_network(built):
+    model = recommender(built)
+    shared = model.shared_state()
+    lora = [k for k in shared if k.startswith(LORA_PREFIX)]
+    assert sorted(k for k in shared if not k.startswith(LORA_PREFIX)) == [
+        f"{SCENARIO_PREFIX}0",
+        f"{SCENARIO_PREFIX}1",
+    ]
+    assert len(lora) == 2 * 2 * 2 and all("lora_A" in k or "lora_B" in k for k in lora)
+    assert PERSONAL_KEY not in shared
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    personal = model.personal_prompt.embedding.weight.numel()
+    assert sum(v.numel() for v in shared.values()) == trainable - personal
+    backbone = sum(p.numel() for p in model.peft.parameters() if not p.requires_grad)
+    assert sum(v.numel() for v in shared.values()) < 0.2 * backbone
+    other = recommender(built)
+    other.load_shared_state(shared)
+    assert all(torch.equal(other.shared_state()[k], v) for k, v in shared.items())
+    with pytest.raises(ValueError, match="missing"):
+        other.load_shared_state({k: v for k, v in shared.items() if k != f"{SCENARIO_PREFIX}1"})
+
+
+def test_global_adapters_load_with_peft_model_from_pretrained(built, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, _, split, folder, _ = built
+    model = recommender(built, prompts={"scenario_tokens": 3, "personal_tokens": 0})
+    with torch.no_grad():
+        for prompt in model.scenario_prompts:
+            prompt.embedding.weight.normal_()
+    model.save_global(tmp_path, str(folder / "backbone"))
+    request = model.builder.requests(split, np.arange(1), "test")
+    ids = request.tensors[0][:, request.tensors[1][0].bool()]  # one unpadded prompt
+    loaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(folder / "backbone"), tmp_path / "lora"
+    )
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model.peft(input_ids=ids).logits)
+    merged = loaded.merge_and_unload()
+    prompted = PeftModel.from_pretrained(merged, tmp_path / "scenario-0").eval()
+    ours = model.eval().logits(ids, torch.ones_like(ids), torch.tensor([0]))
+    theirs = prompted(input_ids=ids).logits[:, 3:]
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+
+
+def test_beam_search_returns_valid_items_and_greedy_matches_an_explicit_oracle(built):
+    _, _, split, _, _ = built
+    model = recommender(built).eval()
+    ids, mask, _, scenario = model.builder.requests(split, np.arange(4), "test").tensors
+    found = model.generate(ids, mask, scenario, beams=6)
+    assert all(len(f) == 6 and len({i for i, _ in f}) == 6 for f in found)
+    scores = [s for f in found for _, s in f]
+    assert all(s <= 0 for s in scores)
+    greedy = model.generate(ids, mask, scenario, beams=1)
+    vocabulary = model.vocabulary
+    for row in range(len(ids)):
+        tokens, total = [], 0.0
+        for _ in range(vocabulary.levels):
+            step_ids = torch.cat([ids[row : row + 1], torch.tensor([tokens], dtype=torch.long)], 1)
+            step_mask = torch.ones_like(step_ids)
+            step_mask[:, : ids.shape[1]] = mask[row : row + 1]
+            with torch.no_grad():
+                logp = model.logits(step_ids, step_mask, scenario[row : row + 1])[0, -1]
+            logp = logp.log_softmax(-1)
+            allowed = vocabulary.allowed(tuple(tokens))
+            best = max(allowed, key=lambda t: logp[t].item())
+            tokens.append(best)
+            total += logp[best].item()
+        assert greedy[row][0][0] == vocabulary.item_of[tuple(tokens)]
+        assert greedy[row][0][1] == pytest.approx(total, abs=1e-4)
+        assert found[row][0][1] >= greedy[row][0][1] - 1e-5  # beam never worse than greedy
+
+
+def _population(config):
+    dataset, split = prepare_split(config.data)
+    fed = config.federated
+    return Population(
+        config, dataset, split, partition_users(dataset, fed.partitioning, fed.num_partitions, "")
+    )
+
+
+def test_local_training_lowers_the_loss_and_keeps_the_personal_prompt_on_device(built, tmp_path):
+    config, _, _, _folder, _ = built
+    population = _population(config)
+    model = build_federated_model(population, tmp_path)
+    split = population.client_split(0)
+    examples = model.model.builder.records(split, np.arange(1), 5)
+    with torch.no_grad():
+        start = model.model.per_example_loss(*examples.tensors).mean().item()
+    personal = tmp_path / "device" / "personal.safetensors"
+    fed = dataclasses.replace(config.federated, local_epochs=20, local_learning_rate=0.01)
+    before = model.model.personal_state()[PERSONAL_KEY]
+    result = model.train_local(split, fed, seed=0, personal=personal)
+    with torch.no_grad():
+        end = model.model.per_example_loss(*examples.tensors).mean().item()
+    assert end < start and result.num_examples == len(examples) and result.dp is None
+    assert personal.exists()
+    from safetensors.torch import load_file
+
+    kept = load_file(personal)[PERSONAL_KEY]
+    assert not torch.equal(kept, before)
+    assert PERSONAL_KEY not in model.shared_state()
+    model.model.load_personal_state(None)  # a new user: back to the initial prompt
+    assert torch.equal(model.model.personal_state()[PERSONAL_KEY], before)
+
+
+def test_inprocess_federation_and_recommend_command(built, tmp_path):
+    from simulations.inprocess import run_inprocess
+
+    config, dataset, _, _folder, _ = built
+    population = _population(config)
+    results = run_inprocess(population, tmp_path, eval_every=2, progress=False)
+    assert results["rounds"] == 2 and "NDCG@10" in results["final"]["test"]
+    for sub in ("lora", "scenario-0", "scenario-1"):
+        assert (tmp_path / "global" / sub / "adapter_config.json").exists()
+    trained = [p for p in (tmp_path / "client-ledgers").iterdir() if "personal" in p.name]
+    assert 4 <= len(trained) <= 8
+    partition = int(trained[0].name.split("-")[1])
+    user = str(dataset.raw_user_ids[population.partitions[partition][0]])
+    out = CliRunner().invoke(app, ["recommend", "--run", str(tmp_path), "--user", user])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert str(trained[0]) in lines[0]
+    ranked = [line for line in lines if line[:3].strip().rstrip(".").isdigit()]
+    assert len(ranked) == 10
+    bad = CliRunner().invoke(app, ["recommend", "--run", str(tmp_path), "--user", "nobody"])
+    assert bad.exit_code == 2 and "not in" in bad.output
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["llm"]["max_items"] == 5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_flower_simulation_trains_adapters_with_dp_and_keeps_prompts_on_devices(tmp_path):
+    import yaml
+
+    from .processes import flower_processes, python
+
+    run_dir = tmp_path / "run"
+    data = copy.deepcopy(TINY)
+    data["output_dir"] = str(run_dir)
+    data["federated"].update(
+        num_rounds=3,
+        eval_every=2,
+        record_dp={"noise_multiplier": 1.0, "max_grad_norm": 1.0, "batch_size": 2},
+        record_epsilon_budget=50.0,
+    )
+    config = tmp_path / "llm.yaml"
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with flower_processes(tmp_path) as (_, start):
+        proc = start([python(), "-m", "fedrec.cli", "simulate", "-c", str(config)], "log")
+        assert proc.wait(timeout=500) == 0, (tmp_path / "log").read_text()[-4000:]
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert ["valid" in h for h in history] == [False, True, True]  # eval_every 2, and the last
+    assert all(h["clients"] == 4 for h in history)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["rounds"] == 3 and not results["failed"]
+    assert (run_dir / "foundation" / "foundation.json").exists()  # built by the server first
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert state["model"].keys() == {
+        k for k in state["model"] if k.startswith((LORA_PREFIX, SCENARIO_PREFIX))
+    }
+    clients = {e["party"] for e in state["ledger"]["events"] if e["mechanism"] == "dp-sgd"}
+    personal = {
+        f"client:{p.name.split('-')[1]}"
+        for p in (run_dir / "client-ledgers").iterdir()
+        if p.name.endswith("personal.safetensors")
+    }
+    assert personal == clients and 4 <= len(clients) <= 12
+    for sub in ("lora", "scenario-0", "scenario-1"):
+        assert (run_dir / "global" / sub / "adapter_model.safetensors").exists()
