@@ -6,6 +6,9 @@
         seconds per local step: plain vs Opacus DP-SGD (hooks, functorch), medians and ratios
     python simulations/bench_llm.py personal --run runs/llm-ml100k
         test NDCG@10 / HR@10 of the users with a personal prompt: with it vs the initial one
+    python simulations/bench_llm.py centralized --config configs/ml-100k-llm.yaml --epochs 5
+        the same adapters trained on every user's windows in one place (the reference the
+        federation is compared with), and the foundation alone (epochs 0)
 
 The foundation of the config must exist (`fedrec foundation -c CONFIG`).
 """
@@ -161,11 +164,45 @@ def bench_personal(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def bench_centralized(population: Population, epochs: int, batch: int = 32) -> dict[str, Any]:
+    """Adapters (LoRA + scenario prompts, no personal prompt) trained on all users' records
+    with Adam at ``federated.local_learning_rate``; valid/test metrics after each epoch."""
+    config, fed = population.config, population.config.federated
+    torch.set_num_threads(2)
+    split = population.split
+    model = _model(population, Path(config.output_dir))
+    evaluation = EvalConfig(ks=(10, 20))
+    examples = model.model.builder.records(split, trainable_users(split), fed.record_window)
+    optimizer = torch.optim.Adam(model.model.trainable_parameters(), lr=fed.local_learning_rate)
+    generator = torch.Generator().manual_seed(config.seed)
+    history = []
+    started = time.perf_counter()
+    for epoch in range(epochs + 1):
+        if epoch:
+            model.model.train()
+            for rows in torch.randperm(len(examples), generator=generator).split(batch):
+                loss = model.model.per_example_loss(*(t[rows] for t in examples.tensors))
+                optimizer.zero_grad(set_to_none=True)
+                loss.mean().backward()
+                optimizer.step()
+        if epoch in (0, epochs) or epoch % 5 == 0:
+            scorer = model.scorer(split, torch.device("cpu"))
+            row = {
+                "epoch": epoch,
+                "valid": evaluate(scorer, split, "valid", evaluation).metrics,
+                "test": evaluate(scorer, split, "test", evaluation).metrics,
+                "seconds": time.perf_counter() - started,
+            }
+            print(json.dumps(row), flush=True)
+            history.append(row)
+    return {"records": len(examples), "history": history}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["bytes", "dp-step", "personal"])
+    parser.add_argument("what", choices=["bytes", "dp-step", "personal", "centralized"])
     parser.add_argument("--config", help="LLM experiment YAML (bytes, dp-step)")
     parser.add_argument("--run", type=Path, help="finished LLM run folder (personal)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -181,11 +218,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.what} needs --config")
         population = load_population(str(Path(args.config).resolve()))
         load_config(args.config)  # fail early, with file:line, on a bad config
-        result = (
-            bench_bytes(population)
-            if args.what == "bytes"
-            else bench_dp_step(population, args.repeats, args.epochs)
-        )
+        if args.what == "bytes":
+            result = bench_bytes(population)
+        elif args.what == "centralized":
+            result = bench_centralized(population, args.epochs)
+        else:
+            result = bench_dp_step(population, args.repeats, args.epochs)
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

@@ -114,7 +114,7 @@ def _oracle_update(model, examples, clip):
     return {n: -v / len(examples) for n, v in total.items()}
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
 @pytest.mark.parametrize("clip", [1e6, 0.05])
 def test_dp_sgd_on_lora_and_prompts_equals_the_oracle(built, mode, clip):
     """Per-example clipping of LoRA + scenario prompts (mixed scenarios in one batch) +

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -24,7 +25,7 @@ from fedrec.data.split import SequenceSplit
 from fedrec.models.base import SequentialRecommender
 from fedrec.privacy.accounting import ACCOUNTANTS
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 
 
 @dataclass
@@ -32,6 +33,9 @@ class DPSGDConfig:
     """Give either ``noise_multiplier`` or ``target_epsilon`` (σ is then solved for the run).
 
     ``batch_size`` is the expected Poisson batch size; ``delta`` defaults to 1 / (10 · records).
+    ``grad_sample_mode``: Opacus' per-sample gradients (``hooks``, ``functorch``, ``ew``) or
+    ``ghost`` clipping (norms without materialising per-sample gradients; Opacus refuses it
+    for tied parameters such as HSTU's and SASRec's item table — use it for the LLM adapters).
     """
 
     noise_multiplier: float | None = None
@@ -151,7 +155,10 @@ def dp_train(
     with warnings.catch_warnings():
         _ignore_harmless_opacus_warnings()
         engine = PrivacyEngine(accountant=config.accountant)
-        private, dp_optimizer, private_loader = engine.make_private(
+        ghost = config.grad_sample_mode == "ghost"
+        # Ghost clipping wants a criterion and returns it as a third value; our losses are
+        # already per example, so the criterion is never called (see the backward below).
+        made = engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
@@ -159,7 +166,9 @@ def dp_train(
             max_grad_norm=config.max_grad_norm,
             poisson_sampling=poisson_sampling,
             grad_sample_mode=config.grad_sample_mode,
+            **({"criterion": nn.MSELoss()} if ghost else {}),
         )
+        private, dp_optimizer, private_loader = made[0], made[1], made[-1]
     model.train()
     steps, losses = 0, []
     try:
@@ -170,11 +179,18 @@ def dp_train(
                     dp_optimizer.zero_grad(set_to_none=True)
                     if len(batch[0]):
                         per_example = loss_fn(model, *batch)
-                        loss = per_example.sum() / len(per_example)
-                        loss.backward()
-                        losses.append(loss.item())
-                    else:
-                        for param in trainable:  # Opacus' zero-row convention: noise only
+                        if ghost:  # two backward passes: norms, then clipped gradients
+                            DPTensorFastGradientClipping(
+                                private, dp_optimizer, per_example, "mean"
+                            ).backward()
+                        else:
+                            per_example.mean().backward()
+                        losses.append(per_example.mean().item())
+                    elif ghost:  # noise only
+                        for param in trainable:
+                            param.grad = torch.zeros_like(param)
+                    else:  # Opacus' zero-row convention: noise only
+                        for param in trainable:
                             param.grad_sample = param.new_zeros((0, *param.shape))  # type: ignore[attr-defined]
                     dp_optimizer.step()
                     steps += 1
