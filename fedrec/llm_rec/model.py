@@ -27,6 +27,7 @@ from torch import nn
 
 from fedrec.llm_rec.config import LLMRecConfig
 from fedrec.llm_rec.data import IGNORE, PromptBuilder
+from fedrec.semantic_id.retrieval import constrained_search
 
 LORA_PREFIX, SCENARIO_PREFIX, PERSONAL_KEY = "lora.", "scenario.", "personal"
 
@@ -200,40 +201,14 @@ class LLMRecommender(nn.Module):
         constrained to valid codes by the prefix trie; ``beams = 1`` is constrained greedy."""
         self.eval()
         embeds, mask, _ = self._inputs(input_ids, attention_mask, scenario)
-        vocabulary = self.vocabulary
-
-        def allowed(_batch: int, generated: torch.Tensor) -> list[int]:
-            return vocabulary.allowed(tuple(generated.tolist()))
-
-        out = self.peft.generate(
+        return constrained_search(
+            self.peft,
+            self.vocabulary,
+            beams,
+            self.builder.pad,
             inputs_embeds=embeds,
             attention_mask=mask,
-            max_new_tokens=vocabulary.levels,
-            num_beams=beams,
-            num_return_sequences=beams,
-            do_sample=False,
-            prefix_allowed_tokens_fn=allowed,
-            output_scores=True,
-            output_logits=beams == 1,
-            return_dict_in_generate=True,
-            pad_token_id=self.builder.pad,
-            eos_token_id=None,
-            **({"length_penalty": 0.0} if beams > 1 else {}),  # scores: sums of log-probs
         )
-        generated = out.sequences[:, -vocabulary.levels :]
-        if beams > 1:
-            scores = out.sequences_scores.tolist()
-        else:  # greedy: the unconstrained log-probabilities of the chosen tokens, as beams have
-            steps = torch.stack(out.logits, dim=1).log_softmax(dim=-1)
-            scores = steps.gather(2, generated.unsqueeze(-1)).sum(dim=(1, 2)).tolist()
-        codes = generated.tolist()
-        found: list[list[tuple[int, float]]] = [[] for _ in range(input_ids.shape[0])]
-        for row, (code, score) in enumerate(zip(codes, scores, strict=True)):
-            item = vocabulary.item_of.get(tuple(code))
-            if item is None:
-                raise RuntimeError(f"beam search produced an invalid code {code}")
-            found[row // beams].append((item, float(score)))
-        return found
 
     def save_global(self, folder: Path, base_model: str) -> None:
         """The global adapters in PEFT's own format: ``lora/`` loads with

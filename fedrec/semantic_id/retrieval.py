@@ -177,38 +177,48 @@ def generate_items(
     first; ``beams = 1`` is constrained greedy decoding."""
     beams = beams or config.beam_width
     ids, mask = _left_padded([vocabulary.history_tokens(h, config.max_items) for h in histories])
-    prompt = ids.shape[1]
+    return constrained_search(model, vocabulary, beams, PAD, input_ids=ids, attention_mask=mask)
+
+
+def constrained_search(
+    model: Any, vocabulary: CodeVocabulary, beams: int, pad: int, **inputs: torch.Tensor
+) -> list[list[tuple[int, float]]]:
+    """transformers' beam search over ``inputs`` (``input_ids`` or ``inputs_embeds``, and
+    ``attention_mask``), constrained by the prefix trie to valid codes: ``beams`` (item,
+    log-probability of its code) per request, best first; ``beams = 1`` is constrained greedy."""
+    prompt = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
 
     def allowed(_batch: int, sequence: torch.Tensor) -> list[int]:
         return vocabulary.allowed(tuple(sequence[prompt:].tolist()))
 
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            **inputs,
             max_new_tokens=vocabulary.levels,
             num_beams=beams,
             num_return_sequences=beams,
             do_sample=False,
             prefix_allowed_tokens_fn=allowed,
             output_scores=True,
+            output_logits=beams == 1,
             return_dict_in_generate=True,
-            pad_token_id=PAD,
-            length_penalty=0.0,
+            pad_token_id=pad,
+            eos_token_id=None,
+            **({"length_penalty": 0.0} if beams > 1 else {}),  # scores: sums of log-probs
         )
-    generated = out.sequences[:, prompt:].tolist()
-    scores = (
-        out.sequences_scores.tolist()
-        if beams > 1
-        else model.compute_transition_scores(out.sequences, out.scores).sum(dim=1).tolist()
-    )
-    results: list[list[tuple[int, float]]] = [[] for _ in histories]
-    for row, (tokens, score) in enumerate(zip(generated, scores, strict=True)):
-        item = vocabulary.item_of.get(tuple(tokens))
+    generated = out.sequences[:, -vocabulary.levels :]
+    if beams > 1:
+        scores = out.sequences_scores.tolist()
+    else:  # greedy: unconstrained log-probabilities of the chosen tokens, as beam scores are
+        steps = torch.stack(out.logits, dim=1).log_softmax(dim=-1)
+        scores = steps.gather(2, generated.unsqueeze(-1)).sum(dim=(1, 2)).tolist()
+    found: list[list[tuple[int, float]]] = [[] for _ in range(len(generated) // beams)]
+    for row, (code, score) in enumerate(zip(generated.tolist(), scores, strict=True)):
+        item = vocabulary.item_of.get(tuple(code))
         if item is None:
-            raise RuntimeError(f"beam search produced an invalid code {tokens}")
-        results[row // beams].append((item, float(score)))
-    return results
+            raise RuntimeError(f"beam search produced an invalid code {code}")
+        found[row // beams].append((item, float(score)))
+    return found
 
 
 def evaluate_retrieval(
