@@ -212,11 +212,11 @@ class Federation:
         train_seconds = time.perf_counter() - self.round_started  # sampling to aggregation
         self.model.load_shared_state(arrays.to_torch_state_dict())
         if not self.evaluated(server_round):
-            self._log_round(
-                server_round,
-                {"round": self.global_round(server_round), **self._round_facts(train_seconds)},
-                None,
-            )
+            if server_round > 0:  # round 0 is the initial model: nothing trained, nothing logged
+                facts = self._round_facts(train_seconds)
+                self._log_round(
+                    server_round, {"round": self.global_round(server_round), **facts}, None
+                )
             return None
         split, evaluation = self.population.split, self.config.evaluation
         scorer = self.model.scorer(split, self.device)
