@@ -396,15 +396,19 @@ class Population:
         )
 
 
-@functools.lru_cache(maxsize=2)
-def load_population(config_path: str) -> Population:
-    """Load (once per process) the data and partition of a federated run."""
-    from fedrec.config import load_config
-
-    config = load_config(config_path)
+def population_of(config: ExperimentConfig) -> Population:
+    """The data and partition of a federated run's config."""
     dataset, split = prepare_split(config.data)
     fed = config.federated
     partitions = partition_users(
         dataset, fed.partitioning, fed.num_partitions, fed.partition_attribute
     )
     return Population(config, dataset, split, partitions)
+
+
+@functools.lru_cache(maxsize=2)
+def load_population(config_path: str) -> Population:
+    """Load (once per process) the data and partition of a federated run."""
+    from fedrec.config import load_config
+
+    return population_of(load_config(config_path))

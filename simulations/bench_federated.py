@@ -163,7 +163,8 @@ def bench_round(
     synthetic workload or on ``config_path``'s federation (its local training, ``rounds``
     rounds, ``clients_per_round``)."""
     from fedrec.config import parse_config
-    from simulations.inprocess import population_of, run_inprocess
+    from fedrec.federation import population_of
+    from simulations.inprocess import run_inprocess
 
     if config_path is None:
         config = _synthetic_config(1000, clients_per_round, rounds)
@@ -207,7 +208,8 @@ def bench_audit(config_path: str, workdir: Path, rounds: int, repeats: int) -> d
     import dataclasses
 
     from fedrec.config import load_config
-    from simulations.inprocess import population_of, run_inprocess
+    from fedrec.federation import population_of
+    from simulations.inprocess import run_inprocess
 
     torch.set_num_threads(1)
     base = load_config(config_path)

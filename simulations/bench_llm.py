@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedrec.config import load_config, parse_config  # noqa: E402
+from fedrec.config import load_config  # noqa: E402
 from fedrec.evaluation import EvalConfig, evaluate  # noqa: E402
 from fedrec.federation import (  # noqa: E402
     Population,
@@ -40,7 +40,8 @@ from fedrec.federation import (  # noqa: E402
     load_population,
 )
 from fedrec.llm_rec.federated import LLMFederatedModel  # noqa: E402
-from fedrec.llm_rec.model import example_losses, global_state  # noqa: E402
+from fedrec.llm_rec.model import example_losses  # noqa: E402
+from fedrec.llm_rec.recommend import global_model, load_run  # noqa: E402
 from fedrec.privacy.dp_sgd import DPSGDConfig, dp_train  # noqa: E402
 from fedrec.training import trainable_users  # noqa: E402
 
@@ -126,21 +127,9 @@ def bench_dp_step(population: Population, repeats: int, epochs: int) -> dict[str
 def bench_personal(run_dir: Path) -> dict[str, Any]:
     """Test metrics of every user whose device holds a personal prompt, each evaluated twice
     with the run's global adapters: with that prompt, and with the initial one."""
-    results = json.loads((run_dir / "results.json").read_text("utf-8"))
-    config = parse_config(results["config"], str(run_dir / "results.json"))
-    from fedrec.data import prepare_split
-    from fedrec.data.partition import partition_users
-
-    dataset, split = prepare_split(config.data)
-    fed = config.federated
-    population = Population(
-        config,
-        dataset,
-        split,
-        partition_users(dataset, fed.partitioning, fed.num_partitions, fed.partition_attribute),
-    )
-    wrapper = _model(population, run_dir)
-    wrapper.load_shared_state(global_state(run_dir / "global", len(wrapper.model.scenario_prompts)))
+    population = load_run(run_dir)
+    split = population.split
+    wrapper = global_model(population, run_dir)
     evaluation = EvalConfig(ks=(10, 20))
     per_user: dict[str, list[dict[str, float]]] = {"personal": [], "initial": []}
     started = time.perf_counter()

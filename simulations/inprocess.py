@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from fedrec.audits import audit_round
 from fedrec.audits.report import write_audit_report
-from fedrec.config import ExperimentConfig, parse_config
+from fedrec.config import parse_config
 from fedrec.evaluation import evaluate
 from fedrec.experiment import environment, write_json_atomic
 from fedrec.federation import (
@@ -48,6 +48,7 @@ from fedrec.federation import (
     client_personal_path,
     client_seed,
     planned_record_event,
+    population_of,
     reply_weight,
 )
 from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger
@@ -93,18 +94,6 @@ def _epsilons(ledger: PrivacyLedger, delta: float, central: bool) -> dict[str, f
     if clients:
         out["client_max"] = max(ledger.epsilon(p, ledger.delta(p)) for p in clients)
     return out
-
-
-def population_of(config: ExperimentConfig) -> Population:
-    from fedrec.data import prepare_split
-    from fedrec.data.partition import partition_users
-
-    dataset, split = prepare_split(config.data)
-    fed = config.federated
-    partitions = partition_users(
-        dataset, fed.partitioning, fed.num_partitions, fed.partition_attribute
-    )
-    return Population(config, dataset, split, partitions)
 
 
 def run_inprocess(

@@ -30,7 +30,8 @@ from opacus.accountants.utils import get_noise_multiplier
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
 from fedrec.config import parse_config
-from simulations.inprocess import population_of, run_inprocess
+from fedrec.federation import population_of
+from simulations.inprocess import run_inprocess
 
 
 def _run(data: dict[str, Any], federated: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from fedrec.config import load_config
-from simulations.inprocess import population_of, run_inprocess
+from fedrec.federation import population_of
+from simulations.inprocess import run_inprocess
 
 from .processes import flower_processes, python
 

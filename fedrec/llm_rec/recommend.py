@@ -10,34 +10,44 @@ from typing import Any
 import torch
 
 from fedrec.config import parse_config
-from fedrec.data import prepare_split
-from fedrec.data.partition import partition_users
-from fedrec.federation import Population, client_personal_path
-from fedrec.llm_rec.federated import foundation_folder, load_personal, new_llm_model
+from fedrec.federation import Population, client_personal_path, population_of
+from fedrec.llm_rec.federated import (
+    LLMFederatedModel,
+    foundation_folder,
+    load_personal,
+    new_llm_model,
+)
 from fedrec.llm_rec.foundation import item_titles
 from fedrec.llm_rec.model import global_state
 
 
-def recommend(run_dir: Path, raw_user: str, k: int = 10) -> dict[str, Any]:
+def load_run(run_dir: Path) -> Population:
+    """The population of a finished LLM run, from the config its ``results.json`` records."""
     results = run_dir / "results.json"
     if not results.exists():
         raise FileNotFoundError(f"{run_dir}: no results.json; is this a finished run folder?")
     config = parse_config(json.loads(results.read_text("utf-8"))["config"], str(results))
     if config.llm is None:
         raise ValueError(f"{run_dir}: not an LLM run (its config has no llm section)")
-    dataset, split = prepare_split(config.data)
+    return population_of(config)
+
+
+def global_model(population: Population, run_dir: Path) -> LLMFederatedModel:
+    """The run's foundation with its global adapters (read from ``RUN/global``, PEFT format)."""
+    wrapper = new_llm_model(population, foundation_folder(population, run_dir))
+    wrapper.load_shared_state(global_state(run_dir / "global", len(wrapper.model.scenario_prompts)))
+    return wrapper
+
+
+def recommend(run_dir: Path, raw_user: str, k: int = 10) -> dict[str, Any]:
+    population = load_run(run_dir)
+    dataset, split, partitions = population.dataset, population.split, population.partitions
     users = {str(u): i for i, u in enumerate(dataset.raw_user_ids)}
     if raw_user not in users:
-        raise ValueError(f"user {raw_user!r} is not in {config.data.name or 'the data'}")
+        name = population.config.data.name or "the data"
+        raise ValueError(f"user {raw_user!r} is not in {name}")
     user = users[raw_user]
-    fed = config.federated
-    partitions = partition_users(
-        dataset, fed.partitioning, fed.num_partitions, fed.partition_attribute
-    )
-    population = Population(config, dataset, split, partitions)
-    wrapper = new_llm_model(population, foundation_folder(population, run_dir))
-    model = wrapper.model
-    model.load_shared_state(global_state(run_dir / "global", len(model.scenario_prompts)))
+    model = global_model(population, run_dir).model
     partition = next(p for p, members in enumerate(partitions) if user in members)
     personal = client_personal_path({"run-dir": str(run_dir)}, {"partition-id": partition}, "")
     state = load_personal(personal)
