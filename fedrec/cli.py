@@ -111,12 +111,16 @@ def simulate(
 ) -> None:
     """Run a federated simulation on Flower (one virtual client per partition, Ray backend).
 
-    Every round the server evaluates the global model (full ranking), appends to
-    metrics.jsonl, audits bias and fairness into audit.jsonl, checkpoints model and privacy
-    ledger, and at the end writes results.json, privacy.json/privacy.html and audit.html.
-    `federated:` in the config sets partitioning, sampling, local training, the strategy and
-    DP (record-level DP-SGD and/or user-level DP-FedAvg); `audit:` sets the audit (server-side
-    or federated from client sums, thresholds, re-ranking).
+    Every round the server appends to metrics.jsonl and checkpoints the model and the privacy
+    ledger; every federated.eval_every rounds (and after the last) it evaluates the global model
+    (full ranking) and audits bias and fairness into audit.jsonl. At the end it writes
+    results.json, privacy.json/privacy.html and audit.html. `federated:` in the config sets
+    partitioning, sampling, local training, the strategy and DP (record-level DP-SGD and/or
+    user-level DP-FedAvg); `audit:` sets the audit (server-side or federated from client sums,
+    thresholds, re-ranking). With an `llm:` section the clients train only the LLM
+    recommender's adapters (the server first runs the foundation stage if its folder is
+    missing), keep their personal prompts, and the result is saved under RUN/global in PEFT
+    format.
     """
     import os
 

@@ -75,16 +75,17 @@ class LLMRecommender(nn.Module):
         words = self.peft.get_input_embeddings()
         dim = words.embedding_dim
         prompts = config.prompts
-        torch.manual_seed(seed)  # the prompts' initial rows: the same on server and clients
-        self.scenario_prompts = nn.ModuleList(
-            PromptEmbedding(_prompt_config(prompts.scenario_tokens, dim, prompts.init), words)
-            for _ in range(prompts.num_scenarios if prompts.scenario_tokens else 0)
-        )
-        self.personal_prompt = (
-            PromptEmbedding(_prompt_config(prompts.personal_tokens, dim, prompts.init), words)
-            if prompts.personal_tokens
-            else None
-        )
+        with torch.random.fork_rng():  # the prompts' initial rows: the same in every process
+            torch.manual_seed(seed)
+            self.scenario_prompts = nn.ModuleList(
+                PromptEmbedding(_prompt_config(prompts.scenario_tokens, dim, prompts.init), words)
+                for _ in range(prompts.num_scenarios if prompts.scenario_tokens else 0)
+            )
+            self.personal_prompt = (
+                PromptEmbedding(_prompt_config(prompts.personal_tokens, dim, prompts.init), words)
+                if prompts.personal_tokens
+                else None
+            )
         self._initial_personal = self.personal_state()
 
     # What crosses the network, and what stays.
