@@ -157,20 +157,23 @@ def test_dp_sgd_on_lora_and_prompts_equals_the_oracle(built, mode, clip):
                 )
 
 
-def test_empty_poisson_batches_take_a_noise_only_step(built):
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_empty_poisson_batches_take_a_noise_only_step(built, mode):
     _, _, split, _, _ = built
     model = recommender(built)
-    examples = model.builder.records(split, np.arange(1), 5)  # 3 records, batch 1
+    examples = model.builder.records(split, np.arange(3), 5)  # 6 records, batch 1: q = 1/6
     before = {k: v.clone() for k, v in model.shared_state().items()}
-    result = dp_train(
-        model,
-        examples,
-        DPSGDConfig(noise_multiplier=1.0, batch_size=1),
-        4,
-        1e-2,
-        loss_fn=example_losses,
-    )
-    assert result.steps == 4 * len(examples)
+    batches: list[int] = []
+
+    def counting_loss(module, *batch):
+        batches.append(len(batch[0]))
+        return example_losses(module, *batch)
+
+    config = DPSGDConfig(noise_multiplier=1.0, batch_size=1, grad_sample_mode=mode)
+    torch.manual_seed(3)
+    result = dp_train(model, examples, config, 8, 1e-2, loss_fn=counting_loss)
+    assert result.steps == 8 * len(examples)
+    assert 0 < len(batches) < result.steps  # some Poisson batches were empty, and stepped
     assert all(not torch.equal(before[k], v) for k, v in model.shared_state().items())
 
 
