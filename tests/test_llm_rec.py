@@ -348,3 +348,17 @@ def test_flower_simulation_trains_adapters_with_dp_and_keeps_prompts_on_devices(
     assert personal == clients and 4 <= len(clients) <= 12
     for sub in ("lora", "scenario-0", "scenario-1"):
         assert (run_dir / "global" / sub / "adapter_model.safetensors").exists()
+
+
+def test_a_foundation_built_for_another_backbone_is_refused(built, tmp_path):
+    from fedrec.llm_rec.federated import ensure_foundation
+
+    _, _, _, folder, _ = built
+    other = tiny_config(
+        foundation_dir=str(folder),
+        backbone={**TINY["llm"]["backbone"], "hidden_size": 64},
+    )
+    with pytest.raises(ValueError, match=r"llm\.foundation_dir"):
+        ensure_foundation(_population(other), tmp_path)
+    same = tiny_config(foundation_dir=str(folder))
+    assert ensure_foundation(_population(same), tmp_path) == folder

@@ -4,10 +4,12 @@ prompt stays in the client's own folder, the backbone is loaded once per process
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +36,20 @@ def foundation_folder(population: Population, run_dir: Path) -> Path:
 def ensure_foundation(population: Population, run_dir: Path, progress: bool = True) -> Path:
     """The server's foundation stage: build the backbone once, reuse it afterwards."""
     folder = foundation_folder(population, run_dir)
-    if not (folder / "foundation.json").exists():
+    meta_path = folder / "foundation.json"
+    if not meta_path.exists():
         log.info("foundation stage: pretraining the backbone on public data into %s", folder)
         run_foundation(population.config, population.dataset, population.split, folder, progress)
+        return folder
+    llm = population.config.llm
+    assert llm is not None
+    meta = json.loads(meta_path.read_text("utf-8"))
+    if "backbone" in meta and not llm.base_model and meta["backbone"] != asdict(llm.backbone):
+        raise ValueError(
+            f"{folder} holds a foundation built with llm.backbone {meta['backbone']}, the config "
+            f"asks for {asdict(llm.backbone)}: set llm.foundation_dir to a new folder (or delete "
+            "this one) to build a matching foundation"
+        )
     return folder
 
 
@@ -52,10 +65,9 @@ def load_personal(path: Path | None) -> dict[str, torch.Tensor] | None:
 class LLMFederatedModel:
     """``fedrec.federation.FederatedModel`` for the LLM recommender."""
 
-    def __init__(self, model: LLMRecommender, foundation: Foundation, base_model: str):
+    def __init__(self, model: LLMRecommender, foundation: Foundation):
         self.model = model
         self.foundation = foundation
-        self.base_model = base_model
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         return self.model.shared_state()
@@ -162,4 +174,4 @@ def new_llm_model(population: Population, folder: Path) -> LLMFederatedModel:
     assert config.llm is not None
     foundation = _foundation(folder)
     model = foundation.recommender(config.llm, population.dataset, config.seed)
-    return LLMFederatedModel(model, foundation, config.llm.base_model)
+    return LLMFederatedModel(model, foundation)

@@ -191,6 +191,7 @@ def run_foundation(
     meta = {
         "version": VERSION,
         "base_model": config.base_model or "llama built from llm.backbone",
+        "backbone": asdict(config.backbone),
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
         "first_code": int(vocabulary.offsets[0]),
