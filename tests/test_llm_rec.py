@@ -362,3 +362,38 @@ def test_a_foundation_built_for_another_backbone_is_refused(built, tmp_path):
         ensure_foundation(_population(other), tmp_path)
     same = tiny_config(foundation_dir=str(folder))
     assert ensure_foundation(_population(same), tmp_path) == folder
+
+
+def test_any_causal_lm_by_path_gets_the_code_tokens_and_resized_embeddings(built, tmp_path):
+    """``llm.base_model``: a local folder of a model + tokenizer (what a hub id downloads to)."""
+    from transformers import AutoModelForCausalLM
+
+    from fedrec.llm_rec.backbone import tiny_llama, train_tokenizer
+    from fedrec.llm_rec.config import BackboneConfig
+    from fedrec.semantic_id.content import item_texts
+
+    _, dataset, split, _, _ = built
+    tokenizer = train_tokenizer(item_texts(dataset), 150)
+    model = tiny_llama(BackboneConfig(16, 1, 2, 32, 64, 150), len(tokenizer), tokenizer, 0)
+    model.save_pretrained(tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    config = tiny_config(base_model=str(tmp_path / "plain"), foundation={"epochs": 1})
+    meta = run_foundation(config, dataset, split, tmp_path / "foundation", progress=False)
+    codes = load_foundation(tmp_path / "foundation").vocabulary
+    assert meta["vocab_size"] == len(tokenizer) + (codes.size - codes.offsets[0])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "foundation" / "backbone")
+    assert loaded.get_input_embeddings().num_embeddings == meta["vocab_size"]
+    assert loaded.config.hidden_size == 16
+
+
+def test_prompts_with_titles_read_titles_but_predict_only_codes(built):
+    _, dataset, split, folder, _ = built
+    config = tiny_config(foundation_dir=str(folder), with_titles=True, title_tokens=3)
+    builder = load_foundation(folder).builder(config.llm, dataset)
+    tokens, labels = builder.item_tokens(0)
+    levels = builder.vocabulary.levels
+    assert tokens[:levels] == builder.vocabulary.tokens[0].tolist() == labels[:levels]
+    assert 1 <= len(tokens) - levels <= 3 and set(labels[levels:]) == {-100}
+    _, mask, record_labels, _ = builder.records(split, np.arange(2), 5).tensors
+    assert ((record_labels != -100).sum(dim=1) % levels == 0).all()
+    assert ((record_labels != -100) <= mask.bool()).all()
