@@ -7,7 +7,7 @@
         ratios
     python simulations/bench_llm.py personal --run runs/llm-ml100k
         test NDCG@10 / HR@10 of the users with a personal prompt: with it vs the initial one
-    python simulations/bench_llm.py centralized --config configs/ml-100k-llm.yaml --epochs 5
+    python simulations/bench_llm.py centralized --config configs/ml-100k-llm.yaml --epochs 10
         the same adapters trained on every user's windows in one place (the reference the
         federation is compared with), and the foundation alone (epochs 0)
 
@@ -154,16 +154,18 @@ def bench_personal(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def bench_centralized(population: Population, epochs: int, batch: int = 32) -> dict[str, Any]:
-    """Adapters (LoRA + scenario prompts, no personal prompt) trained on all users' records
-    with Adam at ``federated.local_learning_rate``; valid/test metrics after each epoch."""
+def bench_centralized(
+    population: Population, epochs: int, learning_rate: float, batch: int = 32
+) -> dict[str, Any]:
+    """Adapters and prompts trained on all users' records (one shared personal prompt) with
+    Adam; valid/test metrics of the foundation (epoch 0), every 5 epochs and at the end."""
     config, fed = population.config, population.config.federated
     torch.set_num_threads(2)
     split = population.split
     model = _model(population, Path(config.output_dir))
     evaluation = EvalConfig(ks=(10, 20))
     examples = model.model.builder.records(split, trainable_users(split), fed.record_window)
-    optimizer = torch.optim.Adam(model.model.trainable_parameters(), lr=fed.local_learning_rate)
+    optimizer = torch.optim.Adam(model.model.trainable_parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
     history = []
     started = time.perf_counter()
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, help="finished LLM run folder (personal)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (centralized)")
     parser.add_argument("--output", type=Path, help="write the result as JSON here")
     args = parser.parse_args(argv)
     if args.what == "personal":
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "bytes":
             result = bench_bytes(population)
         elif args.what == "centralized":
-            result = bench_centralized(population, args.epochs)
+            result = bench_centralized(population, args.epochs, args.lr)
         else:
             result = bench_dp_step(population, args.repeats, args.epochs)
     text = json.dumps(result, indent=2)
