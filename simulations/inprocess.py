@@ -99,7 +99,7 @@ def _epsilons(ledger: PrivacyLedger, delta: float, central: bool) -> dict[str, f
 def run_inprocess(
     population: Population,
     run_dir: Path,
-    eval_every: int = 1,
+    eval_every: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run ``population.config``'s federation in this process; write metrics, ledger, report."""
@@ -200,7 +200,7 @@ def run_inprocess(
             "refused": refused,
             "seconds": time.perf_counter() - round_started,
         }
-        if round_number % eval_every == 0 or round_number == fed.num_rounds:
+        if round_number % (eval_every or fed.eval_every) == 0 or round_number == fed.num_rounds:
             scorer = model.scorer(split, torch.device("cpu"))
             record["valid"] = evaluate(scorer, split, "valid", config.evaluation).metrics
             top_n = audit.k if audit is not None else 0
@@ -253,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="experiment YAML with a federated: part")
     parser.add_argument("--rounds", type=int, help="override federated.num_rounds")
     parser.add_argument("--clients-per-round", type=int, help="override clients_per_round")
-    parser.add_argument("--eval-every", type=int, default=1, help="evaluate every N rounds")
+    parser.add_argument(
+        "--eval-every", type=int, help="evaluate every N rounds (default: federated.eval_every)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--output", required=True, help="run folder")
     parser.add_argument(

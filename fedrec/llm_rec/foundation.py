@@ -32,9 +32,10 @@ from fedrec.llm_rec.backbone import new_backbone, quiet_transformers
 from fedrec.llm_rec.config import LLMRecConfig
 from fedrec.llm_rec.data import IGNORE, PromptBuilder
 from fedrec.llm_rec.model import LLMRecommender
-from fedrec.semantic_id.content import content_embeddings, item_texts
+from fedrec.semantic_id.content import item_texts
+from fedrec.semantic_id.pipeline import catalogue_codes
 from fedrec.semantic_id.retrieval import CodeVocabulary
-from fedrec.semantic_id.rqvae import SemanticIds, build_semantic_ids
+from fedrec.semantic_id.rqvae import SemanticIds
 
 if TYPE_CHECKING:
     from fedrec.config import ExperimentConfig
@@ -56,10 +57,7 @@ def semantic_ids_for(experiment: ExperimentConfig, dataset: InteractionDataset) 
                 "`fedrec semantic-ids` on the same data and preprocessing"
             )
         return ids
-    section = experiment.semantic_id
-    embeddings = content_embeddings(dataset, section.content)
-    ids, _ = build_semantic_ids(embeddings, section.rqvae, list(dataset.raw_item_ids), False)
-    return ids
+    return catalogue_codes(dataset, experiment.semantic_id, progress=False)[0]
 
 
 def item_titles(dataset: InteractionDataset) -> list[str]:

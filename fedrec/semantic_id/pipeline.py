@@ -111,6 +111,16 @@ def _train_and_evaluate(
     return out
 
 
+def catalogue_codes(
+    dataset: InteractionDataset, config: SemanticIdConfig, progress: bool = True
+) -> tuple[SemanticIds, np.ndarray]:
+    """Every item's code from its content (encoder + RQ-VAE), and the content embeddings."""
+    embeddings = content_embeddings(dataset, config.content)
+    ids, _ = build_semantic_ids(embeddings, config.rqvae, list(dataset.raw_item_ids), progress)
+    ids.config["content"] = asdict(config.content)
+    return ids, embeddings
+
+
 def run_semantic_ids(
     experiment: ExperimentConfig,
     dataset: InteractionDataset,
@@ -122,9 +132,7 @@ def run_semantic_ids(
     leave-one-out split and, with ``cold_start_share``, retrieval of items unseen in training."""
     config = experiment.semantic_id
     torch.set_num_threads(1)
-    embeddings = content_embeddings(dataset, config.content)
-    ids, _ = build_semantic_ids(embeddings, config.rqvae, list(dataset.raw_item_ids), progress)
-    ids.config["content"] = asdict(config.content)
+    ids, embeddings = catalogue_codes(dataset, config, progress)
     ids.save(run_dir / "semantic_ids")
     titles = item_texts(dataset)
     results: dict[str, Any] = {
