@@ -215,7 +215,6 @@ def _pretrain(
     progress: bool,
 ) -> list[float]:
     """Full-parameter next-token training of the backbone; mean loss per epoch."""
-    batches: list[tuple[torch.Tensor, ...]] = []
     every = [r for part in rows.values() for r in part]
     chunks = [every[i : i + 4096] for i in range(0, len(every), 4096)]
     datasets = [builder.tensors(c) for c in chunks] + ([sequences] if sequences else [])
@@ -232,7 +231,7 @@ def _pretrain(
     losses = []
     model.train()
     for _ in tqdm(range(epochs), desc="foundation", disable=not progress, leave=False):
-        batches = [
+        batches: list[tuple[torch.Tensor, ...]] = [
             tuple(t[order] for t in d.tensors)
             for d in datasets
             for order in torch.randperm(len(d), generator=generator).split(
