@@ -16,32 +16,37 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedrec.audits.federated import PREFIX as AUDIT_PREFIX
 from fedrec.audits.federated import client_sums
 from fedrec.evaluation import EvalConfig, evaluate
 from fedrec.federation import (
     FederatedModel,
-    LocalResult,
     Population,
     build_federated_model,
     client_ledger_path,
     client_personal_path,
     client_seed,
+    exposure_event,
     load_population,
+    noise_seed,
     planned_record_event,
     reply_weight,
     resolve_config_path,
     resolve_run_dir,
 )
 from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger
+from fedrec.privacy.randomness import numpy_generator
+
+if TYPE_CHECKING:
+    from fedrec.config import ExperimentConfig
 
 MetricValue = int | float | list[int] | list[float]
 CLIPPING_NORM_KEY = "clipping_norm"
@@ -93,7 +98,7 @@ def _ledger_path(context: Context, population: Population) -> Path:
 
 
 def _ledger(path: Path) -> PrivacyLedger:
-    ledger = PrivacyLedger()
+    ledger = PrivacyLedger()  # a device's ledger outlives runs: it is never reset here
     if path.exists():
         ledger.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
     return ledger
@@ -126,35 +131,36 @@ def train(msg: Message, context: Context) -> Message:
     round_ = int(cast(int, sent["server-round"])) + int(cast(int, sent.get("round-offset", 0)))
     ledger_path = _ledger_path(context, population)
     ledger = _ledger(ledger_path)
-    planned = planned_record_event(fed, population.client_split(partition), partition, round_)
+    split = population.client_split(partition)
+    records = model.record_count(split, fed) if fed.record_dp is not None else 0
+    planned = planned_record_event(fed, records, partition, round_)
     metrics: dict[str, MetricValue] = {"partition-id": partition, "refused": 0}
     if fed.record_dp is not None:
         # Flower aggregates only MetricRecords with identical keys, so every reply of a DP
         # federation carries the DP keys; dp-steps 0 means nothing was released.
         metrics.update(_spent_metrics(None))
     if planned is not None and fed.record_epsilon_budget is not None:
-        budget = PrivacyBudget(fed.record_epsilon_budget, planned[1])
-        if not budget.allows(ledger, planned[0]):
-            metrics.update(
-                {
-                    "refused": 1,
-                    "num-examples": reply_weight(LocalResult(0, 0.0, None), fed),
-                    "train-loss": 0.0,
-                }
-            )
+        budget = PrivacyBudget(fed.record_epsilon_budget, planned.delta)
+        if not budget.allows(ledger, planned):
+            metrics.update({"refused": 1, "num-examples": 0})
+            if fed.report_train_loss:
+                metrics["train-loss"] = 0.0
             return Message(
                 RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord(metrics)}),
                 reply_to=msg,
             )
     result = model.train_local(
-        population.client_split(partition),
+        split,
         fed,
         client_seed(config.seed, round_, partition),
         client_personal_path(context.run_config, context.node_config, config.output_dir),
+        noise_seed(fed, config.seed, round_, partition),
     )
-    metrics.update({"num-examples": reply_weight(result, fed), "train-loss": result.loss})
+    metrics["num-examples"] = reply_weight(result, fed)
+    if fed.report_train_loss:
+        metrics["train-loss"] = result.loss
     if result.dp is not None and planned is not None:
-        spent = dataclasses.replace(planned[0], steps=result.dp.steps)
+        spent = dataclasses.replace(planned, steps=result.dp.steps)
         ledger.record(spent)
         _save_ledger(ledger, ledger_path)
         metrics.update(_spent_metrics(spent))
@@ -182,12 +188,51 @@ def evaluate_on_device(msg: Message, context: Context) -> Message:
     result = audit_context.evaluate(scorer, audit, config.evaluation)
     assert result.top_items is not None
     metrics = _mean_metrics(result.metrics)
-    # Unseeded: the server must not be able to regenerate (and subtract) the noise.
+    sent = msg.content.config_records["config"]
+    round_ = int(cast(int, sent["server-round"])) + int(cast(int, sent.get("round-offset", 0)))
+    released = _may_release_exposure(context, population, partition, round_)
     sums = client_sums(
-        result.per_user, result.top_items, audit_context, audit, np.random.default_rng()
+        result.per_user,
+        result.top_items,
+        audit_context,
+        audit,
+        numpy_generator(_noise_seed_of(config, round_, partition)),
     )
-    metrics.update({**sums, "partition-id": partition, "num-examples": split.num_users})
+    if not released:  # over budget: the histogram is withheld, the server is told
+        sums[f"{AUDIT_PREFIX}exposure"] = [0.0] * split.num_items
+    metrics.update(
+        {
+            **sums,
+            "partition-id": partition,
+            "num-examples": split.num_users,
+            "audit-exposure-released": int(released),
+        }
+    )
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _noise_seed_of(config: ExperimentConfig, round_: int, partition: int) -> int | None:
+    seed = noise_seed(config.federated, config.seed, round_, partition)
+    return None if seed is None else seed + 1  # not the training noise's stream
+
+
+def _may_release_exposure(
+    context: Context, population: Population, partition: int, round_: int
+) -> bool:
+    """Whether this client's noised exposure histogram fits its budget; if it does, the release
+    is recorded in its own ledger (the same budget as its training) before it is sent."""
+    config = population.config
+    if config.audit.exposure_noise <= 0:
+        return True  # un-noised: outside the ledger, and the report says so
+    event = exposure_event(config, partition, round_)
+    ledger_path = _ledger_path(context, population)
+    ledger = _ledger(ledger_path)
+    budget = config.federated.record_epsilon_budget
+    if budget is not None and not PrivacyBudget(budget, event.delta).allows(ledger, event):
+        return False
+    ledger.record(event)
+    _save_ledger(ledger, ledger_path)
+    return True
 
 
 def _mean_metrics(metrics: dict[str, float]) -> dict[str, MetricValue]:

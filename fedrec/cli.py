@@ -192,7 +192,7 @@ def privacy_report(
         _fail(FedrecDataError("no checkpoint.pt: run `fedrec simulate` first", run_dir))
         return
     state = torch.load(checkpoint, weights_only=False)
-    ledger = PrivacyLedger(state["ledger"]["accountant"])
+    ledger = PrivacyLedger()
     ledger.load_state_dict(state["ledger"])
     json_path, html_path = write_privacy_report(ledger, run_dir)
     typer.echo(f"{json_path}\n{html_path}")

@@ -5,6 +5,7 @@ Flower itself lives in ``clients/`` and ``server/``; this module knows nothing o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -23,11 +24,19 @@ from fedrec.data import prepare_split
 from fedrec.data.batching import training_batch
 from fedrec.data.dataset import InteractionDataset
 from fedrec.data.partition import SCHEMES, partition_users
+from fedrec.data.records import record_spans
 from fedrec.data.split import SequenceSplit
 from fedrec.evaluation.evaluator import Scorer
 from fedrec.models import build_model
 from fedrec.models.base import SequentialRecommender
-from fedrec.privacy.dp_sgd import DPSGDConfig, DPTrainResult, dp_train, plan_dp
+from fedrec.privacy.accounting import WITHOUT_REPLACEMENT_ACCOUNTANT
+from fedrec.privacy.dp_sgd import (
+    DEFAULT_RECORD_DELTA,
+    DPSGDConfig,
+    DPTrainResult,
+    dp_train,
+    plan_dp,
+)
 from fedrec.privacy.ledger import PrivacyEvent
 from fedrec.training import model_scorer, train_epoch, trainable_users
 
@@ -37,29 +46,50 @@ if TYPE_CHECKING:
 # Opacus calls logging.basicConfig at import, so every Flower line (Flower has its own console
 # handler) would print twice through the root logger.
 logging.getLogger("flwr").propagate = False
+log = logging.getLogger("fedrec.federation")
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
 LOCAL_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
+CLIENT_SAMPLINGS = ("poisson", "fixed")
+
+
 @dataclass
 class CentralDPConfig:
-    """User-level DP-FedAvg: Flower's client-side fixed clipping plus server noise σ·C/n.
+    """User-level DP-FedAvg: clients clip their update to ``clipping_norm`` (Flower's
+    ``fixedclipping_mod``); the server adds N(0, (σ·C)²) to the sum of the clipped updates,
+    divides by the expected cohort and only then applies the server optimizer (FedAdam, FedAvgM
+    are post-processing).
 
-    The server stops once the federation's ε at ``delta`` (default 1 / (10 · clients)) would
-    exceed ``target_epsilon``.
+    ``sampling``: ``poisson`` (default: each client joins a round independently with probability
+    q = cohort / clients; add/remove-one adjacency, Opacus RDP) or ``fixed`` (exactly the cohort,
+    drawn without replacement; replace-one adjacency, dp_accounting RDP). ``delta`` defaults to
+    min(1e-5, clients^-1.1). The server stops before a round that would take the federation's
+    ε past ``target_epsilon`` (the whole run's budget).
     """
 
     noise_multiplier: float = 1.0
     clipping_norm: float = 1.0
     target_epsilon: float | None = None
     delta: float | None = None
+    sampling: str = "poisson"
 
     def __post_init__(self) -> None:
         if self.noise_multiplier < 0 or self.clipping_norm <= 0:
             raise ValueError("central_dp: noise_multiplier >= 0 and clipping_norm > 0")
         if self.target_epsilon is not None and self.target_epsilon <= 0:
             raise ValueError("central_dp.target_epsilon must be > 0")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError("central_dp.delta must lie in (0, 1)")
+        if self.sampling not in CLIENT_SAMPLINGS:
+            raise ValueError(
+                f"central_dp.sampling must be one of {CLIENT_SAMPLINGS}, got {self.sampling!r}"
+            )
+
+    def delta_for(self, num_clients: int) -> float:
+        """δ of the federation's guarantee: the setting, else min(1e-5, clients^-1.1)."""
+        return self.delta if self.delta is not None else min(1e-5, num_clients**-1.1)
 
 
 @dataclass
@@ -74,7 +104,15 @@ class FederatedConfig:
     ``server_tau``: FedAdam's adaptivity τ (Flower's default 1e-3 dominates √v_t when client
     updates are small, reducing FedAdam to plain server SGD). ``eval_every``: the server
     evaluates the global model every N rounds and after the last (1: every round, and once
-    before training)."""
+    before training).
+
+    Records for one-user clients: each calendar period of ``record_period`` seconds (UTC; one
+    day by default) of a user's training events is one record, cut to its first
+    ``record_window + 1`` events, so removing any one event changes exactly one record.
+    Releases: ``reproducible_noise`` seeds DP noise and DP sampling from ``seed`` (simulation
+    only; no guarantee against anyone who knows the seed); ``report_train_loss`` sends each
+    client's un-noised loss; ``weight_by_examples`` weights FedAvg by the client's un-noised
+    example count (default: only without DP). Both are outside the ledger and warned about."""
 
     partitioning: str = "user"
     num_partitions: int = 0
@@ -94,6 +132,10 @@ class FederatedConfig:
     round_timeout: float = 600.0
     eval_every: int = 1
     record_window: int = 20
+    record_period: int = 86400
+    reproducible_noise: bool = False
+    report_train_loss: bool = False
+    weight_by_examples: bool | None = None
     record_dp: DPSGDConfig | None = None
     record_epsilon_budget: float | None = None
     central_dp: CentralDPConfig | None = None
@@ -127,6 +169,33 @@ class FederatedConfig:
             raise ValueError("federated.fraction_per_round must lie in [0, 1] (0: use the count)")
         if self.record_epsilon_budget is not None and self.record_dp is None:
             raise ValueError("federated.record_epsilon_budget needs federated.record_dp")
+        if self.record_period < 1:
+            raise ValueError("federated.record_period must be >= 1 (seconds)")
+        private = self.record_dp is not None or self.central_dp is not None
+        for option, enabled in (
+            ("report_train_loss", self.report_train_loss),
+            ("weight_by_examples", private and self.weight_by_examples),
+        ):
+            if private and enabled:
+                log.warning(
+                    "federated.%s: clients send this un-noised; it is not in the privacy "
+                    "ledger and the privacy report lists it as not covered",
+                    option,
+                )
+        if self.central_dp is not None and self.weight_by_examples:
+            raise ValueError(
+                "federated.weight_by_examples cannot be used with central_dp: the noise is "
+                "calibrated to an unweighted sum of clipped updates (set it to false)"
+            )
+
+    @property
+    def private(self) -> bool:
+        return self.record_dp is not None or self.central_dp is not None
+
+    @property
+    def weighted(self) -> bool:
+        """Whether clients report their example count as the aggregation weight."""
+        return not self.private if self.weight_by_examples is None else self.weight_by_examples
 
     def sampled_clients(self, num_clients: int) -> int:
         """Clients per round: ``fraction_per_round`` of them when set, else the count."""
@@ -136,22 +205,21 @@ class FederatedConfig:
 
     @property
     def protected_unit(self) -> str:
-        """What one record-level DP record is: an event of a user, or a user inside a silo."""
-        return "event" if self.partitioning == "user" else "user-within-silo"
+        """What one record-level DP record is: a day of a user, or a user inside a silo."""
+        return "user-day" if self.partitioning == "user" else "user-within-silo"
 
 
-def event_windows(split: SequenceSplit, users: np.ndarray, window: int) -> TensorDataset:
-    """Disjoint chunks of ``window + 1`` events of each user's training history, one record each.
-
-    Every event lies in exactly one record (the transition between two chunks is not trained),
-    so clipping per record bounds the influence of one event: event-level DP.
-    """
+def event_windows(
+    split: SequenceSplit, users: np.ndarray, window: int, period: int = 86400
+) -> TensorDataset:
+    """The records of each user's training history (``record_spans``), one example each:
+    record-level DP-SGD then protects a user's day, and so any one of its events."""
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for user in users:
         lo, end = int(split.offsets[user]), int(split.offsets[user + 1]) - 2  # training part
-        for start in range(lo, end - 1, window + 1):
-            items = split.items[start : min(start + window + 1, end)] + 1
-            times = split.timestamps[start : min(start + window + 1, end)]
+        for start, stop in record_spans(split.timestamps[lo:end], window, period):
+            items = split.items[lo + start : lo + stop] + 1
+            times = split.timestamps[lo + start : lo + stop]
             pad = window - (len(items) - 1)
             rows.append(
                 (
@@ -163,6 +231,15 @@ def event_windows(split: SequenceSplit, users: np.ndarray, window: int) -> Tenso
     return TensorDataset(*(torch.from_numpy(np.stack(c)) for c in zip(*rows, strict=True)))
 
 
+def dp_records(
+    split: SequenceSplit, users: np.ndarray, config: FederatedConfig, max_len: int
+) -> TensorDataset:
+    """The records of record-level DP-SGD: a user's days (one-user clients) or whole users."""
+    if config.partitioning == "user":
+        return event_windows(split, users, config.record_window, config.record_period)
+    return TensorDataset(*training_batch(split, users, max_len))
+
+
 @dataclass
 class LocalResult:
     num_examples: int
@@ -171,19 +248,20 @@ class LocalResult:
 
 
 def local_train(
-    model: SequentialRecommender, split: SequenceSplit, config: FederatedConfig, seed: int
+    model: SequentialRecommender,
+    split: SequenceSplit,
+    config: FederatedConfig,
+    seed: int,
+    noise_seed: int | None = None,
 ) -> LocalResult:
-    """Train ``model`` in place on one client's sequences (all of ``split``)."""
+    """Train ``model`` in place on one client's sequences (all of ``split``). ``seed`` drives
+    dropout and negatives; DP noise is private unless ``noise_seed`` (reproducible mode)."""
     users = trainable_users(split)
     if not len(users):
         return LocalResult(0, math.nan, None)
     torch.manual_seed(seed)
     if config.record_dp is not None:
-        examples = (
-            event_windows(split, users, config.record_window)
-            if config.partitioning == "user"
-            else TensorDataset(*training_batch(split, users, model.config.max_len))
-        )
+        examples = dp_records(split, users, config, model.config.max_len)
         optimizer = LOCAL_OPTIMIZERS[config.local_optimizer](
             model.parameters(), lr=config.local_learning_rate
         )
@@ -194,6 +272,8 @@ def local_train(
             config.local_epochs,
             config.local_learning_rate,
             optimizer=optimizer,
+            noise_seed=noise_seed,
+            rounds=config.num_rounds,
         )
         return LocalResult(len(examples), result.mean_loss, result)
     optimizer = LOCAL_OPTIMIZERS[config.local_optimizer](
@@ -224,8 +304,15 @@ class FederatedModel(Protocol):
     def scorer(self, split: SequenceSplit, device: torch.device) -> Scorer: ...
 
     def train_local(
-        self, split: SequenceSplit, fed: FederatedConfig, seed: int, personal: Path | None
+        self,
+        split: SequenceSplit,
+        fed: FederatedConfig,
+        seed: int,
+        personal: Path | None,
+        noise_seed: int | None = None,
     ) -> LocalResult: ...
+
+    def record_count(self, split: SequenceSplit, fed: FederatedConfig) -> int: ...
 
     def export(self, folder: Path) -> None: ...
 
@@ -250,9 +337,17 @@ class SequentialFederatedModel:
         return model_scorer(self.model, split, device)
 
     def train_local(
-        self, split: SequenceSplit, fed: FederatedConfig, seed: int, personal: Path | None
+        self,
+        split: SequenceSplit,
+        fed: FederatedConfig,
+        seed: int,
+        personal: Path | None,
+        noise_seed: int | None = None,
     ) -> LocalResult:
-        return local_train(self.model, split, fed, seed)
+        return local_train(self.model, split, fed, seed, noise_seed)
+
+    def record_count(self, split: SequenceSplit, fed: FederatedConfig) -> int:
+        return len(dp_records(split, trainable_users(split), fed, self.model.config.max_len))
 
     def export(self, folder: Path) -> None:
         torch.save(self.model.state_dict(), folder / "model.pt")
@@ -275,33 +370,36 @@ def build_federated_model(
 
 
 def client_seed(seed: int, round_number: int, partition: int) -> int:
-    """The torch/numpy seed of one client's local training in one round."""
+    """The torch/numpy seed of one client's local training in one round (dropout, negatives)."""
     return seed * 1_000_003 + round_number * 7919 + partition
 
 
+def noise_seed(fed: FederatedConfig, seed: int, round_number: int, partition: int) -> int | None:
+    """The seed of a client's DP noise: None (private, from OS entropy) unless the config asks
+    for ``reproducible_noise``."""
+    if not fed.reproducible_noise:
+        return None
+    return client_seed(seed, round_number, partition) ^ 0x5EED_DA7A
+
+
 def reply_weight(result: LocalResult, config: FederatedConfig) -> int:
-    """``num-examples`` a client reports: 1 under DP-FedAvg, whose noise σ·C/n is calibrated
-    for an unweighted mean of the clipped updates; otherwise its training positions."""
-    return 1 if config.central_dp is not None else result.num_examples
+    """``num-examples`` a client reports: its training positions when the federation weights by
+    examples, else 1 (any DP run by default: the count is the client's data, un-noised, and
+    DP-FedAvg's noise is calibrated to an unweighted sum); 0 when it did not train."""
+    if result.num_examples == 0:
+        return 0
+    return result.num_examples if config.weighted else 1
 
 
 def planned_record_event(
-    fed: FederatedConfig, split: SequenceSplit, partition: int, round_: int
-) -> tuple[PrivacyEvent, float] | None:
-    """The record-level DP release (and its δ) client ``partition`` would make this round, known
-    before it trains (for its budget check), or None without record-level DP or data."""
-    if fed.record_dp is None:
+    fed: FederatedConfig, records: int, partition: int, round_: int
+) -> PrivacyEvent | None:
+    """The record-level DP release client ``partition`` would make this round on ``records``
+    records, known before it trains (for its budget check); None without DP or records."""
+    if fed.record_dp is None or records == 0:
         return None
-    users = trainable_users(split)
-    if not len(users):
-        return None
-    records = (
-        len(event_windows(split, users, fed.record_window))
-        if fed.partitioning == "user"
-        else len(users)
-    )
-    plan = plan_dp(records, fed.record_dp, fed.local_epochs)
-    event = PrivacyEvent(
+    plan = plan_dp(records, fed.record_dp, fed.local_epochs, fed.num_rounds)
+    return PrivacyEvent(
         round=round_,
         party=f"client:{partition}",
         mechanism="dp-sgd",
@@ -311,13 +409,114 @@ def planned_record_event(
         steps=plan.steps,
         clip_norm=fed.record_dp.max_grad_norm,
         delta=plan.delta,
+        accountant=fed.record_dp.accountant,
     )
-    return event, plan.delta
+
+
+def central_event(fed: FederatedConfig, num_clients: int, round_number: int) -> PrivacyEvent:
+    """The server's user-level DP release of one round (``server.dp.UserLevelDP``)."""
+    central = fed.central_dp
+    assert central is not None
+    cohort = fed.sampled_clients(num_clients)
+    event = PrivacyEvent(
+        round=round_number,
+        party="server",
+        mechanism="dp-fedavg",
+        unit="user",
+        noise_multiplier=central.noise_multiplier,
+        sample_rate=cohort / num_clients,
+        steps=1,
+        clip_norm=central.clipping_norm,
+        delta=central.delta_for(num_clients),
+    )
+    if central.sampling == "poisson":
+        return event
+    # Replace-one adjacency: swapping one client moves the sum of clipped updates by up to 2C,
+    # so σ relative to that sensitivity is half the configured one.
+    return dataclasses.replace(
+        event,
+        noise_multiplier=central.noise_multiplier / 2,
+        sampling="without-replacement",
+        population=num_clients,
+        accountant=WITHOUT_REPLACEMENT_ACCOUNTANT,
+    )
+
+
+def exposure_event(config: ExperimentConfig, partition: int, round_number: int) -> PrivacyEvent:
+    """A client's noised top-K exposure histogram (the federated audit) as a ledger event.
+
+    One user's top-K list is a K-hot vector; any change to the user's data can swap it for
+    another K-hot vector, an L2 change of at most √(2K): the Gaussian's multiplier is σ / √(2K),
+    a guarantee for the client's whole data and so for each of its records.
+    """
+    fed, audit = config.federated, config.audit
+    sensitivity = math.sqrt(2 * audit.k)
+    return PrivacyEvent(
+        round=round_number,
+        party=f"client:{partition}",
+        mechanism="gaussian",
+        unit=fed.protected_unit if fed.record_dp is not None else "user",
+        noise_multiplier=audit.exposure_noise / sensitivity,
+        sample_rate=1.0,
+        steps=1,
+        clip_norm=sensitivity,
+        delta=fed.record_dp.delta if fed.record_dp is not None else DEFAULT_RECORD_DELTA,
+        note="audit exposure histogram",
+        accountant=fed.record_dp.accountant if fed.record_dp is not None else "rdp",
+    )
+
+
+def privacy_disclosures(config: ExperimentConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the privacy report must say beyond the ledger: budgets, refusals, the sampling and
+    every release the ledger does not cover."""
+    fed, audit = config.federated, config.audit
+    uncovered: list[str] = []
+    if fed.reproducible_noise and fed.private:
+        uncovered.append(
+            "reproducible_noise is on: DP noise and sampling are seeded from the config, so "
+            "anyone who knows the seed can regenerate and subtract the noise. No guarantee "
+            "in this report holds against them."
+        )
+    if fed.central_dp is not None:
+        uncovered.append(
+            "User-level DP-FedAvg adds its noise on the server: the server itself sees each "
+            "sampled client's clipped update un-noised (no secure aggregation), so that "
+            "guarantee protects users from whoever sees the global model, not from the server."
+        )
+    if fed.report_train_loss:
+        uncovered.append("Clients send their training loss un-noised (report_train_loss).")
+    if fed.private and fed.weighted:
+        uncovered.append("Clients send their example count un-noised (weight_by_examples).")
+    if fed.record_dp is not None:
+        uncovered.append(
+            "Each reply states its DP-SGD sampling rate and steps, which reveal "
+            "⌈records / batch size⌉ of the client."
+        )
+    if audit.enabled and audit.mode == "federated":
+        uncovered.append(
+            "Federated audit: each client's group sums (its groups, its metrics, the rank of "
+            "its test item) are sent un-noised"
+            + ("." if audit.exposure_noise > 0 else ", and so is its top-K exposure histogram.")
+        )
+    return {
+        "reproducible_noise": fed.reproducible_noise,
+        "client_sampling": (fed.central_dp.sampling if fed.central_dp else "fixed"),
+        "budgets": {
+            "client_epsilon": fed.record_epsilon_budget,
+            "federation_epsilon": fed.central_dp.target_epsilon if fed.central_dp else None,
+        },
+        "refused_client_rounds": int(sum(h.get("refused", 0) for h in history)),
+        "not_covered": uncovered,
+    }
 
 
 CONFIG_ENV = "FEDREC_CONFIG"
 RUN_DIR_ENV = "FEDREC_RUN_DIR"
-CLIENT_LEDGER_DIR = "client-ledgers"
+# A simulated device's files live in the run folder: its ledger in DEVICE_DIR, which fedrec
+# never deletes (ε belongs to the user and outlives runs); its personal prompt, which belongs
+# to the run's model, in CLIENT_STATE_DIR (cleared on a fresh run).
+DEVICE_DIR = "devices"
+CLIENT_STATE_DIR = "client-state"
 
 
 def resolve_run_dir(run_config: Mapping[str, Any], default: str) -> Path:
@@ -331,28 +530,25 @@ def client_ledger_path(
     """Where a client keeps its privacy ledger, so ε survives restarts and resumed runs.
 
     A device names its own folder with the node config's ``ledger-dir``; simulated clients
-    share the run folder's ``client-ledgers/`` (one file each, by partition).
+    share the run folder's ``devices/`` (one file each, by partition), never deleted by fedrec.
     """
     partition = int(node_config["partition-id"])
-    return _client_folder(run_config, node_config, default_run_dir) / f"client-{partition}.json"
+    folder = node_config.get("ledger-dir") or resolve_run_dir(run_config, default_run_dir) / (
+        DEVICE_DIR
+    )
+    return Path(str(folder)) / f"client-{partition}.json"
 
 
 def client_personal_path(
     run_config: Mapping[str, Any], node_config: Mapping[str, Any], default_run_dir: str
 ) -> Path:
-    """Where a client keeps its personal prompt: next to its ledger, on the device."""
+    """Where a client keeps its personal prompt: next to its ledger on a device, in the run's
+    ``client-state/`` in simulation."""
     partition = int(node_config["partition-id"])
-    folder = _client_folder(run_config, node_config, default_run_dir)
-    return folder / f"client-{partition}-personal.safetensors"
-
-
-def _client_folder(
-    run_config: Mapping[str, Any], node_config: Mapping[str, Any], default_run_dir: str
-) -> Path:
     folder = node_config.get("ledger-dir") or resolve_run_dir(run_config, default_run_dir) / (
-        CLIENT_LEDGER_DIR
+        CLIENT_STATE_DIR
     )
-    return Path(str(folder))
+    return Path(str(folder)) / f"client-{partition}-personal.safetensors"
 
 
 def resolve_config_path(run_config: Mapping[str, Any]) -> str:

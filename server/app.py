@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -34,10 +33,14 @@ from fedrec.evaluation import EvalResult, evaluate
 from fedrec.evaluation.evaluator import Scorer
 from fedrec.experiment import environment, write_json_atomic
 from fedrec.federation import (
-    CLIENT_LEDGER_DIR,
+    CLIENT_STATE_DIR,
+    DEVICE_DIR,
     Population,
     build_federated_model,
+    central_event,
+    exposure_event,
     load_population,
+    privacy_disclosures,
     resolve_config_path,
     resolve_run_dir,
 )
@@ -88,7 +91,15 @@ class Federation:
         elif not resume:
             for log_file in LOGS:
                 (run_dir / log_file).unlink(missing_ok=True)
-            shutil.rmtree(run_dir / CLIENT_LEDGER_DIR, ignore_errors=True)
+            shutil.rmtree(run_dir / CLIENT_STATE_DIR, ignore_errors=True)  # last run's prompts
+            carried = list((run_dir / DEVICE_DIR).glob("client-*.json"))
+            if carried:
+                log.warning(
+                    "%d simulated devices in %s keep the ε of earlier runs (their budgets count "
+                    "it; fedrec never deletes a ledger): remove the folder to simulate new devices",
+                    len(carried),
+                    run_dir / DEVICE_DIR,
+                )
         self.round_started = time.perf_counter()
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -130,9 +141,7 @@ class Federation:
 
     def _central_delta(self) -> float:
         central = self.fed.central_dp
-        if central is not None and central.delta is not None:
-            return central.delta
-        return 1.0 / (10 * self.num_clients)
+        return central.delta_for(self.num_clients) if central is not None else 1e-5
 
     def global_round(self, server_round: int) -> int:
         return self.rounds_done + server_round
@@ -142,31 +151,12 @@ class Federation:
         self.round_started = time.perf_counter()
         if central is None or central.target_epsilon is None:
             return True
-        next_event = self._central_event(server_round, self.sampled)
+        next_event = central_event(self.fed, self.num_clients, self.global_round(server_round))
         return self.ledger.epsilon("server", self.delta, extra=next_event) <= central.target_epsilon
-
-    def _central_event(self, server_round: int, replies: int) -> PrivacyEvent:
-        central = self.fed.central_dp
-        assert central is not None
-        # Flower adds noise σ·C/n for the n clients sampled; with fewer replies the mean's
-        # sensitivity is C/replies, so the effective σ shrinks: account it conservatively.
-        effective = central.noise_multiplier * min(replies, self.sampled) / self.sampled
-        return PrivacyEvent(
-            round=self.global_round(server_round),
-            party="server",
-            mechanism="dp-fedavg",
-            unit="user",
-            noise_multiplier=effective,
-            sample_rate=self.sampled / self.num_clients,
-            steps=1,
-            clip_norm=central.clipping_norm,
-            delta=self.delta,
-            note="" if replies >= self.sampled else f"{replies} of {self.sampled} replied",
-        )
 
     def on_replies(self, server_round: int, replies: list[Message]) -> None:
         ok = [r for r in replies if not r.has_error()]
-        if not ok:
+        if replies and not ok:  # (a Poisson round may sample nobody: still a noised release)
             raise ClientsFailed(
                 f"round {self.global_round(server_round)}: none of the {len(replies)} sampled "
                 "clients replied without an error (their tracebacks are in the log above); the "
@@ -189,17 +179,15 @@ class Federation:
                         steps=int(cast(int, metrics["dp-steps"])),
                         clip_norm=float(cast(float, metrics["dp-clip-norm"])),
                         delta=float(cast(float, metrics["dp-delta"])),
+                        accountant=self.fed.record_dp.accountant if self.fed.record_dp else "rdp",
                     )
                 )
-        if self.fed.central_dp is not None and ok:
-            if len(ok) < self.sampled:
-                log.warning(
-                    "round %d: %d of %d sampled clients replied",
-                    server_round,
-                    len(ok),
-                    self.sampled,
-                )
-            self.ledger.record(self._central_event(server_round, len(ok)))
+        if self.fed.central_dp is not None:
+            # The noise is on the sum and the divisor is public, so replies that are missing
+            # do not change σ: every round is the same release.
+            self.ledger.record(
+                central_event(self.fed, self.num_clients, self.global_round(server_round))
+            )
 
     def evaluated(self, server_round: int) -> bool:
         """Whether this round's global model is evaluated (``federated.eval_every``)."""
@@ -307,32 +295,17 @@ class Federation:
         round_number = self.global_round(server_round)
         if self.audit.exposure_noise > 0:
             for reply in replies:
-                if not reply.has_error():
-                    self.ledger.record(self._exposure_event(reply, round_number))
+                metrics = reply.content["metrics"] if not reply.has_error() else {}
+                if int(cast(int, metrics.get("audit-exposure-released", 0))):
+                    partition = int(cast(int, metrics["partition-id"]))
+                    self.ledger.record(
+                        exposure_event(self.population.config, partition, round_number)
+                    )
         rng = np.random.default_rng([self.config.seed, round_number])
         record = audit_from_sums(add_sums(parts), self.population.audit_context, self.audit, rng)
         seconds = time.perf_counter() - started
         self.pending_audit = audit_line(record, self.audit, round_number, seconds, "federated")
         return MetricRecord({"audit-clients": len(parts)})
-
-    def _exposure_event(self, reply: Message, round_number: int) -> PrivacyEvent:
-        assert self.audit is not None
-        # One user's top-K list is a K-hot vector: L2 sensitivity √K for adding or removing
-        # that user, so noise σ is a Gaussian mechanism with multiplier σ / √K.
-        sensitivity = math.sqrt(self.audit.k)
-        partition = int(cast(int, reply.content["metrics"]["partition-id"]))
-        return PrivacyEvent(
-            round=round_number,
-            party=f"client:{partition}",
-            mechanism="gaussian",
-            unit="user" if self.fed.partitioning == "user" else "user-within-silo",
-            noise_multiplier=self.audit.exposure_noise / sensitivity,
-            sample_rate=1.0,
-            steps=1,
-            clip_norm=sensitivity,
-            delta=self.delta,
-            note="audit exposure histogram",
-        )
 
     def epsilons(self) -> dict[str, float]:
         """ε so far: the federation's (DP-FedAvg) and the largest of any client (DP-SGD)."""
@@ -354,7 +327,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = bool(context.run_config.get("resume", False)) or os.environ.get("FEDREC_RESUME") == "1"
     client_audit = config.audit.enabled and config.audit.mode == "federated"
-    inner = build_strategy(fed, len(population.partitions), client_audit)
+    inner = build_strategy(fed, len(population.partitions), config.seed, client_audit)
     federation = Federation(population, run_dir, resume, inner)
     rounds = fed.num_rounds - federation.rounds_done
     strategy = LedgerKeeper(
@@ -376,7 +349,7 @@ def main(grid: Grid, context: Context) -> None:
                 train_config=ConfigRecord(
                     {"local-epochs": fed.local_epochs, "round-offset": federation.rounds_done}
                 ),
-                evaluate_config=ConfigRecord({}),
+                evaluate_config=ConfigRecord({"round-offset": federation.rounds_done}),
                 evaluate_fn=federation.evaluate_round,
             )
         except StopFederation as reason:
@@ -407,6 +380,6 @@ def main(grid: Grid, context: Context) -> None:
     }
     write_json_atomic(results, run_dir / "results.json")
     federation.model.export(run_dir)
-    write_privacy_report(federation.ledger, run_dir)
+    write_privacy_report(federation.ledger, run_dir, privacy_disclosures(config, history))
     if (run_dir / "audit.jsonl").exists():
         write_audit_report(run_dir)

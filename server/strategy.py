@@ -14,7 +14,6 @@ from typing import Any, cast
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideFixedClipping,
     FedAdam,
     FedAvg,
     FedAvgM,
@@ -23,6 +22,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedrec.federation import FederatedConfig
+from server.dp import UserLevelDP, round_generator
 
 log = logging.getLogger("fedrec.server")
 
@@ -63,9 +63,12 @@ class ClientsFailed(StopFederation):
     """Raised when every client sampled for a round failed: the run stops instead of spinning."""
 
 
-def build_strategy(fed: FederatedConfig, num_clients: int, client_audit: bool = False) -> Strategy:
-    """Flower's strategy named in the config, wrapped in Flower's DP-FedAvg when asked;
-    ``client_audit``: sampled clients also evaluate (the federated audit)."""
+def build_strategy(
+    fed: FederatedConfig, num_clients: int, seed: int, client_audit: bool = False
+) -> Strategy:
+    """Flower's strategy named in the config, wrapped in user-level DP (``server.dp``) when
+    asked; ``client_audit``: sampled clients also evaluate (the federated audit). ``seed``
+    seeds the DP noise and sampling only in ``federated.reproducible_noise`` mode."""
     sampled = fed.sampled_clients(num_clients)
     common: dict[str, Any] = {
         "fraction_train": sampled / num_clients,
@@ -76,6 +79,8 @@ def build_strategy(fed: FederatedConfig, num_clients: int, client_audit: bool = 
         "min_evaluate_nodes": sampled if client_audit else 0,
         "min_available_nodes": sampled,
     }
+    if fed.central_dp is not None:  # the DP wrapper chooses the cohort; train all it offers
+        common.update(fraction_train=1.0, min_train_nodes=0, min_available_nodes=0)
     strategy: Strategy
     if fed.strategy == "fedavg":
         strategy = FedAvg(**common)
@@ -95,11 +100,14 @@ def build_strategy(fed: FederatedConfig, num_clients: int, client_audit: bool = 
             tau=fed.server_tau,
         )
     if fed.central_dp is not None:
-        strategy = DifferentialPrivacyClientSideFixedClipping(
+        strategy = UserLevelDP(
             strategy,
             noise_multiplier=fed.central_dp.noise_multiplier,
             clipping_norm=fed.central_dp.clipping_norm,
-            num_sampled_clients=sampled,
+            cohort=sampled,
+            population=num_clients,
+            sampling=fed.central_dp.sampling,
+            generator=round_generator(seed if fed.reproducible_noise else None),
         )
     return strategy
 
@@ -137,6 +145,8 @@ class LedgerKeeper(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self.on_replies(server_round, replies)
+        if isinstance(self.strategy, UserLevelDP):  # it releases a noised mean in every round
+            return self.strategy.aggregate_train(server_round, replies)
         # A client that refused (privacy budget) or had nothing to train on replies with
         # num-examples 0; if nobody trained, Flower's weighted mean would divide by zero.
         trained = [

@@ -41,17 +41,19 @@ from fedrec.config import parse_config
 from fedrec.evaluation import evaluate
 from fedrec.experiment import environment, write_json_atomic
 from fedrec.federation import (
-    CLIENT_LEDGER_DIR,
-    LocalResult,
+    CLIENT_STATE_DIR,
     Population,
     build_federated_model,
+    central_event,
     client_personal_path,
     client_seed,
+    noise_seed,
     planned_record_event,
     population_of,
+    privacy_disclosures,
     reply_weight,
 )
-from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger
+from fedrec.privacy import PrivacyBudget, PrivacyLedger
 from fedrec.privacy.report import write_privacy_report
 from fedrec.training import seed_everything
 from server.strategy import LedgerKeeper, build_strategy
@@ -123,19 +125,22 @@ def run_inprocess(
     sampled = fed.sampled_clients(num_clients)
     # The ledger is kept below, per client; LedgerKeeper adds the server's handling of rounds
     # where nobody trained.
-    strategy = LedgerKeeper(build_strategy(fed, num_clients), lambda *_: None, lambda _: True)
+    strategy = LedgerKeeper(
+        build_strategy(fed, num_clients, config.seed), lambda *_: None, lambda _: True
+    )
     grid = InProcessGrid(num_clients)
     flower_log = logging.getLogger("flwr")
     flower_level, _ = flower_log.level, flower_log.setLevel(logging.WARNING)  # no per-round INFO
+    # The simulated devices of this loop are new in every run: their ledgers live in memory.
     ledger = PrivacyLedger()
     central = fed.central_dp
-    delta = (central.delta if central and central.delta else None) or 1 / (10 * num_clients)
+    delta = central.delta_for(num_clients) if central else 1e-5
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
     metrics_path, audit_path = run_dir / "metrics.jsonl", run_dir / "audit.jsonl"
     metrics_path.unlink(missing_ok=True)
     audit_path.unlink(missing_ok=True)
-    shutil.rmtree(run_dir / CLIENT_LEDGER_DIR, ignore_errors=True)  # personal prompts of a past run
+    shutil.rmtree(run_dir / CLIENT_STATE_DIR, ignore_errors=True)  # personal prompts of a past run
     rounds = tqdm(range(1, fed.num_rounds + 1), desc="rounds", disable=not progress)
     for round_number in rounds:
         round_started = time.perf_counter()
@@ -148,17 +153,17 @@ def run_inprocess(
         for instruction in sorted(instructions, key=InProcessGrid.partition):
             partition = InProcessGrid.partition(instruction)
             client_split = population.client_split(partition)
-            planned = planned_record_event(fed, client_split, partition, round_number)
+            records = worker.record_count(client_split, fed) if fed.record_dp else 0
+            planned = planned_record_event(fed, records, partition, round_number)
             if (
                 planned is not None
                 and fed.record_epsilon_budget is not None
-                and not PrivacyBudget(fed.record_epsilon_budget, planned[1]).allows(
-                    ledger, planned[0]
+                and not PrivacyBudget(fed.record_epsilon_budget, planned.delta).allows(
+                    ledger, planned
                 )
             ):
                 refused += 1  # as the ClientApp: reply with the global model, unchanged
-                weight = reply_weight(LocalResult(0, 0.0, None), fed)
-                replies.append(_reply(instruction, global_arrays, weight))
+                replies.append(_reply(instruction, global_arrays, 0))
                 continue
             worker.load_shared_state(model.shared_state())
             result = worker.train_local(
@@ -166,6 +171,7 @@ def run_inprocess(
                 fed,
                 client_seed(config.seed, round_number, partition),
                 client_personal_path({"run-dir": str(run_dir)}, {"partition-id": partition}, ""),
+                noise_seed(fed, config.seed, round_number, partition),
             )
             arrays = ArrayRecord(worker.shared_state())
             if central is not None:
@@ -174,29 +180,16 @@ def run_inprocess(
                     compute_clip_model_update(update, global_numpy, central.clipping_norm)
                 arrays = _arrays(arrays.keys(), update)
             if result.dp is not None and planned is not None:
-                ledger.record(dataclasses.replace(planned[0], steps=result.dp.steps))
+                ledger.record(dataclasses.replace(planned, steps=result.dp.steps))
             replies.append(_reply(instruction, arrays, reply_weight(result, fed)))
         aggregated, _ = strategy.aggregate_train(round_number, replies)
-        if aggregated is None:
-            raise RuntimeError(f"round {round_number}: Flower's strategy aggregated nothing")
         if central is not None:
-            ledger.record(
-                PrivacyEvent(
-                    round=round_number,
-                    party="server",
-                    mechanism="dp-fedavg",
-                    unit="user",
-                    noise_multiplier=central.noise_multiplier,
-                    sample_rate=sampled / num_clients,
-                    steps=1,
-                    clip_norm=central.clipping_norm,
-                    delta=delta,
-                )
-            )
-        model.load_shared_state(aggregated.to_torch_state_dict())
+            ledger.record(central_event(fed, num_clients, round_number))
+        if aggregated is not None:  # None: nobody trained (every sampled client refused)
+            model.load_shared_state(aggregated.to_torch_state_dict())
         record: dict[str, Any] = {
             "round": round_number,
-            "clients": sampled,
+            "clients": len(replies),
             "refused": refused,
             "seconds": time.perf_counter() - round_started,
         }
@@ -240,7 +233,7 @@ def run_inprocess(
         "environment": environment(),
     }
     write_json_atomic(results, run_dir / "results.json")
-    write_privacy_report(ledger, run_dir)
+    write_privacy_report(ledger, run_dir, privacy_disclosures(config, history))
     if audit is not None:
         write_audit_report(run_dir)
     return results

@@ -99,7 +99,7 @@ def test_poisson_training_with_empty_batches_reports_what_the_ledger_needs(small
         learning_rate=1e-2,
     )
     assert result.steps == 15 and result.sample_rate == pytest.approx(1 / 3)
-    assert result.delta == pytest.approx(1 / 30)
+    assert result.delta == 1e-5  # a setting, not 1 / (10 · records): the count would leak
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert (
         not hasattr(next(model.parameters()), "grad_sample")

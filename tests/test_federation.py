@@ -1,9 +1,12 @@
 """Partitioning, client views and local training: the library side of a federated run."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
 from fedrec.data.partition import partition_users
+from fedrec.data.records import record_spans
 from fedrec.federation import FederatedConfig, event_windows, local_train
 from fedrec.models import build_model, model_config
 from fedrec.privacy.dp_sgd import DPSGDConfig
@@ -40,23 +43,44 @@ def test_client_view_holds_only_its_users(small_split):
     assert len(view.items) == sum(len(small_split.full(u)[0]) for u in users)
 
 
-def test_event_windows_put_every_training_event_in_exactly_one_record(small_split):
+def _records(items: np.ndarray, times: np.ndarray, window: int, period: int) -> list[tuple]:
+    return [tuple(items[a:b].tolist()) for a, b in record_spans(times, window, period)]
+
+
+@pytest.mark.parametrize("window, period", [(3, 100), (4, 86400), (20, 3600)])
+def test_removing_any_one_event_changes_at_most_one_record(window, period):
+    """The unit is honest: for every user and every event, deleting that event changes at most
+    one record (one removed and/or one added), the factor the ledger's ε assumes (1)."""
+    rng = np.random.default_rng(0)
+    worst = 0
+    for _ in range(60):
+        n = int(rng.integers(2, 60))
+        gaps = rng.choice([0, 1, 30, 500, 5000, 90000], size=n, p=[0.2, 0.2, 0.2, 0.2, 0.1, 0.1])
+        times = np.cumsum(gaps) + int(rng.integers(0, 10**9))
+        items = rng.integers(1, 1000, size=n)
+        before = Counter(_records(items, times, window, period))
+        for drop in range(n):
+            keep = np.arange(n) != drop
+            after = Counter(_records(items[keep], times[keep], window, period))
+            removed, added = sum((before - after).values()), sum((after - before).values())
+            assert removed <= 1 and added <= 1
+            worst = max(worst, removed, added)
+    assert worst == 1  # and events really do change records
+
+
+def test_records_are_next_item_pairs_of_one_period_each(small_split):
     window = 4
     user = int(np.argmax(small_split.history_lengths("valid")))  # the longest history
-    inputs, _, targets = event_windows(small_split, np.array([user]), window).tensors
-    assert inputs.shape[1] == window and len(inputs) > 1
-    chunks = []
+    inputs, times, targets = event_windows(small_split, np.array([user]), window, 86400).tensors
+    assert inputs.shape[1] == window and len(inputs) >= 1
+    history = (small_split.train_sequence(user)[0] + 1).tolist()
     for row in range(len(inputs)):
         valid = targets[row] > 0
-        assert (
-            targets[row][valid][:-1].tolist() == inputs[row][valid][1:].tolist()
-        )  # next-item pairs
-        chunks.append([*inputs[row][valid].tolist(), targets[row][valid][-1].item()])
-    history = (small_split.train_sequence(user)[0] + 1).tolist()
-    joined = [item for chunk in chunks for item in chunk]
-    # disjoint chunks in order; only a final single leftover event may be unused
-    assert all(len(c) <= window + 1 for c in chunks)
-    assert joined == history[: len(joined)] and len(joined) >= len(history) - 1
+        assert targets[row][valid][:-1].tolist() == inputs[row][valid][1:].tolist()
+        chunk = [*inputs[row][valid].tolist(), targets[row][valid][-1].item()]
+        assert len(chunk) <= window + 1
+        assert any(history[i : i + len(chunk)] == chunk for i in range(len(history)))
+        assert len(set((times[row][valid] // 86400).tolist())) == 1  # one calendar day
 
 
 @pytest.mark.parametrize("dp", [False, True])

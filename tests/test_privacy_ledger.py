@@ -2,14 +2,37 @@
 
 import math
 
+import dp_accounting
 import pytest
+from dp_accounting import rdp
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger, epsilon
+from fedrec.privacy.accounting import WITHOUT_REPLACEMENT_ACCOUNTANT
 
 
-def event(round_, party="client:0", sigma=1.0, q=0.01, steps=10, unit="event", mechanism="dp-sgd"):
-    return PrivacyEvent(round_, party, mechanism, unit, sigma, q, steps, clip_norm=1.0, delta=1e-5)
+def event(
+    round_,
+    party="client:0",
+    sigma=1.0,
+    q=0.01,
+    steps=10,
+    unit="user-day",
+    mechanism="dp-sgd",
+    accountant="rdp",
+):
+    return PrivacyEvent(
+        round_,
+        party,
+        mechanism,
+        unit,
+        sigma,
+        q,
+        steps,
+        clip_norm=1.0,
+        delta=1e-5,
+        accountant=accountant,
+    )
 
 
 def analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
@@ -30,11 +53,11 @@ def analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_ledger_epsilon_equals_a_fresh_opacus_accountant(accountant):
-    ledger = PrivacyLedger(accountant)
+    ledger = PrivacyLedger()
     fresh = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
     for round_ in range(1, 6):
         sigma, q = (1.1, 0.02) if round_ < 4 else (0.9, 0.05)
-        ledger.record(event(round_, sigma=sigma, q=q, steps=7))
+        ledger.record(event(round_, sigma=sigma, q=q, steps=7, accountant=accountant))
         ledger.record(event(round_, party="client:1", sigma=2.0, q=0.5, steps=1))
         for _ in range(7):
             fresh.step(noise_multiplier=sigma, sample_rate=q)
@@ -91,5 +114,84 @@ def test_invalid_events_and_mismatched_checkpoints_are_rejected():
         event(1, unit="household")
     with pytest.raises(ValueError, match="sample_rate"):
         event(1, q=0.0)
-    with pytest.raises(ValueError, match="accountant"):
-        PrivacyLedger("rdp").load_state_dict(PrivacyLedger("prv").state_dict())
+    ledger = PrivacyLedger()
+    ledger.record(event(1, accountant="rdp"))
+    with pytest.raises(ValueError, match="accounted with 'rdp'"):
+        ledger.record(event(2, accountant="prv"))  # compositions of two accountants don't add
+    with pytest.raises(ValueError, match="without replacement"):
+        event(1, accountant=WITHOUT_REPLACEMENT_ACCOUNTANT)  # a Poisson event
+    with pytest.raises(ValueError, match="population"):
+        PrivacyEvent(
+            1,
+            "server",
+            "dp-fedavg",
+            "user",
+            1.0,
+            0.1,
+            1,
+            1.0,
+            1e-5,
+            sampling="without-replacement",
+            accountant=WITHOUT_REPLACEMENT_ACCOUNTANT,
+        )
+
+
+@pytest.mark.parametrize("sigma, cohort, population", [(0.8, 100, 1000), (2.0, 50, 5000)])
+def test_fixed_cohorts_are_accounted_by_a_fresh_dp_accounting_replace_one_accountant(
+    sigma, cohort, population
+):
+    ledger = PrivacyLedger()
+    for round_ in range(1, 31):
+        ledger.record(
+            PrivacyEvent(
+                round_,
+                "server",
+                "dp-fedavg",
+                "user",
+                sigma,
+                cohort / population,
+                1,
+                1.0,
+                1e-5,
+                sampling="without-replacement",
+                population=population,
+                accountant=WITHOUT_REPLACEMENT_ACCOUNTANT,
+            )
+        )
+    fresh = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    fresh.compose(
+        dp_accounting.SampledWithoutReplacementDpEvent(
+            population, cohort, dp_accounting.GaussianDpEvent(sigma)
+        ),
+        30,
+    )
+    assert ledger.epsilon("server", 1e-5) == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-9)
+    # Replace-one with sampling without replacement costs more than add/remove with Poisson.
+    poisson = epsilon([(sigma, cohort / population, 30)], 1e-5)
+    assert ledger.epsilon("server", 1e-5) > poisson
+
+
+def test_version_1_ledgers_load_with_their_accountant_and_an_honest_unit():
+    old = {
+        "accountant": "prv",
+        "events": [
+            {
+                "round": 1,
+                "party": "client:0",
+                "mechanism": "dp-sgd",
+                "unit": "event",
+                "noise_multiplier": 1.0,
+                "sample_rate": 0.5,
+                "steps": 2,
+                "clip_norm": 1.0,
+                "delta": 0.02,
+                "note": "",
+            }
+        ],
+    }
+    ledger = PrivacyLedger()
+    ledger.load_state_dict(old)
+    assert ledger.events[0].accountant == "prv" and ledger.events[0].unit == "window"
+    resumed = PrivacyLedger()
+    resumed.load_state_dict(ledger.state_dict())
+    assert resumed.events == ledger.events

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from fedrec.data.records import record_spans
 from fedrec.data.split import SequenceSplit, Stage
 from fedrec.semantic_id.retrieval import CodeVocabulary
 
@@ -57,21 +58,25 @@ class PromptBuilder:
         weekday = (int(timestamps[-1]) // 86400 + 3) % 7  # 1970-01-01 was a Thursday
         return int(weekday >= 5)
 
-    def records(self, split: SequenceSplit, users: np.ndarray, window: int | None) -> TensorDataset:
-        """Disjoint chunks of ``window + 1`` events of each user's training history, one record
-        each (as ``fedrec.federation.event_windows``, so one event lies in one record), or with
-        ``window=None`` one record per user (its latest ``max_items + 1`` events): left-padded
-        ``(input_ids, attention_mask, labels, scenario)``."""
+    def records(
+        self, split: SequenceSplit, users: np.ndarray, window: int | None, period: int = 86400
+    ) -> TensorDataset:
+        """One record per calendar period of each user's training history, cut to its first
+        ``window + 1`` events (``fedrec.federation.record_spans``: removing one event changes one
+        record), or with ``window=None`` one record per user (its latest ``max_items + 1``
+        events): left-padded ``(input_ids, attention_mask, labels, scenario)``."""
         rows: list[tuple[list[int], list[int], int]] = []
         for user in users.tolist():
             items, times = split.train_sequence(int(user))
             if window is None:
-                items, times = items[-(self.max_items + 1) :], times[-(self.max_items + 1) :]
-            step = len(items) if window is None else window + 1
-            for start in range(0, len(items) - 1, step):
-                chunk = slice(start, min(start + step, len(items)))  # >= 2 events
-                tokens, labels = self.sequence(items[chunk][-(self.max_items + 1) :])
-                rows.append((tokens, labels, self.scenario(times[chunk][:-1])))
+                spans = [(max(0, len(items) - self.max_items - 1), len(items))]
+            else:
+                spans = record_spans(times, window, period)
+            for start, stop in spans:
+                if stop - start < 2:
+                    continue
+                tokens, labels = self.sequence(items[start:stop][-(self.max_items + 1) :])
+                rows.append((tokens, labels, self.scenario(times[start:stop][:-1])))
         return self.tensors(rows)
 
     def tensors(self, rows: list[tuple[list[int], list[int], int]]) -> TensorDataset:

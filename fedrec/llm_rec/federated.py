@@ -100,8 +100,19 @@ class LLMFederatedModel:
 
         return score
 
+    def record_count(self, split: SequenceSplit, fed: FederatedConfig) -> int:
+        window = fed.record_window if fed.partitioning == "user" else None
+        return len(
+            self.model.builder.records(split, trainable_users(split), window, fed.record_period)
+        )
+
     def train_local(
-        self, split: SequenceSplit, fed: FederatedConfig, seed: int, personal: Path | None
+        self,
+        split: SequenceSplit,
+        fed: FederatedConfig,
+        seed: int,
+        personal: Path | None,
+        noise_seed: int | None = None,
     ) -> LocalResult:
         """Train adapters, scenario prompts and the personal prompt on this client's records;
         the personal prompt is saved back to ``personal`` (it never leaves the device)."""
@@ -112,7 +123,7 @@ class LLMFederatedModel:
         torch.manual_seed(seed)
         model.load_personal_state(load_personal(personal))
         window = fed.record_window if fed.partitioning == "user" else None
-        examples = model.builder.records(split, users, window)
+        examples = model.builder.records(split, users, window, fed.record_period)
         params = model.trainable_parameters()
         optimizer = LOCAL_OPTIMIZERS[fed.local_optimizer](params, lr=fed.local_learning_rate)
         model.train()
@@ -125,6 +136,8 @@ class LLMFederatedModel:
                 fed.local_learning_rate,
                 optimizer=optimizer,
                 loss_fn=example_losses,
+                noise_seed=noise_seed,
+                rounds=fed.num_rounds,
             )
             loss, dp = result.mean_loss, result
         else:

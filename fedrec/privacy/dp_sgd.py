@@ -24,15 +24,20 @@ from fedrec.data.batching import training_batch
 from fedrec.data.split import SequenceSplit
 from fedrec.models.base import SequentialRecommender
 from fedrec.privacy.accounting import ACCOUNTANTS
+from fedrec.privacy.randomness import torch_generator
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+DEFAULT_RECORD_DELTA = 1e-5
 
 
 @dataclass
 class DPSGDConfig:
-    """Give either ``noise_multiplier`` or ``target_epsilon`` (σ is then solved for the run).
+    """Give either ``noise_multiplier`` or ``target_epsilon``: the whole run's ε at ``delta`` for a
+    client that joins every round (σ is solved for ``num_rounds × local_epochs`` epochs).
 
-    ``batch_size`` is the expected Poisson batch size; ``delta`` defaults to 1 / (10 · records).
+    ``batch_size`` is the expected Poisson batch size. ``delta`` is a setting, not derived from
+    the data (a record count would leak through it): 1e-5 by default, far below 1 / records.
+    ``accountant``: Opacus' ``rdp`` or ``prv``, used for the solve and by every ledger.
     ``grad_sample_mode``: Opacus' per-sample gradients (``hooks``, ``functorch``, ``ew``) or
     ``ghost`` clipping (norms without materialising per-sample gradients; Opacus refuses it
     for tied parameters such as HSTU's and SASRec's item table — use it for the LLM adapters).
@@ -40,7 +45,7 @@ class DPSGDConfig:
 
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
-    delta: float | None = None
+    delta: float = DEFAULT_RECORD_DELTA
     max_grad_norm: float = 1.0
     batch_size: int = 32
     accountant: str = "rdp"
@@ -53,7 +58,7 @@ class DPSGDConfig:
             raise ValueError("dp.noise_multiplier must be >= 0")
         if self.target_epsilon is not None and self.target_epsilon <= 0:
             raise ValueError("dp.target_epsilon must be > 0")
-        if self.delta is not None and not 0 < self.delta < 1:
+        if not 0 < self.delta < 1:
             raise ValueError("dp.delta must lie in (0, 1)")
         if self.max_grad_norm <= 0 or self.batch_size < 1:
             raise ValueError("dp: max_grad_norm must be > 0 and batch_size >= 1")
@@ -61,9 +66,6 @@ class DPSGDConfig:
             raise ValueError(f"dp.accountant must be one of {sorted(ACCOUNTANTS)}")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"dp.grad_sample_mode must be one of {GRAD_SAMPLE_MODES}")
-
-    def delta_for(self, records: int) -> float:
-        return self.delta if self.delta is not None else 1.0 / (10 * max(records, 1))
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,12 @@ class DPPlan:
     batch_size: int
 
 
-def plan_dp(records: int, config: DPSGDConfig, epochs: int) -> DPPlan:
-    """Batching, σ (solved from ``target_epsilon`` when given) and steps of a DP-SGD run."""
+def plan_dp(records: int, config: DPSGDConfig, epochs: int, rounds: int = 1) -> DPPlan:
+    """Batching, σ and steps of one DP-SGD run of ``epochs``. With ``target_epsilon``, σ is
+    solved so that ``rounds`` such runs together spend it."""
     if records == 0:
         raise ValueError("no training examples: nothing to train on")
-    delta = config.delta_for(records)
+    delta = config.delta
     batch_size = min(config.batch_size, records)
     batches = -(-records // batch_size)
     sample_rate = 1.0 / batches
@@ -92,7 +95,7 @@ def plan_dp(records: int, config: DPSGDConfig, epochs: int) -> DPPlan:
             target_epsilon=config.target_epsilon,
             target_delta=delta,
             sample_rate=sample_rate,
-            epochs=epochs,
+            epochs=epochs * rounds,
             accountant=config.accountant,
         )
     return DPPlan(float(sigma), sample_rate, epochs * batches, delta, batch_size)
@@ -121,7 +124,8 @@ def per_example_loss(
 
 
 def _ignore_harmless_opacus_warnings() -> None:
-    # Secure RNG: a simulation does not need a CSPRNG. The backward-hook warning fires because
+    # Secure RNG: Opacus means its torchcsprng mode; our noise and masks come from a generator
+    # seeded from OS entropy (fedrec.privacy.randomness). The backward-hook warning fires because
     # the first layer's inputs are integer ids; the autocast one is about bfloat16 on CPU.
     for message in (".*[Ss]ecure RNG.*", "Full backward hook is firing", "In CPU autocast"):
         warnings.filterwarnings("ignore", message=message)
@@ -139,6 +143,8 @@ def dp_train(
     poisson_sampling: bool = True,
     optimizer: torch.optim.Optimizer | None = None,
     loss_fn: PerExampleLoss = per_example_loss,
+    noise_seed: int | None = None,
+    rounds: int = 1,
 ) -> DPTrainResult:
     """Train ``model``'s trainable parameters in place with DP-SGD and report what the privacy
     ledger needs. ``loss_fn(model, *batch)`` gives one loss per example of a batch of
@@ -146,10 +152,13 @@ def dp_train(
 
     Empty Poisson batches still take a (noise-only) optimizer step, which the accountant counts;
     the model is not run on them (some models fail on zero rows). The model is returned to a
-    plain module afterwards (Opacus hooks removed).
+    plain module afterwards (Opacus hooks removed). Noise and Poisson masks come from a private
+    generator; ``noise_seed`` replaces it only in the explicit reproducible mode.
+    ``rounds``: how many such runs ``config.target_epsilon`` covers.
     """
-    plan = plan_dp(len(examples), config, epochs)
-    loader = DataLoader(examples, batch_size=plan.batch_size)
+    plan = plan_dp(len(examples), config, epochs, rounds)
+    generator = torch_generator(noise_seed)
+    loader = DataLoader(examples, batch_size=plan.batch_size, generator=generator)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer or torch.optim.Adam(trainable, lr=learning_rate)
     with warnings.catch_warnings():
@@ -166,6 +175,7 @@ def dp_train(
             max_grad_norm=config.max_grad_norm,
             poisson_sampling=poisson_sampling,
             grad_sample_mode=config.grad_sample_mode,
+            noise_generator=generator,
             **({"criterion": nn.MSELoss()} if ghost else {}),
         )
         private, dp_optimizer, private_loader = made[0], made[1], made[-1]

@@ -1,8 +1,8 @@
 """The privacy ledger: every DP release of a run, per party, and the only source of ε.
 
 Each round appends typed events (who released, by which mechanism, protecting which unit, with
-which σ, q, steps and clip norm). Its ``state_dict`` travels with every checkpoint, so ε
-continues across ``--resume`` and never resets.
+which σ, sampling, steps, clip norm and accountant). Its ``state_dict`` travels with every
+checkpoint (and a device's ledger file), so ε continues across ``--resume`` and never resets.
 """
 
 from __future__ import annotations
@@ -12,22 +12,42 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from fedrec.privacy.accounting import ACCOUNTANTS, Composition, epsilon
+from fedrec.privacy.accounting import (
+    ACCOUNTANTS,
+    WITHOUT_REPLACEMENT_ACCOUNTANT,
+    CohortComposition,
+    Composition,
+    epsilon,
+    epsilon_without_replacement,
+)
 
-# What one unit of protection is. "event": one training window of a one-user client (record
-# level); "user-within-silo": one user's sequence inside a cross-silo client; "user": one client's
-# whole contribution across the federation (DP-FedAvg).
-UNITS = ("event", "user-within-silo", "user")
+# What one unit of protection is, and from whom each mechanism protects it.
+UNITS = ("user-day", "user-within-silo", "user", "window")
 UNIT_MEANING = {
-    "event": "one interaction (event) of a user, on that user's device (record-level DP-SGD)",
+    "user-day": (
+        "one calendar day (UTC) of one user's activity: every event of that day, so also any "
+        "single event (record-level DP-SGD on the device)"
+    ),
     "user-within-silo": "one user's whole sequence inside a silo (record-level DP-SGD)",
     "user": "one client's whole contribution to the federation (user-level DP-FedAvg)",
+    "window": (
+        "one fixed-position window of a user's events (ledgers written before version 2: "
+        "removing one event shifts every later window, so this is not event-level protection)"
+    ),
 }
 MECHANISMS = ("dp-sgd", "dp-fedavg", "gaussian")
+# Poisson: each unit joins a step independently (add/remove-one adjacency). Without
+# replacement: a fixed-size cohort (replace-one adjacency). None: every unit, every step.
+SAMPLINGS = ("poisson", "without-replacement")
+ADJACENCY = {"poisson": "add or remove one unit", "without-replacement": "replace one unit"}
+EVENT_ACCOUNTANTS = (*ACCOUNTANTS, WITHOUT_REPLACEMENT_ACCOUNTANT)
 
 
 @dataclass(frozen=True)
 class PrivacyEvent:
+    """One DP release. With ``sampling="without-replacement"``, ``sample_rate`` is
+    cohort / ``population`` and σ is relative to the replace-one sensitivity."""
+
     round: int
     party: str  # "client:<partition-id>" or "server"
     mechanism: str
@@ -38,6 +58,9 @@ class PrivacyEvent:
     clip_norm: float
     delta: float  # the δ this party's guarantee is stated at
     note: str = ""
+    sampling: str = "poisson"
+    population: int = 0
+    accountant: str = "rdp"
 
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:
@@ -53,28 +76,51 @@ class PrivacyEvent:
             raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if (self.sampling == "without-replacement") != (
+            self.accountant == WITHOUT_REPLACEMENT_ACCOUNTANT
+        ):
+            raise ValueError(
+                f"sampling without replacement is accounted by {WITHOUT_REPLACEMENT_ACCOUNTANT!r} "
+                f"and only it; got sampling {self.sampling!r} with accountant {self.accountant!r}"
+            )
+        if self.accountant not in EVENT_ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {EVENT_ACCOUNTANTS}")
+        if self.sampling == "without-replacement" and self.population < 1:
+            raise ValueError("sampling without replacement needs the population size")
 
     @property
     def composition(self) -> Composition:
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
+    @property
+    def cohort_composition(self) -> CohortComposition:
+        cohort = round(self.sample_rate * self.population)
+        return (self.noise_multiplier, cohort, self.population, self.steps)
+
 
 class PrivacyLedger:
-    """Append-only record of DP releases, with ε per party from an Opacus accountant."""
+    """Append-only record of DP releases, with ε per party from the accountant its events name
+    (one accountant per party: compositions of different accountants do not add up)."""
 
-    def __init__(self, accountant: str = "rdp"):
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(
-                f"unknown accountant {accountant!r}; choose one of {sorted(ACCOUNTANTS)}"
-            )
-        self.accountant = accountant
+    def __init__(self) -> None:
         self.events: list[PrivacyEvent] = []
 
     def record(self, event: PrivacyEvent) -> None:
+        known = self.accountant(event.party)
+        if known is not None and known != event.accountant:
+            raise ValueError(
+                f"{event.party} is accounted with {known!r}; an event for {event.accountant!r} "
+                "cannot be composed with it"
+            )
         self.events.append(event)
 
     def parties(self) -> list[str]:
         return sorted({e.party for e in self.events})
+
+    def accountant(self, party: str) -> str | None:
+        return next((e.accountant for e in self.events if e.party == party), None)
 
     def delta(self, party: str) -> float:
         """The δ of ``party``'s guarantee (the smallest its events state)."""
@@ -98,15 +144,24 @@ class PrivacyLedger:
 
     def epsilon(self, party: str, delta: float, extra: PrivacyEvent | None = None) -> float:
         """ε spent by ``party`` at ``delta``; with ``extra``, as if that event were recorded too."""
-        history = self.history(party)
+        events = [e for e in self.events if e.party == party]
         if extra is not None:
-            history.append(extra.composition)
-        return epsilon(history, delta, self.accountant)
+            events.append(extra)
+        if not events:
+            return 0.0
+        accountant = events[0].accountant
+        if any(e.accountant != accountant for e in events):
+            raise ValueError(f"{party}: events name different accountants")
+        if accountant == WITHOUT_REPLACEMENT_ACCOUNTANT:
+            return epsilon_without_replacement([e.cohort_composition for e in events], delta)
+        scratch = PrivacyLedger()
+        scratch.events = events
+        return epsilon(scratch.history(party), delta, accountant)
 
     def epsilon_by_round(self, party: str, delta: float) -> dict[int, float]:
         """Cumulative ε of ``party`` after each round in which it released something."""
         out: dict[int, float] = {}
-        partial = PrivacyLedger(self.accountant)
+        partial = PrivacyLedger()
         by_round: dict[int, list[PrivacyEvent]] = defaultdict(list)
         for event in self.events:
             if event.party == party:
@@ -117,17 +172,16 @@ class PrivacyLedger:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "accountant": self.accountant,
-            "events": [dataclasses.asdict(e) for e in self.events],
-        }
+        return {"version": 2, "events": [dataclasses.asdict(e) for e in self.events]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["accountant"] != self.accountant:
-            raise ValueError(
-                f"checkpoint ledger uses the {state['accountant']!r} accountant, this run {self.accountant!r}"
-            )
-        self.events = [PrivacyEvent(**e) for e in state["events"]]
+        # Version 1 ledgers named one Opacus accountant for all their (Poisson) events.
+        default = {"accountant": state.get("accountant", "rdp")}
+        legacy = {"unit": "window"} if state.get("version", 1) == 1 else {}
+        self.events = [
+            PrivacyEvent(**{**default, **e, **(legacy if e["unit"] == "event" else {})})
+            for e in state["events"]
+        ]
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """Privacy budget reports: ``privacy.json`` and a self-contained ``privacy.html``.
 
-Every number comes from the ledger (``PrivacyLedger.epsilon``); nothing is recomputed another way.
+Every ε comes from the ledger (``PrivacyLedger.epsilon``); nothing is recomputed another way.
+The page opens with what a person needs first: per protected unit, who is protected from whom,
+ε with its δ, the sampling and the accountant; then budgets and refusals, what is not covered,
+cumulative ε over rounds, and every mechanism used.
 """
 
 from __future__ import annotations
@@ -13,10 +16,65 @@ from pathlib import Path
 from typing import Any
 
 from fedrec.plots import embedded_png, pyplot
-from fedrec.privacy.ledger import UNIT_MEANING, PrivacyLedger
+from fedrec.privacy.accounting import WITHOUT_REPLACEMENT_ACCOUNTANT
+from fedrec.privacy.ledger import ADJACENCY, UNIT_MEANING, PrivacyLedger
+
+ACCOUNTANT_NAMES = {
+    "rdp": "Opacus RDP accountant",
+    "prv": "Opacus PRV accountant",
+    WITHOUT_REPLACEMENT_ACCOUNTANT: "dp_accounting RDP, sampling without replacement",
+}
+PROTECTED_FROM = {
+    "server": (
+        "anyone who sees the global models: other clients and the models' users. Not the "
+        "server, which sees each sampled client's clipped update before the noise."
+    ),
+    "client": (
+        "the server and everyone after it: the noise is added on the device, from the "
+        "device's private randomness, before anything leaves it."
+    ),
+}
 
 
-def privacy_summary(ledger: PrivacyLedger) -> dict[str, Any]:
+def fmt_epsilon(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return "∞" if value == float("inf") else f"{value:.2f}"
+
+
+def fmt_delta(value: float) -> str:
+    return f"{value:.1e}".replace("e-0", "e-")
+
+
+def _sampling(events: list[Any]) -> str:
+    first = events[0]
+    if first.sampling == "without-replacement":
+        cohort = round(first.sample_rate * first.population)
+        return f"fixed cohort of {cohort} of {first.population}, without replacement"
+    rates = sorted({round(e.sample_rate, 4) for e in events})
+    shown = f"q = {rates[0]}" if len(rates) == 1 else f"q = {rates[0]}–{rates[-1]}"
+    return f"Poisson, {shown}"
+
+
+def _cumulative(parties: dict[str, Any], rounds: list[int]) -> dict[str, list[float]]:
+    """Per round, the max and median over clients of their running ε (a client's ε carries
+    over the rounds it sat out)."""
+    running: dict[str, float] = {}
+    out: dict[str, list[float]] = {"max": [], "median": []}
+    for r in rounds:
+        for party, facts in parties.items():
+            if r in facts["epsilon_by_round"]:
+                running[party] = facts["epsilon_by_round"][r]
+        values = list(running.values()) or [0.0]
+        out["max"].append(max(values))
+        out["median"].append(statistics.median(values))
+    return out
+
+
+def privacy_summary(
+    ledger: PrivacyLedger, disclosures: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    disclosures = disclosures or {}
     parties: dict[str, Any] = {}
     for party in ledger.parties():
         events = [e for e in ledger.events if e.party == party]
@@ -28,8 +86,49 @@ def privacy_summary(ledger: PrivacyLedger) -> dict[str, Any]:
             "epsilon": ledger.epsilon(party, delta),
             "epsilon_by_round": ledger.epsilon_by_round(party, delta),
             "rounds": len({e.round for e in events}),
+            "accountant": events[0].accountant,
+            "sampling": _sampling(events),
         }
-    clients = [v["epsilon"] for k, v in parties.items() if k.startswith("client:")]
+    client_parties = {k: v for k, v in parties.items() if k.startswith("client:")}
+    clients = [v["epsilon"] for v in client_parties.values()]
+    guarantees: list[dict[str, Any]] = []
+    server = parties.get("server")
+    if server is not None:
+        server_events = [e for e in ledger.events if e.party == "server"]
+        guarantees.append(
+            {
+                "level": "user-level (DP-FedAvg)",
+                "unit": "user",
+                "meaning": UNIT_MEANING["user"],
+                "protected_from": PROTECTED_FROM["server"],
+                "epsilon": server["epsilon"],
+                "delta": server["delta"],
+                "sampling": server["sampling"],
+                "adjacency": ADJACENCY[server_events[0].sampling],
+                "accountant": ACCOUNTANT_NAMES[server["accountant"]],
+                "budget": disclosures.get("budgets", {}).get("federation_epsilon"),
+            }
+        )
+    if clients:
+        units = sorted({u for v in client_parties.values() for u in v["unit"]})
+        record_unit = next((u for u in units if u != "user"), units[0])
+        accountants = sorted({v["accountant"] for v in client_parties.values()})
+        deltas = [v["delta"] for v in client_parties.values()]
+        guarantees.append(
+            {
+                "level": "record-level (DP-SGD on each device)",
+                "unit": record_unit,
+                "meaning": UNIT_MEANING[record_unit],
+                "protected_from": PROTECTED_FROM["client"],
+                "epsilon": max(clients),
+                "epsilon_median": statistics.median(clients),
+                "delta": max(deltas),
+                "sampling": "Poisson sampling of the device's records at every step",
+                "adjacency": ADJACENCY["poisson"],
+                "accountant": ", ".join(ACCOUNTANT_NAMES[a] for a in accountants),
+                "budget": disclosures.get("budgets", {}).get("client_epsilon"),
+            }
+        )
     mechanisms = Counter(
         (
             e.mechanism,
@@ -39,18 +138,30 @@ def privacy_summary(ledger: PrivacyLedger) -> dict[str, Any]:
             e.steps,
             e.clip_norm,
             e.delta,
+            e.accountant,
         )
         for e in ledger.events
     )
+    rounds = sorted({e.round for e in ledger.events})
     return {
-        "accountant": ledger.accountant,
+        "guarantees": guarantees,
+        "not_covered": disclosures.get("not_covered", []),
+        "reproducible_noise": disclosures.get("reproducible_noise", False),
+        "refused_client_rounds": disclosures.get("refused_client_rounds"),
         "units": {unit: UNIT_MEANING[unit] for unit in sorted({e.unit for e in ledger.events})},
-        "federation": parties.get("server"),
+        "federation": server,
         "clients": {
             "count": len(clients),
             "epsilon_min": min(clients) if clients else None,
             "epsilon_median": statistics.median(clients) if clients else None,
             "epsilon_max": max(clients) if clients else None,
+            "budget": disclosures.get("budgets", {}).get("client_epsilon"),
+            "cumulative_by_round": {
+                "rounds": rounds,
+                **_cumulative(client_parties, rounds),
+            }
+            if clients
+            else None,
         },
         "parties": parties,
         "mechanisms": [
@@ -62,96 +173,130 @@ def privacy_summary(ledger: PrivacyLedger) -> dict[str, Any]:
                 "steps": n,
                 "clip_norm": c,
                 "delta": d,
+                "accountant": a,
                 "events": count,
             }
-            for (m, u, s, q, n, c, d), count in sorted(mechanisms.items())
+            for (m, u, s, q, n, c, d, a), count in sorted(mechanisms.items())
         ],
     }
 
 
 def _figure(summary: dict[str, Any]) -> str:
-    figure, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4))
-    federation = summary["federation"]
+    figure, (left, right) = pyplot().subplots(1, 2, figsize=(11, 3.8))
+    federation, clients = summary["federation"], summary["clients"]
     if federation:
         rounds = sorted(int(r) for r in federation["epsilon_by_round"])
-        left.plot(
-            rounds,
-            [federation["epsilon_by_round"][r] for r in rounds],
-            marker="o",
-            label="federation (user-level)",
+        by_round = {int(r): v for r, v in federation["epsilon_by_round"].items()}
+        left.plot(rounds, [by_round[r] for r in rounds], label="federation (user-level)")
+        for guarantee in summary["guarantees"]:
+            if guarantee["unit"] == "user" and guarantee["budget"]:
+                left.axhline(guarantee["budget"], ls=":", color="C0", label="federation budget")
+    cumulative = clients["cumulative_by_round"]
+    if cumulative:
+        left.plot(cumulative["rounds"], cumulative["max"], label="clients: max (record-level)")
+        left.plot(cumulative["rounds"], cumulative["median"], label="clients: median")
+        if clients["budget"]:
+            left.axhline(clients["budget"], ls="--", color="C1", label="client budget")
+        finals = [p["epsilon"] for k, p in summary["parties"].items() if k.startswith("client:")]
+        right.hist(finals, bins=20)
+    left.set(xlabel="round", ylabel="cumulative ε", title="ε so far, after each round")
+    left.legend(loc="upper left", fontsize=8)
+    right.set(xlabel="ε at the end of the run", ylabel="clients", title="ε across clients")
+    return embedded_png(figure, "cumulative ε over rounds and ε across clients")
+
+
+def _guarantee_rows(summary: dict[str, Any]) -> str:
+    rows = []
+    for g in summary["guarantees"]:
+        spread = (
+            f" (median {fmt_epsilon(g['epsilon_median'])}, max over clients)"
+            if "epsilon_median" in g
+            else ""
         )
-    clients = {k: v for k, v in summary["parties"].items() if k.startswith("client:")}
-    if clients:
-        by_round: dict[int, list[float]] = {}
-        for party in clients.values():
-            for r, eps in party["epsilon_by_round"].items():
-                by_round.setdefault(int(r), []).append(eps)
-        rounds = sorted(by_round)
-        left.plot(
-            rounds,
-            [max(by_round[r]) for r in rounds],
-            marker=".",
-            label="clients: max (record-level)",
+        budget = f"<br><small>budget {fmt_epsilon(g['budget'])}</small>" if g["budget"] else ""
+        rows.append(
+            "<tr>"
+            f"<td><b>{html.escape(g['level'])}</b><br><small>{html.escape(g['meaning'])}</small></td>"
+            f"<td>{html.escape(g['protected_from'])}</td>"
+            f"<td class=num><b>ε = {fmt_epsilon(g['epsilon'])}</b>{spread}{budget}</td>"
+            f"<td class=num>δ = {fmt_delta(g['delta'])}</td>"
+            f"<td>{html.escape(g['sampling'])}; adjacency: {html.escape(g['adjacency'])}<br>"
+            f"<small>{html.escape(g['accountant'])}</small></td>"
+            "</tr>"
         )
-        left.plot(
-            rounds,
-            [statistics.median(by_round[r]) for r in rounds],
-            marker=".",
-            label="clients: median",
-        )
-        right.hist([p["epsilon"] for p in clients.values()], bins=20)
-    left.set(xlabel="round", ylabel="ε", title="ε over rounds")
-    left.legend(loc="upper left")
-    right.set(xlabel="final ε", ylabel="clients", title="ε across clients (record-level)")
-    return embedded_png(figure, "ε plots")
+    return "".join(rows)
 
 
 def _html(summary: dict[str, Any]) -> str:
-    rows = "".join(
+    mechanism_rows = "".join(
         "<tr>"
         + "".join(
             f"<td>{html.escape(str(m[k]))}</td>"
-            for k in (
-                "mechanism",
-                "unit",
-                "noise_multiplier",
-                "sample_rate",
-                "steps",
-                "clip_norm",
-                "delta",
-                "events",
-            )
+            for k in ("mechanism", "unit", "noise_multiplier", "sample_rate", "steps", "clip_norm")
         )
-        + "</tr>"
+        + f"<td>{fmt_delta(m['delta'])}</td><td>{html.escape(m['accountant'])}</td>"
+        + f"<td>{m['events']}</td></tr>"
         for m in summary["mechanisms"]
     )
-    units = "".join(
-        f"<li><b>{html.escape(u)}</b>: {html.escape(t)}</li>" for u, t in summary["units"].items()
-    )
-    federation = summary["federation"]
-    headline = (
-        f"Federation (user-level): ε = {federation['epsilon']:.3f} at δ = {federation['delta']:.2g}"
-        if federation
-        else "No user-level (DP-FedAvg) release in this run."
-    )
-    clients = summary["clients"]
-    if clients["count"]:
-        headline += (
-            f"<br>Clients (record-level), {clients['count']} with releases: ε min {clients['epsilon_min']:.3f}, "
-            f"median {clients['epsilon_median']:.3f}, max {clients['epsilon_max']:.3f}"
+    if summary["guarantees"]:
+        headline = (
+            "<table class=head><tr><th>guarantee and what it protects</th><th>protected from"
+            "</th><th>ε</th><th>δ</th><th>sampling and accountant</th></tr>"
+            f"{_guarantee_rows(summary)}</table>"
         )
+    else:
+        headline = "<p class=warn>No differentially private release in this run: no guarantee.</p>"
+    clients = summary["clients"]
+    facts = []
+    if clients["count"]:
+        facts.append(
+            f"{clients['count']} clients released something; ε min {fmt_epsilon(clients['epsilon_min'])}, "
+            f"median {fmt_epsilon(clients['epsilon_median'])}, max {fmt_epsilon(clients['epsilon_max'])}"
+            + (
+                f" against a budget of {fmt_epsilon(clients['budget'])}"
+                if clients["budget"]
+                else ""
+            )
+        )
+    if summary["refused_client_rounds"] is not None:
+        facts.append(
+            f"{summary['refused_client_rounds']} client-rounds refused to train (budget reached)"
+        )
+    uncovered = summary["not_covered"] or [
+        "Nothing: every release a client makes is in the ledger."
+    ]
+    warn = (
+        "<p class=warn><b>Reproducible mode:</b> the noise can be regenerated from the config's "
+        "seed; the figures below hold only against someone who does not know it.</p>"
+        if summary["reproducible_noise"]
+        else ""
+    )
     figure = _figure(summary) if summary["parties"] else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>fedrec privacy report</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px 8px}}table{{border-collapse:collapse}}</style>
-</head><body><h1>Privacy budget report</h1><p>{headline}</p>
-<p>Accountant: {html.escape(summary["accountant"])} (Opacus). What each ε protects:</p><ul>{units}</ul>
-{figure}<h2>Every mechanism used</h2>
-<table><tr><th>mechanism</th><th>unit</th><th>σ</th><th>q</th><th>steps</th><th>clip norm</th><th>δ</th><th>events</th></tr>{rows}</table>
+<style>body{{font-family:sans-serif;max-width:1180px;margin:1.5em auto;padding:0 1em;line-height:1.4}}
+td,th{{border:1px solid #ccc;padding:6px 8px;vertical-align:top;text-align:left}}table{{border-collapse:collapse;width:100%}}
+.num{{white-space:nowrap}}.head th{{background:#eef3f8}}.warn{{background:#fff3cd;padding:8px 12px;border-left:4px solid #e0a800}}
+img{{max-width:100%}}small{{color:#555}}</style>
+</head><body><h1>Privacy report</h1>{warn}{headline}
+<ul>{"".join(f"<li>{html.escape(f)}</li>" for f in facts)}</ul>
+<h2>Not covered by these guarantees</h2><ul>{"".join(f"<li>{html.escape(u)}</li>" for u in uncovered)}</ul>
+<h2>ε over the run</h2>{figure}
+<h2>Every mechanism used</h2>
+<table><tr><th>mechanism</th><th>unit</th><th>σ</th><th>q</th><th>steps</th><th>clip norm</th><th>δ</th><th>accountant</th><th>events</th></tr>{mechanism_rows}</table>
 </body></html>"""
 
 
-def write_privacy_report(ledger: PrivacyLedger, run_dir: Path) -> tuple[Path, Path]:
-    summary = privacy_summary(ledger)
+def write_privacy_report(
+    ledger: PrivacyLedger, run_dir: Path, disclosures: dict[str, Any] | None = None
+) -> tuple[Path, Path]:
+    """``disclosures``: budgets, refusals and the releases outside the ledger
+    (``fedrec.federation.privacy_disclosures``); kept in ``privacy.json`` for later rewrites."""
+    if disclosures is None and (run_dir / "privacy.json").exists():
+        disclosures = json.loads((run_dir / "privacy.json").read_text(encoding="utf-8")).get(
+            "disclosures"
+        )
+    summary = privacy_summary(ledger, disclosures)
+    summary["disclosures"] = disclosures
     json_path, html_path = run_dir / "privacy.json", run_dir / "privacy.html"
     json_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     html_path.write_text(_html(summary), encoding="utf-8")
