@@ -198,6 +198,56 @@ def privacy_report(
     typer.echo(f"{json_path}\n{html_path}")
 
 
+@app.command("privacy-audit")
+def privacy_audit(
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="A central (fedrec train) or federated run whose config set "
+            "privacy_audit.holdout_fraction > 0 (and optionally privacy_audit.canaries)."
+        ),
+    ],
+    max_users: Annotated[
+        int, typer.Option(help="At most this many members and as many non-members are scored.")
+    ] = 1000,
+    references: Annotated[
+        int, typer.Option(help="Random sequences each canary is ranked against.")
+    ] = 1000,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the user draw, bootstrap and permutations.")
+    ] = 0,
+) -> None:
+    """Try to break the run's privacy: a user-level membership-inference attack (members vs
+    held-out users: AUC with a bootstrap interval and permutation p-value, checked against the
+    claimed ε, δ through TPR ≤ e^ε·FPR + δ) and the exposure of planted canaries. Writes
+    privacy_audit.json and adds a section to privacy.html."""
+    from fedrec.privacy_audit import run_privacy_audit
+
+    try:
+        report = run_privacy_audit(run_dir, max_users, references, seed)
+    except FedrecDataError as err:
+        _fail(err)
+        return
+    membership = report["membership"]
+    lo, hi = membership["auc_interval"]
+    typer.echo(
+        f"membership inference: AUC {membership['auc']:.3f} (95% CI {lo:.3f}–{hi:.3f}), "
+        f"p = {membership['p_value']:.3g}, {membership['members']} members vs "
+        f"{membership['nonmembers']} non-members"
+    )
+    typer.echo(membership["bound"]["verdict"])
+    if "canaries" in report:
+        typer.echo(
+            f"canary exposure: median {report['canaries']['exposure_median']:.2f} bits of "
+            f"{report['canaries']['max_possible_exposure']:.2f} possible"
+        )
+    if (run_dir / "privacy.json").exists():
+        from fedrec.privacy.report import rewrite_privacy_report
+
+        typer.echo(str(rewrite_privacy_report(run_dir)))
+    typer.echo(str(run_dir / "privacy_audit.json"))
+
+
 @app.command("audit-report")
 def audit_report(
     run_dir: Annotated[Path, typer.Argument(help="A federated run folder (holds audit.jsonl).")],

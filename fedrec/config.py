@@ -17,6 +17,7 @@ import yaml
 
 from fedrec.audits import AuditConfig
 from fedrec.data import DataConfig
+from fedrec.data.membership import MembershipConfig
 from fedrec.errors import FedrecConfigError
 from fedrec.evaluation import EvalConfig, metric_names
 from fedrec.federation import FederatedConfig
@@ -30,7 +31,8 @@ from fedrec.training import TrainConfig
 class ExperimentConfig:
     """A whole experiment. ``model`` holds ``name`` plus that model's options; ``federated`` and
     ``audit`` (the per-round bias and fairness audit) are read by ``fedrec simulate`` only;
-    ``semantic_id`` by ``fedrec semantic-ids``. With an ``llm`` section the federation trains
+    ``semantic_id`` by ``fedrec semantic-ids``; ``privacy_audit`` holds users out of training
+    and plants canaries for ``fedrec privacy-audit``. With an ``llm`` section the federation trains
     the LLM recommender's adapters instead of ``model``."""
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -41,6 +43,7 @@ class ExperimentConfig:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     semantic_id: SemanticIdConfig = field(default_factory=SemanticIdConfig)
+    privacy_audit: MembershipConfig = field(default_factory=MembershipConfig)
     llm: LLMRecConfig | None = None
     seed: int = 0
     output_dir: str = "runs"

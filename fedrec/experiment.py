@@ -15,6 +15,7 @@ import yaml
 
 from fedrec.config import ExperimentConfig
 from fedrec.data import prepare_split
+from fedrec.data.membership import held_out, plant_canaries
 from fedrec.evaluation import evaluate, popularity_scorer
 from fedrec.models import build_model
 from fedrec.training import evaluate_model, fit, resolve_device, seed_everything
@@ -56,6 +57,8 @@ def run_centralized(config: ExperimentConfig, run_dir: Path | None = None) -> di
     )
 
     dataset, split = prepare_split(config.data)
+    audit = config.privacy_audit
+    split = plant_canaries(split, audit, config.seed)
     seed_everything(config.seed)
     model = build_model(config.model_name, split.num_items, config.model)
     fitted = fit(
@@ -66,6 +69,7 @@ def run_centralized(config: ExperimentConfig, run_dir: Path | None = None) -> di
         config.seed,
         checkpoint=run_dir / "best.pt",
         checkpoint_extra={"config": config.to_dict(), "num_items": split.num_items},
+        exclude=held_out(split.num_users, audit, config.seed),
     )
     test = evaluate_model(
         model, split, "test", config.evaluation, resolve_device(config.train.device)

@@ -23,6 +23,7 @@ from fedrec.audits import AuditContext
 from fedrec.data import prepare_split
 from fedrec.data.batching import training_batch
 from fedrec.data.dataset import InteractionDataset
+from fedrec.data.membership import held_out, plant_canaries
 from fedrec.data.partition import SCHEMES, partition_users
 from fedrec.data.records import record_spans
 from fedrec.data.split import SequenceSplit
@@ -593,12 +594,17 @@ class Population:
 
 
 def population_of(config: ExperimentConfig) -> Population:
-    """The data and partition of a federated run's config."""
+    """The data and partition of a federated run's config; users held out for the privacy
+    audit have no client, and canaries are planted (``fedrec.data.membership``)."""
     dataset, split = prepare_split(config.data)
-    fed = config.federated
+    fed, audit = config.federated, config.privacy_audit
     partitions = partition_users(
         dataset, fed.partitioning, fed.num_partitions, fed.partition_attribute
     )
+    if audit.enabled:
+        split = plant_canaries(split, audit, config.seed)
+        outside = held_out(split.num_users, audit, config.seed)
+        partitions = [p[~outside[p]] for p in partitions if (~outside[p]).any()]
     return Population(config, dataset, split, partitions)
 
 

@@ -142,8 +142,10 @@ def fit(
     seed: int,
     checkpoint: Path | None = None,
     checkpoint_extra: dict[str, Any] | None = None,
+    exclude: np.ndarray | None = None,
 ) -> FitResult:
-    """Train with early stopping on validation; leaves the best validated weights in ``model``."""
+    """Train with early stopping on validation; leaves the best validated weights in ``model``.
+    ``exclude``: a mask of users never trained on (the privacy audit's non-members)."""
     if train.num_threads:
         torch.set_num_threads(train.num_threads)
     device = resolve_device(train.device)
@@ -151,6 +153,8 @@ def fit(
     seed_everything(seed)
     rng = np.random.default_rng(seed)
     users = trainable_users(split)
+    if exclude is not None:
+        users = users[~exclude[users]]
     if not len(users):
         raise ValueError("no user has two or more training items; nothing to train on")
     if train.monitor not in metric_names(evaluation.ks):

@@ -151,5 +151,5 @@ def test_two_supernodes_on_loopback_run_two_rounds_and_every_process_is_stopped(
     assert sent and all(k.startswith(("lora.", "scenario.")) for k in sent)
     assert report["units"].keys() == {"user-within-silo"}
     for partition in (0, 1):
-        assert (run_dir / "client-ledgers" / f"client-{partition}-personal.safetensors").exists()
+        assert (run_dir / "client-state" / f"client-{partition}-personal.safetensors").exists()
     assert (run_dir / "global" / "lora" / "adapter_model.safetensors").exists()

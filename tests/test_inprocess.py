@@ -36,6 +36,7 @@ def test_inprocess_loop_matches_the_flower_simulation_round_by_round(tmp_path):
                     "clients_per_round": 3,  # everyone: Flower's sampling order plays no part
                     "local_epochs": 2,
                     "local_learning_rate": 0.01,
+                    "reproducible_noise": True,  # both runs must draw the same noise
                     "record_dp": {"noise_multiplier": 0.7, "max_grad_norm": 1.0},
                     "central_dp": {"noise_multiplier": 0.3, "clipping_norm": 0.5},
                 },

@@ -122,7 +122,7 @@ def test_dp_sgd_on_lora_and_prompts_equals_the_oracle(built, mode, clip):
     to the plain batch gradient. Guards PEFT's batch-expanded prompt (STACK-NOTES)."""
     _, _, split, _, _ = built
     model = recommender(built)
-    examples = model.builder.records(split, np.arange(3), 5)
+    examples = model.builder.records(split, np.arange(3), 5, period=30 * 86400)
     assert len(set(examples.tensors[3].tolist())) == 2  # both scenarios in the batch
     oracle = copy.deepcopy(model).train()
     expected = _oracle_update(oracle, examples, clip)
@@ -263,11 +263,13 @@ def test_local_training_lowers_the_loss_and_keeps_the_personal_prompt_on_device(
     population = _population(config)
     model = build_federated_model(population, tmp_path)
     split = population.client_split(0)
-    examples = model.model.builder.records(split, np.arange(1), 5)
+    examples = model.model.builder.records(split, np.arange(1), 5, period=30 * 86400)
     with torch.no_grad():
         start = model.model.per_example_loss(*examples.tensors).mean().item()
     personal = tmp_path / "device" / "personal.safetensors"
-    fed = dataclasses.replace(config.federated, local_epochs=20, local_learning_rate=0.01)
+    fed = dataclasses.replace(
+        config.federated, local_epochs=20, local_learning_rate=0.01, record_period=30 * 86400
+    )
     before = model.model.personal_state()[PERSONAL_KEY]
     result = model.train_local(split, fed, seed=0, personal=personal)
     with torch.no_grad():
@@ -292,7 +294,7 @@ def test_inprocess_federation_and_recommend_command(built, tmp_path):
     assert results["rounds"] == 2 and "NDCG@10" in results["final"]["test"]
     for sub in ("lora", "scenario-0", "scenario-1"):
         assert (tmp_path / "global" / sub / "adapter_config.json").exists()
-    trained = [p for p in (tmp_path / "client-ledgers").iterdir() if "personal" in p.name]
+    trained = [p for p in (tmp_path / "client-state").iterdir() if "personal" in p.name]
     assert 4 <= len(trained) <= 8
     partition = int(trained[0].name.split("-")[1])
     user = str(dataset.raw_user_ids[population.partitions[partition][0]])
@@ -342,7 +344,7 @@ def test_flower_simulation_trains_adapters_with_dp_and_keeps_prompts_on_devices(
     clients = {e["party"] for e in state["ledger"]["events"] if e["mechanism"] == "dp-sgd"}
     personal = {
         f"client:{p.name.split('-')[1]}"
-        for p in (run_dir / "client-ledgers").iterdir()
+        for p in (run_dir / "client-state").iterdir()
         if p.name.endswith("personal.safetensors")
     }
     assert personal == clients and 4 <= len(clients) <= 12

@@ -124,6 +124,8 @@ class LLMFederatedModel:
         model.load_personal_state(load_personal(personal))
         window = fed.record_window if fed.partitioning == "user" else None
         examples = model.builder.records(split, users, window, fed.record_period)
+        if not len(examples):  # no period with two events: nothing to learn from
+            return LocalResult(0, math.nan, None)
         params = model.trainable_parameters()
         optimizer = LOCAL_OPTIMIZERS[fed.local_optimizer](params, lr=fed.local_learning_rate)
         model.train()

@@ -272,6 +272,7 @@ def _html(summary: dict[str, Any]) -> str:
         else ""
     )
     figure = _figure(summary) if summary["parties"] else ""
+    audit = _audit_section(summary.get("privacy_audit"))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>fedrec privacy report</title>
 <style>body{{font-family:sans-serif;max-width:1180px;margin:1.5em auto;padding:0 1em;line-height:1.4}}
 td,th{{border:1px solid #ccc;padding:6px 8px;vertical-align:top;text-align:left}}table{{border-collapse:collapse;width:100%}}
@@ -280,10 +281,50 @@ img{{max-width:100%}}small{{color:#555}}</style>
 </head><body><h1>Privacy report</h1>{warn}{headline}
 <ul>{"".join(f"<li>{html.escape(f)}</li>" for f in facts)}</ul>
 <h2>Not covered by these guarantees</h2><ul>{"".join(f"<li>{html.escape(u)}</li>" for u in uncovered)}</ul>
-<h2>ε over the run</h2>{figure}
+{audit}<h2>ε over the run</h2>{figure}
 <h2>Every mechanism used</h2>
 <table><tr><th>mechanism</th><th>unit</th><th>σ</th><th>q</th><th>steps</th><th>clip norm</th><th>δ</th><th>accountant</th><th>events</th></tr>{mechanism_rows}</table>
 </body></html>"""
+
+
+def _audit_section(audit: dict[str, Any] | None) -> str:
+    if not audit:
+        return ""
+    m = audit["membership"]
+    lo, hi = m["auc_interval"]
+    rows = [
+        f"Membership inference ({html.escape(audit['score'])}): AUC <b>{m['auc']:.3f}</b> "
+        f"(95% bootstrap interval {lo:.3f}–{hi:.3f}), permutation p = {m['p_value']:.3g}, "
+        f"{m['members']} members vs {m['nonmembers']} held-out users.",
+        html.escape(m["bound"]["verdict"]),
+    ]
+    if "canaries" in audit:
+        c = audit["canaries"]
+        rows.append(
+            f"Canary exposure: median {c['exposure_median']:.2f} bits of "
+            f"{c['max_possible_exposure']:.2f} possible ({c['count']} canaries, each against "
+            f"{c['references']} random sequences)."
+        )
+    style = " class=warn" if m["bound"]["contradicts"] else ""
+    items = "".join(f"<li>{r}</li>" for r in rows)
+    return f"<h2>Empirical privacy audit</h2><div{style}><ul>{items}</ul></div>"
+
+
+def rewrite_privacy_report(run_dir: Path) -> Path:
+    """privacy.html again from privacy.json, with the privacy audit's results when present."""
+    summary = json.loads((run_dir / "privacy.json").read_text(encoding="utf-8"))
+    summary["privacy_audit"] = _read_audit(run_dir)
+    summary["clients"]["cumulative_by_round"] = summary["clients"].get("cumulative_by_round")
+    for party in summary["parties"].values():
+        party["epsilon_by_round"] = {int(k): v for k, v in party["epsilon_by_round"].items()}
+    path = run_dir / "privacy.html"
+    path.write_text(_html(summary), encoding="utf-8")
+    return path
+
+
+def _read_audit(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "privacy_audit.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def write_privacy_report(
@@ -297,6 +338,7 @@ def write_privacy_report(
         )
     summary = privacy_summary(ledger, disclosures)
     summary["disclosures"] = disclosures
+    summary["privacy_audit"] = _read_audit(run_dir)
     json_path, html_path = run_dir / "privacy.json", run_dir / "privacy.html"
     json_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     html_path.write_text(_html(summary), encoding="utf-8")
