@@ -294,8 +294,8 @@ class Federation:
             return None
         round_number = self.global_round(server_round)
         if self.audit.exposure_noise > 0:
-            for reply in replies:
-                metrics = reply.content["metrics"] if not reply.has_error() else {}
+            for reply in (r for r in replies if not r.has_error()):
+                metrics = reply.content.metric_records["metrics"]
                 if int(cast(int, metrics.get("audit-exposure-released", 0))):
                     partition = int(cast(int, metrics["partition-id"]))
                     self.ledger.record(

@@ -1,5 +1,6 @@
-"""Privacy–utility table: test NDCG@10 against ε for event-level DP-SGD on every client and
-for user-level DP-FedAvg, with the non-private federation as the reference.
+"""Privacy–utility table: test NDCG@10 against ε for record-level DP-SGD on every client
+(one record = one day of a user) and for user-level DP-FedAvg, with the non-private
+federation as the reference.
 
     python simulations/privacy_utility.py --config configs/ml-100k-federated.yaml \
         --rounds 60 --epsilons 1 3 8 --output runs/pu-ml100k
@@ -8,11 +9,13 @@ Runs on the in-process loop (simulations/inprocess.py, checked against the Flowe
 by tests/test_inprocess.py), because hundreds of rounds × 100–1000 clients per round through
 Flower's runtime would cost ≈ 60 ms per client message on this machine.
 
-- user-level: σ is solved with Opacus (RDP) so that ``rounds`` DP-FedAvg releases with
-  q = clients per round / population reach ε at δ = 1 / (10 · population); clip norm
-  ``--clip``; noise σ·C/n on the unweighted mean (Flower's calibration).
-- event-level: each client runs DP-SGD with σ = ``--record-sigma`` on windows of its sequence
-  and refuses to train once its own ledger would pass ε (``record_epsilon_budget``).
+- user-level: Poisson client sampling with q = clients per round / population; σ is solved
+  with Opacus (RDP) so that ``rounds`` releases reach ε at the default δ = min(1e-5, N^-1.1);
+  clip norm ``--clip``; noise N(0, (σC)²) on the sum of clipped updates, divided by the
+  expected cohort, before the server step (``server.dp.UserLevelDP``).
+- day-level: each client runs DP-SGD with σ = ``--record-sigma`` on its days (records) at
+  δ = 1e-5 and refuses to train once its own ledger would pass ε (``record_epsilon_budget``).
+- noise is private (OS entropy): two runs of a row differ; ε does not.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from opacus.accountants.utils import get_noise_multiplier
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
 from fedrec.config import parse_config
-from fedrec.federation import population_of
+from fedrec.federation import CentralDPConfig, population_of
 from simulations.inprocess import run_inprocess
 
 
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--clip", type=float, default=1.0, help="DP-FedAvg clip norm")
     parser.add_argument("--record-sigma", type=float, default=1.0)
-    parser.add_argument("--kinds", nargs="+", default=["none", "user", "event"])
+    parser.add_argument("--kinds", nargs="+", default=["none", "user", "day"])
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     population = population_of(parse_config(data))
     num_clients = len(population.partitions)
     sampled = min(data["federated"]["clients_per_round"], num_clients)
-    delta = 1 / (10 * num_clients)
+    delta = CentralDPConfig().delta_for(num_clients)
     output = Path(args.output)
     rows: list[dict[str, Any]] = []
     summary = output / "privacy_utility.json"
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                     accountant="rdp",
                 )
                 federated = {"central_dp": {"noise_multiplier": sigma, "clipping_norm": args.clip}}
-            elif kind == "event":
+            elif kind == "day":
                 sigma = args.record_sigma
                 federated = {
                     "record_dp": {"noise_multiplier": sigma},

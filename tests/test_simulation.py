@@ -29,7 +29,9 @@ def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float
     return float(accountant.get_epsilon(delta))
 
 
-def _tiny_config(path: Path, run_dir: Path, budget: float | None) -> Path:
+def _tiny_config(
+    path: Path, run_dir: Path, budget: float | None, reproducible: bool = False
+) -> Path:
     config = {
         "seed": 0,
         "output_dir": str(run_dir),
@@ -53,6 +55,7 @@ def _tiny_config(path: Path, run_dir: Path, budget: float | None) -> Path:
             "record_dp": {"noise_multiplier": RECORD_SIGMA, "max_grad_norm": 1.0},
             "record_epsilon_budget": budget,
             "central_dp": {"noise_multiplier": CENTRAL_SIGMA, "clipping_norm": 1.0},
+            "reproducible_noise": reproducible,
         },
         "audit": {"min_group_size": 1},  # 5 users after preprocessing: compare every group
     }
@@ -126,7 +129,9 @@ def test_simulation_with_both_dp_kinds_survives_a_kill_and_resumes_its_ledger(tm
     server = [e for e in events if e["party"] == "server"]
     assert [e["round"] for e in server] == list(range(1, ROUNDS + 1))
     assert all(e["unit"] == "user" and e["noise_multiplier"] == CENTRAL_SIGMA for e in server)
-    expected_federation = _rdp_epsilon([(CENTRAL_SIGMA, 1.0, 1)] * ROUNDS, 1e-5)  # min(1e-5, 3^-1.1)
+    expected_federation = _rdp_epsilon(
+        [(CENTRAL_SIGMA, 1.0, 1)] * ROUNDS, 1e-5
+    )  # min(1e-5, 3^-1.1)
     assert history[-1]["epsilon"]["federation"] == pytest.approx(expected_federation, rel=1e-9)
     report = json.loads((run_dir / "privacy.json").read_text())
     assert report["federation"]["epsilon"] == pytest.approx(expected_federation, rel=1e-9)
@@ -156,11 +161,12 @@ def test_simulation_with_both_dp_kinds_survives_a_kill_and_resumes_its_ledger(tm
 @pytest.mark.timeout(600)
 def test_flwr_run_local_simulation_and_fedrec_simulate_are_one_code_path(tmp_path):
     """`flwr run .` (pyproject [tool.flwr.app], Flower's detached local SuperLink) and
-    `fedrec simulate` give the same per-round metrics for the same config and seed."""
+    `fedrec simulate` give the same per-round metrics for the same config and seed (in the
+    reproducible mode: by default the DP noise of two runs differs)."""
     histories = []
     for mode in ("simulate", "flwr-run"):
         run_dir = tmp_path / mode
-        config = _tiny_config(tmp_path / f"{mode}.yaml", run_dir, None)
+        config = _tiny_config(tmp_path / f"{mode}.yaml", run_dir, None, reproducible=True)
         with flower_processes(tmp_path / mode) as (_, start):
             if mode == "simulate":
                 proc = start([python(), "-m", "fedrec.cli", "simulate", "-c", str(config)], "log")
@@ -215,6 +221,12 @@ def test_federated_audit_adds_client_sums_ledgers_their_noise_and_stops_on_a_bre
     assert results["stopped_early"].startswith("audit threshold breached")
     events = torch.load(run_dir / "checkpoint.pt", weights_only=False)["ledger"]["events"]
     noise = [e for e in events if e["mechanism"] == "gaussian"]
-    assert len(noise) == 3 and all(e["unit"] == "user-within-silo" for e in noise)
-    assert noise[0]["noise_multiplier"] == pytest.approx(2.0 / math.sqrt(10))
+    # Without record-level DP each silo's histogram is protected per whole client (unit "user"),
+    # at the sensitivity √(2K) of swapping one K-hot list for another; the silo's own ledger
+    # holds the same events as the server's.
+    assert len(noise) == 3 and all(e["unit"] == "user" for e in noise)
+    assert noise[0]["noise_multiplier"] == pytest.approx(2.0 / math.sqrt(20))
+    for partition in range(3):
+        own = json.loads((run_dir / "devices" / f"client-{partition}.json").read_text())
+        assert [e["mechanism"] for e in own["events"]] == ["gaussian"]
     assert (run_dir / "audit.html").exists()

@@ -14,8 +14,10 @@ def record_spans(timestamps: np.ndarray, window: int, period: int) -> list[tuple
     ``window + 1`` are not trained on under record-level DP.
     """
     buckets = np.floor_divide(np.asarray(timestamps, dtype=np.int64), period)
-    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]]) if len(buckets) else []
-    stops = [*list(starts[1:]), len(buckets)]
+    if not len(buckets):
+        return []
+    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+    stops = [*starts[1:].tolist(), len(buckets)]
     return [
         (int(a), int(min(b, a + window + 1)))
         for a, b in zip(starts, stops, strict=True)
