@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The demo simulates new devices every time: it removes the simulated devices' ledgers of the
+# last demo (fedrec itself never deletes a ledger, so ε would otherwise carry over).
 demo: $(STAMP)
+	rm -rf runs/demo/devices
 	$(BIN)/fedrec simulate --config configs/federated-synthetic.yaml --output-dir runs/demo
 
 train: $(STAMP)

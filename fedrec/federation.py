@@ -472,6 +472,11 @@ def privacy_disclosures(config: ExperimentConfig, history: list[dict[str, Any]])
     every release the ledger does not cover."""
     fed, audit = config.federated, config.audit
     uncovered: list[str] = []
+    if not fed.private:
+        uncovered.append(
+            "No differential privacy is configured: every client sends its model update "
+            "un-noised (federated.record_dp or federated.central_dp add it)."
+        )
     if fed.reproducible_noise and fed.private:
         uncovered.append(
             "reproducible_noise is on: DP noise and sampling are seeded from the config, so "

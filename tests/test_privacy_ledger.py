@@ -1,5 +1,6 @@
 """The privacy ledger against fresh Opacus accountants and the analytic Gaussian mechanism."""
 
+import json
 import math
 
 import dp_accounting
@@ -195,3 +196,45 @@ def test_version_1_ledgers_load_with_their_accountant_and_an_honest_unit():
     resumed = PrivacyLedger()
     resumed.load_state_dict(ledger.state_dict())
     assert resumed.events == ledger.events
+
+
+def test_the_report_opens_with_each_guarantee_and_plots_cumulative_epsilon(tmp_path):
+    from fedrec.privacy.report import write_privacy_report
+
+    ledger = PrivacyLedger()
+    ledger.record(event(1, party="client:0", sigma=1.0, q=0.5, steps=4))
+    ledger.record(event(3, party="client:1", sigma=2.0, q=0.5, steps=2))  # client 0 sits out
+    for round_ in (1, 2, 3):
+        ledger.record(
+            event(
+                round_,
+                party="server",
+                sigma=1.0,
+                q=0.1,
+                steps=1,
+                unit="user",
+                mechanism="dp-fedavg",
+            )
+        )
+    disclosures = {
+        "budgets": {"client_epsilon": 20.0, "federation_epsilon": None},
+        "refused_client_rounds": 2,
+        "reproducible_noise": False,
+        "not_covered": ["Clients send their training loss un-noised."],
+    }
+    json_path, html_path = write_privacy_report(ledger, tmp_path, disclosures)
+    summary = json.loads(json_path.read_text())
+    levels = [g["level"] for g in summary["guarantees"]]
+    assert levels == ["user-level (DP-FedAvg)", "record-level (DP-SGD on each device)"]
+    user, record = summary["guarantees"]
+    assert user["epsilon"] == pytest.approx(ledger.epsilon("server", 1e-5))
+    assert "Not the server" in user["protected_from"] and "Poisson" in user["sampling"]
+    assert record["epsilon"] == pytest.approx(ledger.epsilon("client:0", 1e-5))
+    # The running max keeps client 0's ε in round 2, when it released nothing.
+    cumulative = summary["clients"]["cumulative_by_round"]
+    assert cumulative["rounds"] == [1, 2, 3]
+    assert cumulative["max"][1] == cumulative["max"][0] == pytest.approx(record["epsilon"])
+    page = html_path.read_text()
+    assert page.index("protected from") < page.index("<img")  # the headline comes first
+    assert "δ = 1.0e-5" in page and "0.0333" not in page
+    assert "training loss un-noised" in page and "2 client-rounds refused" in page

@@ -271,8 +271,14 @@ def _html(summary: dict[str, Any]) -> str:
         if summary["reproducible_noise"]
         else ""
     )
-    figure = _figure(summary) if summary["parties"] else ""
     audit = _audit_section(summary.get("privacy_audit"))
+    ledger_sections = (
+        f"<h2>ε over the run</h2>{_figure(summary)}<h2>Every mechanism used</h2><table><tr>"
+        "<th>mechanism</th><th>unit</th><th>σ</th><th>q</th><th>steps</th><th>clip norm</th>"
+        f"<th>δ</th><th>accountant</th><th>events</th></tr>{mechanism_rows}</table>"
+        if summary["parties"]
+        else ""
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>fedrec privacy report</title>
 <style>body{{font-family:sans-serif;max-width:1180px;margin:1.5em auto;padding:0 1em;line-height:1.4}}
 td,th{{border:1px solid #ccc;padding:6px 8px;vertical-align:top;text-align:left}}table{{border-collapse:collapse;width:100%}}
@@ -281,9 +287,7 @@ img{{max-width:100%}}small{{color:#555}}</style>
 </head><body><h1>Privacy report</h1>{warn}{headline}
 <ul>{"".join(f"<li>{html.escape(f)}</li>" for f in facts)}</ul>
 <h2>Not covered by these guarantees</h2><ul>{"".join(f"<li>{html.escape(u)}</li>" for u in uncovered)}</ul>
-{audit}<h2>ε over the run</h2>{figure}
-<h2>Every mechanism used</h2>
-<table><tr><th>mechanism</th><th>unit</th><th>σ</th><th>q</th><th>steps</th><th>clip norm</th><th>δ</th><th>accountant</th><th>events</th></tr>{mechanism_rows}</table>
+{audit}{ledger_sections}
 </body></html>"""
 
 
