@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from fedrec.config import ExperimentConfig
 
 MetricValue = int | float | list[int] | list[float]
+LEGACY_LEDGER_DIR = "client-ledgers"  # where simulated devices kept ledgers before devices/
 CLIPPING_NORM_KEY = "clipping_norm"
 DP_METRICS = (
     "dp-noise-multiplier",
@@ -98,9 +99,13 @@ def _ledger_path(context: Context, population: Population) -> Path:
 
 
 def _ledger(path: Path) -> PrivacyLedger:
-    ledger = PrivacyLedger()  # a device's ledger outlives runs: it is never reset here
-    if path.exists():
-        ledger.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
+    """The device's ledger (it outlives runs: never reset here). A simulated device of a run
+    started before ledgers moved to ``devices/`` reads its old file; the next save moves it."""
+    ledger = PrivacyLedger()
+    legacy = path.parent.parent / LEGACY_LEDGER_DIR / path.name
+    source = path if path.exists() or not legacy.exists() else legacy
+    if source.exists():
+        ledger.load_state_dict(json.loads(source.read_text(encoding="utf-8")))
     return ledger
 
 

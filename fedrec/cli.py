@@ -184,6 +184,8 @@ def privacy_report(
     """Write privacy.json and privacy.html for a run from the ledger in its checkpoint."""
     import torch
 
+    from fedrec.config import parse_config
+    from fedrec.federation import privacy_disclosures
     from fedrec.privacy import PrivacyLedger
     from fedrec.privacy.report import write_privacy_report
 
@@ -194,7 +196,15 @@ def privacy_report(
     state = torch.load(checkpoint, weights_only=False)
     ledger = PrivacyLedger()
     ledger.load_state_dict(state["ledger"])
-    json_path, html_path = write_privacy_report(ledger, run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    history = (
+        [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
+        if metrics.exists()
+        else []
+    )
+    config = parse_config(state["config"], str(checkpoint))
+    disclosures = privacy_disclosures(config, history, run_dir)
+    json_path, html_path = write_privacy_report(ledger, run_dir, disclosures)
     typer.echo(f"{json_path}\n{html_path}")
 
 
@@ -244,7 +254,8 @@ def privacy_audit(
     if (run_dir / "privacy.json").exists():
         from fedrec.privacy.report import rewrite_privacy_report
 
-        typer.echo(str(rewrite_privacy_report(run_dir)))
+        page = rewrite_privacy_report(run_dir)
+        typer.echo(str(page) if page else "privacy.json predates this report: run privacy-report")
     typer.echo(str(run_dir / "privacy_audit.json"))
 
 

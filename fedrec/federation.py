@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ from fedrec.privacy.dp_sgd import (
     dp_train,
     plan_dp,
 )
-from fedrec.privacy.ledger import PrivacyEvent
+from fedrec.privacy.ledger import PrivacyEvent, PrivacyLedger
 from fedrec.training import model_scorer, train_epoch, trainable_users
 
 if TYPE_CHECKING:
@@ -229,6 +230,8 @@ def event_windows(
                     np.concatenate([np.zeros(pad, np.int64), items[1:]]),
                 )
             )
+    if not rows:  # no day with two events: no record (TensorDataset() has no length)
+        return TensorDataset(*(torch.zeros((0, window), dtype=torch.int64) for _ in range(3)))
     return TensorDataset(*(torch.from_numpy(np.stack(c)) for c in zip(*rows, strict=True)))
 
 
@@ -263,6 +266,8 @@ def local_train(
     torch.manual_seed(seed)
     if config.record_dp is not None:
         examples = dp_records(split, users, config, model.config.max_len)
+        if not len(examples):
+            return LocalResult(0, math.nan, None)
         optimizer = LOCAL_OPTIMIZERS[config.local_optimizer](
             model.parameters(), lr=config.local_learning_rate
         )
@@ -370,9 +375,12 @@ def build_federated_model(
     )
 
 
-def client_seed(seed: int, round_number: int, partition: int) -> int:
-    """The torch/numpy seed of one client's local training in one round (dropout, negatives)."""
-    return seed * 1_000_003 + round_number * 7919 + partition
+def client_seed(seed: int, round_number: int, partition: int, stream: int = 0) -> int:
+    """The torch/numpy seed of one client's local training in one round (dropout, negatives);
+    ``stream`` 1 is its DP noise in the reproducible mode. Distinct for every (seed, round,
+    partition, stream): a linear formula would give two clients of two rounds one stream."""
+    state = np.random.SeedSequence([seed, round_number, partition, stream]).generate_state(2)
+    return int(state[0]) << 31 | int(state[1]) >> 1
 
 
 def noise_seed(fed: FederatedConfig, seed: int, round_number: int, partition: int) -> int | None:
@@ -380,7 +388,7 @@ def noise_seed(fed: FederatedConfig, seed: int, round_number: int, partition: in
     for ``reproducible_noise``."""
     if not fed.reproducible_noise:
         return None
-    return client_seed(seed, round_number, partition) ^ 0x5EED_DA7A
+    return client_seed(seed, round_number, partition, stream=1)
 
 
 def reply_weight(result: LocalResult, config: FederatedConfig) -> int:
@@ -443,6 +451,19 @@ def central_event(fed: FederatedConfig, num_clients: int, round_number: int) -> 
     )
 
 
+def epsilons_so_far(
+    ledger: PrivacyLedger, fed: FederatedConfig, num_clients: int
+) -> dict[str, float]:
+    """ε so far: the federation's (user-level DP-FedAvg) and the largest of any client's."""
+    out: dict[str, float] = {}
+    if fed.central_dp is not None:
+        out["federation"] = ledger.epsilon("server", fed.central_dp.delta_for(num_clients))
+    clients = [p for p in ledger.parties() if p.startswith("client:")]
+    if clients:
+        out["client_max"] = max(ledger.epsilon(p, ledger.delta(p)) for p in clients)
+    return out
+
+
 def exposure_event(config: ExperimentConfig, partition: int, round_number: int) -> PrivacyEvent:
     """A client's noised top-K exposure histogram (the federated audit) as a ledger event.
 
@@ -467,9 +488,30 @@ def exposure_event(config: ExperimentConfig, partition: int, round_number: int) 
     )
 
 
-def privacy_disclosures(config: ExperimentConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the privacy report must say beyond the ledger: budgets, refusals, the sampling and
-    every release the ledger does not cover."""
+def device_lifetime(folder: Path) -> dict[str, Any] | None:
+    """ε of the simulated devices' own ledgers (every run they joined), or None without any."""
+    files = sorted(folder.glob("client-*.json")) if folder.is_dir() else []
+    spent = []
+    for path in files:
+        ledger = PrivacyLedger()
+        ledger.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
+        party = next(iter(ledger.parties()), None)
+        if party is not None:
+            spent.append(ledger.epsilon(party, ledger.delta(party)))
+    if not spent:
+        return None
+    return {
+        "devices": len(spent),
+        "epsilon_max": max(spent),
+        "epsilon_median": float(np.median(spent)),
+    }
+
+
+def privacy_disclosures(
+    config: ExperimentConfig, history: list[dict[str, Any]], run_dir: Path | None = None
+) -> dict[str, Any]:
+    """What the privacy report must say beyond the ledger: budgets, refusals, every release the
+    ledger does not cover and, for simulated devices in ``run_dir``, their lifetime ε."""
     fed, audit = config.federated, config.audit
     uncovered: list[str] = []
     if not fed.private:
@@ -506,13 +548,13 @@ def privacy_disclosures(config: ExperimentConfig, history: list[dict[str, Any]])
         )
     return {
         "reproducible_noise": fed.reproducible_noise,
-        "client_sampling": (fed.central_dp.sampling if fed.central_dp else "fixed"),
         "budgets": {
             "client_epsilon": fed.record_epsilon_budget,
             "federation_epsilon": fed.central_dp.target_epsilon if fed.central_dp else None,
         },
         "refused_client_rounds": int(sum(h.get("refused", 0) for h in history)),
         "not_covered": uncovered,
+        "device_lifetime": device_lifetime(run_dir / DEVICE_DIR) if run_dir else None,
     }
 
 

@@ -69,18 +69,25 @@ def load_model(run_dir: Path, config: ExperimentConfig, num_items: int) -> Seque
 def claimed_user_level(run_dir: Path) -> tuple[float, float, str]:
     """The run's user-level (ε, δ) from privacy.json; ε = ∞ when it claims none."""
     path = run_dir / "privacy.json"
-    if path.exists():
-        summary = json.loads(path.read_text("utf-8"))
-        for guarantee in summary.get("guarantees", []):
-            if guarantee["unit"] == "user":
-                return float(guarantee["epsilon"]), float(guarantee["delta"]), "user-level DP"
-        if summary.get("guarantees"):
-            return (
-                math.inf,
-                1e-5,
-                "record-level DP only: it bounds one record, not a whole user, so a user-level "
-                "attack is not bounded by it",
-            )
+    summary = json.loads(path.read_text("utf-8")) if path.exists() else {}
+    if "guarantees" not in summary and summary.get("federation"):  # written before version 2
+        old = summary["federation"]
+        return (
+            float(old["epsilon"]),
+            float(old["delta"]),
+            "user-level DP as reported before fedrec accounted the sampling it ran (fixed-size "
+            "cohorts accounted as Poisson: this ε may be under-reported)",
+        )
+    for guarantee in summary.get("guarantees", []):
+        if guarantee["level"].startswith("user-level"):
+            return float(guarantee["epsilon"]), float(guarantee["delta"]), "user-level DP"
+    if summary.get("guarantees"):
+        return (
+            math.inf,
+            1e-5,
+            "device-level guarantees only (records or audit histograms): they do not bound what "
+            "the model reveals about a whole user",
+        )
     return math.inf, 1e-5, "no differential privacy"
 
 

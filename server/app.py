@@ -38,6 +38,7 @@ from fedrec.federation import (
     Population,
     build_federated_model,
     central_event,
+    epsilons_so_far,
     exposure_event,
     load_population,
     privacy_disclosures,
@@ -80,7 +81,6 @@ class Federation:
         self.rounds_done = 0
         self.num_clients = len(population.partitions)
         self.sampled = self.fed.sampled_clients(self.num_clients)
-        self.delta = self._central_delta()
         self.strategy = strategy
         self.audit = self.config.audit if self.config.audit.enabled else None
         self.pending_audit: dict[str, Any] | None = None  # the federated audit of this round
@@ -139,10 +139,6 @@ class Federation:
             self.run_dir / "checkpoint.pt",
         )
 
-    def _central_delta(self) -> float:
-        central = self.fed.central_dp
-        return central.delta_for(self.num_clients) if central is not None else 1e-5
-
     def global_round(self, server_round: int) -> int:
         return self.rounds_done + server_round
 
@@ -152,7 +148,8 @@ class Federation:
         if central is None or central.target_epsilon is None:
             return True
         next_event = central_event(self.fed, self.num_clients, self.global_round(server_round))
-        return self.ledger.epsilon("server", self.delta, extra=next_event) <= central.target_epsilon
+        delta = central.delta_for(self.num_clients)
+        return self.ledger.epsilon("server", delta, extra=next_event) <= central.target_epsilon
 
     def on_replies(self, server_round: int, replies: list[Message]) -> None:
         ok = [r for r in replies if not r.has_error()]
@@ -308,14 +305,7 @@ class Federation:
         return MetricRecord({"audit-clients": len(parts)})
 
     def epsilons(self) -> dict[str, float]:
-        """ε so far: the federation's (DP-FedAvg) and the largest of any client (DP-SGD)."""
-        out: dict[str, float] = {}
-        if self.fed.central_dp is not None:
-            out["federation"] = self.ledger.epsilon("server", self.delta)
-        clients = [p for p in self.ledger.parties() if p.startswith("client:")]
-        if clients:
-            out["client_max"] = max(self.ledger.epsilon(p, self.ledger.delta(p)) for p in clients)
-        return out
+        return epsilons_so_far(self.ledger, self.fed, self.num_clients)
 
 
 @app.main()
@@ -380,6 +370,6 @@ def main(grid: Grid, context: Context) -> None:
     }
     write_json_atomic(results, run_dir / "results.json")
     federation.model.export(run_dir)
-    write_privacy_report(federation.ledger, run_dir, privacy_disclosures(config, history))
+    write_privacy_report(federation.ledger, run_dir, privacy_disclosures(config, history, run_dir))
     if (run_dir / "audit.jsonl").exists():
         write_audit_report(run_dir)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from typing import cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -73,7 +74,7 @@ class UserLevelDP(Strategy):
         self.current: list[np.ndarray] = []
         self.keys: list[str] = []
         self.rng = generator(0)
-        self.last_sampled = 0
+        self.last_sampled = 0  # this round's cohort size (Poisson: random)
 
     @property
     def sample_rate(self) -> float:
@@ -101,10 +102,14 @@ class UserLevelDP(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.rng = self.generator(server_round)
+        # Resumed runs number Flower's rounds from 1 again; the generator takes the global round.
+        self.rng = self.generator(int(cast(int, config.get("round-offset", 0))) + server_round)
         self.keys = list(arrays.keys())
         self.current = arrays.to_numpy_ndarrays()
-        _, connected = sample_nodes(grid, self.cohort, 0)  # waits for a cohort's worth of nodes
+        # A fixed cohort is accounted as cohort / population: draw it from the whole population
+        # (wait for it). Poisson's q is each client's own probability: a cohort's worth will do.
+        wait_for = self.population if self.sampling == "fixed" else self.cohort
+        _, connected = sample_nodes(grid, wait_for, 0)
         chosen = self.sample(connected)
         self.last_sampled = len(chosen)
         config[KEY_CLIPPING_NORM] = self.clipping_norm

@@ -47,6 +47,7 @@ from fedrec.federation import (
     central_event,
     client_personal_path,
     client_seed,
+    epsilons_so_far,
     noise_seed,
     planned_record_event,
     population_of,
@@ -90,14 +91,6 @@ class InProcessGrid:
         return message.metadata.dst_node_id - 1
 
 
-def _epsilons(ledger: PrivacyLedger, delta: float, central: bool) -> dict[str, float]:
-    out = {"federation": ledger.epsilon("server", delta)} if central else {}
-    clients = [p for p in ledger.parties() if p.startswith("client:")]
-    if clients:
-        out["client_max"] = max(ledger.epsilon(p, ledger.delta(p)) for p in clients)
-    return out
-
-
 def run_inprocess(
     population: Population,
     run_dir: Path,
@@ -134,7 +127,6 @@ def run_inprocess(
     # The simulated devices of this loop are new in every run: their ledgers live in memory.
     ledger = PrivacyLedger()
     central = fed.central_dp
-    delta = central.delta_for(num_clients) if central else 1e-5
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
     metrics_path, audit_path = run_dir / "metrics.jsonl", run_dir / "audit.jsonl"
@@ -213,7 +205,7 @@ def run_inprocess(
                 with audit_path.open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(line) + "\n")
             rounds.set_postfix(valid=f"{record['valid'][config.train.monitor]:.4f}")
-        record["epsilon"] = _epsilons(ledger, delta, central is not None)
+        record["epsilon"] = epsilons_so_far(ledger, fed, num_clients)
         history.append(record)
         with metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")

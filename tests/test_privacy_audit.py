@@ -14,6 +14,8 @@ from fedrec.data import prepare_split
 from fedrec.data.membership import MembershipConfig, canary_users, held_out, plant_canaries
 from fedrec.experiment import run_centralized
 from fedrec.federation import population_of
+from fedrec.privacy import PrivacyEvent, PrivacyLedger
+from fedrec.privacy.report import write_privacy_report
 
 AUDITED = {
     "seed": 0,
@@ -65,24 +67,25 @@ def test_the_attack_detects_membership_of_a_non_private_model(overfit_run):
     assert "AUC" in out.output
 
 
-def test_a_false_privacy_claim_is_caught(overfit_run, tmp_path):
-    """A run that claims user-level ε = 0.1 for that same model is contradicted."""
-    (overfit_run / "privacy.json").write_text(
-        json.dumps(
-            {
-                "guarantees": [{"unit": "user", "epsilon": 0.1, "delta": 1e-5}],
-                "parties": {},
-                "clients": {},
-            }
-        )
-    )
+def test_a_false_privacy_claim_is_caught(overfit_run):
+    """A report claiming user-level ε ≈ 0.1 for that same model is contradicted, and the
+    privacy report shows the audit."""
+    ledger = PrivacyLedger()
+    ledger.record(PrivacyEvent(1, "server", "dp-fedavg", "user", 40.0, 1.0, 1, 1.0, 1e-5))
+    write_privacy_report(ledger, overfit_run, {"not_covered": []})
+    claimed = ledger.epsilon("server", 1e-5)
+    assert claimed < 0.2
     try:
         out = CliRunner().invoke(app, ["privacy-audit", str(overfit_run), "--references", "50"])
+        page = (overfit_run / "privacy.html").read_text()
     finally:
         (overfit_run / "privacy.json").unlink()
+    assert out.exit_code == 0, out.output
     report = json.loads((overfit_run / "privacy_audit.json").read_text())
+    assert report["claimed"]["epsilon"] == pytest.approx(claimed)
     assert report["membership"]["bound"]["contradicts"], out.output
-    assert report["membership"]["bound"]["empirical_epsilon_lower"] > 0.1
+    assert report["membership"]["bound"]["empirical_epsilon_lower"] > claimed
+    assert "Empirical privacy audit" in page and "class=warn" in page
 
 
 def test_a_run_without_held_out_users_is_refused_with_the_fix(tmp_path):

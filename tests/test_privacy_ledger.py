@@ -117,8 +117,11 @@ def test_invalid_events_and_mismatched_checkpoints_are_rejected():
         event(1, q=0.0)
     ledger = PrivacyLedger()
     ledger.record(event(1, accountant="rdp"))
-    with pytest.raises(ValueError, match="accounted with 'rdp'"):
-        ledger.record(event(2, accountant="prv"))  # compositions of two accountants don't add
+    ledger.record(event(2, accountant="prv"))  # e.g. a device ledger older than a config change
+    # Two accountants' compositions do not add: basic composition, each at half of δ.
+    assert ledger.epsilon("client:0", 1e-5) == pytest.approx(
+        epsilon([(1.0, 0.01, 10)], 5e-6, "rdp") + epsilon([(1.0, 0.01, 10)], 5e-6, "prv")
+    )
     with pytest.raises(ValueError, match="without replacement"):
         event(1, accountant=WITHOUT_REPLACEMENT_ACCOUNTANT)  # a Poisson event
     with pytest.raises(ValueError, match="population"):

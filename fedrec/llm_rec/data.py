@@ -59,17 +59,26 @@ class PromptBuilder:
         return int(weekday >= 5)
 
     def records(
-        self, split: SequenceSplit, users: np.ndarray, window: int | None, period: int = 86400
+        self,
+        split: SequenceSplit,
+        users: np.ndarray,
+        window: int | None,
+        period: int | None = 86400,
     ) -> TensorDataset:
-        """One record per calendar period of each user's training history, cut to its first
-        ``window + 1`` events (``fedrec.federation.record_spans``: removing one event changes one
-        record), or with ``window=None`` one record per user (its latest ``max_items + 1``
-        events): left-padded ``(input_ids, attention_mask, labels, scenario)``."""
+        """One record per calendar ``period`` of each user's training history, cut to its first
+        ``window + 1`` events (``fedrec.data.records.record_spans``, for DP: removing one event
+        changes one record); with ``period=None`` consecutive chunks of ``window + 1`` events
+        (no DP: every event is used); with ``window=None`` one record per user (its latest
+        ``max_items + 1`` events). Left-padded ``(input_ids, attention_mask, labels, scenario)``."""
         rows: list[tuple[list[int], list[int], int]] = []
         for user in users.tolist():
             items, times = split.train_sequence(int(user))
             if window is None:
                 spans = [(max(0, len(items) - self.max_items - 1), len(items))]
+            elif period is None:
+                spans = [
+                    (a, min(a + window + 1, len(items))) for a in range(0, len(items), window + 1)
+                ]
             else:
                 spans = record_spans(times, window, period)
             for start, stop in spans:

@@ -123,7 +123,7 @@ class LLMFederatedModel:
         torch.manual_seed(seed)
         model.load_personal_state(load_personal(personal))
         window = fed.record_window if fed.partitioning == "user" else None
-        examples = model.builder.records(split, users, window, fed.record_period)
+        examples = model.builder.records(split, users, window, _period(fed))
         if not len(examples):  # no period with two events: nothing to learn from
             return LocalResult(0, math.nan, None)
         params = model.trainable_parameters()
@@ -166,6 +166,11 @@ class LLMFederatedModel:
     def export(self, folder: Path) -> None:
         """The global adapters in PEFT format under ``folder / "global"``."""
         self.model.save_global(folder / "global", str(self.foundation.folder / "backbone"))
+
+
+def _period(fed: FederatedConfig) -> int | None:
+    """Day records under record-level DP (the unit of its ε); without it every event is used."""
+    return fed.record_period if fed.record_dp is not None else None
 
 
 _PROCESS_MODEL: dict[tuple[int, Path], LLMFederatedModel] = {}

@@ -100,27 +100,46 @@ class PrivacyEvent:
         return (self.noise_multiplier, cohort, self.population, self.steps)
 
 
+def merged(events: list[PrivacyEvent]) -> list[Composition]:
+    """The Poisson compositions of ``events``, identical (σ, q) merged into one (composition is
+    commutative), in order of first appearance; releases of 0 steps dropped."""
+    steps: dict[tuple[float, float], int] = {}
+    for event in events:
+        if event.steps:
+            key = (event.noise_multiplier, event.sample_rate)
+            steps[key] = steps.get(key, 0) + event.steps
+    return [(sigma, q, n) for (sigma, q), n in steps.items()]
+
+
+def merged_cohorts(events: list[PrivacyEvent]) -> list[CohortComposition]:
+    steps: dict[tuple[float, int, int], int] = {}
+    for event in events:
+        sigma, cohort, population, count = event.cohort_composition
+        if count:
+            steps[(sigma, cohort, population)] = steps.get((sigma, cohort, population), 0) + count
+    return [(*key, n) for key, n in steps.items()]
+
+
+def _group_epsilon(events: list[PrivacyEvent], delta: float) -> float:
+    """ε of events that share one accountant."""
+    if events[0].accountant == WITHOUT_REPLACEMENT_ACCOUNTANT:
+        return epsilon_without_replacement(merged_cohorts(events), delta)
+    return epsilon(merged(events), delta, events[0].accountant)
+
+
 class PrivacyLedger:
-    """Append-only record of DP releases, with ε per party from the accountant its events name
-    (one accountant per party: compositions of different accountants do not add up)."""
+    """Append-only record of DP releases, with ε per party from the accountant its events name.
+    A party whose events name several accountants (e.g. a device ledger older than a config
+    change) gets the sum of each group's ε, each at an equal share of δ (basic composition)."""
 
     def __init__(self) -> None:
         self.events: list[PrivacyEvent] = []
 
     def record(self, event: PrivacyEvent) -> None:
-        known = self.accountant(event.party)
-        if known is not None and known != event.accountant:
-            raise ValueError(
-                f"{event.party} is accounted with {known!r}; an event for {event.accountant!r} "
-                "cannot be composed with it"
-            )
         self.events.append(event)
 
     def parties(self) -> list[str]:
         return sorted({e.party for e in self.events})
-
-    def accountant(self, party: str) -> str | None:
-        return next((e.accountant for e in self.events if e.party == party), None)
 
     def delta(self, party: str) -> float:
         """The δ of ``party``'s guarantee (the smallest its events state)."""
@@ -130,33 +149,18 @@ class PrivacyLedger:
         return min(deltas)
 
     def history(self, party: str) -> list[Composition]:
-        """The party's compositions, merging consecutive runs of identical (σ, q)."""
-        merged: list[Composition] = []
-        for event in self.events:
-            if event.party != party or event.steps == 0:
-                continue
-            sigma, q, steps = event.composition
-            if merged and merged[-1][:2] == (sigma, q):
-                merged[-1] = (sigma, q, merged[-1][2] + steps)
-            else:
-                merged.append((sigma, q, steps))
-        return merged
+        """The party's compositions, identical (σ, q) merged."""
+        return merged([e for e in self.events if e.party == party])
 
     def epsilon(self, party: str, delta: float, extra: PrivacyEvent | None = None) -> float:
         """ε spent by ``party`` at ``delta``; with ``extra``, as if that event were recorded too."""
         events = [e for e in self.events if e.party == party]
         if extra is not None:
             events.append(extra)
-        if not events:
-            return 0.0
-        accountant = events[0].accountant
-        if any(e.accountant != accountant for e in events):
-            raise ValueError(f"{party}: events name different accountants")
-        if accountant == WITHOUT_REPLACEMENT_ACCOUNTANT:
-            return epsilon_without_replacement([e.cohort_composition for e in events], delta)
-        scratch = PrivacyLedger()
-        scratch.events = events
-        return epsilon(scratch.history(party), delta, accountant)
+        groups: dict[str, list[PrivacyEvent]] = defaultdict(list)
+        for event in events:
+            groups[event.accountant].append(event)
+        return sum(_group_epsilon(group, delta / len(groups)) for group in groups.values())
 
     def epsilon_by_round(self, party: str, delta: float) -> dict[int, float]:
         """Cumulative ε of ``party`` after each round in which it released something."""

@@ -71,6 +71,41 @@ def _cumulative(parties: dict[str, Any], rounds: list[int]) -> dict[str, list[fl
     return out
 
 
+def _device_guarantee(
+    ledger: PrivacyLedger, parties: dict[str, Any], disclosures: dict[str, Any]
+) -> dict[str, Any]:
+    """The clients' own guarantee: record-level DP-SGD and/or their noised audit histograms."""
+    events = [e for e in ledger.events if e.party.startswith("client:")]
+    mechanisms = {e.mechanism for e in events}
+    units = sorted({e.unit for e in events})
+    unit = next((u for u in units if u != "user"), units[0])
+    epsilons = [v["epsilon"] for v in parties.values()]
+    if "dp-sgd" in mechanisms:
+        level = "record-level (DP-SGD on each device)"
+        sampling = "Poisson sampling of the device's records at every step"
+        if "gaussian" in mechanisms:
+            level += ", with its noised audit histograms"
+            sampling += "; audit histograms: every audited round"
+    else:
+        level = "each device's noised audit histograms (no DP training)"
+        sampling = "every audited round, no sampling"
+    return {
+        "level": level,
+        "unit": unit,
+        "meaning": UNIT_MEANING[unit],
+        "protected_from": PROTECTED_FROM["client"],
+        "epsilon": max(epsilons),
+        "epsilon_median": statistics.median(epsilons),
+        "delta": max(v["delta"] for v in parties.values()),
+        "sampling": sampling,
+        "adjacency": ADJACENCY["poisson"],
+        "accountant": ", ".join(
+            ACCOUNTANT_NAMES[a] for a in sorted({v["accountant"] for v in parties.values()})
+        ),
+        "budget": disclosures.get("budgets", {}).get("client_epsilon"),
+    }
+
+
 def privacy_summary(
     ledger: PrivacyLedger, disclosures: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -110,25 +145,7 @@ def privacy_summary(
             }
         )
     if clients:
-        units = sorted({u for v in client_parties.values() for u in v["unit"]})
-        record_unit = next((u for u in units if u != "user"), units[0])
-        accountants = sorted({v["accountant"] for v in client_parties.values()})
-        deltas = [v["delta"] for v in client_parties.values()]
-        guarantees.append(
-            {
-                "level": "record-level (DP-SGD on each device)",
-                "unit": record_unit,
-                "meaning": UNIT_MEANING[record_unit],
-                "protected_from": PROTECTED_FROM["client"],
-                "epsilon": max(clients),
-                "epsilon_median": statistics.median(clients),
-                "delta": max(deltas),
-                "sampling": "Poisson sampling of the device's records at every step",
-                "adjacency": ADJACENCY["poisson"],
-                "accountant": ", ".join(ACCOUNTANT_NAMES[a] for a in accountants),
-                "budget": disclosures.get("budgets", {}).get("client_epsilon"),
-            }
-        )
+        guarantees.append(_device_guarantee(ledger, client_parties, disclosures))
     mechanisms = Counter(
         (
             e.mechanism,
@@ -182,8 +199,12 @@ def privacy_summary(
 
 
 def _figure(summary: dict[str, Any]) -> str:
-    figure, (left, right) = pyplot().subplots(1, 2, figsize=(11, 3.8))
     federation, clients = summary["federation"], summary["clients"]
+    cumulative = clients["cumulative_by_round"]
+    if cumulative:
+        figure, (left, right) = pyplot().subplots(1, 2, figsize=(11, 3.8))
+    else:  # no client released anything: no distribution to show
+        figure, left = pyplot().subplots(1, 1, figsize=(6, 3.8))
     if federation:
         rounds = sorted(int(r) for r in federation["epsilon_by_round"])
         by_round = {int(r): v for r, v in federation["epsilon_by_round"].items()}
@@ -191,7 +212,6 @@ def _figure(summary: dict[str, Any]) -> str:
         for guarantee in summary["guarantees"]:
             if guarantee["unit"] == "user" and guarantee["budget"]:
                 left.axhline(guarantee["budget"], ls=":", color="C0", label="federation budget")
-    cumulative = clients["cumulative_by_round"]
     if cumulative:
         left.plot(cumulative["rounds"], cumulative["max"], label="clients: max (record-level)")
         left.plot(cumulative["rounds"], cumulative["median"], label="clients: median")
@@ -199,9 +219,9 @@ def _figure(summary: dict[str, Any]) -> str:
             left.axhline(clients["budget"], ls="--", color="C1", label="client budget")
         finals = [p["epsilon"] for k, p in summary["parties"].items() if k.startswith("client:")]
         right.hist(finals, bins=20)
+        right.set(xlabel="ε at the end of the run", ylabel="clients", title="ε across clients")
     left.set(xlabel="round", ylabel="cumulative ε", title="ε so far, after each round")
     left.legend(loc="upper left", fontsize=8)
-    right.set(xlabel="ε at the end of the run", ylabel="clients", title="ε across clients")
     return embedded_png(figure, "cumulative ε over rounds and ε across clients")
 
 
@@ -258,7 +278,16 @@ def _html(summary: dict[str, Any]) -> str:
                 else ""
             )
         )
-    if summary["refused_client_rounds"] is not None:
+    lifetime = (summary.get("disclosures") or {}).get("device_lifetime")
+    if clients["count"]:
+        facts.append("Client figures above count this run's releases, as the server saw them.")
+    if lifetime:
+        facts.append(
+            f"On the {lifetime['devices']} simulated devices' own ledgers (every run they "
+            f"joined, what their budgets count): ε max {fmt_epsilon(lifetime['epsilon_max'])}, "
+            f"median {fmt_epsilon(lifetime['epsilon_median'])}."
+        )
+    if summary["refused_client_rounds"] is not None and clients.get("budget"):
         facts.append(
             f"{summary['refused_client_rounds']} client-rounds refused to train (budget reached)"
         )
@@ -314,9 +343,13 @@ def _audit_section(audit: dict[str, Any] | None) -> str:
     return f"<h2>Empirical privacy audit</h2><div{style}><ul>{items}</ul></div>"
 
 
-def rewrite_privacy_report(run_dir: Path) -> Path:
-    """privacy.html again from privacy.json, with the privacy audit's results when present."""
+def rewrite_privacy_report(run_dir: Path) -> Path | None:
+    """privacy.html again from privacy.json, with the privacy audit's results when present;
+    None for a privacy.json written before the report had guarantees (rebuild it from the
+    checkpoint with ``fedrec privacy-report``)."""
     summary = json.loads((run_dir / "privacy.json").read_text(encoding="utf-8"))
+    if "guarantees" not in summary:
+        return None
     summary["privacy_audit"] = _read_audit(run_dir)
     summary["clients"]["cumulative_by_round"] = summary["clients"].get("cumulative_by_round")
     for party in summary["parties"].values():
