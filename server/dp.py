@@ -32,6 +32,8 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from server.wrapper import StrategyWrapper
+
 log = logging.getLogger("fedrec.server")
 
 RoundGenerator = Callable[[int], np.random.Generator]  # server round -> noise/sampling RNG
@@ -47,7 +49,7 @@ class _Cohort:
         return self.node_ids
 
 
-class UserLevelDP(Strategy):
+class UserLevelDP(StrategyWrapper):
     """Wraps a strategy built to train every node it is offered (``fraction_train=1``,
     ``min_train_nodes=0``, ``min_available_nodes=0``) and decides who is offered."""
 
@@ -61,10 +63,9 @@ class UserLevelDP(Strategy):
         sampling: str,
         generator: RoundGenerator,
     ):
-        super().__init__()
+        super().__init__(strategy)
         if not 0 < cohort <= population:
             raise ValueError(f"cohort {cohort} must lie in 1..population ({population})")
-        self.strategy = strategy
         self.noise_multiplier = noise_multiplier
         self.clipping_norm = clipping_norm
         self.cohort = cohort
@@ -165,16 +166,6 @@ class UserLevelDP(Strategy):
         )
         arrays, _ = self.strategy.aggregate_train(server_round, [release])
         return arrays, MetricRecord({"dp-replies": len(updates)})
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
 
 def round_generator(seed: int | None) -> RoundGenerator:

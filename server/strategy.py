@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import (
 
 from fedrec.federation import FederatedConfig
 from server.dp import UserLevelDP, round_generator
+from server.wrapper import StrategyWrapper
 
 log = logging.getLogger("fedrec.server")
 
@@ -112,7 +113,7 @@ def build_strategy(
     return strategy
 
 
-class LedgerKeeper(Strategy):
+class LedgerKeeper(StrategyWrapper):
     """Delegates to ``strategy``; hands each round's train replies to ``on_replies``, asks
     ``may_start(round)`` before configuring a round and, when given, lets ``on_evaluate``
     aggregate the evaluate replies."""
@@ -124,14 +125,10 @@ class LedgerKeeper(Strategy):
         may_start: Callable[[int], bool],
         on_evaluate: Callable[[int, list[Message]], MetricRecord | None] | None = None,
     ):
-        super().__init__()
-        self.strategy = strategy
+        super().__init__(strategy)
         self.on_replies = on_replies
         self.may_start = may_start
         self.on_evaluate = on_evaluate
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -158,11 +155,6 @@ class LedgerKeeper(Strategy):
             log.warning("round %d: no sampled client trained; the global model stays", server_round)
             return None, None
         return self.strategy.aggregate_train(server_round, trained)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
