@@ -98,6 +98,15 @@ class AuditConfig:
             raise ValueError(f"audit.max_gap names metrics not audited: {unknown}")
         if self.rerank is not None and self.rerank.top_n < self.k:
             raise ValueError("audit.rerank.top_n must be >= audit.k")
+        if self.enabled and self.mode == "federated":
+            log.warning(
+                "audit.mode federated: each client sends its group sums (its groups, metrics and "
+                "the rank of its test item) un-noised%s; they are outside the privacy ledger and "
+                "the privacy report lists them as not covered",
+                ""
+                if self.exposure_noise > 0
+                else ", and its top-K histogram (audit.exposure_noise)",
+            )
 
 
 @dataclass
