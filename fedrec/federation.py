@@ -454,14 +454,27 @@ def central_event(fed: FederatedConfig, num_clients: int, round_number: int) -> 
 def epsilons_so_far(
     ledger: PrivacyLedger, fed: FederatedConfig, num_clients: int
 ) -> dict[str, float]:
-    """ε so far: the federation's (user-level DP-FedAvg) and the largest of any client's."""
+    """ε so far, each with its δ: the federation's (user-level DP-FedAvg) and the largest of
+    any client's (record-level, and audit releases)."""
     out: dict[str, float] = {}
     if fed.central_dp is not None:
-        out["federation"] = ledger.epsilon("server", fed.central_dp.delta_for(num_clients))
+        out["federation_delta"] = fed.central_dp.delta_for(num_clients)
+        out["federation"] = ledger.epsilon("server", out["federation_delta"])
     clients = [p for p in ledger.parties() if p.startswith("client:")]
     if clients:
         out["client_max"] = max(ledger.epsilon(p, ledger.delta(p)) for p in clients)
+        out["client_max_delta"] = max(ledger.delta(p) for p in clients)
     return out
+
+
+def epsilon_text(spent: Mapping[str, float]) -> str:
+    """``epsilons_so_far`` for a log line: every ε next to its δ."""
+    parts = [
+        f"{label} ε {spent[key]:.2f} (δ {spent[key + '_delta']:.1e})"
+        for key, label in (("federation", "federation"), ("client_max", "clients max"))
+        if key in spent
+    ]
+    return "".join(f"  {p}" for p in parts)
 
 
 def exposure_event(config: ExperimentConfig, partition: int, round_number: int) -> PrivacyEvent:

@@ -38,6 +38,7 @@ from fedrec.federation import (
     Population,
     build_federated_model,
     central_event,
+    epsilon_text,
     epsilons_so_far,
     exposure_event,
     load_population,
@@ -219,14 +220,14 @@ class Federation:
             self._log_round(server_round, record, audit)
         monitor = self.config.train.monitor
         log.info(
-            "round %d: valid %s %.4f  test %s %.4f  clients %s  ε %s",
+            "round %d: valid %s %.4f  test %s %.4f  clients %s%s",
             round_number,
             monitor,
             valid[monitor],
             monitor,
             test[monitor],
             record.get("clients", "-"),
-            record.get("epsilon", {}),
+            epsilon_text(record.get("epsilon", {})),
         )
         return MetricRecord({f"valid-{monitor}": valid[monitor], f"test-{monitor}": test[monitor]})
 
