@@ -246,6 +246,10 @@ def privacy_audit(
         f"{membership['nonmembers']} non-members"
     )
     typer.echo(membership["bound"]["verdict"])
+    typer.echo(
+        f"(with these users even a perfect attack certifies at most ε ≈ "
+        f"{report['largest_certifiable_epsilon']:.2f}: a larger claim cannot be contradicted here)"
+    )
     if "canaries" in report:
         typer.echo(
             f"canary exposure: median {report['canaries']['exposure_median']:.2f} bits of "

@@ -330,6 +330,9 @@ def _audit_section(audit: dict[str, Any] | None) -> str:
         f"(95% bootstrap interval {lo:.3f}–{hi:.3f}), permutation p = {m['p_value']:.3g}, "
         f"{m['members']} members vs {m['nonmembers']} held-out users.",
         html.escape(m["bound"]["verdict"]),
+        f"With these users even a perfect attack certifies at most ε ≈ "
+        f"{audit.get('largest_certifiable_epsilon', float('nan')):.2f}: a larger claim cannot "
+        "be contradicted by this audit.",
     ]
     if "canaries" in audit:
         c = audit["canaries"]
