@@ -116,17 +116,34 @@ def run_inprocess(
     worker = build_federated_model(population, run_dir)
     num_clients = len(population.partitions)
     sampled = fed.sampled_clients(num_clients)
+    # The simulated devices of this loop are new in every run: their ledgers live in memory.
+    ledger = PrivacyLedger()
+    central = fed.central_dp
+
+    def may_start(round_number: int) -> bool:
+        """As the ServerApp: no round that would take the federation past its ε budget."""
+        if central is None or central.target_epsilon is None:
+            return True
+        delta, next_event = (
+            central.delta_for(num_clients),
+            central_event(fed, num_clients, round_number),
+        )
+        return ledger.epsilon("server", delta, extra=next_event) <= central.target_epsilon
+
+    if not may_start(1):
+        raise ValueError(
+            f"central_dp.target_epsilon {central and central.target_epsilon} is below the ε of one "
+            "round: raise central_dp.noise_multiplier or the budget"
+        )
     # The ledger is kept below, per client; LedgerKeeper adds the server's handling of rounds
     # where nobody trained.
     strategy = LedgerKeeper(
-        build_strategy(fed, num_clients, config.seed), lambda *_: None, lambda _: True
+        build_strategy(fed, num_clients, config.seed), lambda *_: None, may_start
     )
     grid = InProcessGrid(num_clients)
     flower_log = logging.getLogger("flwr")
     flower_level, _ = flower_log.level, flower_log.setLevel(logging.WARNING)  # no per-round INFO
-    # The simulated devices of this loop are new in every run: their ledgers live in memory.
-    ledger = PrivacyLedger()
-    central = fed.central_dp
+    stopped = ""
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
     metrics_path, audit_path = run_dir / "metrics.jsonl", run_dir / "audit.jsonl"
@@ -185,7 +202,8 @@ def run_inprocess(
             "refused": refused,
             "seconds": time.perf_counter() - round_started,
         }
-        if round_number % (eval_every or fed.eval_every) == 0 or round_number == fed.num_rounds:
+        last = round_number == fed.num_rounds or not may_start(round_number + 1)
+        if round_number % (eval_every or fed.eval_every) == 0 or last:
             scorer = model.scorer(split, torch.device("cpu"))
             record["valid"] = evaluate(scorer, split, "valid", config.evaluation).metrics
             top_n = audit.k if audit is not None else 0
@@ -209,6 +227,10 @@ def run_inprocess(
         history.append(record)
         with metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        if last and round_number < fed.num_rounds:
+            stopped = f"round {round_number + 1} would exceed the federation's ε budget"
+            log.warning("stopping: %s", stopped)
+            break
     flower_log.setLevel(flower_level)
     model.export(run_dir)
     evaluated = [h for h in history if "valid" in h]
@@ -217,7 +239,8 @@ def run_inprocess(
         "engine": "in-process",
         "clients": num_clients,
         "clients_per_round": sampled,
-        "rounds": fed.num_rounds,
+        "rounds": history[-1]["round"],
+        "stopped_early": stopped,
         "final": history[-1],
         "best_valid": best,
         "wall_seconds": time.perf_counter() - started,

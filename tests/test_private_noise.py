@@ -238,3 +238,32 @@ def test_round_generators_are_private_or_seeded():
     assert round_generator(None)(1).random() != round_generator(None)(1).random()
     assert round_generator(3)(1).random() == round_generator(3)(1).random()
     assert round_generator(3)(1).random() != round_generator(3)(2).random()
+
+
+def test_the_inprocess_loop_stops_before_the_round_that_would_exceed_the_budget(tmp_path):
+    from fedrec.config import parse_config
+    from fedrec.federation import population_of
+    from fedrec.privacy import epsilon
+    from simulations.inprocess import run_inprocess
+
+    two, three = (epsilon([(1.0, 1.0, n)], 1e-5) for n in (2, 3))
+    config = parse_config(
+        {
+            "data": {
+                "source": "synthetic",
+                "synthetic": {"num_users": 10, "num_items": 30, "mean_length": 12, "seed": 0},
+            },
+            "model": {"name": "hstu", "max_len": 10, "embedding_dim": 8, "num_blocks": 1},
+            "evaluation": {"ks": [10]},
+            "federated": {
+                "num_rounds": 5,
+                "clients_per_round": 100,  # everyone: q = 1
+                "eval_every": 5,
+                "central_dp": {"noise_multiplier": 1.0, "target_epsilon": (two + three) / 2},
+            },
+        }
+    )
+    results = run_inprocess(population_of(config), tmp_path, progress=False)
+    assert results["rounds"] == 2 and "round 3 would exceed" in results["stopped_early"]
+    assert results["final"]["epsilon"]["federation"] == pytest.approx(two)
+    assert "test" in results["final"]  # the last round run is evaluated
