@@ -33,6 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check fedrec clients server simulations tests
 	$(BIN)/ruff format --check fedrec clients server simulations tests
 	$(BIN)/mypy fedrec clients server
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/pytest -q

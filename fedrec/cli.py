@@ -126,7 +126,8 @@ def simulate(
 
     import yaml
 
-    from fedrec.federation import CONFIG_ENV, RUN_DIR_ENV, load_population
+    from fedrec.federation.layout import CONFIG_ENV, RUN_DIR_ENV
+    from fedrec.population import load_population
 
     _configure_logging()
     try:
@@ -186,6 +187,7 @@ def privacy_report(
 
     from fedrec.config import parse_config
     from fedrec.federation import privacy_disclosures
+    from fedrec.federation.layout import DEVICE_DIR
     from fedrec.privacy import PrivacyLedger
     from fedrec.privacy.report import write_privacy_report
 
@@ -203,7 +205,7 @@ def privacy_report(
         else []
     )
     config = parse_config(state["config"], str(checkpoint))
-    disclosures = privacy_disclosures(config, history, run_dir)
+    disclosures = privacy_disclosures(config.federated, config.audit, history, run_dir / DEVICE_DIR)
     json_path, html_path = write_privacy_report(ledger, run_dir, disclosures)
     typer.echo(f"{json_path}\n{html_path}")
 
@@ -304,7 +306,7 @@ def semantic_ids(
         run_dir = output_dir or Path(experiment.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         dataset, split = prepare_split(experiment.data)
-        results = run_semantic_ids(experiment, dataset, split, run_dir, progress)
+        results = run_semantic_ids(experiment.semantic_id, dataset, split, run_dir, progress)
     except (FedrecConfigError, FedrecDataError, ValueError, FileNotFoundError) as err:
         _fail(err)
         return
@@ -356,7 +358,15 @@ def foundation(
             experiment.llm.foundation_dir or Path(experiment.output_dir) / "foundation"
         )
         dataset, split = prepare_split(experiment.data)
-        meta = run_foundation(experiment, dataset, split, folder, progress)
+        meta = run_foundation(
+            experiment.llm,
+            experiment.semantic_id,
+            experiment.seed,
+            dataset,
+            split,
+            folder,
+            progress,
+        )
     except (FedrecConfigError, FedrecDataError, ValueError, FileNotFoundError) as err:
         _fail(err)
         return
@@ -375,7 +385,7 @@ def recommend(
 ) -> None:
     """Print a user's top-K titles from the run's global adapters (RUN/global, PEFT format)
     and, when the run folder holds one, that user's personal prompt."""
-    from fedrec.llm_rec.recommend import recommend as top_k
+    from fedrec.recommend import recommend as top_k
 
     try:
         out = top_k(run, user, k)

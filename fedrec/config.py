@@ -20,7 +20,7 @@ from fedrec.data import DataConfig
 from fedrec.data.membership import MembershipConfig
 from fedrec.errors import FedrecConfigError
 from fedrec.evaluation import EvalConfig, metric_names
-from fedrec.federation import FederatedConfig
+from fedrec.federation.config import FederatedConfig
 from fedrec.llm_rec.config import LLMRecConfig
 from fedrec.models import SequentialModelConfig, model_config, model_names
 from fedrec.semantic_id.pipeline import SemanticIdConfig
@@ -62,6 +62,12 @@ class ExperimentConfig:
                 f"audit.rerank.top_n {rerank.top_n} must be >= the largest evaluation.ks "
                 f"{max(self.evaluation.ks)} (metrics are taken from the re-ranked list)"
             )
+
+    @property
+    def federated_model_kind(self) -> str:
+        """What a federation of this config trains (``fedrec.federated_models``): the LLM
+        recommender's adapters with an ``llm`` section, else the sequential ``model``."""
+        return "llm" if self.llm is not None else "sequential"
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -8,10 +8,11 @@ effective σ 0.07 with FedAdam, 0.27 with FedAvgM, against the nominal 1), and (
 fixed-size cohort with Python's global ``random``, seeded from the config, while Opacus'
 accountants assume Poisson sampling. This wrapper:
 
-- samples the cohort itself from a private generator: Poisson (each client independently with
-  probability q) or a fixed-size draw without replacement, matching the ledger's accountant;
-- re-clips every reply to ``clipping_norm`` (clients clip with Flower's ``fixedclipping_mod``;
-  a client that skips it gains nothing);
+- samples the cohort itself from a private generator (``server.sampling.CohortSampler``):
+  Poisson (each client independently with probability q) or a fixed-size draw without
+  replacement, matching the ledger's accountant;
+- re-clips every reply to ``clipping_norm`` (clients clip in their round,
+  ``fedrec.federation.client.clip_update``; a client that skips it gains nothing);
 - adds N(0, (σ·C)²) to the *sum* of clipped updates and divides by a public constant, the
   expected cohort, so the sensitivity is C whoever replies;
 - hands the noised mean to the wrapped strategy as its only reply, so FedAvg, FedAvgM, FedAdam
@@ -21,37 +22,23 @@ accountants assume Poisson sampling. This wrapper:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
-from typing import cast
+from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from server.wrapper import StrategyWrapper
+from server.sampling import CohortSampler, RoundGenerator
 
 log = logging.getLogger("fedrec.server")
 
-RoundGenerator = Callable[[int], np.random.Generator]  # server round -> noise/sampling RNG
 
-
-class _Cohort:
-    """The part of a ``Grid`` a strategy's ``configure_train`` reads: the chosen node IDs."""
-
-    def __init__(self, node_ids: list[int]):
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.node_ids
-
-
-class UserLevelDP(StrategyWrapper):
-    """Wraps a strategy built to train every node it is offered (``fraction_train=1``,
-    ``min_train_nodes=0``, ``min_available_nodes=0``) and decides who is offered."""
+class UserLevelDP(CohortSampler):
+    """Samples the cohort (``CohortSampler``: Poisson or fixed, the sampling the ledger's
+    accountant assumes) and releases the noised mean of the clipped updates."""
 
     def __init__(
         self,
@@ -62,24 +49,13 @@ class UserLevelDP(StrategyWrapper):
         population: int,
         sampling: str,
         generator: RoundGenerator,
+        evaluate: bool = False,
     ):
-        super().__init__(strategy)
-        if not 0 < cohort <= population:
-            raise ValueError(f"cohort {cohort} must lie in 1..population ({population})")
+        super().__init__(strategy, cohort, population, sampling, generator, evaluate)
         self.noise_multiplier = noise_multiplier
         self.clipping_norm = clipping_norm
-        self.cohort = cohort
-        self.population = population
-        self.sampling = sampling
-        self.generator = generator
         self.current: list[np.ndarray] = []
         self.keys: list[str] = []
-        self.rng = generator(0)
-        self.last_sampled = 0  # this round's cohort size (Poisson: random)
-
-    @property
-    def sample_rate(self) -> float:
-        return self.cohort / self.population
 
     def summary(self) -> None:
         log.info(
@@ -91,30 +67,13 @@ class UserLevelDP(StrategyWrapper):
         )
         self.strategy.summary()
 
-    def sample(self, node_ids: list[int]) -> list[int]:
-        """This round's cohort, from ``self.rng`` (private unless reproducible)."""
-        node_ids = sorted(node_ids)
-        if self.sampling == "poisson":
-            joined = self.rng.random(len(node_ids)) < self.sample_rate
-            return [n for n, j in zip(node_ids, joined, strict=True) if j]
-        chosen = self.rng.choice(len(node_ids), size=self.cohort, replace=False)
-        return [node_ids[i] for i in sorted(chosen)]
-
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        # Resumed runs number Flower's rounds from 1 again; the generator takes the global round.
-        self.rng = self.generator(int(cast(int, config.get("round-offset", 0))) + server_round)
         self.keys = list(arrays.keys())
         self.current = arrays.to_numpy_ndarrays()
-        # A fixed cohort is accounted as cohort / population: draw it from the whole population
-        # (wait for it). Poisson's q is each client's own probability: a cohort's worth will do.
-        wait_for = self.population if self.sampling == "fixed" else self.cohort
-        _, connected = sample_nodes(grid, wait_for, 0)
-        chosen = self.sample(connected)
-        self.last_sampled = len(chosen)
         config[KEY_CLIPPING_NORM] = self.clipping_norm
-        return self.strategy.configure_train(server_round, arrays, config, _Cohort(chosen))  # type: ignore[arg-type]
+        return super().configure_train(server_round, arrays, config, grid)
 
     def _clipped_update(self, reply: Message) -> list[np.ndarray] | None:
         """The reply's update, clipped to C; None (and a warning) if it does not fit the model."""
@@ -166,11 +125,3 @@ class UserLevelDP(StrategyWrapper):
         )
         arrays, _ = self.strategy.aggregate_train(server_round, [release])
         return arrays, MetricRecord({"dp-replies": len(updates)})
-
-
-def round_generator(seed: int | None) -> RoundGenerator:
-    """Private generators (fresh OS entropy each round), or with ``seed`` (reproducible mode)
-    one generator per round derived from it, so a resumed run replays the same rounds."""
-    if seed is None:
-        return lambda _round: np.random.default_rng()
-    return lambda server_round: np.random.default_rng([seed, server_round, 0xD9])

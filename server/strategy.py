@@ -1,28 +1,24 @@
 """Strategy construction and the ledger-keeping wrapper around it.
 
 Like Flower's own DP wrappers, ``LedgerKeeper`` wraps any strategy and delegates to it; it
-records every round's train replies for the privacy ledger and stops the federation before a
-round that would exceed the federation's ε budget.
+hands every round's train replies to the server round (``server.federation``) for the privacy
+ledger, and the federated audit's evaluate replies to be added up.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedProx,
-    Strategy,
-)
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import Strategy
 
-from fedrec.federation import FederatedConfig
-from server.dp import UserLevelDP, round_generator
+from fedrec.federation.config import FederatedConfig
+from fedrec.federation.strategies import STRATEGIES
+from server.dp import UserLevelDP
+from server.sampling import CohortSampler, round_generator
 from server.wrapper import StrategyWrapper
 
 log = logging.getLogger("fedrec.server")
@@ -56,86 +52,54 @@ def load_strategy_state(strategy: Strategy, state: list[dict[str, Any]]) -> None
             setattr(target, name, value)
 
 
-class StopFederation(Exception):
-    """Raised before a round that must not run (the federation's privacy budget)."""
-
-
-class ClientsFailed(StopFederation):
-    """Raised when every client sampled for a round failed: the run stops instead of spinning."""
-
-
 def build_strategy(
     fed: FederatedConfig, num_clients: int, seed: int, client_audit: bool = False
 ) -> Strategy:
-    """Flower's strategy named in the config, wrapped in user-level DP (``server.dp``) when
-    asked; ``client_audit``: sampled clients also evaluate (the federated audit). ``seed``
-    seeds the DP noise and sampling only in ``federated.reproducible_noise`` mode."""
-    sampled = fed.sampled_clients(num_clients)
-    common: dict[str, Any] = {
-        "fraction_train": sampled / num_clients,
-        # Model quality is evaluated on the server each round (research mode); clients are asked
-        # to evaluate only for the federated audit, where they send group sums.
-        "fraction_evaluate": sampled / num_clients if client_audit else 0.0,
-        "min_train_nodes": sampled,
-        "min_evaluate_nodes": sampled if client_audit else 0,
-        "min_available_nodes": sampled,
-    }
-    if fed.central_dp is not None:  # the DP wrapper chooses the cohort; train all it offers
-        common.update(fraction_train=1.0, min_train_nodes=0, min_available_nodes=0)
-    strategy: Strategy
-    if fed.strategy == "fedavg":
-        strategy = FedAvg(**common)
-    elif fed.strategy == "fedavgm":
-        strategy = FedAvgM(
-            **common,
-            server_learning_rate=fed.server_learning_rate,
-            server_momentum=fed.server_momentum,
-        )
-    elif fed.strategy == "fedprox":
-        strategy = FedProx(**common, proximal_mu=fed.proximal_mu)
-    else:
-        strategy = FedAdam(
-            **common,
-            eta=fed.server_learning_rate,
-            eta_l=fed.local_learning_rate,
-            tau=fed.server_tau,
-        )
-    if fed.central_dp is not None:
-        strategy = UserLevelDP(
-            strategy,
-            noise_multiplier=fed.central_dp.noise_multiplier,
-            clipping_norm=fed.central_dp.clipping_norm,
-            cohort=sampled,
-            population=num_clients,
-            sampling=fed.central_dp.sampling,
-            generator=round_generator(seed if fed.reproducible_noise else None),
-        )
-    return strategy
+    """The registered strategy ``fed.strategy`` (``fedrec.federation.strategies``) inside the
+    server's cohort sampler, which is user-level DP (``server.dp``) when asked; with
+    ``client_audit`` sampled clients also evaluate (the federated audit). ``seed`` seeds the
+    sampling and the DP noise only in ``federated.reproducible_noise`` mode."""
+    spec = STRATEGIES[fed.strategy]
+    module, _, name = spec.flower_class.rpartition(":")
+    cls = getattr(importlib.import_module(module or "flwr.serverapp.strategy"), name)
+    # The sampler chooses the cohort: the strategy trains (and evaluates) all it is offered.
+    strategy = cls(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=0,
+        min_evaluate_nodes=0,
+        min_available_nodes=0,
+        **{arg: getattr(fed, field) for arg, field in spec.options.items()},
+    )
+    cohort = fed.sampled_clients(num_clients)
+    generator = round_generator(seed if fed.reproducible_noise else None)
+    if fed.central_dp is None:
+        return CohortSampler(strategy, cohort, num_clients, "fixed", generator, client_audit)
+    return UserLevelDP(
+        strategy,
+        noise_multiplier=fed.central_dp.noise_multiplier,
+        clipping_norm=fed.central_dp.clipping_norm,
+        cohort=cohort,
+        population=num_clients,
+        sampling=fed.central_dp.sampling,
+        generator=generator,
+        evaluate=client_audit,
+    )
 
 
 class LedgerKeeper(StrategyWrapper):
-    """Delegates to ``strategy``; hands each round's train replies to ``on_replies``, asks
-    ``may_start(round)`` before configuring a round and, when given, lets ``on_evaluate``
-    aggregate the evaluate replies."""
+    """Delegates to ``strategy``; hands each round's train replies to ``on_replies`` and, when
+    given, lets ``on_evaluate`` aggregate the evaluate replies."""
 
     def __init__(
         self,
         strategy: Strategy,
         on_replies: Callable[[int, list[Message]], None],
-        may_start: Callable[[int], bool],
         on_evaluate: Callable[[int, list[Message]], MetricRecord | None] | None = None,
     ):
         super().__init__(strategy)
         self.on_replies = on_replies
-        self.may_start = may_start
         self.on_evaluate = on_evaluate
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        if not self.may_start(server_round):
-            raise StopFederation(f"round {server_round} would exceed the federation's ε budget")
-        return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -55,7 +55,6 @@ def tradeoff(
             started = time.perf_counter()
             result = context.evaluate(scorer, audit_config, config.evaluation)
             seconds = time.perf_counter() - started
-            assert result.top_items is not None
             record = audit(
                 result.per_user, result.top_items, context, audit_config, np.random.default_rng(0)
             )

@@ -235,7 +235,14 @@ def test_federated_sums_reproduce_the_server_audit():
     partitions = np.array_split(np.random.default_rng(3).permutation(split.num_users), 7)
     parts = []
     for users in partitions:
-        client = context.for_users(users, split.subset(users))
+        groups = {a: labels[users] for a, labels in context.groups.items()}
+        client = AuditContext.from_parts(
+            split.subset(users),
+            config,
+            groups,
+            context.popularity,
+            _dataset.item_features.get("genres"),
+        )
         scores = lambda batch, stage, users=users: scorer(users[batch], stage)  # noqa: E731
         mine = evaluate(scores, client.split, "test", EvalConfig(ks=(10,)), top_n=config.k)
         parts.append(

@@ -17,7 +17,7 @@ from fedrec.config import parse_config
 from fedrec.data import prepare_split
 from fedrec.data.partition import partition_users
 from fedrec.federation import Population, build_federated_model
-from fedrec.llm_rec.foundation import load_foundation, run_foundation
+from fedrec.llm_rec.foundation import item_titles, load_foundation, run_foundation
 from fedrec.llm_rec.model import LORA_PREFIX, PERSONAL_KEY, SCENARIO_PREFIX, example_losses
 from fedrec.privacy.dp_sgd import DPSGDConfig, dp_train
 
@@ -67,14 +67,16 @@ def built(tmp_path_factory):
     folder = tmp_path_factory.mktemp("foundation")
     config = tiny_config(foundation_dir=str(folder))
     dataset, split = prepare_split(config.data)
-    meta = run_foundation(config, dataset, split, folder, progress=False)
+    meta = run_foundation(
+        config.llm, config.semantic_id, config.seed, dataset, split, folder, progress=False
+    )
     return config, dataset, split, folder, meta
 
 
 def recommender(built, **llm):
     config, dataset, _, folder, _ = built
     config = tiny_config(foundation_dir=str(folder), **llm) if llm else config
-    model = load_foundation(folder).recommender(config.llm, dataset, config.seed)
+    model = load_foundation(folder).recommender(config.llm, item_titles(dataset), config.seed)
     torch.manual_seed(1)
     with torch.no_grad():  # LoRA's B starts at 0, which would leave A without gradient
         for name, param in model.named_parameters():
@@ -378,7 +380,15 @@ def test_any_causal_lm_by_path_gets_the_code_tokens_and_resized_embeddings(built
     model.save_pretrained(tmp_path / "plain")
     tokenizer.save_pretrained(tmp_path / "plain")
     config = tiny_config(base_model=str(tmp_path / "plain"), foundation={"epochs": 1})
-    meta = run_foundation(config, dataset, split, tmp_path / "foundation", progress=False)
+    meta = run_foundation(
+        config.llm,
+        config.semantic_id,
+        config.seed,
+        dataset,
+        split,
+        tmp_path / "foundation",
+        progress=False,
+    )
     codes = load_foundation(tmp_path / "foundation").vocabulary
     assert meta["vocab_size"] == len(tokenizer) + (codes.size - codes.offsets[0])
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "foundation" / "backbone")
@@ -389,7 +399,7 @@ def test_any_causal_lm_by_path_gets_the_code_tokens_and_resized_embeddings(built
 def test_prompts_with_titles_read_titles_but_predict_only_codes(built):
     _, dataset, split, folder, _ = built
     config = tiny_config(foundation_dir=str(folder), with_titles=True, title_tokens=3)
-    builder = load_foundation(folder).builder(config.llm, dataset)
+    builder = load_foundation(folder).builder(config.llm, item_titles(dataset))
     tokens, labels = builder.item_tokens(0)
     levels = builder.vocabulary.levels
     assert tokens[:levels] == builder.vocabulary.tokens[0].tolist() == labels[:levels]

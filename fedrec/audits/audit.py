@@ -124,41 +124,40 @@ class AuditContext:
     def build(
         cls, dataset: InteractionDataset, split: SequenceSplit, config: AuditConfig
     ) -> AuditContext:
+        """The population's context (the server's audit, and each simulated user's groups)."""
         stage: Stage = "valid" if config.stage == "valid" else "test"
-        popularity = split.train_item_counts()
-        genre_column = dataset.item_features.get("genres")
+        groups = user_groups(dataset.user_features, split.history_lengths(stage), config.attributes)
+        return cls.from_parts(
+            split, config, groups, split.train_item_counts(), dataset.item_features.get("genres")
+        )
+
+    @classmethod
+    def from_parts(
+        cls,
+        split: SequenceSplit,
+        config: AuditConfig,
+        groups: dict[str, np.ndarray],
+        popularity: np.ndarray,
+        genre_column: np.ndarray | None,
+    ) -> AuditContext:
+        """A context from its parts: a client's own split and group labels with the item
+        popularity and genres the server's catalogue publishes."""
         return cls(
             split=split,
-            stage=stage,
-            groups=user_groups(
-                dataset.user_features, split.history_lengths(stage), config.attributes
-            ),
+            stage="valid" if config.stage == "valid" else "test",
+            groups=groups,
             popularity=popularity,
             tail=m.long_tail_items(popularity, config.tail_share),
             genres=None if genre_column is None else m.genre_matrix(genre_column)[0],
-        )
-
-    def for_users(self, users: np.ndarray, split: SequenceSplit) -> AuditContext:
-        """The context of a client holding ``users`` (``split``: their sequences only): group
-        labels, popularity and tail stay those of the population."""
-        return AuditContext(
-            split=split,
-            stage=self.stage,
-            groups={a: labels[users] for a, labels in self.groups.items()},
-            popularity=self.popularity,
-            tail=self.tail,
-            genres=self.genres,
         )
 
     def evaluate(self, scorer: Scorer, config: AuditConfig, evaluation: EvalConfig) -> EvalResult:
         """Rank every item for this context's users at the audited stage, with the top-K lists
         the audit reads (re-ranked when ``config.rerank`` asks)."""
         top_n = config.rerank.top_n if config.rerank is not None else config.k
-        result = evaluate(
+        return evaluate(
             scorer, self.split, self.stage, evaluation, top_n=top_n, rerank=self.reranker(config)
         )
-        assert result.top_items is not None
-        return result
 
     def reranker(self, config: AuditConfig) -> Reranker | None:
         if config.rerank is None:
@@ -291,9 +290,8 @@ def audit_round(
     re-ranking is asked) and audits it. Its bootstrap seed depends on the round only, so a
     resumed run audits exactly as an uninterrupted one."""
     started = time.perf_counter()
-    if config.rerank is not None or evaluated is None or evaluated.top_items is None:
+    if config.rerank is not None or evaluated is None or evaluated.top_items.shape[1] < config.k:
         evaluated = context.evaluate(scorer, config, evaluation)
-    assert evaluated.top_items is not None
     rng = np.random.default_rng([seed, round_number])
     record = audit(evaluated.per_user, evaluated.top_items, context, config, rng)
     return audit_line(record, config, round_number, time.perf_counter() - started, "server")

@@ -35,7 +35,7 @@ def client_sums(
     rng: np.random.Generator,
 ) -> Sums:
     """One client's audit statistics for its users (``context``: its own split, with group
-    labels from ``AuditContext.for_users``)."""
+    labels: ``AuditContext.from_parts``)."""
     top_k = top_items[:, : config.k]
     out: Sums = {}
     seen = [context.split.history(u, context.stage)[0] for u in range(context.split.num_users)]

@@ -56,7 +56,7 @@ class EvalResult:
     per_user: dict[str, np.ndarray]
     users: np.ndarray
     ranks: np.ndarray
-    top_items: np.ndarray | None = None  # [users, top_n] item ids, -1 for masked slots
+    top_items: np.ndarray  # [users, top_n] item ids, -1 for masked slots (top_n 0: no columns)
 
 
 def evaluate(
@@ -100,8 +100,7 @@ def evaluate(
                 top_items = rerank(batch, stage, before, top.values[:, :top_n].numpy())
                 batch_ranks = _reranked(batch_ranks, before, top_items, targets_all[batch])
             ranks.append(batch_ranks)
-            if top_n:
-                lists.append(top_items[:, :top_n])
+            lists.append(top_items[:, :top_n])
             for k, seen in exposed.items():
                 shown = top_items[:, :k]
                 seen[torch.from_numpy(shown[shown >= 0])] = True
@@ -118,7 +117,7 @@ def evaluate(
         per_user=per_user,
         users=users,
         ranks=all_ranks.numpy(),
-        top_items=np.concatenate(lists) if lists else None,
+        top_items=np.concatenate(lists) if lists else np.zeros((0, top_n), dtype=np.int64),
     )
 
 

@@ -1,5 +1,6 @@
 """The LLM recommender as a federation's model: only adapters cross the network, the personal
-prompt stays in the client's own folder, the backbone is loaded once per process."""
+prompt stays in the client's own folder, the backbone is loaded once per process (clients
+keep one model per process and load only adapter tensors between messages)."""
 
 from __future__ import annotations
 
@@ -16,33 +17,48 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedrec.data.catalogue import ItemCatalogue
+from fedrec.data.dataset import InteractionDataset
 from fedrec.data.split import SequenceSplit, Stage
 from fedrec.evaluation.evaluator import Scorer
-from fedrec.federation import LOCAL_OPTIMIZERS, FederatedConfig, LocalResult, Population
-from fedrec.llm_rec.foundation import Foundation, load_foundation, run_foundation
+from fedrec.federation.config import LOCAL_OPTIMIZERS, FederatedConfig
+from fedrec.federation.model import LocalResult
+from fedrec.federation.records import record_shape
+from fedrec.llm_rec.config import LLMRecConfig
+from fedrec.llm_rec.foundation import (
+    Foundation,
+    catalogue_titles,
+    load_foundation,
+    run_foundation,
+)
 from fedrec.llm_rec.model import LLMRecommender, example_losses, score_matrix
 from fedrec.privacy.dp_sgd import dp_train
+from fedrec.semantic_id.pipeline import SemanticIdConfig
 from fedrec.training import trainable_users
 
 log = logging.getLogger("fedrec.llm_rec")
 
 
-def foundation_folder(population: Population, run_dir: Path) -> Path:
-    llm = population.config.llm
-    assert llm is not None
+def foundation_folder(llm: LLMRecConfig, run_dir: Path) -> Path:
     return Path(llm.foundation_dir) if llm.foundation_dir else run_dir / "foundation"
 
 
-def ensure_foundation(population: Population, run_dir: Path, progress: bool = True) -> Path:
+def ensure_foundation(
+    llm: LLMRecConfig,
+    semantic_id: SemanticIdConfig,
+    seed: int,
+    dataset: InteractionDataset,
+    split: SequenceSplit,
+    run_dir: Path,
+    progress: bool = True,
+) -> Path:
     """The server's foundation stage: build the backbone once, reuse it afterwards."""
-    folder = foundation_folder(population, run_dir)
+    folder = foundation_folder(llm, run_dir)
     meta_path = folder / "foundation.json"
     if not meta_path.exists():
         log.info("foundation stage: pretraining the backbone on public data into %s", folder)
-        run_foundation(population.config, population.dataset, population.split, folder, progress)
+        run_foundation(llm, semantic_id, seed, dataset, split, folder, progress)
         return folder
-    llm = population.config.llm
-    assert llm is not None
     meta = json.loads(meta_path.read_text("utf-8"))
     if "backbone" in meta and not llm.base_model and meta["backbone"] != asdict(llm.backbone):
         raise ValueError(
@@ -101,9 +117,9 @@ class LLMFederatedModel:
         return score
 
     def record_count(self, split: SequenceSplit, fed: FederatedConfig) -> int:
-        window = fed.record_window if fed.partitioning == "user" else None
+        shape = record_shape(fed)
         return len(
-            self.model.builder.records(split, trainable_users(split), window, fed.record_period)
+            self.model.builder.records(split, trainable_users(split), shape.window, shape.period)
         )
 
     def train_local(
@@ -122,8 +138,10 @@ class LLMFederatedModel:
             return LocalResult(0, math.nan, None)
         torch.manual_seed(seed)
         model.load_personal_state(load_personal(personal))
-        window = fed.record_window if fed.partitioning == "user" else None
-        examples = model.builder.records(split, users, window, _period(fed))
+        shape = record_shape(fed)
+        # Without DP a record's period plays no part: every event is used.
+        period = shape.period if fed.record_dp is not None else None
+        examples = model.builder.records(split, users, shape.window, period)
         if not len(examples):  # no period with two events: nothing to learn from
             return LocalResult(0, math.nan, None)
         params = model.trainable_parameters()
@@ -168,30 +186,11 @@ class LLMFederatedModel:
         self.model.save_global(folder / "global", str(self.foundation.folder / "backbone"))
 
 
-def _period(fed: FederatedConfig) -> int | None:
-    """Day records under record-level DP (the unit of its ε); without it every event is used."""
-    return fed.record_period if fed.record_dp is not None else None
-
-
-_PROCESS_MODEL: dict[tuple[int, Path], LLMFederatedModel] = {}
-
-
-def llm_federated_model(population: Population, run_dir: Path, cached: bool) -> LLMFederatedModel:
-    """A fresh model (server, in-process loop), or with ``cached`` this process' one (clients:
-    the backbone is loaded once and only adapter tensors change between messages)."""
-    folder = foundation_folder(population, run_dir)
-    if not cached:
-        return new_llm_model(population, folder)
-    key = (id(population), folder)  # load_population keeps one Population per process
-    if key not in _PROCESS_MODEL:
-        _PROCESS_MODEL.clear()
-        _PROCESS_MODEL[key] = new_llm_model(population, folder)
-    return _PROCESS_MODEL[key]
-
-
-def new_llm_model(population: Population, folder: Path) -> LLMFederatedModel:
-    config = population.config
-    assert config.llm is not None
+def new_llm_model(
+    llm: LLMRecConfig, catalogue: ItemCatalogue, seed: int, folder: Path
+) -> LLMFederatedModel:
+    """The foundation in ``folder`` (loaded once per process) with fresh adapters, for the
+    items of ``catalogue``."""
     foundation = _foundation(folder)
-    model = foundation.recommender(config.llm, population.dataset, config.seed)
+    model = foundation.recommender(llm, catalogue_titles(catalogue), seed)
     return LLMFederatedModel(model, foundation)

@@ -19,13 +19,14 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
+from fedrec.data.catalogue import ItemCatalogue
 from fedrec.data.dataset import InteractionDataset
 from fedrec.data.split import SequenceSplit
 from fedrec.llm_rec.backbone import new_backbone, quiet_transformers
@@ -33,36 +34,39 @@ from fedrec.llm_rec.config import LLMRecConfig
 from fedrec.llm_rec.data import IGNORE, PromptBuilder
 from fedrec.llm_rec.model import LLMRecommender
 from fedrec.semantic_id.content import item_texts
-from fedrec.semantic_id.pipeline import catalogue_codes
+from fedrec.semantic_id.pipeline import SemanticIdConfig, catalogue_codes
 from fedrec.semantic_id.retrieval import CodeVocabulary
 from fedrec.semantic_id.rqvae import SemanticIds
-
-if TYPE_CHECKING:
-    from fedrec.config import ExperimentConfig
 
 log = logging.getLogger("fedrec.llm_rec")
 VERSION = "fedrec-llm-foundation/1"
 
 
-def semantic_ids_for(experiment: ExperimentConfig, dataset: InteractionDataset) -> SemanticIds:
+def semantic_ids_for(
+    llm: LLMRecConfig, semantic_id: SemanticIdConfig, dataset: InteractionDataset
+) -> SemanticIds:
     """The configured artefact (checked against the data's items), or codes built now from the
     catalogue with the ``semantic_id`` section (content encoder + RQ-VAE)."""
-    assert experiment.llm is not None
-    if experiment.llm.semantic_ids:
-        ids = SemanticIds.load(Path(experiment.llm.semantic_ids))
+    if llm.semantic_ids:
+        ids = SemanticIds.load(Path(llm.semantic_ids))
         if ids.raw_item_ids and list(ids.raw_item_ids) != [str(i) for i in dataset.raw_item_ids]:
             raise ValueError(
-                f"llm.semantic_ids {experiment.llm.semantic_ids}: codes are for other items "
+                f"llm.semantic_ids {llm.semantic_ids}: codes are for other items "
                 f"({len(ids.raw_item_ids)} vs {dataset.num_items}); rebuild them with "
                 "`fedrec semantic-ids` on the same data and preprocessing"
             )
         return ids
-    return catalogue_codes(dataset, experiment.semantic_id, progress=False)[0]
+    return catalogue_codes(dataset, semantic_id, progress=False)[0]
+
+
+def catalogue_titles(catalogue: ItemCatalogue) -> list[str]:
+    """Each item's title, else its text (title, genres, year), in index order."""
+    titles = catalogue.item_features.get("title")
+    return list(titles) if titles is not None else catalogue.item_texts()
 
 
 def item_titles(dataset: InteractionDataset) -> list[str]:
-    titles = dataset.item_features.get("title")
-    return [str(t) for t in titles] if titles is not None else item_texts(dataset)
+    return catalogue_titles(ItemCatalogue.from_dataset(dataset))
 
 
 @dataclass
@@ -74,32 +78,31 @@ class Foundation:
     vocabulary: CodeVocabulary
     meta: dict[str, Any]
 
-    def builder(self, config: LLMRecConfig, dataset: InteractionDataset) -> PromptBuilder:
-        titles = None
+    def builder(self, config: LLMRecConfig, titles: list[str]) -> PromptBuilder:
+        """Prompts for items titled ``titles`` (index order; ``item_titles``)."""
+        tokens = None
         if config.with_titles:
-            titles = [
+            tokens = [
                 self.tokenizer(t, add_special_tokens=False)["input_ids"][: config.title_tokens]
-                for t in item_titles(dataset)
+                for t in titles
             ]
         return PromptBuilder(
             self.vocabulary,
             bos=self.tokenizer.bos_token_id,
             pad=self.tokenizer.pad_token_id,
             max_items=config.max_items,
-            titles=titles,
+            titles=tokens,
             scenario_rule=config.prompts.scenario_rule,
         )
 
-    def recommender(
-        self, config: LLMRecConfig, dataset: InteractionDataset, seed: int
-    ) -> LLMRecommender:
+    def recommender(self, config: LLMRecConfig, titles: list[str], seed: int) -> LLMRecommender:
         """A fresh recommender: the pretrained backbone (frozen) with new adapters."""
         from transformers import AutoModelForCausalLM
 
         with quiet_transformers():
             backbone = AutoModelForCausalLM.from_pretrained(self.folder / "backbone")
             backbone.config.loss_type = "ForCausalLM"  # named, or transformers warns per model
-            return LLMRecommender(backbone, self.builder(config, dataset), config, seed)
+            return LLMRecommender(backbone, self.builder(config, titles), config, seed)
 
 
 def load_foundation(folder: Path) -> Foundation:
@@ -144,18 +147,18 @@ def _alignment_rows(
 
 
 def run_foundation(
-    experiment: ExperimentConfig,
+    config: LLMRecConfig,
+    semantic_id: SemanticIdConfig,
+    seed: int,
     dataset: InteractionDataset,
     split: SequenceSplit,
     folder: Path,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Pretrain the backbone on public data (see the module docstring) and save it."""
-    config = experiment.llm
-    assert config is not None
     started = time.perf_counter()
-    ids = semantic_ids_for(experiment, dataset)
-    extra = ids.extra_size + experiment.semantic_id.extra_vocab_margin
+    ids = semantic_ids_for(config, semantic_id, dataset)
+    extra = ids.extra_size + semantic_id.extra_vocab_margin
     texts = item_texts(dataset)
     model, tokenizer, vocabulary = new_backbone(
         config.base_model,
@@ -164,14 +167,14 @@ def run_foundation(
         ids.codes,
         ids.codebook_size,
         extra,
-        experiment.seed,
+        seed,
     )
     titles = item_titles(dataset)
     rows = {
         "catalogue": _text_rows(tokenizer, texts),
         "alignment": _alignment_rows(tokenizer, vocabulary, titles, 16),
     }
-    rng = np.random.default_rng(experiment.seed)
+    rng = np.random.default_rng(seed)
     share = config.foundation.consented_share
     consented = np.sort(rng.permutation(split.num_users)[: round(share * split.num_users)])
     builder = PromptBuilder(
@@ -180,7 +183,7 @@ def run_foundation(
     sequences = builder.records(split, consented, config.max_items) if len(consented) else None
     counts = {name: len(r) for name, r in rows.items()}
     counts["consented"] = 0 if sequences is None else len(sequences)
-    losses = _pretrain(model, builder, rows, sequences, config, experiment.seed, progress)
+    losses = _pretrain(model, builder, rows, sequences, config, seed, progress)
     folder.mkdir(parents=True, exist_ok=True)
     with quiet_transformers():
         model.save_pretrained(folder / "backbone")

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedrec.data.catalogue import DEFAULT_TEXT_COLUMNS
 from fedrec.data.dataset import InteractionDataset
 
 ENCODERS = ("tfidf", "hf", "collab", "hybrid")
-TEXT_COLUMNS = ("title", "genres", "year")
+TEXT_COLUMNS = DEFAULT_TEXT_COLUMNS
 
 
 @dataclass

@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,9 +33,6 @@ from fedrec.semantic_id.retrieval import (
     training_windows,
 )
 from fedrec.semantic_id.rqvae import RQVAEConfig, SemanticIds, build_semantic_ids, disambiguate
-
-if TYPE_CHECKING:
-    from fedrec.config import ExperimentConfig
 
 log = logging.getLogger("fedrec.semantic_id")
 
@@ -73,15 +70,16 @@ def prefix_examples(
     }
 
 
-def _train_and_evaluate(
+def _train(
     codes: np.ndarray,
     codebook_size: int,
     split: SequenceSplit,
     config: SemanticIdConfig,
     skip: np.ndarray | None,
-    users: np.ndarray | None,
     progress: bool,
-) -> dict[str, Any]:
+) -> tuple[Any, CodeVocabulary, dict[str, Any]]:
+    """A retrieval model trained on ``split``'s training windows (without items ``skip``): the
+    model, its vocabulary and the training facts."""
     extra = int(codes[:, -1].max()) + 1 + config.extra_vocab_margin
     vocabulary = CodeVocabulary(codes, codebook_size, extra)
     windows = training_windows(split, vocabulary, config.retrieval.max_items, skip)
@@ -93,22 +91,7 @@ def _train_and_evaluate(
         "train_seconds": time.perf_counter() - started,
         "loss_by_epoch": losses,
     }
-    if users is None:
-        for stage in ("valid", "test"):
-            out[stage] = evaluate_retrieval(model, vocabulary, split, stage, config.retrieval)
-        return out
-    # Cold start: the configured new-item rule and a small grid around it, all reported.
-    rules = {(config.retrieval.new_item_prefix, config.retrieval.new_item_slots)}
-    rules |= {(p, n) for p in (1, 2) for n in (0, 1, 3)}
-    for prefix, slots in sorted(rules):
-        rule = dataclasses.replace(
-            config.retrieval,
-            new_item_prefix=prefix,
-            new_item_slots=min(slots, config.retrieval.top_k),
-        )
-        result = evaluate_retrieval(model, vocabulary, split, "test", rule, users, new_items=skip)
-        out[f"prefix={prefix},slots={slots}"] = result["metrics"]
-    return out
+    return model, vocabulary, out
 
 
 def catalogue_codes(
@@ -122,7 +105,7 @@ def catalogue_codes(
 
 
 def run_semantic_ids(
-    experiment: ExperimentConfig,
+    config: SemanticIdConfig,
     dataset: InteractionDataset,
     split: SequenceSplit,
     run_dir: Path,
@@ -130,7 +113,6 @@ def run_semantic_ids(
 ) -> dict[str, Any]:
     """Codes for every item (saved as the shared artefact), generative retrieval on the
     leave-one-out split and, with ``cold_start_share``, retrieval of items unseen in training."""
-    config = experiment.semantic_id
     torch.set_num_threads(1)
     ids, embeddings = catalogue_codes(dataset, config, progress)
     ids.save(run_dir / "semantic_ids")
@@ -143,9 +125,12 @@ def run_semantic_ids(
         "prefix_examples": prefix_examples(ids, titles, config.examples),
     }
     log.info("codes: %s", ids.report)
-    results["retrieval"] = _train_and_evaluate(
-        ids.codes, ids.codebook_size, split, config, None, None, progress
+    model, vocabulary, retrieval = _train(
+        ids.codes, ids.codebook_size, split, config, None, progress
     )
+    for stage in ("valid", "test"):
+        retrieval[stage] = evaluate_retrieval(model, vocabulary, split, stage, config.retrieval)
+    results["retrieval"] = retrieval
     if config.cold_start_share > 0:
         results["cold_start"] = cold_start(embeddings, split, config, progress)
     return results
@@ -169,7 +154,20 @@ def cold_start(
     codes[warm] = ids.codes
     codes[cold] = disambiguate(model.codes(embeddings[cold]), taken)
     users = np.flatnonzero(np.isin(split.targets("test"), cold))
-    trained = _train_and_evaluate(codes, ids.codebook_size, split, config, cold, users, progress)
+    retriever, vocabulary, trained = _train(codes, ids.codebook_size, split, config, cold, progress)
+    # The configured new-item rule and a small grid around it, all reported.
+    rules = {(config.retrieval.new_item_prefix, config.retrieval.new_item_slots)}
+    rules |= {(p, n) for p in (1, 2) for n in (0, 1, 3)}
+    for prefix, slots in sorted(rules):
+        rule = dataclasses.replace(
+            config.retrieval,
+            new_item_prefix=prefix,
+            new_item_slots=min(slots, config.retrieval.top_k),
+        )
+        result = evaluate_retrieval(
+            retriever, vocabulary, split, "test", rule, users, new_items=cold
+        )
+        trained[f"prefix={prefix},slots={slots}"] = result["metrics"]
     counts = split.train_item_counts().astype(np.float64)
     counts[cold] = 0.0
     for item in split.targets("valid"):

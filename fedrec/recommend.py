@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from fedrec.config import parse_config
-from fedrec.federation import Population, client_personal_path, population_of
+from fedrec.data.catalogue import ItemCatalogue
+from fedrec.federation.layout import CATALOGUE_FILE, client_paths
 from fedrec.llm_rec.federated import (
     LLMFederatedModel,
     foundation_folder,
@@ -19,6 +20,7 @@ from fedrec.llm_rec.federated import (
 )
 from fedrec.llm_rec.foundation import item_titles
 from fedrec.llm_rec.model import global_state
+from fedrec.population import Population, population_of
 
 
 def load_run(run_dir: Path) -> Population:
@@ -34,7 +36,10 @@ def load_run(run_dir: Path) -> Population:
 
 def global_model(population: Population, run_dir: Path) -> LLMFederatedModel:
     """The run's foundation with its global adapters (read from ``RUN/global``, PEFT format)."""
-    wrapper = new_llm_model(population, foundation_folder(population, run_dir))
+    llm, seed = population.config.llm, population.config.seed
+    assert llm is not None
+    catalogue = ItemCatalogue.load(run_dir / CATALOGUE_FILE)
+    wrapper = new_llm_model(llm, catalogue, seed, foundation_folder(llm, run_dir))
     wrapper.load_shared_state(global_state(run_dir / "global", len(wrapper.model.scenario_prompts)))
     return wrapper
 
@@ -49,7 +54,7 @@ def recommend(run_dir: Path, raw_user: str, k: int = 10) -> dict[str, Any]:
     user = users[raw_user]
     model = global_model(population, run_dir).model
     partition = next(p for p, members in enumerate(partitions) if user in members)
-    personal = client_personal_path({"run-dir": str(run_dir)}, {"partition-id": partition}, "")
+    personal = client_paths(run_dir, {"partition-id": partition})[3]
     state = load_personal(personal)
     model.load_personal_state(state)
     items, times = split.full(user)

@@ -1,0 +1,45 @@
+"""Federated model kinds by name: what ``ExperimentConfig.federated_model_kind`` builds.
+
+A kind is a function of the experiment config, the published item catalogue and the run folder
+returning a ``fedrec.federation.FederatedModel``; a new kind is one class plus one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fedrec.config import ExperimentConfig
+from fedrec.data.catalogue import ItemCatalogue
+from fedrec.federation.model import FederatedModel, SequentialFederatedModel
+from fedrec.llm_rec.federated import foundation_folder, new_llm_model
+from fedrec.models import build_model
+
+FederatedModelBuilder = Callable[[ExperimentConfig, ItemCatalogue, Path], FederatedModel]
+
+
+def _sequential(
+    config: ExperimentConfig, catalogue: ItemCatalogue, run_dir: Path
+) -> FederatedModel:
+    return SequentialFederatedModel(
+        build_model(config.model_name, catalogue.num_items, config.model)
+    )
+
+
+def _llm(config: ExperimentConfig, catalogue: ItemCatalogue, run_dir: Path) -> FederatedModel:
+    """Its foundation must exist (the server's foundation stage: ``Population.prepare``)."""
+    assert config.llm is not None
+    return new_llm_model(config.llm, catalogue, config.seed, foundation_folder(config.llm, run_dir))
+
+
+FEDERATED_MODEL_KINDS: dict[str, FederatedModelBuilder] = {
+    "sequential": _sequential,
+    "llm": _llm,
+}
+
+
+def build_federated_model(
+    config: ExperimentConfig, catalogue: ItemCatalogue, run_dir: Path
+) -> FederatedModel:
+    """A fresh model of the config's kind for the items of ``catalogue``."""
+    return FEDERATED_MODEL_KINDS[config.federated_model_kind](config, catalogue, run_dir)

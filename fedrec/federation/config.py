@@ -1,0 +1,172 @@
+"""The federated section of an experiment: sampling, local training, the server strategy, DP.
+
+A leaf: it names strategies and partitioners by their registries' keys and is read by the
+federation core, the Flower apps and the in-process loop, none of which it knows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from fedrec.data.partition import PARTITIONERS
+from fedrec.federation.strategies import STRATEGIES
+from fedrec.privacy.dp_sgd import DPSGDConfig
+
+log = logging.getLogger("fedrec.federation")
+
+LOCAL_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+CLIENT_SAMPLINGS = ("poisson", "fixed")
+
+
+@dataclass
+class CentralDPConfig:
+    """User-level DP-FedAvg: clients clip their update to ``clipping_norm``; the server adds
+    N(0, (σ·C)²) to the sum of the clipped updates, divides by the expected cohort and only then
+    applies the server optimizer (FedAdam, FedAvgM are post-processing).
+
+    ``sampling``: ``poisson`` (default: each client joins a round independently with probability
+    q = cohort / clients; add/remove-one adjacency, Opacus RDP) or ``fixed`` (exactly the cohort,
+    drawn without replacement; replace-one adjacency, dp_accounting RDP). ``delta`` defaults to
+    min(1e-5, clients^-1.1). The server stops before a round that would take the federation's
+    ε past ``target_epsilon`` (the whole run's budget).
+    """
+
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    target_epsilon: float | None = None
+    delta: float | None = None
+    sampling: str = "poisson"
+
+    def __post_init__(self) -> None:
+        if self.noise_multiplier < 0 or self.clipping_norm <= 0:
+            raise ValueError("central_dp: noise_multiplier >= 0 and clipping_norm > 0")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ValueError("central_dp.target_epsilon must be > 0")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError("central_dp.delta must lie in (0, 1)")
+        if self.sampling not in CLIENT_SAMPLINGS:
+            raise ValueError(
+                f"central_dp.sampling must be one of {CLIENT_SAMPLINGS}, got {self.sampling!r}"
+            )
+
+    def delta_for(self, num_clients: int) -> float:
+        """δ of the federation's guarantee: the setting, else min(1e-5, clients^-1.1)."""
+        return self.delta if self.delta is not None else min(1e-5, num_clients**-1.1)
+
+
+@dataclass
+class FederatedConfig:
+    """A federated run. ``partitioning``: a registered partitioner (``user``: one client per
+    user; ``hash`` or ``attribute``: silos). Sampling: ``clients_per_round``, or
+    ``fraction_per_round`` > 0. ``record_dp``: Opacus DP-SGD on every client (what one record is:
+    ``fedrec.federation.records``), with ``record_epsilon_budget`` per client. ``central_dp``:
+    user-level DP-FedAvg. ``strategy``: a registered server strategy
+    (``fedrec.federation.strategies``). ``local_optimizer``: ``adam`` (a fresh Adam every round)
+    or ``sgd`` (with one local epoch the update is the client's gradient scaled by
+    ``local_learning_rate``: FedSGD, which a server optimizer such as FedAdam turns into
+    large-batch centralized Adam). ``server_tau``: FedAdam's adaptivity τ (Flower's default 1e-3
+    dominates √v_t when client updates are small, reducing FedAdam to plain server SGD).
+    ``eval_every``: the server evaluates the global model every N rounds and after the last (1:
+    every round, and once before training).
+
+    Records for one-user clients: each calendar period of ``record_period`` seconds (UTC; one
+    day by default) of a user's training events is one record, cut to its first
+    ``record_window + 1`` events, so removing any one event changes exactly one record.
+    Releases: ``reproducible_noise`` seeds DP noise and DP sampling from ``seed`` (simulation
+    only; no guarantee against anyone who knows the seed); ``report_train_loss`` sends each
+    client's un-noised loss; ``weight_by_examples`` weights FedAvg by the client's un-noised
+    example count (default: only without DP). Both are outside the ledger and warned about."""
+
+    partitioning: str = "user"
+    num_partitions: int = 0
+    partition_attribute: str = ""
+    num_rounds: int = 5
+    clients_per_round: int = 10
+    fraction_per_round: float = 0.0
+    local_epochs: int = 1
+    local_learning_rate: float = 1e-3
+    local_batch_size: int = 32
+    local_optimizer: str = "adam"
+    strategy: str = "fedavg"
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
+    server_tau: float = 1e-3
+    proximal_mu: float = 0.0
+    round_timeout: float = 600.0
+    eval_every: int = 1
+    record_window: int = 20
+    record_period: int = 86400
+    reproducible_noise: bool = False
+    report_train_loss: bool = False
+    weight_by_examples: bool | None = None
+    record_dp: DPSGDConfig | None = None
+    record_epsilon_budget: float | None = None
+    central_dp: CentralDPConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.partitioning not in PARTITIONERS:
+            raise ValueError(
+                f"federated.partitioning must be one of {sorted(PARTITIONERS)}, "
+                f"got {self.partitioning!r}"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"federated.strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}"
+            )
+        if (
+            min(self.num_rounds, self.clients_per_round, self.local_epochs, self.local_batch_size)
+            < 1
+        ):
+            raise ValueError(
+                "federated: num_rounds, clients_per_round, local_epochs, local_batch_size >= 1"
+            )
+        if self.local_learning_rate <= 0 or self.round_timeout <= 0 or self.record_window < 1:
+            raise ValueError("federated: local_learning_rate, round_timeout, record_window > 0")
+        if self.eval_every < 1:
+            raise ValueError("federated.eval_every must be >= 1")
+        if self.local_optimizer not in LOCAL_OPTIMIZERS:
+            raise ValueError(
+                f"federated.local_optimizer must be one of {sorted(LOCAL_OPTIMIZERS)}, "
+                f"got {self.local_optimizer!r}"
+            )
+        if self.server_tau <= 0:
+            raise ValueError("federated.server_tau must be > 0")
+        if not 0 <= self.fraction_per_round <= 1:
+            raise ValueError("federated.fraction_per_round must lie in [0, 1] (0: use the count)")
+        if self.record_epsilon_budget is not None and self.record_dp is None:
+            raise ValueError("federated.record_epsilon_budget needs federated.record_dp")
+        if self.record_period < 1:
+            raise ValueError("federated.record_period must be >= 1 (seconds)")
+        for option, enabled in (
+            ("report_train_loss", self.report_train_loss),
+            ("weight_by_examples", self.private and self.weight_by_examples),
+        ):
+            if self.private and enabled:
+                log.warning(
+                    "federated.%s: clients send this un-noised; it is not in the privacy "
+                    "ledger and the privacy report lists it as not covered",
+                    option,
+                )
+        if self.central_dp is not None and self.weight_by_examples:
+            raise ValueError(
+                "federated.weight_by_examples cannot be used with central_dp: the noise is "
+                "calibrated to an unweighted sum of clipped updates (set it to false)"
+            )
+
+    @property
+    def private(self) -> bool:
+        return self.record_dp is not None or self.central_dp is not None
+
+    @property
+    def weighted(self) -> bool:
+        """Whether clients report their example count as the aggregation weight."""
+        return not self.private if self.weight_by_examples is None else self.weight_by_examples
+
+    def sampled_clients(self, num_clients: int) -> int:
+        """Clients per round: ``fraction_per_round`` of them when set, else the count."""
+        if self.fraction_per_round > 0:
+            return max(1, round(self.fraction_per_round * num_clients))
+        return min(self.clients_per_round, num_clients)

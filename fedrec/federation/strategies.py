@@ -1,0 +1,34 @@
+"""Server strategies by name: the one registry ``federated.strategy`` is checked against.
+
+Each entry names a Flower strategy class of ``flwr.serverapp.strategy`` and which
+``FederatedConfig`` field feeds which of its arguments. The server builds it
+(``server.strategy.build_strategy``); this layer stays free of Flower's app packages. A new
+strategy is one entry here (and, when it is not Flower's, its class in ``server/``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """``flower_class``: a class of ``flwr.serverapp.strategy``, or ``module:Class``;
+    ``options``: its keyword argument → the ``FederatedConfig`` field that sets it."""
+
+    flower_class: str
+    options: dict[str, str] = field(default_factory=dict)
+
+
+STRATEGIES: dict[str, StrategySpec] = {
+    "fedavg": StrategySpec("FedAvg"),
+    "fedavgm": StrategySpec(
+        "FedAvgM",
+        {"server_learning_rate": "server_learning_rate", "server_momentum": "server_momentum"},
+    ),
+    "fedprox": StrategySpec("FedProx", {"proximal_mu": "proximal_mu"}),
+    "fedadam": StrategySpec(
+        "FedAdam",
+        {"eta": "server_learning_rate", "eta_l": "local_learning_rate", "tau": "server_tau"},
+    ),
+}

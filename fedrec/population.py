@@ -1,0 +1,116 @@
+"""The simulated population of a federated run: the whole data set, its partition into
+clients, and what the server publishes from it.
+
+Only the simulation side and the server (which evaluates the global model on every user's
+held-out items in research mode) hold a population. A client never does: it reads its own
+store and the published catalogue (``clients.app``); ``write_stores`` is how a simulation gives
+each simulated device its own events, and nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedrec.audits import AuditContext
+from fedrec.config import ExperimentConfig, load_config
+from fedrec.data import prepare_split
+from fedrec.data.catalogue import ItemCatalogue
+from fedrec.data.dataset import InteractionDataset
+from fedrec.data.membership import held_out, plant_canaries
+from fedrec.data.partition import partition_users
+from fedrec.data.split import SequenceSplit
+from fedrec.data.store import EventStore, partition_events
+from fedrec.federation.layout import CATALOGUE_FILE, STORE_DIR, simulated_store
+from fedrec.llm_rec.federated import ensure_foundation
+from fedrec.semantic_id.rqvae import SemanticIds
+
+
+@dataclass
+class Population:
+    """Everything a process of a simulated federation derives from the config alone."""
+
+    config: ExperimentConfig
+    dataset: InteractionDataset
+    split: SequenceSplit
+    partitions: list[np.ndarray]
+
+    def client_split(self, partition_id: int) -> SequenceSplit:
+        """Partition ``partition_id``'s sequences, and nothing of any other client."""
+        if not 0 <= partition_id < len(self.partitions):
+            raise ValueError(
+                f"partition-id {partition_id} outside 0..{len(self.partitions) - 1}: the "
+                "federation has more supernodes than the config has partitions"
+            )
+        return self.split.subset(self.partitions[partition_id])
+
+    @functools.cached_property
+    def audit_context(self) -> AuditContext:
+        """Group labels, item popularity and genres of the whole population (the server's
+        audit; each simulated device's store carries its own users' labels)."""
+        return AuditContext.build(self.dataset, self.split, self.config.audit)
+
+    def publish(self, run_dir: Path, progress: bool = False) -> ItemCatalogue:
+        """The server's start of a run: the foundation stage when the model needs one, then the
+        item catalogue (ids, content, popularity, semantic-ID codes when the run has them)
+        written to ``run_dir/catalogue.json`` for the clients."""
+        codes = None
+        llm = self.config.llm
+        if llm is not None:
+            folder = ensure_foundation(
+                llm,
+                self.config.semantic_id,
+                self.config.seed,
+                self.dataset,
+                self.split,
+                run_dir,
+                progress,
+            )
+            codes = SemanticIds.load(folder / "semantic_ids").codes
+        catalogue = ItemCatalogue.from_dataset(
+            self.dataset, popularity=self.split.train_item_counts(), codes=codes
+        )
+        catalogue.save(run_dir / CATALOGUE_FILE)
+        return catalogue
+
+    def write_stores(self, run_dir: Path) -> None:
+        """Each simulated device's store: its users' events (raw ids) and their audit groups."""
+        shutil.rmtree(run_dir / STORE_DIR, ignore_errors=True)
+        for partition in range(len(self.partitions)):
+            self.write_store(run_dir, partition)
+
+    def write_store(self, run_dir: Path, partition: int) -> Path:
+        users = self.partitions[partition]
+        groups = self.audit_context.groups
+        attributes = {
+            str(self.dataset.raw_user_ids[u]): {a: str(labels[u]) for a, labels in groups.items()}
+            for u in users
+        }
+        folder = simulated_store(run_dir, partition)
+        EventStore.write(folder, partition_events(self.dataset, self.split, users), attributes)
+        return folder
+
+
+def population_of(config: ExperimentConfig) -> Population:
+    """The data and partition of a federated run's config; users held out for the privacy
+    audit have no client, and canaries are planted (``fedrec.data.membership``)."""
+    dataset, split = prepare_split(config.data)
+    fed, audit = config.federated, config.privacy_audit
+    partitions = partition_users(
+        dataset, fed.partitioning, fed.num_partitions, fed.partition_attribute
+    )
+    if audit.enabled:
+        split = plant_canaries(split, audit, config.seed)
+        outside = held_out(split.num_users, audit, config.seed)
+        partitions = [p[~outside[p]] for p in partitions if (~outside[p]).any()]
+    return Population(config, dataset, split, partitions)
+
+
+@functools.lru_cache(maxsize=2)
+def load_population(config_path: str) -> Population:
+    """Load (once per process) the data and partition of a federated run."""
+    return population_of(load_config(config_path))

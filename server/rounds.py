@@ -1,0 +1,152 @@
+"""The federation's round loop, over any grid: Flower's (the ServerApp, in a simulation or a
+deployment) or the in-process one (``simulations.inprocess``). Both engines run this loop, the
+same strategy stack and the same ClientApp, so they differ only in how messages travel.
+
+Written here rather than using Flower's ``Strategy.start`` because the server must decide
+between rounds (stop before a round that would pass the ε budget, stop on an audit breach or
+when every client failed) without raising through Flower's loop, and must know which client
+each node is (``IdentifiedGrid``) to sample by client, not by Flower's random node IDs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.serverapp import Grid
+from tqdm import tqdm
+
+from fedrec.population import Population
+from server.federation import Federation
+from server.strategy import LedgerKeeper, build_strategy
+
+log = logging.getLogger("fedrec.server")
+PARTITION_KEY = "partition-id"
+
+
+class MessageGrid(Protocol):
+    """What the loop needs of a ``flwr.serverapp.Grid``."""
+
+    def get_node_ids(self) -> Iterable[int]: ...
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]: ...
+
+
+class IdentifiedGrid:
+    """A grid whose nodes are listed in the order of the clients they run (their
+    ``partition-id``, asked once per node with a query message), so the strategies' cohort is
+    a choice of clients, the same in every engine."""
+
+    def __init__(self, grid: MessageGrid, timeout: float):
+        self.grid = grid
+        self.timeout = timeout
+        self.partition_of: dict[int, int] = {}
+
+    def get_node_ids(self) -> list[int]:
+        connected = list(self.grid.get_node_ids())
+        new = [n for n in connected if n not in self.partition_of]
+        if new:
+            self._identify(new)
+        known = [n for n in connected if n in self.partition_of]
+        return sorted(known, key=self.partition_of.__getitem__)
+
+    def _identify(self, nodes: list[int]) -> None:
+        queries = [
+            Message(
+                RecordDict({"config": ConfigRecord()}),
+                dst_node_id=n,
+                message_type=MessageType.QUERY,
+            )
+            for n in nodes
+        ]
+        for reply in self.grid.send_and_receive(queries, timeout=self.timeout):
+            if reply.has_error():
+                log.warning(
+                    "node %d did not say which client it is: not sampled",
+                    reply.metadata.src_node_id,
+                )
+                continue
+            metrics = reply.content.metric_records["metrics"]
+            self.partition_of[reply.metadata.src_node_id] = int(cast(int, metrics[PARTITION_KEY]))
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+def run_federation(
+    population: Population,
+    run_dir: Path,
+    grid: MessageGrid,
+    *,
+    resume: bool = False,
+    engine: str = "flower",
+    write_stores: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run ``population.config``'s federation over ``grid``: publish the item catalogue (and,
+    simulating, each device's store), then the rounds; returns ``results.json``'s content."""
+    started = time.perf_counter()
+    config, fed = population.config, population.config.federated
+    run_dir.mkdir(parents=True, exist_ok=True)
+    catalogue = population.publish(run_dir, progress=progress)
+    if write_stores:
+        population.write_stores(run_dir)
+    client_audit = config.audit.enabled and config.audit.mode == "federated"
+    inner = build_strategy(fed, len(population.partitions), config.seed, client_audit)
+    federation = Federation(population, catalogue, run_dir, resume, inner, engine)
+    strategy = LedgerKeeper(
+        inner, federation.on_replies, federation.on_evaluate if client_audit else None
+    )
+    # Strategies read only get_node_ids of the grid they configure: the identified view.
+    identified = cast(Grid, IdentifiedGrid(grid, fed.round_timeout))
+    sent = ConfigRecord(
+        {"local-epochs": fed.local_epochs, "catalogue-hash": catalogue.content_hash}
+    )
+    arrays = ArrayRecord(federation.model.shared_state())
+    stopped = ""
+    if federation.rounds_done == 0:
+        federation.end_round(0, arrays, 0.0, last=False)
+    for round_number in _rounds(federation.rounds_done + 1, fed.num_rounds, progress):
+        if not federation.may_start(round_number):
+            stopped = f"round {round_number} would exceed the federation's ε budget"
+            break
+        round_started = time.perf_counter()
+        messages = strategy.configure_train(
+            round_number, arrays, ConfigRecord(dict(sent)), identified
+        )
+        replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
+        aggregated, _ = strategy.aggregate_train(round_number, replies)
+        if federation.failure:
+            stopped = federation.failure
+            break
+        if aggregated is not None:  # None: nobody trained (every sampled client refused)
+            arrays = aggregated
+        if client_audit:
+            evaluations = strategy.configure_evaluate(
+                round_number, arrays, ConfigRecord(dict(sent)), identified
+            )
+            strategy.aggregate_evaluate(
+                round_number, grid.send_and_receive(evaluations, timeout=fed.round_timeout)
+            )
+        last = round_number == fed.num_rounds or not federation.may_start(round_number + 1)
+        seconds = time.perf_counter() - round_started  # sampling to aggregation
+        reason = federation.end_round(round_number, arrays, seconds, last)
+        if reason:
+            stopped = reason
+            break
+    if stopped:
+        (log.error if federation.failure else log.warning)("stopping: %s", stopped)
+    return federation.finish(stopped, bool(federation.failure), started)
+
+
+def _rounds(first: int, last: int, progress: bool) -> Iterator[int]:
+    return iter(tqdm(range(first, last + 1), desc="rounds", disable=not progress))

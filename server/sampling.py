@@ -1,0 +1,107 @@
+"""Client sampling as a strategy wrapper: the server chooses each round's cohort itself.
+
+Written here rather than left to Flower's strategies because Flower 1.42 samples with Python's
+global ``random`` over node IDs in the grid's order: the cohort then depends on the config
+seed (the threat model wants it private) and on random node IDs (so the same config does not
+choose the same clients in a Flower simulation and in the in-process loop). This wrapper draws
+the cohort from its own generator (private, or seeded in the reproducible mode) over the nodes
+in the order the grid gives, which ``server.rounds`` makes the order of the clients'
+partitions, and offers the wrapped strategy exactly that cohort (it is built to take all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from server.wrapper import StrategyWrapper
+
+# (round, stream) -> generator: stream 0 samples the training cohort (and, under user-level DP,
+# draws its noise), stream 1 the evaluation cohort.
+RoundGenerator = Callable[[int, int], np.random.Generator]
+TRAIN, EVALUATE = 0, 1
+
+
+def round_generator(seed: int | None) -> RoundGenerator:
+    """Private generators (fresh OS entropy each call), or with ``seed`` (reproducible mode)
+    one generator per round and stream derived from it, so a resumed run replays its rounds."""
+    if seed is None:
+        return lambda _round, _stream: np.random.default_rng()
+    return lambda server_round, stream: np.random.default_rng([seed, server_round, 0xD9, stream])
+
+
+class Cohort:
+    """The part of a ``Grid`` a strategy's ``configure_*`` reads: the chosen node IDs."""
+
+    def __init__(self, node_ids: list[int]):
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.node_ids
+
+
+class CohortSampler(StrategyWrapper):
+    """Offers the wrapped strategy (built with ``fraction_*=1`` and ``min_*_nodes=0``) a cohort
+    of ``cohort`` of the ``population`` clients: ``fixed`` (exactly the cohort, without
+    replacement) or ``poisson`` (each client with probability cohort / population); clients are
+    asked to evaluate only when ``evaluate`` (the federated audit), a fixed cohort."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        cohort: int,
+        population: int,
+        sampling: str,
+        generator: RoundGenerator,
+        evaluate: bool = False,
+    ):
+        super().__init__(strategy)
+        if not 0 < cohort <= population:
+            raise ValueError(f"cohort {cohort} must lie in 1..population ({population})")
+        self.cohort = cohort
+        self.population = population
+        self.sampling = sampling
+        self.generator = generator
+        self.evaluate = evaluate
+        self.rng = generator(0, TRAIN)
+        self.last_sampled = 0  # this round's cohort size (Poisson: random)
+
+    @property
+    def sample_rate(self) -> float:
+        return self.cohort / self.population
+
+    def sample(self, node_ids: list[int], sampling: str, rng: np.random.Generator) -> list[int]:
+        """This round's cohort of ``node_ids`` (in the grid's order), drawn from ``rng``."""
+        if sampling == "poisson":
+            joined = rng.random(len(node_ids)) < self.sample_rate
+            return [n for n, j in zip(node_ids, joined, strict=True) if j]
+        chosen = rng.choice(len(node_ids), size=min(self.cohort, len(node_ids)), replace=False)
+        return [node_ids[i] for i in sorted(chosen)]
+
+    def _connected(self, grid: Grid, sampling: str) -> list[int]:
+        # A fixed cohort is accounted as cohort / population: draw it from the whole population
+        # (wait for it). Poisson's q is each client's own probability: a cohort's worth will do.
+        wait_for = self.population if sampling == "fixed" else self.cohort
+        return sample_nodes(grid, wait_for, 0)[1]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.rng = self.generator(server_round, TRAIN)
+        chosen = self.sample(self._connected(grid, self.sampling), self.sampling, self.rng)
+        self.last_sampled = len(chosen)
+        return self.strategy.configure_train(server_round, arrays, config, Cohort(chosen))  # type: ignore[arg-type]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if not self.evaluate:
+            return []
+        rng = self.generator(server_round, EVALUATE)
+        chosen = self.sample(self._connected(grid, "fixed"), "fixed", rng)
+        return self.strategy.configure_evaluate(server_round, arrays, config, Cohort(chosen))  # type: ignore[arg-type]
