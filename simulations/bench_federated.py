@@ -163,7 +163,7 @@ def bench_round(
     synthetic workload or on ``config_path``'s federation (its local training, ``rounds``
     rounds, ``clients_per_round``)."""
     from fedrec.config import parse_config
-    from fedrec.federation import population_of
+    from fedrec.population import population_of
     from simulations.inprocess import run_inprocess
 
     if config_path is None:
@@ -208,7 +208,7 @@ def bench_audit(config_path: str, workdir: Path, rounds: int, repeats: int) -> d
     import dataclasses
 
     from fedrec.config import load_config
-    from fedrec.federation import population_of
+    from fedrec.population import population_of
     from simulations.inprocess import run_inprocess
 
     torch.set_num_threads(1)

@@ -33,7 +33,8 @@ from opacus.accountants.utils import get_noise_multiplier
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
 from fedrec.config import parse_config
-from fedrec.federation import CentralDPConfig, population_of
+from fedrec.federation import CentralDPConfig
+from fedrec.population import population_of
 from simulations.inprocess import run_inprocess
 
 

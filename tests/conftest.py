@@ -40,3 +40,13 @@ def make_dataset(
 def small_split() -> SequenceSplit:
     config = SyntheticConfig(num_users=60, num_items=80, mean_length=15, max_length=40, seed=3)
     return leave_one_out(preprocess(generate_synthetic(config), PreprocessConfig()))
+
+
+def reply(instruction, arrays, weight: int):
+    """A client's train reply to ``instruction`` (a Flower Message) with ``arrays``."""
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": weight})})
+    TaskIdentity.node_id = instruction.metadata.dst_node_id  # the reply's sender
+    return Message(content, reply_to=instruction)

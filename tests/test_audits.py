@@ -23,7 +23,7 @@ from fedrec.config import parse_config
 from fedrec.data.dataset import InteractionDataset
 from fedrec.data.split import leave_one_out
 from fedrec.evaluation import EvalConfig, evaluate, popularity_scorer
-from fedrec.federation import population_of
+from fedrec.population import population_of
 from simulations.inprocess import run_inprocess
 
 # --- hand-computed cases -------------------------------------------------------------------

@@ -13,7 +13,9 @@ from flwr.app.message_type import MessageType
 
 from clients.app import evaluate_on_device, train
 from fedrec.config import load_config
-from fedrec.federation import build_federated_model, exposure_event, load_population
+from fedrec.federated_models import build_federated_model
+from fedrec.federation import exposure_event
+from fedrec.population import load_population
 from fedrec.privacy import PrivacyLedger
 from simulations.inprocess import InProcessGrid
 
@@ -55,7 +57,10 @@ def _config(tmp_path: Path, budget: float, exposure_noise: float = 4.0) -> Path:
 def _call(handler, config: Path, device: Path, round_: int, kind: str) -> Message:
     InProcessGrid(1)  # the message identity a Flower process would have
     population = load_population(str(config))
-    model = build_federated_model(population, device)
+    run_dir = device.parent / "run"
+    catalogue = population.publish(run_dir)  # the server's start of a run
+    population.write_store(run_dir, 0)  # the simulated device's own events
+    model = build_federated_model(population.config, catalogue, run_dir)
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.shared_state()),
@@ -68,7 +73,7 @@ def _call(handler, config: Path, device: Path, round_: int, kind: str) -> Messag
         node_id=1,
         node_config={"partition-id": 0, "ledger-dir": str(device)},
         state=RecordDict(),
-        run_config={"config": str(config), "run-dir": str(device.parent / "run")},
+        run_config={"config": str(config), "run-dir": str(run_dir)},
     )
     return handler(message, context)
 
@@ -94,7 +99,7 @@ def test_the_exposure_histogram_counts_against_the_client_budget(tmp_path):
     """Audit releases go into the client's own ledger; once the budget is spent the client
     withholds its histogram and refuses to train."""
     config = load_config(str(_config(tmp_path, budget=3.0, exposure_noise=20.0)))
-    one = exposure_event(config, 0, 1)
+    one = exposure_event(config.federated, config.audit, 0, 1)
     assert one.noise_multiplier == pytest.approx(20.0 / math.sqrt(20))  # σ / √(2K), K = 10
     device = tmp_path / "device"
     released = []

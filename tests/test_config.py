@@ -1,8 +1,10 @@
 """Every YAML in configs/ validates; bad options are reported with file, line and a fix."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedrec.config import ExperimentConfig, load_config, parse_config
 from fedrec.errors import FedrecConfigError
@@ -20,13 +22,50 @@ def test_there_are_configs():
     } <= names
 
 
+def leaves(data: dict, prefix: tuple[str, ...] = ()):
+    """(dotted path, value) of every option set in a YAML mapping."""
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from leaves(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+def option(config: ExperimentConfig, path: tuple[str, ...]):
+    if path == ("model", "name"):
+        return config.model_name
+    value = config
+    for part in path:
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    return value
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_validates(path):
     config = load_config(path)
-    assert isinstance(config, ExperimentConfig)
+    # Every option of the file is in the parsed config, with the file's value (lists as
+    # tuples, ints in float options as floats); parsing the config back gives it again.
+    written = list(leaves(yaml.safe_load(path.read_text())))
+    assert written
+    for at, value in written:
+        parsed = option(config, at)
+        if isinstance(value, list):
+            assert parsed == tuple(value), at
+        elif isinstance(value, dict):  # an empty mapping switches a section on with defaults
+            assert value == {} and parsed is not None, at
+        else:
+            assert parsed == value, at
     assert config.train.monitor.split("@")[-1] in {str(k) for k in config.evaluation.ks}
     round_trip = parse_config(config.to_dict())
+    assert round_trip == config
     assert round_trip.to_dict() == config.to_dict()
+
+
+def test_an_empty_config_is_all_defaults(tmp_path):
+    assert load_config(write(tmp_path, "{}\n")) == ExperimentConfig()
+    assert parse_config({}) == ExperimentConfig()
+    config = load_config(write(tmp_path, "seed: 7\n"))
+    assert config == dataclasses.replace(ExperimentConfig(), seed=7)
 
 
 def write(tmp_path, text: str) -> Path:
@@ -78,4 +117,5 @@ def test_lists_become_tuples_and_ints_become_floats(tmp_path):
         write(tmp_path, "evaluation:\n  ks: [5, 10]\ntrain:\n  learning_rate: 1\n")
     )
     assert config.evaluation.ks == (5, 10)
-    assert config.train.learning_rate == 1.0 and isinstance(config.train.learning_rate, float)
+    assert (type(config.train.learning_rate), config.train.learning_rate) == (float, 1.0)
+    assert yaml.safe_dump(config.to_dict()["train"]["learning_rate"]) == "1.0\n...\n"

@@ -7,7 +7,7 @@ import pytest
 
 from fedrec.data.partition import partition_users
 from fedrec.data.records import record_spans
-from fedrec.federation import FederatedConfig, event_windows, local_train
+from fedrec.federation import FederatedConfig, event_windows, local_train, record_shape
 from fedrec.models import build_model, model_config
 from fedrec.privacy.dp_sgd import DPSGDConfig
 
@@ -110,7 +110,8 @@ def test_federated_config_validation():
         FederatedConfig(strategy="fedsgd")
     with pytest.raises(ValueError, match="record_dp"):
         FederatedConfig(record_epsilon_budget=3.0)
-    assert FederatedConfig(partitioning="hash").protected_unit == "user-within-silo"
+    assert record_shape(FederatedConfig(partitioning="hash")).unit == "user-within-silo"
+    assert record_shape(FederatedConfig()).unit == "user-day"
 
 
 def test_clients_per_round_is_a_count_or_a_fraction():
@@ -131,13 +132,14 @@ def test_a_round_where_nobody_trained_keeps_the_global_model():
     from flwr.serverapp.strategy import FedAvg
 
     from server.strategy import LedgerKeeper
-    from simulations.inprocess import InProcessGrid, _reply
+    from simulations.inprocess import InProcessGrid
+
+    from .conftest import reply as _reply
 
     seen: list[int] = []
     keeper = LedgerKeeper(
         FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=3),
         lambda _round, replies: seen.append(len(replies)),
-        lambda _round: True,
     )
     arrays = ArrayRecord({"w": Array(np.ones(2, dtype=np.float32))})
     instructions = list(keeper.configure_train(1, arrays, ConfigRecord(), InProcessGrid(3)))

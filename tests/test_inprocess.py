@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fedrec.config import load_config
-from fedrec.federation import population_of
+from fedrec.population import population_of
 from simulations.inprocess import run_inprocess
 
 from .processes import flower_processes, python

@@ -16,9 +16,10 @@ from fedrec.cli import app
 from fedrec.config import parse_config
 from fedrec.data import prepare_split
 from fedrec.data.partition import partition_users
-from fedrec.federation import Population, build_federated_model
+from fedrec.federated_models import build_federated_model
 from fedrec.llm_rec.foundation import item_titles, load_foundation, run_foundation
 from fedrec.llm_rec.model import LORA_PREFIX, PERSONAL_KEY, SCENARIO_PREFIX, example_losses
+from fedrec.population import Population
 from fedrec.privacy.dp_sgd import DPSGDConfig, dp_train
 
 TINY = {
@@ -263,7 +264,7 @@ def _population(config):
 def test_local_training_lowers_the_loss_and_keeps_the_personal_prompt_on_device(built, tmp_path):
     config, _, _, _folder, _ = built
     population = _population(config)
-    model = build_federated_model(population, tmp_path)
+    model = build_federated_model(config, population.publish(tmp_path), tmp_path)
     split = population.client_split(0)
     examples = model.model.builder.records(split, np.arange(1), 5, period=None)  # no DP
     with torch.no_grad():
@@ -361,9 +362,12 @@ def test_a_foundation_built_for_another_backbone_is_refused(built, tmp_path):
         backbone={**TINY["llm"]["backbone"], "hidden_size": 64},
     )
     with pytest.raises(ValueError, match=r"llm\.foundation_dir"):
-        ensure_foundation(_population(other), tmp_path)
+        _population(other).publish(tmp_path)
     same = tiny_config(foundation_dir=str(folder))
-    assert ensure_foundation(_population(same), tmp_path) == folder
+    population = _population(same)
+    assert ensure_foundation(
+        same.llm, same.semantic_id, same.seed, population.dataset, population.split, tmp_path
+    ) == folder
 
 
 def test_any_causal_lm_by_path_gets_the_code_tokens_and_resized_embeddings(built, tmp_path):

@@ -13,7 +13,7 @@ from fedrec.config import parse_config
 from fedrec.data import prepare_split
 from fedrec.data.membership import MembershipConfig, canary_users, held_out, plant_canaries
 from fedrec.experiment import run_centralized
-from fedrec.federation import population_of
+from fedrec.population import population_of
 from fedrec.privacy import PrivacyEvent, PrivacyLedger
 from fedrec.privacy.report import write_privacy_report
 

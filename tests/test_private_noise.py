@@ -23,9 +23,12 @@ from fedrec.federation import (
 from fedrec.models import build_model, model_config
 from fedrec.privacy import PrivacyLedger
 from fedrec.privacy.dp_sgd import DPSGDConfig
-from server.dp import UserLevelDP, round_generator
+from server.dp import UserLevelDP
+from server.sampling import round_generator
 from server.strategy import build_strategy
-from simulations.inprocess import InProcessGrid, _reply
+from simulations.inprocess import InProcessGrid
+
+from .conftest import reply as _reply
 
 
 def _flat(model: torch.nn.Module) -> torch.Tensor:
@@ -235,14 +238,15 @@ def test_a_reply_that_skips_clipping_or_does_not_fit_is_clipped_or_dropped():
 
 
 def test_round_generators_are_private_or_seeded():
-    assert round_generator(None)(1).random() != round_generator(None)(1).random()
-    assert round_generator(3)(1).random() == round_generator(3)(1).random()
-    assert round_generator(3)(1).random() != round_generator(3)(2).random()
+    assert round_generator(None)(1, 0).random() != round_generator(None)(1, 0).random()
+    assert round_generator(3)(1, 0).random() == round_generator(3)(1, 0).random()
+    assert round_generator(3)(1, 0).random() != round_generator(3)(2, 0).random()
+    assert round_generator(3)(1, 0).random() != round_generator(3)(1, 1).random()  # streams
 
 
 def test_the_inprocess_loop_stops_before_the_round_that_would_exceed_the_budget(tmp_path):
     from fedrec.config import parse_config
-    from fedrec.federation import population_of
+    from fedrec.population import population_of
     from fedrec.privacy import epsilon
     from simulations.inprocess import run_inprocess
 
