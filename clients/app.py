@@ -26,7 +26,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedrec.audits import AuditContext
 from fedrec.config import ExperimentConfig, parse_config
-from fedrec.data.catalogue import ItemCatalogue
+from fedrec.data.catalogue import ItemCatalogue, keep_catalogue
 from fedrec.data.split import SequenceSplit
 from fedrec.data.store import EventStore, client_split
 from fedrec.federated_models import build_federated_model
@@ -84,11 +84,15 @@ def _process_model(
     return _MODELS[key]
 
 
+def _config_file(path: str) -> ExperimentConfig:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: the experiment config is missing on this node")
+    return _config(path, Path(path).read_text(encoding="utf-8"))
+
+
 def _client(msg: Message, context: Context) -> Client:
     config_path = resolve_config_path(context.run_config)
-    if not Path(config_path).is_file():
-        raise FileNotFoundError(f"{config_path}: the experiment config is missing on this node")
-    config = _config(config_path, Path(config_path).read_text(encoding="utf-8"))
+    config = _config_file(config_path)
     run_dir = resolve_run_dir(context.run_config, config.output_dir)
     store, catalogue_path, ledger, personal = client_paths(run_dir, context.node_config)
     if not catalogue_path.exists():
@@ -132,7 +136,15 @@ def _round(msg: Message) -> int:
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Which client this node runs: the server samples clients, not Flower's node IDs."""
+    """Which client this node runs (the server samples clients, not Flower's node IDs); the
+    query brings the run's item catalogue, kept when this client's copy differs."""
+    published = str(msg.content.config_records["config"].get("catalogue", ""))
+    if published:
+        config_path = resolve_config_path(context.run_config)
+        run_dir = resolve_run_dir(context.run_config, _config_file(config_path).output_dir)
+        _, catalogue_path, _, _ = client_paths(run_dir, context.node_config)
+        if not catalogue_path.exists() or catalogue_path.read_text(encoding="utf-8") != published:
+            keep_catalogue(published, catalogue_path)
     metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

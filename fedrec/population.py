@@ -81,18 +81,17 @@ class Population:
         """Each simulated device's store: its users' events (raw ids) and their audit groups."""
         shutil.rmtree(run_dir / STORE_DIR, ignore_errors=True)
         for partition in range(len(self.partitions)):
-            self.write_store(run_dir, partition)
+            self.write_store(simulated_store(run_dir, partition), partition)
 
-    def write_store(self, run_dir: Path, partition: int) -> Path:
+    def write_store(self, folder: Path, partition: int) -> None:
+        """Client ``partition``'s events into the store at ``folder`` (a device's own data)."""
         users = self.partitions[partition]
         groups = self.audit_context.groups
         attributes = {
             str(self.dataset.raw_user_ids[u]): {a: str(labels[u]) for a, labels in groups.items()}
             for u in users
         }
-        folder = simulated_store(run_dir, partition)
         EventStore.write(folder, partition_events(self.dataset, self.split, users), attributes)
-        return folder
 
 
 def population_of(config: ExperimentConfig) -> Population:

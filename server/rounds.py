@@ -21,6 +21,7 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
+from fedrec.federation.layout import CATALOGUE_FILE
 from fedrec.population import Population
 from server.federation import Federation
 from server.strategy import LedgerKeeper, build_strategy
@@ -42,11 +43,13 @@ class MessageGrid(Protocol):
 class IdentifiedGrid:
     """A grid whose nodes are listed in the order of the clients they run (their
     ``partition-id``, asked once per node with a query message), so the strategies' cohort is
-    a choice of clients, the same in every engine."""
+    a choice of clients, the same in every engine. The query carries the run's item catalogue
+    (``catalogue``: its JSON), which a device without it keeps."""
 
-    def __init__(self, grid: MessageGrid, timeout: float):
+    def __init__(self, grid: MessageGrid, timeout: float, catalogue: str = ""):
         self.grid = grid
         self.timeout = timeout
+        self.catalogue = catalogue
         self.partition_of: dict[int, int] = {}
 
     def get_node_ids(self) -> list[int]:
@@ -107,7 +110,8 @@ def run_federation(
         inner, federation.on_replies, federation.on_evaluate if client_audit else None
     )
     # Strategies read only get_node_ids of the grid they configure: the identified view.
-    identified = cast(Grid, IdentifiedGrid(grid, fed.round_timeout))
+    published = (run_dir / CATALOGUE_FILE).read_text(encoding="utf-8")
+    identified = cast(Grid, IdentifiedGrid(grid, fed.round_timeout, published))
     sent = ConfigRecord(
         {"local-epochs": fed.local_epochs, "catalogue-hash": catalogue.content_hash}
     )

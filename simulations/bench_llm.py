@@ -31,6 +31,8 @@ from flwr.app import ArrayRecord
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fedrec.llm_rec.recommend import global_model, load_run  # noqa: E402
+
 from fedrec.config import load_config  # noqa: E402
 from fedrec.evaluation import EvalConfig, evaluate  # noqa: E402
 from fedrec.federation import (  # noqa: E402
@@ -41,7 +43,6 @@ from fedrec.federation import (  # noqa: E402
 )
 from fedrec.llm_rec.federated import LLMFederatedModel  # noqa: E402
 from fedrec.llm_rec.model import example_losses  # noqa: E402
-from fedrec.llm_rec.recommend import global_model, load_run  # noqa: E402
 from fedrec.privacy.dp_sgd import DPSGDConfig, dp_train  # noqa: E402
 from fedrec.training import trainable_users  # noqa: E402
 

@@ -35,7 +35,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import app as client_app
 from fedrec.config import parse_config
-from fedrec.federation.layout import DEVICE_DIR, STORE_DIR
+from fedrec.federation.layout import DEVICE_DIR, STORE_DIR, simulated_store
 from fedrec.population import Population, population_of
 from server.rounds import run_federation
 
@@ -81,7 +81,7 @@ class InProcessGrid:
             partition = self.partition(message)
             if self.population is not None and partition not in self.stored:
                 assert self.run_dir is not None
-                self.population.write_store(self.run_dir, partition)
+                self.population.write_store(simulated_store(self.run_dir, partition), partition)
                 self.stored.add(partition)
             context = Context(
                 run_id=0,

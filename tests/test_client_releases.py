@@ -15,6 +15,7 @@ from clients.app import evaluate_on_device, train
 from fedrec.config import load_config
 from fedrec.federated_models import build_federated_model
 from fedrec.federation import exposure_event
+from fedrec.federation.layout import simulated_store
 from fedrec.population import load_population
 from fedrec.privacy import PrivacyLedger
 from simulations.inprocess import InProcessGrid
@@ -59,7 +60,7 @@ def _call(handler, config: Path, device: Path, round_: int, kind: str) -> Messag
     population = load_population(str(config))
     run_dir = device.parent / "run"
     catalogue = population.publish(run_dir)  # the server's start of a run
-    population.write_store(run_dir, 0)  # the simulated device's own events
+    population.write_store(simulated_store(run_dir, 0), 0)  # the device's own events
     model = build_federated_model(population.config, catalogue, run_dir)
     content = RecordDict(
         {

@@ -365,9 +365,12 @@ def test_a_foundation_built_for_another_backbone_is_refused(built, tmp_path):
         _population(other).publish(tmp_path)
     same = tiny_config(foundation_dir=str(folder))
     population = _population(same)
-    assert ensure_foundation(
-        same.llm, same.semantic_id, same.seed, population.dataset, population.split, tmp_path
-    ) == folder
+    assert (
+        ensure_foundation(
+            same.llm, same.semantic_id, same.seed, population.dataset, population.split, tmp_path
+        )
+        == folder
+    )
 
 
 def test_any_causal_lm_by_path_gets_the_code_tokens_and_resized_embeddings(built, tmp_path):

@@ -187,3 +187,18 @@ class ItemCatalogue:
 def _content_hash(payload: Mapping[str, Any]) -> str:
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def keep_catalogue(published: str, path: Path) -> ItemCatalogue:
+    """Store a catalogue received as JSON text at ``path``, only once it verifies (format and
+    content hash): a device never replaces a good copy with a damaged one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".received")
+    try:
+        tmp.write_text(published, encoding="utf-8")
+        catalogue = ItemCatalogue.load(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return catalogue

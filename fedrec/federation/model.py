@@ -71,6 +71,7 @@ def local_train(
     if not len(users):
         return LocalResult(0, math.nan, None)
     torch.manual_seed(seed)
+    model.train()  # a client's model may have just been evaluated (one model per process)
     optimizer = LOCAL_OPTIMIZERS[config.local_optimizer](
         model.parameters(), lr=config.local_learning_rate
     )
