@@ -31,24 +31,21 @@ from flwr.app import ArrayRecord
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedrec.llm_rec.recommend import global_model, load_run  # noqa: E402
-
 from fedrec.config import load_config  # noqa: E402
 from fedrec.evaluation import EvalConfig, evaluate  # noqa: E402
-from fedrec.federation import (  # noqa: E402
-    Population,
-    build_federated_model,
-    client_personal_path,
-    load_population,
-)
+from fedrec.federated_models import build_federated_model  # noqa: E402
+from fedrec.federation.layout import client_paths  # noqa: E402
 from fedrec.llm_rec.federated import LLMFederatedModel  # noqa: E402
 from fedrec.llm_rec.model import example_losses  # noqa: E402
+from fedrec.population import Population, load_population  # noqa: E402
 from fedrec.privacy.dp_sgd import DPSGDConfig, dp_train  # noqa: E402
+from fedrec.recommend import global_model, load_run  # noqa: E402
 from fedrec.training import trainable_users  # noqa: E402
 
 
 def _model(population: Population, run_dir: Path) -> LLMFederatedModel:
-    model = build_federated_model(population, run_dir)
+    # The server's start of a run: the foundation stage and the catalogue it publishes.
+    model = build_federated_model(population.config, population.publish(run_dir), run_dir)
     assert isinstance(model, LLMFederatedModel), "the config has no llm section"
     return model
 
@@ -135,7 +132,7 @@ def bench_personal(run_dir: Path) -> dict[str, Any]:
     per_user: dict[str, list[dict[str, float]]] = {"personal": [], "initial": []}
     started = time.perf_counter()
     for partition, members in enumerate(population.partitions):
-        path = client_personal_path({"run-dir": str(run_dir)}, {"partition-id": partition}, "")
+        path = client_paths(run_dir, {"partition-id": partition})[3]
         if not path.exists():
             continue
         for variant, personal in (("personal", path), ("initial", None)):

@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 import yaml
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import app as client_app
@@ -91,8 +92,14 @@ class InProcessGrid:
                 run_config=self.run_config,
             )
             TaskIdentity.node_id = message.metadata.dst_node_id  # the reply's sender
-            replies.append(self.client(message, context))
-            TaskIdentity.node_id = 0
+            try:
+                replies.append(self.client(message, context))
+            except Exception as err:  # as a SuperNode: the server gets an error reply
+                log.exception("client %d raised", partition)
+                error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}")
+                replies.append(Message(error, reply_to=message))
+            finally:
+                TaskIdentity.node_id = 0
         return replies
 
 

@@ -10,6 +10,9 @@ import pytest
 import torch
 import yaml
 
+from fedrec.config import load_config
+from fedrec.population import population_of
+
 from .processes import REPO, flower_processes, python, wait_for
 
 
@@ -80,6 +83,12 @@ def test_two_supernodes_on_loopback_run_two_rounds_and_every_process_is_stopped(
         ),
         encoding="utf-8",
     )
+    # Each device holds only its own events (its store) and its own folder for the ledger and
+    # the personal prompt; the item catalogue reaches it from the server in the run.
+    population = population_of(load_config(config))
+    devices = [tmp_path / f"device-{partition}" for partition in (0, 1)]
+    for partition, device in enumerate(devices):
+        population.write_store(device / "store", partition)
     # Flower 1.42 serves the Runtime, Control and Fleet APIs over HTTP on one port.
     link, node0, node1 = _free_ports(3)
     with flower_processes(tmp_path) as (env, start):
@@ -117,13 +126,14 @@ def test_two_supernodes_on_loopback_run_two_rounds_and_every_process_is_stopped(
                     "--port",
                     str(port),
                     "--node-config",
-                    f"partition-id={partition} num-partitions=2",
+                    f"partition-id={partition} num-partitions=2 store='{device / 'store'}' "
+                    f"catalogue='{device / 'catalogue.json'}' ledger-dir='{device}'",
                 ],
                 f"supernode-{partition}.log",
             )
-            for partition, port in enumerate((node0, node1))
+            for partition, (port, device) in enumerate(zip((node0, node1), devices, strict=True))
         ]
-        run_config = f"config='{config}' run-dir='{run_dir}'"
+        run_config = f"config='{config}' run-dir='{run_dir}' deployment=true"
         start(
             [_bin("flwr"), "run", str(REPO), "loopback", "--run-config", run_config, "--stream"],
             "flwr-run.log",
@@ -137,6 +147,10 @@ def test_two_supernodes_on_loopback_run_two_rounds_and_every_process_is_stopped(
         )
     results = json.loads((run_dir / "results.json").read_text())
     assert results["rounds"] == 2 and results["clients"] == 2 and not results["failed"]
+    assert not (run_dir / "client-stores").exists()  # the server wrote no client data
+    published = (run_dir / "catalogue.json").read_text()
+    for device in devices:  # each device received the run's catalogue and kept it
+        assert (device / "catalogue.json").read_text() == published
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [h["round"] for h in history] == [1, 2]
     assert all(h["clients"] == 2 for h in history)
@@ -150,6 +164,8 @@ def test_two_supernodes_on_loopback_run_two_rounds_and_every_process_is_stopped(
     sent = torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
     assert sent and all(k.startswith(("lora.", "scenario.")) for k in sent)
     assert report["units"].keys() == {"user-within-silo"}
-    for partition in (0, 1):
-        assert (run_dir / "client-state" / f"client-{partition}-personal.safetensors").exists()
+    for partition, device in enumerate(devices):
+        assert (device / f"client-{partition}-personal.safetensors").exists()
+        assert json.loads((device / f"client-{partition}.json").read_text())["events"]
+    assert not (run_dir / "client-state").exists() and not (run_dir / "devices").exists()
     assert (run_dir / "global" / "lora" / "adapter_model.safetensors").exists()

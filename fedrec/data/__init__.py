@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,6 @@ from fedrec.data.split import SequenceSplit, leave_one_out
 from fedrec.data.synthetic import SyntheticConfig, generate_synthetic
 from fedrec.errors import FedrecDataError
 
-SOURCES = ("synthetic", *LOADERS)
 _DOWNLOADABLE = {"movielens-100k": "ml-100k", "movielens-1m": "ml-1m"}
 
 
@@ -37,18 +37,22 @@ class DataConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"data.source must be one of {list(SOURCES)}, got {self.source!r}")
+        if self.source not in DATA_SOURCES:
+            raise ValueError(
+                f"data.source must be one of {list(DATA_SOURCES)}, got {self.source!r}"
+            )
         if self.download and self.source not in _DOWNLOADABLE:
             raise ValueError(
                 f"data.download works only for {sorted(_DOWNLOADABLE)}, not {self.source!r}"
             )
 
 
-def load_dataset(config: DataConfig) -> InteractionDataset:
-    """Load (or generate) the raw data set named by ``config``, before preprocessing."""
-    if config.source == "synthetic":
-        return generate_synthetic(config.synthetic)
+def _synthetic(config: DataConfig) -> InteractionDataset:
+    return generate_synthetic(config.synthetic)
+
+
+def _files(config: DataConfig) -> InteractionDataset:
+    """A file loader of ``LOADERS`` on ``data.path`` (or the checksummed download)."""
     path = config.path
     if path is None:
         if config.download:
@@ -67,6 +71,17 @@ def load_dataset(config: DataConfig) -> InteractionDataset:
     if config.source == "recbole" and config.name:
         kwargs["name"] = config.name
     return LOADERS[config.source](path, **kwargs)
+
+
+# Data sources by name (``data.source``): the generator, and every file loader. A new file
+# format is one loader registered in ``fedrec.data.loaders.LOADERS``.
+DATA_SOURCES: dict[str, Callable[[DataConfig], InteractionDataset]] = {
+    "synthetic": _synthetic,
+    **dict.fromkeys(LOADERS, _files),
+}
+def load_dataset(config: DataConfig) -> InteractionDataset:
+    """Load (or generate) the raw data set named by ``config``, before preprocessing."""
+    return DATA_SOURCES[config.source](config)
 
 
 def prepare_split(config: DataConfig) -> tuple[InteractionDataset, SequenceSplit]:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedrec.llm_rec.backbone import quiet_transformers
 from fedrec.llm_rec.config import LLMRecConfig
 from fedrec.llm_rec.data import IGNORE, PromptBuilder
 from fedrec.semantic_id.retrieval import constrained_search
@@ -215,8 +216,6 @@ class LLMRecommender(nn.Module):
         """The global adapters in PEFT's own format: ``lora/`` loads with
         ``PeftModel.from_pretrained(backbone, folder / "lora")``; ``scenario-S/`` is a prompt-
         tuning adapter of the LoRA-merged backbone (``merge_and_unload()`` first)."""
-        from fedrec.llm_rec.backbone import quiet_transformers
-
         with quiet_transformers():
             self._save_global(folder, base_model)
 
