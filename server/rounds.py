@@ -61,9 +61,10 @@ class IdentifiedGrid:
         return sorted(known, key=self.partition_of.__getitem__)
 
     def _identify(self, nodes: list[int]) -> None:
+        published = ConfigRecord({"catalogue": self.catalogue})
         queries = [
             Message(
-                RecordDict({"config": ConfigRecord()}),
+                RecordDict({"config": published}),
                 dst_node_id=n,
                 message_type=MessageType.QUERY,
             )

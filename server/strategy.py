@@ -58,7 +58,8 @@ def build_strategy(
     """The registered strategy ``fed.strategy`` (``fedrec.federation.strategies``) inside the
     server's cohort sampler, which is user-level DP (``server.dp``) when asked; with
     ``client_audit`` sampled clients also evaluate (the federated audit). ``seed`` seeds the
-    sampling and the DP noise only in ``federated.reproducible_noise`` mode."""
+    cohorts without user-level DP; with it, the cohorts and the noise only in
+    ``federated.reproducible_noise`` mode."""
     spec = STRATEGIES[fed.strategy]
     module, _, name = spec.flower_class.rpartition(":")
     cls = getattr(importlib.import_module(module or "flwr.serverapp.strategy"), name)
@@ -72,7 +73,10 @@ def build_strategy(
         **{arg: getattr(fed, field) for arg, field in spec.options.items()},
     )
     cohort = fed.sampled_clients(num_clients)
-    generator = round_generator(seed if fed.reproducible_noise else None)
+    # Who is sampled is private only where a guarantee rests on it (user-level DP's
+    # amplification); otherwise the cohorts follow the seed, so a run can be repeated.
+    seeded = fed.reproducible_noise or fed.central_dp is None
+    generator = round_generator(seed if seeded else None)
     if fed.central_dp is None:
         return CohortSampler(strategy, cohort, num_clients, "fixed", generator, client_audit)
     return UserLevelDP(
