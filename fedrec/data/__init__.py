@@ -79,6 +79,8 @@ DATA_SOURCES: dict[str, Callable[[DataConfig], InteractionDataset]] = {
     "synthetic": _synthetic,
     **dict.fromkeys(LOADERS, _files),
 }
+
+
 def load_dataset(config: DataConfig) -> InteractionDataset:
     """Load (or generate) the raw data set named by ``config``, before preprocessing."""
     return DATA_SOURCES[config.source](config)
