@@ -97,8 +97,9 @@ def _client(msg: Message, context: Context) -> Client:
     store, catalogue_path, ledger, personal = client_paths(run_dir, context.node_config)
     if not catalogue_path.exists():
         raise FileNotFoundError(
-            f"{catalogue_path}: no item catalogue; the server publishes it at the start of a "
-            "run (a device: set node config `catalogue` to its copy)"
+            f"{catalogue_path}: no item catalogue; the server sends it with its first message to "
+            "a node (the identify query): check that the node can write there (node config "
+            "`catalogue`)"
         )
     stat = catalogue_path.stat()
     catalogue = _catalogue(catalogue_path, (stat.st_mtime_ns, stat.st_size))
