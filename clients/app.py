@@ -29,6 +29,7 @@ from fedrec.config import ExperimentConfig, parse_config
 from fedrec.data.catalogue import ItemCatalogue, keep_catalogue
 from fedrec.data.split import SequenceSplit
 from fedrec.data.store import EventStore, client_split
+from fedrec.errors import FedrecDataError
 from fedrec.federated_models import build_federated_model
 from fedrec.federation.client import (
     ClientReply,
@@ -69,6 +70,12 @@ def _catalogue(path: Path, version: tuple[int, int]) -> ItemCatalogue:
     return ItemCatalogue.load(path)
 
 
+def _cached_catalogue(path: Path) -> ItemCatalogue:
+    """Loaded (and its hash checked) once per process and file version."""
+    stat = path.stat()
+    return _catalogue(path, (stat.st_mtime_ns, stat.st_size))
+
+
 _MODELS: dict[tuple[str, Path, str], FederatedModel] = {}
 
 
@@ -101,8 +108,7 @@ def _client(msg: Message, context: Context) -> Client:
             "a node (the identify query): check that the node can write there (node config "
             "`catalogue`)"
         )
-    stat = catalogue_path.stat()
-    catalogue = _catalogue(catalogue_path, (stat.st_mtime_ns, stat.st_size))
+    catalogue = _cached_catalogue(catalogue_path)
     expected = msg.content.config_records["config"].get("catalogue-hash")
     if expected is not None and expected != catalogue.content_hash:
         raise ValueError(
@@ -138,14 +144,19 @@ def _round(msg: Message) -> int:
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
     """Which client this node runs (the server samples clients, not Flower's node IDs); the
-    query brings the run's item catalogue, kept when this client's copy differs."""
-    published = str(msg.content.config_records["config"].get("catalogue", ""))
+    query brings the run's item catalogue, kept when this client's copy is another."""
+    sent = msg.content.config_records["config"]
+    published = str(sent.get("catalogue", ""))
     if published:
         config_path = resolve_config_path(context.run_config)
         run_dir = resolve_run_dir(context.run_config, _config_file(config_path).output_dir)
-        _, catalogue_path, _, _ = client_paths(run_dir, context.node_config)
-        if not catalogue_path.exists() or catalogue_path.read_text(encoding="utf-8") != published:
-            keep_catalogue(published, catalogue_path)
+        _, path, _, _ = client_paths(run_dir, context.node_config)
+        try:
+            held = _cached_catalogue(path).content_hash if path.exists() else None
+        except FedrecDataError:
+            held = None  # a damaged copy: replaced by the verified one
+        if held is None or held != sent.get("catalogue-hash"):
+            keep_catalogue(published, path)
     metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
@@ -185,6 +196,11 @@ def evaluate_on_device(msg: Message, context: Context) -> Message:
     context_ = None
     if federated_audit:
         catalogue = client.catalogue
+        if catalogue.popularity is None:
+            raise ValueError(
+                "the catalogue has no item popularity, which the federated audit needs: the "
+                "server's config must set audit.mode: federated"
+            )
         context_ = AuditContext.from_parts(
             client.split,
             audit,

@@ -27,7 +27,7 @@ def _sequential(
 
 
 def _llm(config: ExperimentConfig, catalogue: ItemCatalogue, run_dir: Path) -> FederatedModel:
-    """Its foundation must exist (the server's foundation stage: ``Population.prepare``)."""
+    """Its foundation must exist (the server's foundation stage: ``Population.publish``)."""
     assert config.llm is not None
     return new_llm_model(config.llm, catalogue, config.seed, foundation_folder(config.llm, run_dir))
 

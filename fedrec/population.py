@@ -39,15 +39,6 @@ class Population:
     split: SequenceSplit
     partitions: list[np.ndarray]
 
-    def client_split(self, partition_id: int) -> SequenceSplit:
-        """Partition ``partition_id``'s sequences, and nothing of any other client."""
-        if not 0 <= partition_id < len(self.partitions):
-            raise ValueError(
-                f"partition-id {partition_id} outside 0..{len(self.partitions) - 1}: the "
-                "federation has more supernodes than the config has partitions"
-            )
-        return self.split.subset(self.partitions[partition_id])
-
     @functools.cached_property
     def audit_context(self) -> AuditContext:
         """Group labels, item popularity and genres of the whole population (the server's
@@ -56,8 +47,8 @@ class Population:
 
     def publish(self, run_dir: Path, progress: bool = False) -> ItemCatalogue:
         """The server's start of a run: the foundation stage when the model needs one, then the
-        item catalogue (ids, content, popularity, semantic-ID codes when the run has them)
-        written to ``run_dir/catalogue.json`` for the clients."""
+        item catalogue (ids, content, semantic-ID codes when the run has them, popularity for
+        the federated audit) written to ``run_dir/catalogue.json`` for the clients."""
         codes = None
         llm = self.config.llm
         if llm is not None:
@@ -71,9 +62,13 @@ class Population:
                 progress,
             )
             codes = SemanticIds.load(folder / "semantic_ids").codes
-        catalogue = ItemCatalogue.from_dataset(
-            self.dataset, popularity=self.split.train_item_counts(), codes=codes
+        # Item popularity is a count over every user's training data: published only when the
+        # clients need it (the federated audit), and then disclosed in the privacy report.
+        audit = self.config.audit
+        popularity = (
+            self.split.train_item_counts() if audit.enabled and audit.mode == "federated" else None
         )
+        catalogue = ItemCatalogue.from_dataset(self.dataset, popularity=popularity, codes=codes)
         catalogue.save(run_dir / CATALOGUE_FILE)
         return catalogue
 

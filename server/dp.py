@@ -51,7 +51,9 @@ class UserLevelDP(CohortSampler):
         generator: RoundGenerator,
         evaluate: bool = False,
     ):
-        super().__init__(strategy, cohort, population, sampling, generator, evaluate)
+        # A fixed cohort is accounted as cohort / population: it is drawn from all of them.
+        whole = sampling == "fixed"
+        super().__init__(strategy, cohort, population, sampling, generator, evaluate, whole)
         self.noise_multiplier = noise_multiplier
         self.clipping_norm = clipping_norm
         self.current: list[np.ndarray] = []

@@ -45,6 +45,7 @@ from fedrec.training import resolve_device, save_atomic, seed_everything
 from server.strategy import load_strategy_state, strategy_state
 
 log = logging.getLogger("fedrec.server")
+TRAIN_FACTS = ("train-loss", "dp-replies")  # of a round's aggregated train metrics, logged
 
 
 class Federation:
@@ -76,6 +77,9 @@ class Federation:
         self.pending_audit: dict[str, Any] | None = None  # the federated audit of this round
         self.failure = ""  # set when every sampled client of a round failed
         self.replies = self.refused = 0
+        # node ID -> the client it runs, as the node identified itself (server.rounds): the
+        # only source of who a reply is from
+        self.partition_of: dict[int, int] = {}
         checkpoint = run_dir / CHECKPOINT_FILE
         if resume and checkpoint.exists():
             self._restore(torch.load(checkpoint, weights_only=False))
@@ -139,6 +143,12 @@ class Federation:
         delta = central.delta_for(self.num_clients)
         return self.ledger.epsilon("server", delta, extra=next_event) <= central.target_epsilon
 
+    def _client_of(self, reply: Message) -> int | None:
+        partition = self.partition_of.get(reply.metadata.src_node_id)
+        if partition is None:
+            log.warning("a reply from unidentified node %d: ignored", reply.metadata.src_node_id)
+        return partition
+
     def on_replies(self, round_number: int, replies: list[Message]) -> None:
         """The round's train replies: their DP-SGD releases and the server's own into the ledger."""
         ok = [r for r in replies if not r.has_error()]
@@ -148,13 +158,14 @@ class Federation:
                 "without an error (their tracebacks are in the log above); the checkpoint holds "
                 "the last complete round, fix the cause and rerun with --resume"
             )
+            return  # nothing is aggregated, so nothing is released
         self.replies, self.refused = len(ok), 0
         for reply in ok:
             metrics = reply.content.metric_records["metrics"]
             self.refused += int(cast(int, metrics.get("refused", 0)))
-            if int(cast(int, metrics.get("dp-steps", 0))) > 0:
+            partition = self._client_of(reply)
+            if partition is not None and int(cast(int, metrics.get("dp-steps", 0))) > 0:
                 dp = {key: cast(float, metrics[key]) for key in DP_METRICS}
-                partition = int(cast(int, metrics["partition-id"]))
                 self.ledger.record(reported_record_event(self.fed, partition, round_number, dp))
         if self.fed.central_dp is not None:
             self.ledger.record(central_event(self.fed, self.num_clients, round_number))
@@ -168,10 +179,17 @@ class Federation:
         return round_number % every == 0 or round_number >= self.fed.num_rounds
 
     def end_round(
-        self, round_number: int, arrays: ArrayRecord, seconds: float, last: bool
+        self,
+        round_number: int,
+        arrays: ArrayRecord,
+        seconds: float,
+        last: bool,
+        train_metrics: MetricRecord | None = None,
     ) -> str | None:
         """Load the round's global model, evaluate it on schedule (and after the ``last``
-        round), write the round's lines and the checkpoint; the reason to stop, if any."""
+        round), write the round's lines and the checkpoint; the reason to stop, if any.
+        ``train_metrics``: the strategy's aggregate of the replies (the clients' mean
+        ``train-loss`` when they report it; under user-level DP the replies it used)."""
         self.model.load_shared_state(arrays.to_torch_state_dict())
         record: dict[str, Any] = {"round": round_number}
         audit = None
@@ -201,6 +219,9 @@ class Federation:
         record.update(
             clients=self.replies, refused=self.refused, seconds=seconds, epsilon=self.epsilons()
         )
+        kept = {k: v for k, v in (train_metrics or {}).items() if k in TRAIN_FACTS}
+        if kept:
+            record["train"] = kept
         with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if audit is not None:
@@ -236,6 +257,7 @@ class Federation:
         """The federated audit: add up the clients' audit sums (and ledger their noise)."""
         assert self.audit is not None
         started = time.perf_counter()
+        self.pending_audit = None
         ok = [r for r in replies if not r.has_error()]
         parts: list[Sums] = [
             {

@@ -10,6 +10,7 @@ each node is (``IdentifiedGrid``) to sample by client, not by Flower's random no
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -44,46 +45,61 @@ class IdentifiedGrid:
     """A grid whose nodes are listed in the order of the clients they run (their
     ``partition-id``, asked once per node with a query message), so the strategies' cohort is
     a choice of clients, the same in every engine. The query carries the run's item catalogue
-    (``catalogue``: its JSON), which a device without it keeps."""
+    (its JSON and hash), which a node without that catalogue keeps.
 
-    def __init__(self, grid: MessageGrid, timeout: float, catalogue: str = ""):
+    What a node says is checked: a client id outside ``0..clients-1``, a malformed reply or a
+    client another node already runs excludes the node (with a warning, once); ``partition_of``
+    is then the only source of a reply's client (the server round books releases by it)."""
+
+    def __init__(self, grid: MessageGrid, timeout: float, clients: int, catalogue: str = ""):
         self.grid = grid
         self.timeout = timeout
+        self.clients = clients
         self.catalogue = catalogue
+        self.catalogue_hash = json.loads(catalogue)["content_hash"] if catalogue else ""
         self.partition_of: dict[int, int] = {}
+        self.excluded: set[int] = set()
 
     def get_node_ids(self) -> list[int]:
         connected = list(self.grid.get_node_ids())
-        new = [n for n in connected if n not in self.partition_of]
+        new = [n for n in connected if n not in self.partition_of and n not in self.excluded]
         if new:
             self._identify(new)
         known = [n for n in connected if n in self.partition_of]
         return sorted(known, key=self.partition_of.__getitem__)
 
     def _identify(self, nodes: list[int]) -> None:
-        published = ConfigRecord({"catalogue": self.catalogue})
+        published = ConfigRecord(
+            {"catalogue": self.catalogue, "catalogue-hash": self.catalogue_hash}
+        )
         queries = [
             Message(
-                RecordDict({"config": published}),
-                dst_node_id=n,
-                message_type=MessageType.QUERY,
+                RecordDict({"config": published}), dst_node_id=n, message_type=MessageType.QUERY
             )
             for n in nodes
         ]
+        taken = set(self.partition_of.values())
         for reply in self.grid.send_and_receive(queries, timeout=self.timeout):
-            if reply.has_error():
-                log.warning(
-                    "node %d did not say which client it is: not sampled",
-                    reply.metadata.src_node_id,
-                )
+            node = reply.metadata.src_node_id
+            partition = None if reply.has_error() else _claimed_partition(reply)
+            if partition is None or not 0 <= partition < self.clients or partition in taken:
+                why = "a client another node runs" if partition in taken else "no valid client id"
+                log.warning("node %d excluded from sampling: it answered %s", node, why)
+                self.excluded.add(node)
                 continue
-            metrics = reply.content.metric_records["metrics"]
-            self.partition_of[reply.metadata.src_node_id] = int(cast(int, metrics[PARTITION_KEY]))
+            self.partition_of[node] = partition
+            taken.add(partition)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+def _claimed_partition(reply: Message) -> int | None:
+    metrics = reply.content.metric_records.get("metrics")
+    value = None if metrics is None else metrics.get(PARTITION_KEY)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def run_federation(
@@ -102,17 +118,24 @@ def run_federation(
     config, fed = population.config, population.config.federated
     run_dir.mkdir(parents=True, exist_ok=True)
     catalogue = population.publish(run_dir, progress=progress)
-    if write_stores:
-        population.write_stores(run_dir)
     client_audit = config.audit.enabled and config.audit.mode == "federated"
     inner = build_strategy(fed, len(population.partitions), config.seed, client_audit)
     federation = Federation(population, catalogue, run_dir, resume, inner, engine)
+    if federation.rounds_done == 0 and not federation.may_start(1):
+        raise ValueError(
+            f"central_dp.target_epsilon {fed.central_dp and fed.central_dp.target_epsilon} is "
+            "below the ε of one round: raise central_dp.noise_multiplier or the budget"
+        )
+    if write_stores:
+        population.write_stores(run_dir)
     strategy = LedgerKeeper(
         inner, federation.on_replies, federation.on_evaluate if client_audit else None
     )
-    # Strategies read only get_node_ids of the grid they configure: the identified view.
     published = (run_dir / CATALOGUE_FILE).read_text(encoding="utf-8")
-    identified = cast(Grid, IdentifiedGrid(grid, fed.round_timeout, published))
+    nodes = IdentifiedGrid(grid, fed.round_timeout, federation.num_clients, published)
+    federation.partition_of = nodes.partition_of
+    # Strategies read only get_node_ids of the grid they configure: the identified view.
+    identified = cast(Grid, nodes)
     sent = ConfigRecord(
         {"local-epochs": fed.local_epochs, "catalogue-hash": catalogue.content_hash}
     )
@@ -129,22 +152,23 @@ def run_federation(
             round_number, arrays, ConfigRecord(dict(sent)), identified
         )
         replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
-        aggregated, _ = strategy.aggregate_train(round_number, replies)
+        aggregated, train_metrics = strategy.aggregate_train(round_number, replies)
         if federation.failure:
             stopped = federation.failure
             break
         if aggregated is not None:  # None: nobody trained (every sampled client refused)
             arrays = aggregated
-        if client_audit:
+        last = round_number == fed.num_rounds or not federation.may_start(round_number + 1)
+        # The federated audit costs clients ε: only for a round whose model is evaluated.
+        if client_audit and (federation.evaluated(round_number) or last):
             evaluations = strategy.configure_evaluate(
                 round_number, arrays, ConfigRecord(dict(sent)), identified
             )
             strategy.aggregate_evaluate(
                 round_number, grid.send_and_receive(evaluations, timeout=fed.round_timeout)
             )
-        last = round_number == fed.num_rounds or not federation.may_start(round_number + 1)
         seconds = time.perf_counter() - round_started  # sampling to aggregation
-        reason = federation.end_round(round_number, arrays, seconds, last)
+        reason = federation.end_round(round_number, arrays, seconds, last, train_metrics)
         if reason:
             stopped = reason
             break

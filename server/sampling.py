@@ -1,11 +1,12 @@
 """Client sampling as a strategy wrapper: the server chooses each round's cohort itself.
 
 Written here rather than left to Flower's strategies because Flower 1.42 samples with Python's
-global ``random`` over node IDs in the grid's order: the cohort then depends on the config
-seed (the threat model wants it private) and on random node IDs (so the same config does not
-choose the same clients in a Flower simulation and in the in-process loop). This wrapper draws
-the cohort from its own generator (private, or seeded in the reproducible mode) over the nodes
-in the order the grid gives, which ``server.rounds`` makes the order of the clients'
+global ``random`` over node IDs in the grid's order: the cohort then depends on random node IDs
+(so the same config does not choose the same clients in a Flower simulation and in the
+in-process loop), and under user-level DP the accountant's amplification by sampling needs a
+cohort nobody can predict. This wrapper draws the cohort from its own generator (private under
+user-level DP, seeded otherwise or in the reproducible mode: ``server.strategy``) over the
+nodes in the order the grid gives, which ``server.rounds`` makes the order of the clients'
 partitions, and offers the wrapped strategy exactly that cohort (it is built to take all).
 """
 
@@ -49,7 +50,9 @@ class CohortSampler(StrategyWrapper):
     """Offers the wrapped strategy (built with ``fraction_*=1`` and ``min_*_nodes=0``) a cohort
     of ``cohort`` of the ``population`` clients: ``fixed`` (exactly the cohort, without
     replacement) or ``poisson`` (each client with probability cohort / population); clients are
-    asked to evaluate only when ``evaluate`` (the federated audit), a fixed cohort."""
+    asked to evaluate only when ``evaluate`` (the federated audit), a fixed cohort. A round
+    waits until a cohort's worth of clients is connected, or with ``whole_population`` all of
+    them (a fixed cohort accounted as drawn from the whole population must be)."""
 
     def __init__(
         self,
@@ -59,6 +62,7 @@ class CohortSampler(StrategyWrapper):
         sampling: str,
         generator: RoundGenerator,
         evaluate: bool = False,
+        whole_population: bool = False,
     ):
         super().__init__(strategy)
         if not 0 < cohort <= population:
@@ -68,6 +72,7 @@ class CohortSampler(StrategyWrapper):
         self.sampling = sampling
         self.generator = generator
         self.evaluate = evaluate
+        self.whole_population = whole_population
         self.rng = generator(0, TRAIN)
         self.last_sampled = 0  # this round's cohort size (Poisson: random)
 
@@ -83,17 +88,16 @@ class CohortSampler(StrategyWrapper):
         chosen = rng.choice(len(node_ids), size=min(self.cohort, len(node_ids)), replace=False)
         return [node_ids[i] for i in sorted(chosen)]
 
-    def _connected(self, grid: Grid, sampling: str) -> list[int]:
-        # A fixed cohort is accounted as cohort / population: draw it from the whole population
-        # (wait for it). Poisson's q is each client's own probability: a cohort's worth will do.
-        wait_for = self.population if sampling == "fixed" else self.cohort
-        return sample_nodes(grid, wait_for, 0)[1]
+    def _connected(self, grid: Grid, whole_population: bool) -> list[int]:
+        """The connected nodes, once a cohort's worth is (or, ``whole_population``, all)."""
+        return sample_nodes(grid, self.population if whole_population else self.cohort, 0)[1]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.rng = self.generator(server_round, TRAIN)
-        chosen = self.sample(self._connected(grid, self.sampling), self.sampling, self.rng)
+        connected = self._connected(grid, self.whole_population)
+        chosen = self.sample(connected, self.sampling, self.rng)
         self.last_sampled = len(chosen)
         return self.strategy.configure_train(server_round, arrays, config, Cohort(chosen))  # type: ignore[arg-type]
 
@@ -103,5 +107,5 @@ class CohortSampler(StrategyWrapper):
         if not self.evaluate:
             return []
         rng = self.generator(server_round, EVALUATE)
-        chosen = self.sample(self._connected(grid, "fixed"), "fixed", rng)
+        chosen = self.sample(self._connected(grid, False), "fixed", rng)
         return self.strategy.configure_evaluate(server_round, arrays, config, Cohort(chosen))  # type: ignore[arg-type]

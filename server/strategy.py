@@ -46,7 +46,11 @@ def strategy_state(strategy: Strategy) -> list[dict[str, Any]]:
 def load_strategy_state(strategy: Strategy, state: list[dict[str, Any]]) -> None:
     chain = _strategies(strategy)
     if len(chain) != len(state):
-        raise ValueError("checkpoint was written by a different strategy stack")
+        raise ValueError(
+            "the checkpoint was written by a different strategy stack (another "
+            "federated.strategy or central_dp, or fedrec before issue 13): resume it with the "
+            "config and version that wrote it, or start a new run folder"
+        )
     for target, values in zip(chain, state, strict=True):
         for name, value in values.items():
             setattr(target, name, value)

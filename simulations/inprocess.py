@@ -8,11 +8,12 @@ Why it exists: a Flower simulation costs ≈ 50–70 ms per client message on th
 (STACK-NOTES), so sweeps with hundreds of rounds or 1000+ clients per round (the
 privacy–utility table) would be dominated by the framework, and the benchmark "Flower round vs
 a bare loop" needs the bare loop. Only the transport differs: ``InProcessGrid`` calls the
-ClientApp (``clients.app.app``, Flower's own dispatch, with its mods) for each message, and
-``server.rounds.run_federation`` is the ServerApp's loop. Its simulated devices are new in
-every run (their ledgers in ``RUN/devices`` are removed first), and each device's store is
-written when the device is first sampled. ``tests/test_inprocess.py`` checks that both engines
-give the same model, ledger, ε, metrics, audit lines and results schema.
+ClientApp (``clients.app.app``, Flower's own dispatch) for each message, and
+``server.rounds.run_federation`` is the ServerApp's loop. Simulated devices keep their ledgers
+in ``RUN/devices`` as under ``fedrec simulate`` (fedrec never deletes one: remove the folder,
+or use a new ``--output``, to simulate new devices); each device's store is written when the
+device is first contacted. ``tests/test_inprocess.py`` checks that both engines give the same
+model, ledger, ε, metrics, audit lines and results schema.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import app as client_app
 from fedrec.config import parse_config
-from fedrec.federation.layout import DEVICE_DIR, STORE_DIR, simulated_store
+from fedrec.federation.layout import STORE_DIR, simulated_store
 from fedrec.population import Population, population_of
 from server.rounds import run_federation
 
@@ -120,8 +121,7 @@ def run_inprocess(
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "config.yaml"  # what the ClientApp reads, as under fedrec simulate
     resolved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    for folder in (DEVICE_DIR, STORE_DIR):
-        shutil.rmtree(run_dir / folder, ignore_errors=True)
+    shutil.rmtree(run_dir / STORE_DIR, ignore_errors=True)  # the last run's simulated data
     grid = InProcessGrid(
         len(population.partitions),
         client_app,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
 from fedrec.config import parse_config
 from fedrec.federation import CentralDPConfig
+from fedrec.federation.layout import DEVICE_DIR
 from fedrec.population import population_of
 from simulations.inprocess import run_inprocess
 
@@ -41,6 +43,8 @@ from simulations.inprocess import run_inprocess
 def _run(data: dict[str, Any], federated: dict[str, Any], out: Path) -> dict[str, Any]:
     config = parse_config({**data, "federated": {**data["federated"], **federated}})
     rounds = config.federated.num_rounds
+    # Every row simulates new devices: the ledgers of an earlier run of the row go first.
+    shutil.rmtree(out / DEVICE_DIR, ignore_errors=True)
     results = run_inprocess(population_of(config), out, eval_every=rounds, progress=True)
     final = results["final"]
     return {

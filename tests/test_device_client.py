@@ -93,9 +93,8 @@ def test_a_device_trains_and_audits_from_its_own_store_and_the_published_catalog
         run_config={"config": str(device / "experiment.yaml"), "run-dir": str(tmp_path / "run")},
     )
     published = (server / CATALOGUE_FILE).read_text(encoding="utf-8")
-    query = _message(
-        MessageType.QUERY, RecordDict({"config": ConfigRecord({"catalogue": published})})
-    )
+    announced = {"catalogue": published, "catalogue-hash": catalogue.content_hash}
+    query = _message(MessageType.QUERY, RecordDict({"config": ConfigRecord(announced)}))
     assert _ask(query, context).content["metrics"]["partition-id"] == 0
     assert ItemCatalogue.load(device / CATALOGUE_FILE).content_hash == catalogue.content_hash
 

@@ -265,7 +265,7 @@ def test_local_training_lowers_the_loss_and_keeps_the_personal_prompt_on_device(
     config, _, _, _folder, _ = built
     population = _population(config)
     model = build_federated_model(config, population.publish(tmp_path), tmp_path)
-    split = population.client_split(0)
+    split = population.split.subset(population.partitions[0])
     examples = model.model.builder.records(split, np.arange(1), 5, period=None)  # no DP
     with torch.no_grad():
         start = model.model.per_example_loss(*examples.tensors).mean().item()

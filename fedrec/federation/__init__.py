@@ -1,5 +1,5 @@
 """The federation core: one client round and what the server records of every round, with no
-Flower in it. ``clients.app`` and ``server.app`` are Flower's drivers over it; the in-process
+Flower app in it (only Flower's clipping helper). ``clients.app`` and ``server.app`` are Flower's drivers over it; the in-process
 loop (``simulations.inprocess``) drives the same apps without Flower's runtime."""
 
 import logging

@@ -52,7 +52,8 @@ class ClientReply:
 
 def load_ledger(path: Path) -> PrivacyLedger:
     """A client's ledger (it outlives runs: never reset here). A simulated device of a run
-    started before ledgers moved to ``devices/`` reads its old file; the next save moves it."""
+    started before ledgers moved to ``devices/`` reads its old file; the next save writes the
+    new one (the old file is left as it was)."""
     ledger = PrivacyLedger()
     legacy = path.parent.parent / LEGACY_LEDGER_DIR / path.name
     source = path if path.exists() or not legacy.exists() else legacy

@@ -1,7 +1,7 @@
 """What a federation trains (``FederatedModel``) and local training of a sequential model.
 
 A new kind of federated model is one class implementing ``FederatedModel`` plus one entry in
-``fedrec.population.FEDERATED_MODEL_KINDS``.
+``fedrec.federated_models.FEDERATED_MODEL_KINDS``.
 """
 
 from __future__ import annotations

@@ -241,7 +241,9 @@ def privacy_disclosures(
         uncovered.append(
             "Federated audit: each client's group sums (its groups, its metrics, the rank of "
             "its test item) are sent un-noised"
-            + ("." if audit.exposure_noise > 0 else ", and so is its top-K exposure histogram.")
+            + ("" if audit.exposure_noise > 0 else ", and so is its top-K exposure histogram")
+            + "; the item catalogue gives every client each item's training-interaction count "
+            "over all users, un-noised."
         )
     return {
         "reproducible_noise": fed.reproducible_noise,
