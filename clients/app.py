@@ -12,7 +12,7 @@ clipping) or evaluates, keeping its privacy ledger and personal prompt in its ow
 from __future__ import annotations
 
 import functools
-import json
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -80,26 +80,27 @@ _MODELS: dict[tuple[str, Path, str], FederatedModel] = {}
 
 
 def _process_model(
-    config: ExperimentConfig, run_dir: Path, catalogue: ItemCatalogue
+    config: ExperimentConfig, config_text: str, run_dir: Path, catalogue: ItemCatalogue
 ) -> FederatedModel:
     """One model per process and run (the LLM's backbone is loaded once); every message loads
     the global state into it."""
-    key = (json.dumps(config.to_dict(), sort_keys=True), run_dir, catalogue.content_hash)
+    key = (hashlib.sha256(config_text.encode()).hexdigest(), run_dir, catalogue.content_hash)
     if key not in _MODELS:
         _MODELS.clear()
         _MODELS[key] = build_federated_model(config, catalogue, run_dir)
     return _MODELS[key]
 
 
-def _config_file(path: str) -> ExperimentConfig:
+def _config_file(path: str) -> tuple[ExperimentConfig, str]:
+    """The experiment config of the run, and its text."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: the experiment config is missing on this node")
-    return _config(path, Path(path).read_text(encoding="utf-8"))
+    text = Path(path).read_text(encoding="utf-8")
+    return _config(path, text), text
 
 
 def _client(msg: Message, context: Context) -> Client:
-    config_path = resolve_config_path(context.run_config)
-    config = _config_file(config_path)
+    config, text = _config_file(resolve_config_path(context.run_config))
     run_dir = resolve_run_dir(context.run_config, config.output_dir)
     store, catalogue_path, ledger, personal = client_paths(run_dir, context.node_config)
     if not catalogue_path.exists():
@@ -123,7 +124,7 @@ def _client(msg: Message, context: Context) -> Client:
         name: np.array([attributes.get(u, {}).get(name, "") for u in own.users], dtype=object)
         for name in names
     }
-    model = _process_model(config, run_dir, catalogue)
+    model = _process_model(config, text, run_dir, catalogue)
     model.load_shared_state(msg.content.array_records["arrays"].to_torch_state_dict())
     return Client(
         config,
@@ -148,8 +149,8 @@ def identify(msg: Message, context: Context) -> Message:
     sent = msg.content.config_records["config"]
     published = str(sent.get("catalogue", ""))
     if published:
-        config_path = resolve_config_path(context.run_config)
-        run_dir = resolve_run_dir(context.run_config, _config_file(config_path).output_dir)
+        config, _ = _config_file(resolve_config_path(context.run_config))
+        run_dir = resolve_run_dir(context.run_config, config.output_dir)
         _, path, _, _ = client_paths(run_dir, context.node_config)
         try:
             held = _cached_catalogue(path).content_hash if path.exists() else None
