@@ -45,7 +45,11 @@ from fedrec.training import resolve_device, save_atomic, seed_everything
 from server.strategy import load_strategy_state, strategy_state
 
 log = logging.getLogger("fedrec.server")
-TRAIN_FACTS = ("train-loss", "dp-replies")  # of a round's aggregated train metrics, logged
+TRAIN_FACTS = (
+    "train-loss",
+    "dp-replies",
+    "rejected",
+)  # of a round's aggregated train metrics, logged
 
 
 class Federation:

@@ -26,6 +26,7 @@ from fedrec.federation.layout import CATALOGUE_FILE
 from fedrec.population import Population
 from server.federation import Federation
 from server.strategy import LedgerKeeper, build_strategy
+from server.validation import ReplyValidator
 
 log = logging.getLogger("fedrec.server")
 PARTITION_KEY = "partition-id"
@@ -128,8 +129,15 @@ def run_federation(
         )
     if write_stores:
         population.write_stores(run_dir)
-    strategy = LedgerKeeper(
-        inner, federation.on_replies, federation.on_evaluate if client_audit else None
+    strategy = ReplyValidator(
+        LedgerKeeper(
+            inner, federation.on_replies, federation.on_evaluate if client_audit else None
+        ),
+        weighted=fed.weighted,
+        # user-level DP clips every update to C itself (server.dp)
+        check_norm=fed.central_dp is None,
+        max_update_norm=fed.max_update_norm,
+        max_client_weight=fed.max_client_weight,
     )
     published = (run_dir / CATALOGUE_FILE).read_text(encoding="utf-8")
     nodes = IdentifiedGrid(grid, fed.round_timeout, federation.num_clients, published)

@@ -78,7 +78,12 @@ class FederatedConfig:
     Releases: ``reproducible_noise`` seeds DP noise and DP sampling from ``seed`` (simulation
     only; no guarantee against anyone who knows the seed); ``report_train_loss`` sends each
     client's un-noised loss; ``weight_by_examples`` weights FedAvg by the client's un-noised
-    example count (default: only without DP). Both are outside the ledger and warned about."""
+    example count (default: only without DP). Both are outside the ledger and warned about.
+
+    Replies are validated before aggregation (``server.validation``): without user-level DP an
+    update whose L2 norm exceeds ``max_update_norm`` (unset: 10× the round's median) is left
+    out, and a client's weight is capped at ``max_client_weight`` (unset: 10× the round's
+    median)."""
 
     partitioning: str = "user"
     num_partitions: int = 0
@@ -102,6 +107,8 @@ class FederatedConfig:
     reproducible_noise: bool = False
     report_train_loss: bool = False
     weight_by_examples: bool | None = None
+    max_update_norm: float | None = None
+    max_client_weight: int | None = None
     record_dp: DPSGDConfig | None = None
     record_epsilon_budget: float | None = None
     central_dp: CentralDPConfig | None = None
@@ -138,6 +145,12 @@ class FederatedConfig:
             raise ValueError("federated.fraction_per_round must lie in [0, 1] (0: use the count)")
         if self.record_epsilon_budget is not None and self.record_dp is None:
             raise ValueError("federated.record_epsilon_budget needs federated.record_dp")
+        for option, bound in (
+            ("max_update_norm", self.max_update_norm),
+            ("max_client_weight", self.max_client_weight),
+        ):
+            if bound is not None and not bound > 0:
+                raise ValueError(f"federated.{option} must be > 0 (unset: 10× the round's median)")
         if self.record_period < 1:
             raise ValueError("federated.record_period must be >= 1 (seconds)")
         for option, enabled in (

@@ -1,0 +1,156 @@
+"""Reply validation before aggregation, as a strategy wrapper: the server never aggregates a
+reply it has not checked against the global model it sent.
+
+A train reply is kept only when its arrays have exactly the global model's keys, shapes and
+kinds of dtype, every value is finite, its ``num-examples`` is a non-negative integer, its metrics are
+numbers, and (without user-level DP, whose wrapper clips every update to C itself) its update
+is not an outlier: its L2 norm is at most ``max_update_norm``, or, unset, at most
+``norm_multiple`` (10) × the median norm of the round's replies (with three replies or more).
+The server decides the weight: 1 for every client that trained when the federation does not
+weight by examples, else the client's count capped at ``max_client_weight`` (unset:
+``weight_multiple`` (10) × the round's median count). Rejected replies are logged with their node and counted in the
+round's train metrics (``rejected``); the round goes on with the rest.
+
+Written here because Flower 1.42's strategies average whatever they are given (a NaN, a
+misshapen array or a weight of 10⁹ takes the global model over) and its validation hooks are
+for configuration, not for replies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from server.wrapper import StrategyWrapper
+
+log = logging.getLogger("fedrec.server")
+NUMBER = (int, float)
+
+
+class ReplyValidator(StrategyWrapper):
+    def __init__(
+        self,
+        strategy: Strategy,
+        weighted: bool,
+        check_norm: bool,
+        max_update_norm: float | None = None,
+        max_client_weight: int | None = None,
+        norm_multiple: float = 10.0,
+        weight_multiple: float = 10.0,
+    ):
+        super().__init__(strategy)
+        self.weighted = weighted
+        self.check_norm = check_norm
+        self.max_update_norm = max_update_norm
+        self.max_client_weight = max_client_weight
+        self.norm_multiple = norm_multiple
+        self.weight_multiple = weight_multiple
+        self.current: dict[str, np.ndarray] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current = {k: v.numpy() for k, v in arrays.items()}
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        checked: list[tuple[Message, float, int]] = []
+        rejected = 0
+        for reply in replies:
+            if reply.has_error():
+                checked.append((reply, 0.0, 0))  # the strategies count failures themselves
+                continue
+            problem, norm, weight = self._inspect(reply)
+            if problem:
+                log.warning(
+                    "round %d: reply of node %d rejected: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    problem,
+                )
+                rejected += 1
+                continue
+            checked.append((reply, norm, weight))
+        kept = [r for r in checked if not r[0].has_error()]
+        norms = [n for _, n, w in kept if w > 0]
+        weights = [float(w) for _, _, w in kept if w > 0]
+        norm_bound = self._bound(self.max_update_norm, norms, self.norm_multiple)
+        weight_bound = self._bound(self.max_client_weight, weights, self.weight_multiple)
+        accepted: list[Message] = []
+        for reply, norm, weight in checked:
+            if reply.has_error():
+                accepted.append(reply)
+            elif self.check_norm and norm_bound is not None and norm > norm_bound:
+                log.warning(
+                    "round %d: reply of node %d rejected: update norm %.3g > bound %.3g",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    norm,
+                    norm_bound,
+                )
+                rejected += 1
+            else:
+                accepted.append(self._reweighted(reply, weight, weight_bound))
+        arrays, metrics = self.strategy.aggregate_train(server_round, accepted)
+        facts = MetricRecord({"rejected": rejected})
+        if metrics is not None:
+            facts = MetricRecord({**dict(metrics), "rejected": rejected})
+        return arrays, facts
+
+    def _inspect(self, reply: Message) -> tuple[str, float, int]:
+        """(what is wrong, or ""; the update's L2 norm; the reported weight)."""
+        arrays = reply.content.array_records.get("arrays")
+        metrics = reply.content.metric_records.get("metrics")
+        if arrays is None or metrics is None:
+            return "no arrays or no metrics", 0.0, 0
+        if list(arrays.keys()) != list(self.current):
+            return "its arrays are not the global model's", 0.0, 0
+        squared = 0.0
+        for key, array in arrays.items():
+            value, reference = array.numpy(), self.current[key]
+            # Kinds, not widths: FedAdam's global arrays are float64, a client's model float32.
+            if value.shape != reference.shape or value.dtype.kind != reference.dtype.kind:
+                return (
+                    f"{key}: {value.dtype}{value.shape} is not {reference.dtype}{reference.shape}",
+                    0.0,
+                    0,
+                )
+            if not np.isfinite(value).all():
+                return f"{key}: values that are not finite", 0.0, 0
+            squared += float(np.sum((value.astype(np.float64) - reference) ** 2))
+        for name, sent in metrics.items():
+            numbers = sent if isinstance(sent, list) else [sent]
+            if not all(isinstance(v, NUMBER) and math.isfinite(v) for v in numbers):
+                return f"metric {name} is not a finite number", 0.0, 0
+        weight = metrics.get("num-examples")
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
+            return "num-examples is not a non-negative integer", 0.0, 0
+        return "", math.sqrt(squared), weight
+
+    @staticmethod
+    def _bound(fixed: float | None, values: list[float], multiple: float) -> float | None:
+        if fixed is not None:
+            return float(fixed)
+        if len(values) < 3:
+            return None  # too few replies to call one an outlier
+        return multiple * float(np.median(values))
+
+    def _reweighted(self, reply: Message, weight: int, bound: float | None) -> Message:
+        """The reply with the weight the server decides (``num-examples``)."""
+        if weight == 0:
+            return reply  # refused or nothing to train on: stays out of the mean
+        decided = 1
+        if self.weighted:
+            decided = weight if bound is None else min(weight, max(1, int(bound)))
+        if decided != weight:
+            metrics = dict(reply.content.metric_records["metrics"])
+            reply.content["metrics"] = MetricRecord({**metrics, "num-examples": decided})
+        return reply

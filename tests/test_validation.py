@@ -1,0 +1,124 @@
+"""One hostile client among five cannot take over, break or stop a round (issue 14)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+from fedrec.federation import CentralDPConfig, FederatedConfig
+from server.strategy import LedgerKeeper, build_strategy
+from server.validation import ReplyValidator
+from simulations.inprocess import InProcessGrid
+
+from .conftest import reply
+
+GLOBAL = {"w": np.zeros((4, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
+
+
+def _stack(fed: FederatedConfig) -> ReplyValidator:
+    """As ``server.rounds.run_federation`` builds it."""
+    inner = build_strategy(fed, 5, seed=0)
+    return ReplyValidator(
+        LedgerKeeper(inner, lambda *_: None),
+        weighted=fed.weighted,
+        check_norm=fed.central_dp is None,
+    )
+
+
+def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in values.items()})
+
+
+def _round(fed: FederatedConfig, hostile) -> tuple[dict[str, np.ndarray], int]:
+    """Four honest clients (small updates, weight 10) and one ``hostile(message)`` reply."""
+    strategy = _stack(fed)
+    rng = np.random.default_rng(0)
+    instructions = sorted(
+        strategy.configure_train(1, _arrays(GLOBAL), ConfigRecord(), InProcessGrid(5)),
+        key=lambda m: m.metadata.dst_node_id,
+    )
+    assert len(instructions) == 5
+    replies = []
+    for i, message in enumerate(instructions):
+        if i == 0:
+            replies.append(hostile(message))
+            continue
+        update = {
+            k: (v + rng.normal(0, 0.01, v.shape)).astype(np.float32) for k, v in GLOBAL.items()
+        }
+        replies.append(reply(message, _arrays(update), 10))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    return {k: v.numpy() for k, v in arrays.items()}, int(metrics["rejected"])
+
+
+def _honest_only(fed: FederatedConfig) -> dict[str, np.ndarray]:
+    return _round(fed, lambda m: reply(m, _arrays(GLOBAL), 0))[0]  # a refusal: left out
+
+
+def _with(values: dict[str, np.ndarray], weight: int = 10):
+    return lambda m: reply(m, _arrays(values), weight)
+
+
+def _scaled(factor: float) -> dict[str, np.ndarray]:
+    return {k: np.full_like(v, factor * 0.01) for k, v in GLOBAL.items()}
+
+
+ATTACKS = {
+    "nan": _with({**GLOBAL, "w": np.full((4, 3), np.nan, dtype=np.float32)}),
+    "inf": _with({**GLOBAL, "b": np.array([np.inf, 0, 0], dtype=np.float32)}),
+    "wrong shape": _with({**GLOBAL, "w": np.zeros((3, 4), dtype=np.float32)}),
+    "extra key": _with({**GLOBAL, "backdoor": np.ones(2, dtype=np.float32)}),
+    "missing key": _with({"w": GLOBAL["w"]}),
+    "integer arrays": _with({k: v.astype(np.int64) for k, v in GLOBAL.items()}),
+    "scaled x1000": _with(_scaled(1000.0)),
+    "random weights, weight 1e9": _with(
+        {
+            k: np.random.default_rng(1).normal(0, 1, v.shape).astype(np.float32)
+            for k, v in GLOBAL.items()
+        },
+        weight=10**9,
+    ),
+    "negative weight": _with(_scaled(1.0), weight=-5),
+    "metrics not numbers": lambda m: _bad_metrics(m),
+}
+
+
+def _bad_metrics(message):
+    out = reply(message, _arrays(_scaled(1.0)), 10)
+    out.content["metrics"] = MetricRecord({"num-examples": 10, "train-loss": float("nan")})
+    return out
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_a_hostile_reply_is_rejected_and_the_round_goes_on(attack):
+    fed = FederatedConfig(clients_per_round=5)  # FedAvg, weighted by examples, no DP
+    model, rejected = _round(fed, ATTACKS[attack])
+    assert rejected == 1
+    clean = _honest_only(fed)
+    for key in GLOBAL:
+        np.testing.assert_allclose(model[key], clean[key], atol=1e-7)
+
+
+def test_a_huge_weight_with_a_small_update_is_capped_by_the_server():
+    """Within the norm bound, num-examples 10⁹ would make the mean the attacker's; the server
+    caps it at 10× the round's median weight."""
+    fed = FederatedConfig(clients_per_round=5)
+    model, rejected = _round(fed, _with(_scaled(3.0), weight=10**9))
+    assert rejected == 0
+    attacker = 0.03  # every coordinate of its update
+    share = float(np.mean(model["w"])) / attacker  # the honest updates average ≈ 0
+    assert share == pytest.approx(100 / 140, abs=0.05)  # weight 100 (capped) against 4 × 10
+
+
+def test_under_dp_weights_are_ones_and_an_unclipped_update_counts_as_c():
+    fed = FederatedConfig(
+        clients_per_round=5,
+        central_dp=CentralDPConfig(noise_multiplier=0.0, clipping_norm=0.1, sampling="fixed"),
+    )
+    model, rejected = _round(fed, _with(_scaled(1000.0), weight=10**9))
+    assert rejected == 0  # the DP wrapper clips it to C itself
+    honest = _honest_only(fed)
+    moved = np.sqrt(sum(np.sum((model[k] - honest[k]) ** 2) for k in GLOBAL))
+    assert moved <= 0.1 / 5 + 1e-6  # at most C / cohort: one client's clipped share
