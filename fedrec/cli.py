@@ -135,6 +135,12 @@ def simulate(
         if rounds is not None:
             experiment.federated = dataclasses.replace(experiment.federated, num_rounds=rounds)
         run_dir = output_dir or Path(experiment.output_dir)
+        if resume and not (run_dir / "checkpoint.pt").exists():
+            raise FedrecDataError(
+                "--resume needs the checkpoint of an earlier run here (starting again would "
+                "reset the federation's ledger): drop --resume, or pass that run's --output-dir",
+                run_dir / "checkpoint.pt",
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = run_dir / "config.yaml"
         resolved.write_text(yaml.safe_dump(experiment.to_dict(), sort_keys=False), encoding="utf-8")
@@ -183,11 +189,10 @@ def privacy_report(
     run_dir: Annotated[Path, typer.Argument(help="A federated run folder (holds checkpoint.pt).")],
 ) -> None:
     """Write privacy.json and privacy.html for a run from the ledger in its checkpoint."""
-    import torch
-
     from fedrec.config import parse_config
     from fedrec.federation import privacy_disclosures
     from fedrec.federation.layout import DEVICE_DIR
+    from fedrec.files import load_checkpoint
     from fedrec.privacy import PrivacyLedger
     from fedrec.privacy.report import write_privacy_report
 
@@ -195,7 +200,11 @@ def privacy_report(
     if not checkpoint.exists():
         _fail(FedrecDataError("no checkpoint.pt: run `fedrec simulate` first", run_dir))
         return
-    state = torch.load(checkpoint, weights_only=False)
+    try:
+        state = load_checkpoint(checkpoint)
+    except FedrecDataError as err:
+        _fail(err)
+        return
     ledger = PrivacyLedger()
     ledger.load_state_dict(state["ledger"])
     metrics = run_dir / "metrics.jsonl"

@@ -35,6 +35,7 @@ from fedrec.data.membership import canary_users, held_out, plant_canaries, rando
 from fedrec.data.split import SequenceSplit
 from fedrec.errors import FedrecDataError
 from fedrec.experiment import write_json_atomic
+from fedrec.files import load_checkpoint
 from fedrec.models import build_model
 from fedrec.models.base import SequentialRecommender
 from fedrec.privacy import attacks
@@ -61,7 +62,7 @@ def load_model(run_dir: Path, config: ExperimentConfig, num_items: int) -> Seque
     path = run_dir / "model.pt" if (run_dir / "model.pt").exists() else run_dir / "best.pt"
     if not path.exists():
         raise FedrecDataError("no model.pt (federated) or best.pt (central) to audit", run_dir)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(path)
     model.load_state_dict(state.get("model", state))
     return model.eval()
 

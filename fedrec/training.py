@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from fedrec.data.batching import history_batch, training_batch
 from fedrec.data.split import SequenceSplit, Stage
 from fedrec.evaluation import EvalConfig, EvalResult, evaluate, metric_names
 from fedrec.evaluation.evaluator import Scorer
+from fedrec.files import save_atomic
 from fedrec.models.base import SequentialRecommender
 
 log = logging.getLogger(__name__)
@@ -125,13 +125,6 @@ def train_epoch(
         if progress is not None:
             progress(losses[-1])
     return float(np.mean(losses)) if losses else float("nan")
-
-
-def save_atomic(obj: object, path: Path) -> None:
-    """Write with ``torch.save`` to a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def fit(

@@ -38,10 +38,11 @@ from fedrec.federation.privacy import (
     privacy_disclosures,
     reported_record_event,
 )
+from fedrec.files import load_checkpoint, save_atomic
 from fedrec.population import Population
 from fedrec.privacy import PrivacyLedger
 from fedrec.privacy.report import write_privacy_report
-from fedrec.training import resolve_device, save_atomic, seed_everything
+from fedrec.training import resolve_device, seed_everything
 from server.strategy import load_strategy_state, strategy_state
 
 log = logging.getLogger("fedrec.server")
@@ -85,10 +86,16 @@ class Federation:
         # only source of who a reply is from
         self.partition_of: dict[int, int] = {}
         checkpoint = run_dir / CHECKPOINT_FILE
-        if resume and checkpoint.exists():
-            self._restore(torch.load(checkpoint, weights_only=False))
+        if resume:
+            if not checkpoint.exists():
+                raise FileNotFoundError(
+                    f"{checkpoint}: --resume needs the checkpoint of an earlier run in this "
+                    "folder (starting again would reset the federation's ledger): drop --resume "
+                    "to start a new run, or point --output-dir at the run to continue"
+                )
+            self._restore(load_checkpoint(checkpoint))
             log.info("resumed from %s at round %d", checkpoint, self.rounds_done)
-        elif not resume:
+        else:
             for log_file in ROUND_LOGS:
                 (run_dir / log_file).unlink(missing_ok=True)
             shutil.rmtree(run_dir / CLIENT_STATE_DIR, ignore_errors=True)  # last run's prompts
@@ -105,9 +112,10 @@ class Federation:
         self.model.load_shared_state(state["model"])
         self.ledger.load_state_dict(state["ledger"])
         self.rounds_done = int(state["round"])
-        load_strategy_state(self.strategy, state["strategy"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        load_strategy_state(self.strategy, _numpy(state["strategy"]))
+        python = state["rng"]["python"]
+        random.setstate((python[0], tuple(python[1]), python[2]))
+        np.random.set_state(_numpy(state["rng"]["numpy"]))
         torch.set_rng_state(state["rng"]["torch"])
         # A kill between a log line and the checkpoint leaves a line for a round that will
         # run again: keep only the rounds the checkpoint holds.
@@ -127,10 +135,11 @@ class Federation:
                 "round": round_number,
                 "model": self.model.shared_state(),
                 "ledger": self.ledger.state_dict(),
-                "strategy": strategy_state(self.strategy),
+                # numpy arrays as tensors: the file loads with weights_only=True (no pickle)
+                "strategy": _tensors(strategy_state(self.strategy)),
                 "rng": {
                     "python": random.getstate(),
-                    "numpy": np.random.get_state(),
+                    "numpy": _tensors(np.random.get_state()),
                     "torch": torch.get_rng_state(),
                 },
                 "config": self.config.to_dict(),
@@ -326,3 +335,27 @@ class Federation:
         if (self.run_dir / "audit.jsonl").exists():
             write_audit_report(self.run_dir)
         return results
+
+
+def _tensors(value: Any) -> Any:
+    """``value`` with numpy arrays as tensors and numpy scalars as Python numbers."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _tensors(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_tensors(v) for v in value)
+    return value
+
+
+def _numpy(value: Any) -> Any:
+    """The inverse of ``_tensors`` (what Flower's strategies and numpy's RNG take back)."""
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, dict):
+        return {k: _numpy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_numpy(v) for v in value)
+    return value

@@ -25,6 +25,7 @@ import torch
 from fedrec.audits import AuditContext, RerankConfig, audit
 from fedrec.config import load_config
 from fedrec.data import prepare_split
+from fedrec.files import load_checkpoint
 from fedrec.models import build_model
 from fedrec.plots import pyplot
 from fedrec.training import model_scorer
@@ -42,7 +43,7 @@ def tradeoff(
     config.audit = dataclasses.replace(config.audit, stage=stage)
     dataset, split = prepare_split(config.data)
     model = build_model(config.model_name, split.num_items, config.model)
-    state = torch.load(model_path, weights_only=False, map_location="cpu")
+    state = load_checkpoint(Path(model_path))
     model.load_state_dict(state.get("model", state))
     scorer = model_scorer(model, split, torch.device("cpu"))
     rows = []

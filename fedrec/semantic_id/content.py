@@ -18,6 +18,7 @@ import torch
 
 from fedrec.data.catalogue import DEFAULT_TEXT_COLUMNS
 from fedrec.data.dataset import InteractionDataset
+from fedrec.files import load_checkpoint
 
 ENCODERS = ("tfidf", "hf", "collab", "hybrid")
 TEXT_COLUMNS = DEFAULT_TEXT_COLUMNS
@@ -96,7 +97,7 @@ def hf_embeddings(texts: list[str], model_id: str, batch_size: int, max_length: 
 
 def collab_embeddings(checkpoint: str | Path, num_items: int) -> np.ndarray:
     """The item table of a trained sequential model (row 0 is padding and is dropped)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(Path(checkpoint))
     weights = state.get("model", state)["item_embedding.weight"]
     if weights.shape[0] != num_items + 1:
         raise ValueError(
