@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,6 +101,8 @@ class _Locations:
 
 
 def _check_type(value: Any, hint: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):  # a section given something other than its options
+        raise ValueError(f"expected a mapping of options for this section, got {value!r}")
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -115,6 +118,8 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
         not isinstance(value, expected) or (hint is not bool and isinstance(value, bool))
     ):
         raise ValueError(f"expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r}")
     return float(value) if hint is float else value
 
 

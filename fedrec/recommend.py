@@ -45,6 +45,9 @@ def global_model(population: Population, run_dir: Path) -> LLMFederatedModel:
 
 
 def recommend(run_dir: Path, raw_user: str, k: int = 10) -> dict[str, Any]:
+    size = ItemCatalogue.load(run_dir / CATALOGUE_FILE).num_items
+    if not 1 <= k <= size:
+        raise ValueError(f"--k must lie in 1..{size} (the run's catalogue), got {k}")
     population = load_run(run_dir)
     dataset, split, partitions = population.dataset, population.split, population.partitions
     users = {str(u): i for i, u in enumerate(dataset.raw_user_ids)}

@@ -140,6 +140,10 @@ def _read_atomic(
     columns: dict[str, list[str]] = {name: [] for name in types}
     names = list(types)
     for number, text in lines:
+        if text == header:
+            raise FedrecDataError(
+                "the header line is repeated here (files joined by hand?): remove it", path, number
+            )
         fields = split_fields(text, "\t", len(names), path, number)
         for column_name, value in zip(names, fields, strict=True):
             if types[column_name] == "float" or column_name in numeric:
@@ -304,6 +308,7 @@ def load_sequences(path: str | Path, encoding: str = "utf-8") -> InteractionData
     users: list[str] = []
     items: list[str] = []
     times: list[float] = []
+    first_line: dict[str, int] = {}
     for number, text in read_lines(path, encoding):
         if "," in text or ";" in text:
             raise FedrecDataError(
@@ -317,6 +322,14 @@ def load_sequences(path: str | Path, encoding: str = "utf-8") -> InteractionData
                 number,
             )
         user = str(parse_int(fields[0], "user_id", path, number))
+        if user in first_line:
+            raise FedrecDataError(
+                f"user {user} has a second line (the first is line {first_line[user]}): one line "
+                "per user, items in time order; join the lines",
+                path,
+                number,
+            )
+        first_line[user] = number
         for position, item in enumerate(fields[1:]):
             users.append(user)
             items.append(str(parse_int(item, "item_id", path, number)))

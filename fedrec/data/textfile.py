@@ -7,6 +7,7 @@ reported with its file and line number, and nothing half-parsed may escape.
 from __future__ import annotations
 
 import codecs
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,6 +91,9 @@ def parse_int(value: str, column: str, path: Path, line: int) -> int:
 
 def parse_float(value: str, column: str, path: Path, line: int) -> float:
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise FedrecDataError(f"column {column!r}: {value!r} is not a number", path, line) from None
+    if not math.isfinite(number):  # a NaN timestamp would sort last and become a test item
+        raise FedrecDataError(f"column {column!r}: {value!r} is not a finite number", path, line)
+    return number

@@ -145,6 +145,18 @@ class FederatedConfig:
             raise ValueError("federated.fraction_per_round must lie in [0, 1] (0: use the count)")
         if self.record_epsilon_budget is not None and self.record_dp is None:
             raise ValueError("federated.record_epsilon_budget needs federated.record_dp")
+        if self.record_epsilon_budget is not None and not self.record_epsilon_budget > 0:
+            raise ValueError("federated.record_epsilon_budget must be > 0 (unset: no budget)")
+        if (
+            self.record_epsilon_budget is not None
+            and self.record_dp is not None
+            and self.record_dp.noise_multiplier == 0
+        ):
+            raise ValueError(
+                "federated.record_dp.noise_multiplier 0 spends infinite ε, so under "
+                "record_epsilon_budget no client could ever train: set noise_multiplier > 0 "
+                "(or target_epsilon), or drop the budget"
+            )
         for option, bound in (
             ("max_update_norm", self.max_update_norm),
             ("max_client_weight", self.max_client_weight),
