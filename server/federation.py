@@ -40,12 +40,13 @@ from fedrec.federation.privacy import (
 )
 from fedrec.files import load_checkpoint, save_atomic
 from fedrec.population import Population
-from fedrec.privacy import PrivacyLedger
+from fedrec.privacy import PrivacyBudget, PrivacyLedger
 from fedrec.privacy.report import write_privacy_report
 from fedrec.training import resolve_device, seed_everything
 from server.strategy import load_strategy_state, strategy_state
 
 log = logging.getLogger("fedrec.server")
+LEDGER_JOURNAL = "ledger.json"  # the ledger as of the last replies (the checkpoint's may lag)
 TRAIN_FACTS = (
     "train-loss",
     "dp-replies",
@@ -81,7 +82,7 @@ class Federation:
         self.audit = self.config.audit if self.config.audit.enabled else None
         self.pending_audit: dict[str, Any] | None = None  # the federated audit of this round
         self.failure = ""  # set when every sampled client of a round failed
-        self.replies = self.refused = 0
+        self.replies = self.refused = self.withheld = 0
         # node ID -> the client it runs, as the node identified itself (server.rounds): the
         # only source of who a reply is from
         self.partition_of: dict[int, int] = {}
@@ -96,7 +97,7 @@ class Federation:
             self._restore(load_checkpoint(checkpoint))
             log.info("resumed from %s at round %d", checkpoint, self.rounds_done)
         else:
-            for log_file in ROUND_LOGS:
+            for log_file in (*ROUND_LOGS, LEDGER_JOURNAL):
                 (run_dir / log_file).unlink(missing_ok=True)
             shutil.rmtree(run_dir / CLIENT_STATE_DIR, ignore_errors=True)  # last run's prompts
             carried = list((run_dir / DEVICE_DIR).glob("client-*.json"))
@@ -111,6 +112,16 @@ class Federation:
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_shared_state(state["model"])
         self.ledger.load_state_dict(state["ledger"])
+        journal = self.run_dir / LEDGER_JOURNAL
+        if journal.exists():
+            # Releases of a round that was interrupted after its replies arrived: they
+            # happened (the clients' ledgers hold them), so the server's ledger keeps them.
+            kept = PrivacyLedger()
+            kept.load_state_dict(json.loads(journal.read_text(encoding="utf-8")))
+            extra = len(kept.events) - len(self.ledger.events)
+            if extra > 0 and kept.events[: len(self.ledger.events)] == self.ledger.events:
+                log.warning("%d releases of an interrupted round kept from %s", extra, journal.name)
+                self.ledger = kept
         self.rounds_done = int(state["round"])
         load_strategy_state(self.strategy, _numpy(state["strategy"]))
         python = state["rng"]["python"]
@@ -156,6 +167,26 @@ class Federation:
         delta = central.delta_for(self.num_clients)
         return self.ledger.epsilon("server", delta, extra=next_event) <= central.target_epsilon
 
+    def may_train(self, node: int) -> bool:
+        """Whether a sampled node is asked to train: not when the server's own ledger shows
+        its client past ``record_epsilon_budget`` with one more release like its last (a
+        device that lost its ledger would otherwise train again)."""
+        budget = self.fed.record_epsilon_budget
+        partition = self.partition_of.get(node)
+        if budget is None or partition is None:
+            return True
+        party = f"client:{partition}"
+        spent = [e for e in self.ledger.events if e.party == party and e.mechanism == "dp-sgd"]
+        if not spent:
+            return True
+        allowed = PrivacyBudget(budget, spent[-1].delta).allows(self.ledger, spent[-1])
+        if not allowed:
+            self.withheld += 1
+            log.warning(
+                "client %d is past its ε budget in the server's ledger: not asked", partition
+            )
+        return allowed
+
     def _client_of(self, reply: Message) -> int | None:
         partition = self.partition_of.get(reply.metadata.src_node_id)
         if partition is None:
@@ -182,6 +213,8 @@ class Federation:
                 self.ledger.record(reported_record_event(self.fed, partition, round_number, dp))
         if self.fed.central_dp is not None:
             self.ledger.record(central_event(self.fed, self.num_clients, round_number))
+        # Written before the aggregate exists: a kill from here on loses no release.
+        write_json_atomic(self.ledger.state_dict(), self.run_dir / LEDGER_JOURNAL)
 
     def evaluated(self, round_number: int) -> bool:
         """Whether this round's global model is evaluated (``federated.eval_every``; round 0,
@@ -230,8 +263,13 @@ class Federation:
         if round_number == 0:  # the initial model: nothing trained, nothing logged
             return None
         record.update(
-            clients=self.replies, refused=self.refused, seconds=seconds, epsilon=self.epsilons()
+            clients=self.replies,
+            refused=self.refused,
+            withheld=self.withheld,
+            seconds=seconds,
+            epsilon=self.epsilons(),
         )
+        self.withheld = 0
         kept = {k: v for k, v in (train_metrics or {}).items() if k in TRAIN_FACTS}
         if kept:
             record["train"] = kept

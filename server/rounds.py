@@ -25,6 +25,7 @@ from tqdm import tqdm
 from fedrec.federation.layout import CATALOGUE_FILE
 from fedrec.population import Population
 from server.federation import Federation
+from server.sampling import CohortSampler
 from server.strategy import LedgerKeeper, build_strategy
 from server.validation import ReplyValidator
 
@@ -66,6 +67,11 @@ class IdentifiedGrid:
         new = [n for n in connected if n not in self.partition_of and n not in self.excluded]
         if new:
             self._identify(new)
+            if not self.partition_of and len(self.excluded) >= self.clients:
+                raise RuntimeError(
+                    f"none of {len(self.excluded)} nodes could say which client it runs (see the "
+                    "warnings and the clients' errors above): the federation cannot sample"
+                )
         known = [n for n in connected if n in self.partition_of]
         return sorted(known, key=self.partition_of.__getitem__)
 
@@ -122,6 +128,8 @@ def run_federation(
     client_audit = config.audit.enabled and config.audit.mode == "federated"
     inner = build_strategy(fed, len(population.partitions), config.seed, client_audit)
     federation = Federation(population, catalogue, run_dir, resume, inner, engine)
+    if isinstance(inner, CohortSampler):
+        inner.may_train = federation.may_train
     if federation.rounds_done == 0 and not federation.may_start(1):
         raise ValueError(
             f"central_dp.target_epsilon {fed.central_dp and fed.central_dp.target_epsilon} is "

@@ -75,6 +75,9 @@ class CohortSampler(StrategyWrapper):
         self.whole_population = whole_population
         self.rng = generator(0, TRAIN)
         self.last_sampled = 0  # this round's cohort size (Poisson: random)
+        # The server's own check of a sampled node (its client's budget, by the server's
+        # ledger): a node it fails is not asked to train; set by ``server.rounds``.
+        self.may_train: Callable[[int], bool] = lambda _node: True
 
     @property
     def sample_rate(self) -> float:
@@ -97,7 +100,8 @@ class CohortSampler(StrategyWrapper):
     ) -> Iterable[Message]:
         self.rng = self.generator(server_round, TRAIN)
         connected = self._connected(grid, self.whole_population)
-        chosen = self.sample(connected, self.sampling, self.rng)
+        # Sampled first, then checked: the draw (and so the accountant's q) is the same.
+        chosen = [n for n in self.sample(connected, self.sampling, self.rng) if self.may_train(n)]
         self.last_sampled = len(chosen)
         return self.strategy.configure_train(server_round, arrays, config, Cohort(chosen))  # type: ignore[arg-type]
 

@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.app.message_type import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedrec.federation import CentralDPConfig, FederatedConfig
+from fedrec.federation import FederatedConfig
 from server.rounds import IdentifiedGrid
 from server.strategy import build_strategy
 
@@ -65,8 +65,7 @@ def test_a_round_without_user_level_dp_needs_only_a_cohort_online():
     assert len(chosen) == 2 and {m.metadata.dst_node_id for m in chosen} <= {1, 2, 3}
 
 
-def test_the_ledger_books_a_release_by_the_identified_client_not_by_the_reply(tmp_path):
-    """A reply claiming to be another client is booked to the client its node runs."""
+def _federation(tmp_path, resume: bool = False):
     from fedrec.config import parse_config
     from fedrec.population import population_of
     from server.federation import Federation
@@ -85,18 +84,17 @@ def test_the_ledger_books_a_release_by_the_identified_client_not_by_the_reply(tm
         }
     )
     population = population_of(config)
-    fed = FederatedConfig(central_dp=CentralDPConfig())
-    strategy = build_strategy(fed, 3, seed=0)
-    federation = Federation(
-        population, population.publish(tmp_path), tmp_path, False, strategy, "test"
-    )
-    federation.partition_of = {11: 2}
+    strategy = build_strategy(config.federated, 3, seed=0)
+    return Federation(population, population.publish(tmp_path), tmp_path, resume, strategy, "test")
+
+
+def _release(node: int, claimed: int):
     TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 0
-    instruction = Message(RecordDict(), dst_node_id=11, message_type=MessageType.TRAIN)
-    lying = reply(instruction, ArrayRecord(), 1)
-    lying.content["metrics"] = MetricRecord(
+    instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    out = reply(instruction, ArrayRecord(), 1)
+    out.content["metrics"] = MetricRecord(
         {
-            "partition-id": 0,
+            "partition-id": claimed,
             "dp-steps": 3,
             "dp-noise-multiplier": 1.0,
             "dp-sample-rate": 0.5,
@@ -105,5 +103,84 @@ def test_the_ledger_books_a_release_by_the_identified_client_not_by_the_reply(tm
         }
     )
     TaskIdentity.node_id = 0
-    federation.on_replies(1, [lying])
+    return out
+
+
+def test_the_ledger_books_a_release_by_the_identified_client_not_by_the_reply(tmp_path):
+    """A reply claiming to be another client is booked to the client its node runs."""
+    federation = _federation(tmp_path)
+    federation.partition_of = {11: 2}
+    federation.on_replies(1, [_release(11, claimed=0)])
     assert {e.party for e in federation.ledger.events} == {"client:2", "server"}
+
+
+def test_releases_of_an_interrupted_round_survive_the_resume(tmp_path):
+    """Killed after round 2's replies arrived, before its checkpoint: the resumed server's
+    ledger still holds round 2's releases (the clients spent them)."""
+    federation = _federation(tmp_path)
+    federation.partition_of = {11: 0, 12: 1}
+    federation.on_replies(1, [_release(11, 0)])
+    federation.checkpoint(1)
+    federation.on_replies(2, [_release(11, 0), _release(12, 1)])  # then the process dies
+    resumed = _federation(tmp_path, resume=True)
+    assert resumed.rounds_done == 1
+    rounds = sorted((e.round, e.party) for e in resumed.ledger.events)
+    assert rounds == [
+        (1, "client:0"),
+        (1, "server"),
+        (2, "client:0"),
+        (2, "client:1"),
+        (2, "server"),
+    ]
+
+
+def test_a_device_that_loses_its_ledger_is_not_asked_past_its_budget(tmp_path):
+    """Each device forgets its ledger before every round; the server's ledger still keeps every
+    client within record_epsilon_budget."""
+    import json
+    import shutil
+
+    import yaml
+
+    from clients.app import app as client_app
+    from fedrec.config import parse_config
+    from fedrec.population import population_of
+    from server.rounds import run_federation
+    from simulations.inprocess import InProcessGrid
+
+    config = parse_config(
+        {
+            "seed": 0,
+            "data": {"synthetic": {"num_users": 30, "num_items": 40, "mean_length": 30, "seed": 0}},
+            "model": {"name": "hstu", "max_len": 16, "embedding_dim": 8, "num_blocks": 1},
+            "evaluation": {"ks": [10]},
+            "audit": {"enabled": False},
+            "federated": {
+                "partitioning": "hash",
+                "num_partitions": 3,
+                "num_rounds": 4,
+                "clients_per_round": 3,
+                "record_dp": {"noise_multiplier": 1.0, "batch_size": 8},
+                "record_epsilon_budget": 6.0,  # one round each, then refusal
+            },
+        }
+    )
+    population = population_of(config)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
+
+    class Forgetful(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            shutil.rmtree(tmp_path / "devices", ignore_errors=True)  # every device forgets
+            return super().send_and_receive(messages, timeout=timeout)
+
+    grid = Forgetful(
+        3,
+        client_app,
+        {"config": str(tmp_path / "config.yaml"), "run-dir": str(tmp_path)},
+        population,
+        tmp_path,
+    )
+    run_federation(population, tmp_path, grid, engine="in-process", write_stores=False)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert sum(line["withheld"] for line in lines) > 0
+    assert all(line["epsilon"]["client_max"] <= 6.0 for line in lines)
