@@ -116,12 +116,12 @@ class Federation:
         if journal.exists():
             # Releases of a round that was interrupted after its replies arrived: they
             # happened (the clients' ledgers hold them), so the server's ledger keeps them.
-            kept = PrivacyLedger()
-            kept.load_state_dict(json.loads(journal.read_text(encoding="utf-8")))
-            extra = len(kept.events) - len(self.ledger.events)
-            if extra > 0 and kept.events[: len(self.ledger.events)] == self.ledger.events:
+            journaled = PrivacyLedger()
+            journaled.load_state_dict(json.loads(journal.read_text(encoding="utf-8")))
+            extra = len(journaled.events) - len(self.ledger.events)
+            if extra > 0 and journaled.events[: len(self.ledger.events)] == self.ledger.events:
                 log.warning("%d releases of an interrupted round kept from %s", extra, journal.name)
-                self.ledger = kept
+                self.ledger = journaled
         self.rounds_done = int(state["round"])
         load_strategy_state(self.strategy, _numpy(state["strategy"]))
         python = state["rng"]["python"]
