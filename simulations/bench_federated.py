@@ -136,7 +136,7 @@ def _simulate(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
     return {"history": history, "peak_rss_bytes": peak, "wall": time.perf_counter() - started}
 
 
-def _synthetic_config(users: int, clients_per_round: int, rounds: int) -> dict[str, Any]:
+def synthetic_config(users: int, clients_per_round: int, rounds: int) -> dict[str, Any]:
     return {
         "seed": 0,
         "data": {
@@ -167,7 +167,7 @@ def bench_round(
     from simulations.inprocess import run_inprocess
 
     if config_path is None:
-        config = _synthetic_config(1000, clients_per_round, rounds)
+        config = synthetic_config(1000, clients_per_round, rounds)
     else:
         config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
         config["federated"].update(num_rounds=rounds, clients_per_round=clients_per_round)
@@ -193,7 +193,7 @@ def bench_memory(workdir: Path, populations: list[int], clients_per_round: int) 
     """Peak resident memory of the whole simulation (driver + Ray actors), 2 rounds each."""
     out = {}
     for users in populations:
-        result = _simulate(_synthetic_config(users, clients_per_round, 2), workdir / f"pop-{users}")
+        result = _simulate(synthetic_config(users, clients_per_round, 2), workdir / f"pop-{users}")
         out[str(users)] = {
             "peak_rss_mib": result["peak_rss_bytes"] / 2**20,
             "wall_seconds": result["wall"],

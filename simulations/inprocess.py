@@ -24,14 +24,13 @@ import json
 import logging
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -52,7 +51,7 @@ class InProcessGrid:
     def __init__(
         self,
         num_clients: int,
-        client: ClientApp | None = None,
+        client: Callable[[Message, Context], Message] | None = None,
         run_config: dict[str, Any] | None = None,
         population: Population | None = None,
         run_dir: Path | None = None,
@@ -109,9 +108,11 @@ def run_inprocess(
     run_dir: Path,
     eval_every: int | None = None,
     progress: bool = True,
+    client: Callable[[Message, Context], Message] = client_app,
 ) -> dict[str, Any]:
     """Run ``population.config``'s federation in this process; write what ``fedrec simulate``
-    writes (metrics, audit, ledger, reports, ``results.json``)."""
+    writes (metrics, audit, ledger, reports, ``results.json``). ``client`` answers every
+    message (the ClientApp; a benchmark may wrap it, e.g. to make some clients hostile)."""
     config = population.config
     if eval_every is not None:
         config = dataclasses.replace(
@@ -124,7 +125,7 @@ def run_inprocess(
     shutil.rmtree(run_dir / STORE_DIR, ignore_errors=True)  # the last run's simulated data
     grid = InProcessGrid(
         len(population.partitions),
-        client_app,
+        client,
         {"config": str(resolved), "run-dir": str(run_dir)},
         population,
         run_dir,

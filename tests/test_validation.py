@@ -122,3 +122,46 @@ def test_under_dp_weights_are_ones_and_an_unclipped_update_counts_as_c():
     honest = _honest_only(fed)
     moved = np.sqrt(sum(np.sum((model[k] - honest[k]) ** 2) for k in GLOBAL))
     assert moved <= 0.1 / 5 + 1e-6  # at most C / cohort: one client's clipped share
+
+
+SIGNAL = 0.01  # what every honest client's update agrees on
+
+
+def _agreeing_round(fed: FederatedConfig, flip: bool) -> dict[str, np.ndarray]:
+    """Four honest clients move every weight by ≈ SIGNAL; with ``flip`` the fifth sends −5×
+    that (its norm is 5× an honest one's: inside the validator's bound)."""
+    strategy = _stack(fed)
+    rng = np.random.default_rng(0)
+    instructions = sorted(
+        strategy.configure_train(1, _arrays(GLOBAL), ConfigRecord(), InProcessGrid(5)),
+        key=lambda m: m.metadata.dst_node_id,
+    )
+    replies = []
+    for i, message in enumerate(instructions):
+        scale = -5.0 if (i == 0 and flip) else 1.0
+        update = {
+            k: (v + scale * SIGNAL + rng.normal(0, SIGNAL / 10, v.shape)).astype(np.float32)
+            for k, v in GLOBAL.items()
+        }
+        replies.append(reply(message, _arrays(update), 10))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None and metrics["rejected"] == 0
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def _off_signal(model: dict[str, np.ndarray]) -> float:
+    return float(max(np.abs(model[k] - SIGNAL).max() for k in GLOBAL))
+
+
+@pytest.mark.parametrize("rule", ["krum", "multikrum", "trimmedmean", "median"])
+def test_a_robust_rule_resists_what_validation_lets_through(rule):
+    plain = FederatedConfig(clients_per_round=5)
+    robust = FederatedConfig(clients_per_round=5, strategy=rule, malicious_clients=1, krum_select=3)
+    assert _off_signal(_agreeing_round(plain, flip=False)) < SIGNAL / 5
+    assert _off_signal(_agreeing_round(plain, flip=True)) > SIGNAL  # FedAvg is dragged past 0
+    assert _off_signal(_agreeing_round(robust, flip=True)) < SIGNAL / 2
+
+
+def test_robust_aggregation_and_user_level_dp_do_not_compose():
+    with pytest.raises(ValueError, match="receives only their noised mean"):
+        FederatedConfig(strategy="krum", central_dp=CentralDPConfig())

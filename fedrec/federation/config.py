@@ -64,7 +64,10 @@ class FederatedConfig:
     ``fraction_per_round`` > 0. ``record_dp``: Opacus DP-SGD on every client (what one record is:
     ``fedrec.federation.records``), with ``record_epsilon_budget`` per client. ``central_dp``:
     user-level DP-FedAvg. ``strategy``: a registered server strategy
-    (``fedrec.federation.strategies``). ``local_optimizer``: ``adam`` (a fresh Adam every round)
+    (``fedrec.federation.strategies``): ``fedavg``, ``fedavgm``, ``fedprox``, ``fedadam``, or a
+    robust rule, ``krum``, ``multikrum`` (``krum_select`` updates kept), ``bulyan`` (these
+    assume ``malicious_clients`` hostile replies per round), ``trimmedmean`` (``trim_beta``
+    cut at each end) or ``median``. ``local_optimizer``: ``adam`` (a fresh Adam every round)
     or ``sgd`` (with one local epoch the update is the client's gradient scaled by
     ``local_learning_rate``: FedSGD, which a server optimizer such as FedAdam turns into
     large-batch centralized Adam). ``server_tau``: FedAdam's adaptivity τ (Flower's default 1e-3
@@ -100,6 +103,9 @@ class FederatedConfig:
     server_momentum: float = 0.0
     server_tau: float = 1e-3
     proximal_mu: float = 0.0
+    malicious_clients: int = 0
+    krum_select: int = 1
+    trim_beta: float = 0.2
     round_timeout: float = 600.0
     eval_every: int = 1
     record_window: int = 20
@@ -122,6 +128,16 @@ class FederatedConfig:
         if self.strategy not in STRATEGIES:
             raise ValueError(
                 f"federated.strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}"
+            )
+        if STRATEGIES[self.strategy].robust and self.central_dp is not None:
+            raise ValueError(
+                f"federated.strategy {self.strategy!r} aggregates the individual updates, but "
+                "under central_dp the strategy receives only their noised mean: choose fedavg, "
+                "fedavgm, fedprox or fedadam, or drop central_dp"
+            )
+        if self.malicious_clients < 0 or self.krum_select < 1 or not 0 <= self.trim_beta < 0.5:
+            raise ValueError(
+                "federated: malicious_clients >= 0, krum_select >= 1, trim_beta in [0, 0.5)"
             )
         if (
             min(self.num_rounds, self.clients_per_round, self.local_epochs, self.local_batch_size)

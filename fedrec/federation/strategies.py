@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class StrategySpec:
     """``flower_class``: a class of ``flwr.serverapp.strategy``, or ``module:Class``;
-    ``options``: its keyword argument → the ``FederatedConfig`` field that sets it."""
+    ``options``: its keyword argument → the ``FederatedConfig`` field that sets it;
+    ``robust``: it aggregates the individual updates robustly (Byzantine clients)."""
 
     flower_class: str
     options: dict[str, str] = field(default_factory=dict)
+    robust: bool = False
 
 
 STRATEGIES: dict[str, StrategySpec] = {
@@ -31,4 +33,15 @@ STRATEGIES: dict[str, StrategySpec] = {
         "FedAdam",
         {"eta": "server_learning_rate", "eta_l": "local_learning_rate", "tau": "server_tau"},
     ),
+    # Robust aggregation: Flower's own rules, each assuming ``malicious_clients`` hostile
+    # clients among a round's replies.
+    "krum": StrategySpec("Krum", {"num_malicious_nodes": "malicious_clients"}, robust=True),
+    "multikrum": StrategySpec(
+        "MultiKrum",
+        {"num_malicious_nodes": "malicious_clients", "num_nodes_to_select": "krum_select"},
+        robust=True,
+    ),
+    "bulyan": StrategySpec("Bulyan", {"num_malicious_nodes": "malicious_clients"}, robust=True),
+    "trimmedmean": StrategySpec("FedTrimmedAvg", {"beta": "trim_beta"}, robust=True),
+    "median": StrategySpec("FedMedian", robust=True),
 }
