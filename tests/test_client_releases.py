@@ -92,6 +92,7 @@ def test_a_dp_reply_carries_no_unaccounted_data_and_the_ledger_stays_on_the_devi
     assert "train-loss" not in metrics  # off by default under DP
     assert metrics["num-examples"] == 1  # not the record count
     assert metrics["dp-delta"] == 1e-5 and metrics["dp-steps"] > 0
+    assert (device / "client-0.json").stat().st_mode & 0o777 == 0o600
     event = _ledger(device).events[0]
     assert event.unit == "user-day" and event.delta == 1e-5 and event.accountant == "rdp"
 

@@ -276,7 +276,7 @@ def test_local_training_lowers_the_loss_and_keeps_the_personal_prompt_on_device(
     with torch.no_grad():
         end = model.model.per_example_loss(*examples.tensors).mean().item()
     assert end < start and result.num_examples == len(examples) and result.dp is None
-    assert personal.exists()
+    assert personal.stat().st_mode & 0o777 == 0o600  # the user's own: owner only
     from safetensors.torch import load_file
 
     kept = load_file(personal)[PERSONAL_KEY]

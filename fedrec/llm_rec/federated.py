@@ -178,6 +178,7 @@ class LLMFederatedModel:
             personal.parent.mkdir(parents=True, exist_ok=True)
             tmp = personal.with_suffix(".tmp")
             save_file(model.personal_state(), tmp)
+            tmp.chmod(0o600)  # the user's own prompt: readable by the device's owner only
             os.replace(tmp, personal)
         return LocalResult(len(examples), loss, dp)
 
