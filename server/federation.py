@@ -114,14 +114,22 @@ class Federation:
         self.ledger.load_state_dict(state["ledger"])
         journal = self.run_dir / LEDGER_JOURNAL
         if journal.exists():
-            # Releases of a round that was interrupted after its replies arrived: they
-            # happened (the clients' ledgers hold them), so the server's ledger keeps them.
+            # Clients' releases of a round that was interrupted after its replies arrived:
+            # they happened (the clients' ledgers hold them), so the server's ledger keeps
+            # them. The server's own noised aggregate of that round was never published.
             journaled = PrivacyLedger()
             journaled.load_state_dict(json.loads(journal.read_text(encoding="utf-8")))
-            extra = len(journaled.events) - len(self.ledger.events)
-            if extra > 0 and journaled.events[: len(self.ledger.events)] == self.ledger.events:
-                log.warning("%d releases of an interrupted round kept from %s", extra, journal.name)
-                self.ledger = journaled
+            known = len(self.ledger.events)
+            if journaled.events[:known] == self.ledger.events:
+                extra = [e for e in journaled.events[known:] if e.party != "server"]
+                for event in extra:
+                    self.ledger.record(event)
+                if extra:
+                    log.warning(
+                        "%d client releases of an interrupted round kept from %s",
+                        len(extra),
+                        journal.name,
+                    )
         self.rounds_done = int(state["round"])
         load_strategy_state(self.strategy, _numpy(state["strategy"]))
         python = state["rng"]["python"]
