@@ -22,6 +22,7 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
+from fedrec.federation.config import FederatedConfig
 from fedrec.federation.layout import CATALOGUE_FILE
 from fedrec.population import Population
 from server.federation import Federation
@@ -146,6 +147,7 @@ def run_federation(
         check_norm=fed.central_dp is None,
         max_update_norm=fed.max_update_norm,
         max_client_weight=fed.max_client_weight,
+        dp_settings=record_dp_settings(fed),
     )
     published = (run_dir / CATALOGUE_FILE).read_text(encoding="utf-8")
     nodes = IdentifiedGrid(grid, fed.round_timeout, federation.num_clients, published)
@@ -191,6 +193,17 @@ def run_federation(
     if stopped:
         (log.error if federation.failure else log.warning)("stopping: %s", stopped)
     return federation.finish(stopped, bool(federation.failure), started)
+
+
+def record_dp_settings(fed: FederatedConfig) -> dict[str, float]:
+    """What every record-level DP release must state, as the config fixes it."""
+    dp = fed.record_dp
+    if dp is None:
+        return {}
+    settings = {"dp-clip-norm": dp.max_grad_norm, "dp-delta": dp.delta}
+    if dp.noise_multiplier is not None:
+        settings["dp-noise-multiplier"] = dp.noise_multiplier
+    return settings
 
 
 def _rounds(first: int, last: int, progress: bool) -> Iterator[int]:

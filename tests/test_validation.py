@@ -165,3 +165,46 @@ def test_a_robust_rule_resists_what_validation_lets_through(rule):
 def test_robust_aggregation_and_user_level_dp_do_not_compose():
     with pytest.raises(ValueError, match="receives only their noised mean"):
         FederatedConfig(strategy="krum", central_dp=CentralDPConfig())
+
+
+@pytest.mark.parametrize(
+    ("lie", "value"),
+    [
+        ("dp-noise-multiplier", 50.0),  # claims far more noise: its ε would look tiny
+        ("dp-clip-norm", 0.001),
+        ("dp-delta", 0.5),
+        ("dp-sample-rate", 1.5),
+        ("dp-steps", -3),
+    ],
+)
+def test_a_reply_that_misstates_its_dp_release_is_rejected(lie, value):
+    from fedrec.privacy.dp_sgd import DPSGDConfig
+    from server.rounds import record_dp_settings
+
+    fed = FederatedConfig(
+        clients_per_round=5, record_dp=DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+    )
+    strategy = ReplyValidator(
+        LedgerKeeper(build_strategy(fed, 5, seed=0), lambda *_: None),
+        weighted=fed.weighted,
+        check_norm=True,
+        dp_settings=record_dp_settings(fed),
+    )
+    instructions = list(
+        strategy.configure_train(1, _arrays(GLOBAL), ConfigRecord(), InProcessGrid(5))
+    )
+    stated = {
+        "dp-noise-multiplier": 1.0,
+        "dp-clip-norm": 1.0,
+        "dp-delta": 1e-5,
+        "dp-sample-rate": 0.5,
+        "dp-steps": 3,
+    }
+    replies = []
+    for i, message in enumerate(instructions):
+        out = reply(message, _arrays(_scaled(1.0)), 1)
+        metrics = {**stated, lie: value} if i == 0 else stated
+        out.content["metrics"] = MetricRecord({"num-examples": 1, **metrics})
+        replies.append(out)
+    _, facts = strategy.aggregate_train(1, replies)
+    assert facts is not None and facts["rejected"] == 1
