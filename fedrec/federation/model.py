@@ -70,6 +70,8 @@ def local_train(
     users = trainable_users(split)
     if not len(users):
         return LocalResult(0, math.nan, None)
+    # Dropout and negative sampling only: no DP mechanism reads this stream (DP-SGD's noise and
+    # Poisson masks come from fedrec.privacy.randomness, private unless noise_seed is given).
     torch.manual_seed(seed)
     model.train()  # a client's model may have just been evaluated (one model per process)
     optimizer = LOCAL_OPTIMIZERS[config.local_optimizer](
