@@ -11,8 +11,10 @@ clipping) or evaluates, keeping its privacy ledger and personal prompt in its ow
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -40,6 +42,7 @@ from fedrec.federation.client import (
 )
 from fedrec.federation.layout import client_paths, resolve_config_path, resolve_run_dir
 from fedrec.federation.model import FederatedModel
+from fedrec.privacy import PrivacyLedger
 
 app = ClientApp()
 torch.set_num_threads(1)  # one CPU per virtual client was fastest on 2 cores (STACK-NOTES)
@@ -166,22 +169,19 @@ def identify(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     client = _client(msg, context)
     config = client.config
-    ledger = load_ledger(client.ledger_path)
-    before = len(ledger.events)
     clip = msg.content.config_records["config"].get(KEY_CLIPPING_NORM)
-    reply = train_round(
-        client.model,
-        client.split,
-        config.federated,
-        partition=client.partition,
-        round_number=_round(msg),
-        seed=config.seed,
-        ledger=ledger,
-        personal=client.personal_path,
-        clipping_norm=None if clip is None else float(cast(float, clip)),
-    )
-    if len(ledger.events) != before:
-        save_ledger(ledger, client.ledger_path)
+    with _own_ledger(client.ledger_path) as ledger:
+        reply = train_round(
+            client.model,
+            client.split,
+            config.federated,
+            partition=client.partition,
+            round_number=_round(msg),
+            seed=config.seed,
+            ledger=ledger,
+            personal=client.personal_path,
+            clipping_norm=None if clip is None else float(cast(float, clip)),
+        )
     return _message(msg, reply)
 
 
@@ -192,8 +192,6 @@ def evaluate_on_device(msg: Message, context: Context) -> Message:
     client = _client(msg, context)
     config, audit = client.config, client.config.audit
     federated_audit = audit.enabled and audit.mode == "federated"
-    ledger = load_ledger(client.ledger_path)
-    before = len(ledger.events)
     context_ = None
     if federated_audit:
         catalogue = client.catalogue
@@ -209,21 +207,30 @@ def evaluate_on_device(msg: Message, context: Context) -> Message:
             np.asarray(catalogue.popularity, dtype=np.int64),
             _column(catalogue, "genres"),
         )
-    reply = evaluate_round(
-        client.model,
-        client.split,
-        config.federated,
-        partition=client.partition,
-        round_number=_round(msg),
-        seed=config.seed,
-        ledger=ledger,
-        audit=audit if federated_audit else None,
-        audit_context=context_,
-        evaluation=config.evaluation,
-    )
-    if len(ledger.events) != before:
-        save_ledger(ledger, client.ledger_path)
+    with _own_ledger(client.ledger_path) as ledger:
+        reply = evaluate_round(
+            client.model,
+            client.split,
+            config.federated,
+            partition=client.partition,
+            round_number=_round(msg),
+            seed=config.seed,
+            ledger=ledger,
+            audit=audit if federated_audit else None,
+            audit_context=context_,
+            evaluation=config.evaluation,
+        )
     return _message(msg, reply)
+
+
+@contextlib.contextmanager
+def _own_ledger(path: Path) -> Iterator[PrivacyLedger]:
+    """The client's ledger, saved when the block recorded a release in it."""
+    ledger = load_ledger(path)
+    before = len(ledger.events)
+    yield ledger
+    if len(ledger.events) != before:
+        save_ledger(ledger, path)
 
 
 def _column(catalogue: ItemCatalogue, name: str) -> np.ndarray | None:
