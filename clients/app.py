@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from clients.secagg import secure_aggregation_mod
 from fedrec.audits import AuditContext
 from fedrec.config import ExperimentConfig, parse_config
 from fedrec.data.catalogue import ItemCatalogue, keep_catalogue
@@ -37,6 +38,8 @@ from fedrec.federation.client import (
     ClientReply,
     evaluate_round,
     load_ledger,
+    over_budget,
+    planned_release,
     save_ledger,
     train_round,
 )
@@ -102,7 +105,13 @@ def _config_file(path: str) -> tuple[ExperimentConfig, str]:
     return _config(path, text), text
 
 
-def _client(msg: Message, context: Context) -> Client:
+def _experiment(context: Context) -> ExperimentConfig:
+    return _config_file(resolve_config_path(context.run_config))[0]
+
+
+def _client(context: Context, msg: Message | None = None) -> Client:
+    """This node's client; with ``msg`` (a round's message) its model holds the sent global
+    state and its catalogue is checked against the one the server runs."""
     config, text = _config_file(resolve_config_path(context.run_config))
     run_dir = resolve_run_dir(context.run_config, config.output_dir)
     store, catalogue_path, ledger, personal = client_paths(run_dir, context.node_config)
@@ -113,7 +122,7 @@ def _client(msg: Message, context: Context) -> Client:
             "`catalogue`)"
         )
     catalogue = _cached_catalogue(catalogue_path)
-    expected = msg.content.config_records["config"].get("catalogue-hash")
+    expected = None if msg is None else msg.content.config_records["config"].get("catalogue-hash")
     if expected is not None and expected != catalogue.content_hash:
         raise ValueError(
             f"{catalogue_path} is catalogue {catalogue.content_hash[:12]}, the server runs "
@@ -128,7 +137,8 @@ def _client(msg: Message, context: Context) -> Client:
         for name in names
     }
     model = _process_model(config, text, run_dir, catalogue)
-    model.load_shared_state(msg.content.array_records["arrays"].to_torch_state_dict())
+    if msg is not None:
+        model.load_shared_state(msg.content.array_records["arrays"].to_torch_state_dict())
     return Client(
         config,
         int(context.node_config["partition-id"]),
@@ -139,6 +149,19 @@ def _client(msg: Message, context: Context) -> Client:
         personal,
         model,
     )
+
+
+def _declines(msg: Message, context: Context) -> str:
+    """Why this client will not train in the round ``msg`` (a SecAgg+ setup message; its group
+    is the round) opens, or "": past its ε budget, it says so before it masks anything."""
+    client = _client(context)
+    fed = client.config.federated
+    planned = planned_release(
+        client.model, client.split, fed, client.partition, int(msg.metadata.group_id)
+    )
+    if over_budget(planned, fed, load_ledger(client.ledger_path)):
+        return f"client {client.partition} would pass record_epsilon_budget"
+    return ""
 
 
 def _round(msg: Message) -> int:
@@ -165,9 +188,9 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod(_experiment, _declines)])
 def train(msg: Message, context: Context) -> Message:
-    client = _client(msg, context)
+    client = _client(context, msg)
     config = client.config
     clip = msg.content.config_records["config"].get(KEY_CLIPPING_NORM)
     with _own_ledger(client.ledger_path) as ledger:
@@ -189,7 +212,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_on_device(msg: Message, context: Context) -> Message:
     """Metrics on this client's own held-out (test) items; under the federated audit also its
     audit sums (group statistics, its top-K exposure, optionally noised and ledgered)."""
-    client = _client(msg, context)
+    client = _client(context, msg)
     config, audit = client.config, client.config.audit
     federated_audit = audit.enabled and audit.mode == "federated"
     context_ = None

@@ -189,6 +189,19 @@ def parse_config(
     experiment = _build(ExperimentConfig, data, "", where, source)
     experiment.model_name = name
     experiment.model = model
+    fed = experiment.federated
+    if (
+        experiment.llm is None
+        and fed.record_dp is not None
+        and fed.partitioning == "user"
+        and fed.record_window > model.max_len
+    ):
+        line = where.line("federated.record_window") or where.line("model.max_len")
+        raise FedrecConfigError(
+            f"{source}:{line}: federated.record_window {fed.record_window} is longer than "
+            f"model.max_len {model.max_len}: every DP-SGD record (a user-day of up to "
+            "record_window events) would fail in the model; set record_window <= max_len"
+        )
     return experiment
 
 

@@ -95,17 +95,32 @@ class UserLevelDP(CohortSampler):
         scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
         return [u * scale for u in update]
 
-    def noised_mean(self, updates: list[list[np.ndarray]]) -> list[np.ndarray]:
-        """(Σ clipped updates + N(0, (σC)²)) / expected cohort, per array."""
-        std = self.noise_multiplier * self.clipping_norm
-        total = [np.zeros_like(c, dtype=np.float64) for c in self.current]
-        for update in updates:
-            for acc, u in zip(total, update, strict=True):
-                acc += u
+    def noised_mean(self, total: list[np.ndarray], noised: bool = True) -> list[np.ndarray]:
+        """(Σ clipped updates + N(0, (σC)²)) / expected cohort, per array; ``noised`` False when
+        the noise is already in ``total`` (SecAgg+'s distributed noise, ``server.secagg``)."""
+        std = self.noise_multiplier * self.clipping_norm if noised else 0.0
         return [
             ((acc + self.rng.normal(0.0, std, acc.shape)) / self.cohort).astype(c.dtype)
             for acc, c in zip(total, self.current, strict=True)
         ]
+
+    def release(
+        self, server_round: int, total: list[np.ndarray], contributors: int, noised: bool = True
+    ) -> tuple[ArrayRecord | None, MetricRecord]:
+        """The round's DP release from the sum of ``contributors`` clipped updates: the noised
+        mean, handed to the wrapped strategy as its only reply, so its own step (FedAdam's,
+        FedAvgM's) is post-processing."""
+        mean = self.noised_mean(total, noised)
+        noised_arrays = ArrayRecord(
+            {k: Array(c + m) for k, c, m in zip(self.keys, self.current, mean, strict=True)}
+        )
+        release = Message(
+            RecordDict({"arrays": noised_arrays, "metrics": MetricRecord({"num-examples": 1})}),
+            dst_node_id=0,
+            message_type=MessageType.TRAIN,
+        )
+        arrays, _ = self.strategy.aggregate_train(server_round, [release])
+        return arrays, MetricRecord({"dp-replies": contributors})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -115,15 +130,8 @@ class UserLevelDP(CohortSampler):
             for u in (self._clipped_update(r) for r in replies if not r.has_error())
             if u is not None
         ]
-        mean = self.noised_mean(updates)
-        noised = ArrayRecord(
-            {k: Array(c + m) for k, c, m in zip(self.keys, self.current, mean, strict=True)}
-        )
-        # The wrapped strategy sees one reply, the noised mean: its own step is post-processing.
-        release = Message(
-            RecordDict({"arrays": noised, "metrics": MetricRecord({"num-examples": 1})}),
-            dst_node_id=0,
-            message_type=MessageType.TRAIN,
-        )
-        arrays, _ = self.strategy.aggregate_train(server_round, [release])
-        return arrays, MetricRecord({"dp-replies": len(updates)})
+        total = [np.zeros_like(c, dtype=np.float64) for c in self.current]
+        for update in updates:
+            for acc, u in zip(total, update, strict=True):
+                acc += u
+        return self.release(server_round, total, len(updates))

@@ -51,6 +51,9 @@ TRAIN_FACTS = (
     "train-loss",
     "dp-replies",
     "rejected",
+    "secagg-sampled",
+    "secagg-declined",
+    "secagg-dropped",
 )  # of a round's aggregated train metrics, logged
 
 

@@ -25,8 +25,10 @@ from tqdm import tqdm
 from fedrec.federation.config import FederatedConfig
 from fedrec.federation.layout import CATALOGUE_FILE
 from fedrec.population import Population
+from server.dp import UserLevelDP
 from server.federation import Federation
 from server.sampling import CohortSampler
+from server.secagg import SecureAggregation
 from server.strategy import LedgerKeeper, build_strategy
 from server.validation import ReplyValidator
 
@@ -149,6 +151,10 @@ def run_federation(
         max_client_weight=fed.max_client_weight,
         dp_settings=record_dp_settings(fed),
     )
+    secure = None
+    if fed.secure_aggregation is not None:  # the config demands central_dp with it
+        assert isinstance(inner, UserLevelDP)
+        secure = SecureAggregation(fed, inner, federation.on_replies, strategy.metrics_problem)
     published = (run_dir / CATALOGUE_FILE).read_text(encoding="utf-8")
     nodes = IdentifiedGrid(grid, fed.round_timeout, federation.num_clients, published)
     federation.partition_of = nodes.partition_of
@@ -169,8 +175,11 @@ def run_federation(
         messages = strategy.configure_train(
             round_number, arrays, ConfigRecord(dict(sent)), identified
         )
-        replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
-        aggregated, train_metrics = strategy.aggregate_train(round_number, replies)
+        if secure is None:
+            replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
+            aggregated, train_metrics = strategy.aggregate_train(round_number, replies)
+        else:
+            aggregated, train_metrics = secure.train(cast(Grid, grid), round_number, messages)
         if federation.failure:
             stopped = federation.failure
             break

@@ -130,17 +130,22 @@ class ReplyValidator(StrategyWrapper):
             if not np.isfinite(value).all():
                 return f"{key}: values that are not finite", 0.0, 0
             squared += float(np.sum((value.astype(np.float64) - reference) ** 2))
+        problem = self.metrics_problem(metrics)
+        if problem:
+            return problem, 0.0, 0
+        return "", math.sqrt(squared), int(metrics["num-examples"])  # type: ignore[call-overload]
+
+    def metrics_problem(self, metrics: MetricRecord) -> str:
+        """What is wrong with a train reply's metrics (finite numbers, a weight, the DP
+        statement), or ""."""
         for name, sent in metrics.items():
             numbers = sent if isinstance(sent, list) else [sent]
             if not all(isinstance(v, NUMBER) and math.isfinite(v) for v in numbers):
-                return f"metric {name} is not a finite number", 0.0, 0
+                return f"metric {name} is not a finite number"
         weight = metrics.get("num-examples")
         if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
-            return "num-examples is not a non-negative integer", 0.0, 0
-        problem = self._dp_problem(metrics)
-        if problem:
-            return problem, 0.0, 0
-        return "", math.sqrt(squared), weight
+            return "num-examples is not a non-negative integer"
+        return self._dp_problem(metrics)
 
     def _dp_problem(self, metrics: MetricRecord) -> str:
         """What is wrong with a reply's statement of its DP-SGD release, or ""."""

@@ -19,6 +19,7 @@ model, ledger, ε, metrics, audit lines and results schema.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -61,6 +62,9 @@ class InProcessGrid:
         self.run_config = run_config or {}
         self.population, self.run_dir = population, run_dir
         self.stored: set[int] = set()
+        # A node's context lives as long as the run, as on a SuperNode (SecAgg+ keeps its
+        # keys there between the stages of a round).
+        self.contexts: dict[int, Context] = {}
         # Flower stamps every Message with its run and sender; outside a Flower process there
         # is neither, so this loop is run and task 0 and the server node 0.
         TaskIdentity.run_id = TaskIdentity.task_id = 0
@@ -78,18 +82,24 @@ class InProcessGrid:
     ) -> list[Message]:
         assert self.client is not None, "a grid without a client only lists node IDs"
         replies = []
-        for message in sorted(messages, key=self.partition):
+        for sent in sorted(messages, key=self.partition):
+            # A transport hands every node its own copy (Flower's SecAgg+ sends one content
+            # object to the whole cohort, and its client mod edits what it receives).
+            message = copy.deepcopy(sent)
             partition = self.partition(message)
             if self.population is not None and partition not in self.stored:
                 assert self.run_dir is not None
                 self.population.write_store(simulated_store(self.run_dir, partition), partition)
                 self.stored.add(partition)
-            context = Context(
-                run_id=0,
-                node_id=message.metadata.dst_node_id,
-                node_config={"partition-id": partition, "num-partitions": self.num_clients},
-                state=RecordDict(),
-                run_config=self.run_config,
+            context = self.contexts.setdefault(
+                partition,
+                Context(
+                    run_id=0,
+                    node_id=message.metadata.dst_node_id,
+                    node_config={"partition-id": partition, "num-partitions": self.num_clients},
+                    state=RecordDict(),
+                    run_config=self.run_config,
+                ),
             )
             TaskIdentity.node_id = message.metadata.dst_node_id  # the reply's sender
             try:

@@ -105,6 +105,25 @@ def test_model_options_are_validated_by_the_model_config(tmp_path):
         load_config(path)
 
 
+def test_dp_records_longer_than_the_model_are_refused_at_load(tmp_path):
+    path = write(
+        tmp_path,
+        "model:\n  max_len: 16\nfederated:\n  record_window: 20\n"
+        "  record_dp:\n    noise_multiplier: 1.0\n",
+    )
+    with pytest.raises(FedrecConfigError, match="record_window <= max_len"):
+        load_config(path)
+
+
+def test_an_even_secagg_share_count_is_refused_with_the_odd_one_named(tmp_path):
+    path = write(
+        tmp_path,
+        "federated:\n  central_dp: {}\n  secure_aggregation:\n    num_shares: 6\n",
+    )
+    with pytest.raises(FedrecConfigError, match=r"bad.yaml:3: federated.secure_aggregation: .*must be odd.*use 7"):
+        load_config(path)
+
+
 def test_invalid_yaml_and_missing_file(tmp_path):
     with pytest.raises(FedrecConfigError, match="invalid YAML"):
         load_config(write(tmp_path, "train: [1,\n"))

@@ -4,7 +4,7 @@ loop (``simulations.inprocess``) drives the same apps without Flower's runtime."
 
 import logging
 
-from fedrec.federation.config import CentralDPConfig, FederatedConfig
+from fedrec.federation.config import CentralDPConfig, FederatedConfig, SecureAggregationConfig
 from fedrec.federation.model import (
     FederatedModel,
     LocalResult,
@@ -32,6 +32,7 @@ __all__ = [
     "FederatedConfig",
     "FederatedModel",
     "LocalResult",
+    "SecureAggregationConfig",
     "SequentialFederatedModel",
     "central_event",
     "client_seed",

@@ -34,7 +34,7 @@ from fedrec.federation.privacy import (
     noise_seed,
     planned_record_event,
 )
-from fedrec.privacy import PrivacyBudget, PrivacyLedger
+from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger
 from fedrec.privacy.randomness import numpy_generator
 
 MetricValue = int | float | list[int] | list[float]
@@ -94,6 +94,24 @@ def clip_update(
     return {k: torch.from_numpy(v) for k, v in zip(state, new, strict=True)}
 
 
+def planned_release(
+    model: FederatedModel, split: SequenceSplit, fed: FederatedConfig, partition: int, round_: int
+) -> PrivacyEvent | None:
+    """The record-level DP release this client would make by training this round."""
+    records = model.record_count(split, fed) if fed.record_dp is not None else 0
+    return planned_record_event(fed, records, partition, round_)
+
+
+def over_budget(planned: PrivacyEvent | None, fed: FederatedConfig, ledger: PrivacyLedger) -> bool:
+    """Whether ``planned`` would take the client past ``record_epsilon_budget``."""
+    budget = fed.record_epsilon_budget
+    return (
+        planned is not None
+        and budget is not None
+        and not PrivacyBudget(budget, planned.delta).allows(ledger, planned)
+    )
+
+
 def train_round(
     model: FederatedModel,
     split: SequenceSplit,
@@ -110,19 +128,13 @@ def train_round(
     ``ledger`` (the caller saves it). A client whose next release would pass
     ``record_epsilon_budget`` refuses: it replies with the global state and ``refused`` 1."""
     global_state = {k: v.detach().clone() for k, v in model.shared_state().items()}
-    records = model.record_count(split, fed) if fed.record_dp is not None else 0
-    planned = planned_record_event(fed, records, partition, round_number)
+    planned = planned_release(model, split, fed, partition, round_number)
     metrics: dict[str, MetricValue] = {"partition-id": partition, "refused": 0}
     if fed.record_dp is not None:
         # Flower aggregates only MetricRecords with identical keys, so every reply of a DP
         # federation carries the DP keys; dp-steps 0 means nothing was released.
         metrics.update(event_metrics(None))
-    budget = fed.record_epsilon_budget
-    if (
-        planned is not None
-        and budget is not None
-        and not PrivacyBudget(budget, planned.delta).allows(ledger, planned)
-    ):
+    if over_budget(planned, fed, ledger):
         metrics.update({"refused": 1, "num-examples": 0})
         if fed.report_train_loss:
             metrics["train-loss"] = 0.0

@@ -19,6 +19,7 @@ log = logging.getLogger("fedrec.federation")
 
 LOCAL_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 CLIENT_SAMPLINGS = ("poisson", "fixed")
+SECURE_NOISE = ("distributed", "central")
 
 
 @dataclass
@@ -55,6 +56,50 @@ class CentralDPConfig:
     def delta_for(self, num_clients: int) -> float:
         """δ of the federation's guarantee: the setting, else min(1e-5, clients^-1.1)."""
         return self.delta if self.delta is not None else min(1e-5, num_clients**-1.1)
+
+
+@dataclass
+class SecureAggregationConfig:
+    """SecAgg+ (Bell et al. 2020, Flower's ``SecAggPlusWorkflow``): the server learns only the
+    sum of the cohort's clipped updates. Each client shares its masking secrets with
+    ``num_shares`` neighbours (odd: Flower silently adds one to an even count after telling
+    the clients, and every client then fails); any ``reconstruction_threshold`` of them
+    (more than half, so the server can never hold both secrets of one client) remove the
+    masks of a client that dropped out.
+
+    ``noise``: ``distributed`` (default) — every client adds N(0, (σC)²/m) to its masked
+    update, m = ``min_contributors``, and the server unmasks only when at least m masked
+    updates arrived, so the sum carries at least the N(0, (σC)²) of DP-FedAvg and not even the
+    server sees it un-noised; or ``central`` — the server adds N(0, (σC)²) after unmasking, so
+    the guarantee holds against whoever sees the model, but the server sees the exact sum.
+    ``min_contributors`` unset: half of ``clients_per_round`` (required with
+    ``fraction_per_round``)."""
+
+    num_shares: int = 7
+    reconstruction_threshold: int = 4
+    noise: str = "distributed"
+    min_contributors: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_shares < 3 or self.num_shares % 2 == 0:
+            raise ValueError(
+                f"secure_aggregation.num_shares must be odd and >= 3, got {self.num_shares}: "
+                "with an even count Flower's SecAgg+ clients fail and the model never moves "
+                f"(use {max(3, self.num_shares + 1)})"
+            )
+        if not self.num_shares // 2 < self.reconstruction_threshold < self.num_shares:
+            raise ValueError(
+                "secure_aggregation.reconstruction_threshold must be more than half of "
+                f"num_shares and less than it (here {self.num_shares // 2 + 1}.."
+                f"{self.num_shares - 1}): at half or less the server could rebuild both secrets "
+                "of a client and unmask its update"
+            )
+        if self.noise not in SECURE_NOISE:
+            raise ValueError(
+                f"secure_aggregation.noise must be one of {SECURE_NOISE}, got {self.noise!r}"
+            )
+        if self.min_contributors is not None and self.min_contributors < 2:
+            raise ValueError("secure_aggregation.min_contributors must be >= 2")
 
 
 @dataclass
@@ -118,6 +163,7 @@ class FederatedConfig:
     record_dp: DPSGDConfig | None = None
     record_epsilon_budget: float | None = None
     central_dp: CentralDPConfig | None = None
+    secure_aggregation: SecureAggregationConfig | None = None
 
     def __post_init__(self) -> None:
         if self.partitioning not in PARTITIONERS:
@@ -129,6 +175,8 @@ class FederatedConfig:
             raise ValueError(
                 f"federated.strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}"
             )
+        if self.secure_aggregation is not None:
+            self._check_secure_aggregation(self.secure_aggregation)
         if STRATEGIES[self.strategy].robust and self.central_dp is not None:
             raise ValueError(
                 f"federated.strategy {self.strategy!r} aggregates the individual updates, but "
@@ -196,6 +244,42 @@ class FederatedConfig:
                 "federated.weight_by_examples cannot be used with central_dp: the noise is "
                 "calibrated to an unweighted sum of clipped updates (set it to false)"
             )
+
+    def _check_secure_aggregation(self, secure: SecureAggregationConfig) -> None:
+        if STRATEGIES[self.strategy].robust:
+            raise ValueError(
+                f"federated.strategy {self.strategy!r} does not compose with "
+                "secure_aggregation: a robust rule must see every update to leave the hostile "
+                "ones out, and SecAgg+ shows the server only their sum. Choose one defence: "
+                "drop secure_aggregation, or use fedavg, fedavgm, fedprox or fedadam"
+            )
+        if self.central_dp is None:
+            raise ValueError(
+                "federated.secure_aggregation needs central_dp: its quantisation range is the "
+                "clipping norm and it releases DP-FedAvg's sum (add central_dp, or drop "
+                "secure_aggregation)"
+            )
+        if self.report_train_loss:
+            raise ValueError(
+                "federated.report_train_loss sends each client's loss in the clear next to "
+                "its masked update, which secure_aggregation is there to hide: set it to false"
+            )
+        if secure.min_contributors is None and self.fraction_per_round > 0:
+            raise ValueError(
+                "federated.secure_aggregation.min_contributors must be set with "
+                "fraction_per_round (clients calibrate their noise share to it before they "
+                "know the population)"
+            )
+
+    @property
+    def secure_min_contributors(self) -> int:
+        """Masked updates a round needs before the server unmasks: distributed noise shares
+        are calibrated to this many (``SecureAggregationConfig``)."""
+        secure = self.secure_aggregation
+        assert secure is not None
+        if secure.min_contributors is not None:
+            return secure.min_contributors
+        return max(2, -(-self.clients_per_round // 2))
 
     @property
     def private(self) -> bool:

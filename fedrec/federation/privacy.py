@@ -223,11 +223,7 @@ def privacy_disclosures(
             "in this report holds against them."
         )
     if fed.central_dp is not None:
-        uncovered.append(
-            "User-level DP-FedAvg adds its noise on the server: the server itself sees each "
-            "sampled client's clipped update un-noised (no secure aggregation), so that "
-            "guarantee protects users from whoever sees the global model, not from the server."
-        )
+        uncovered.append(_server_view(fed))
     if fed.report_train_loss:
         uncovered.append("Clients send their training loss un-noised (report_train_loss).")
     if fed.private and fed.weighted:
@@ -255,3 +251,28 @@ def privacy_disclosures(
         "not_covered": uncovered,
         "device_lifetime": device_lifetime(devices) if devices else None,
     }
+
+
+def _server_view(fed: FederatedConfig) -> str:
+    """What the server sees of the clients' updates under user-level DP."""
+    secure = fed.secure_aggregation
+    if secure is None:
+        return (
+            "User-level DP-FedAvg adds its noise on the server: the server itself sees each "
+            "sampled client's clipped update un-noised (no secure aggregation), so that "
+            "guarantee protects users from whoever sees the global model, not from the server."
+        )
+    if secure.noise == "central":
+        return (
+            "Secure aggregation (SecAgg+) hides each client's update from the server, but the "
+            "DP noise is added after unmasking: the server sees the exact sum of the cohort's "
+            "clipped updates, so the guarantee protects users from whoever sees the global "
+            "model, not from the server."
+        )
+    return (
+        "Secure aggregation (SecAgg+) with distributed noise: each client adds its share of "
+        f"the noise and the server unmasks only sums of at least {fed.secure_min_contributors} "
+        "updates, so the guarantee holds against the server too, with two limits: a client "
+        "that colludes with the server can remove its own share, and the accounting treats "
+        "the quantised (stochastically rounded) shares as Gaussian."
+    )

@@ -1,0 +1,106 @@
+"""SecAgg+ on the device: Flower's ``secaggplus_mod`` around fedrec's client round.
+
+Flower 1.42's mod speaks the legacy message format (``FitIns``/``FitRes`` records) and masks
+whatever parameters the round returns. This mod bridges it (``server.secagg`` is the server's
+half): it lets plain rounds through untouched; at the setup stage a client past its budget
+declines before it shares a key or masks anything; at the masking stage it hands fedrec's
+train handler the global model, and gives Flower's mod the update (new − global, clipped to C
+by the round) plus, under distributed noise, this client's share of the DP noise, drawn from
+private randomness (``fedrec.federation.secure``). Every client's weight is 1.
+
+``secagg-drop-out`` in the run config (a fraction) makes that share of the clients, chosen by
+round and partition, fail at the masking stage, after the keys were shared: how the
+dropout measurements of BENCHMARKS.md are made, in every engine. Never set it otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from typing import cast
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
+
+from fedrec.config import ExperimentConfig
+from fedrec.federation.privacy import noise_seed
+from fedrec.federation.secure import ARRAY_KEYS, DECLINED, noise_share_std
+from fedrec.privacy.randomness import numpy_generator
+
+DROP_OUT = "secagg-drop-out"
+
+
+def secure_aggregation_mod(
+    experiment: Callable[[Context], ExperimentConfig],
+    declines: Callable[[Message, Context], str],
+) -> Mod:
+    """The mod for the train handler: ``experiment`` reads the run's config on this node,
+    ``declines`` says why this client will not train this round ("" when it will)."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if msg.metadata.message_type != MessageType.TRAIN or configs is None:
+            return call_next(msg, context)  # a plain round
+        if configs.get(Key.STAGE) == Stage.SETUP:
+            reason = declines(msg, context)
+            if reason:
+                return Message(Error(ErrorCode.UNKNOWN, f"{DECLINED}: {reason}"), reply_to=msg)
+
+        def masked_round(inner: Message, ctx: Context) -> Message:
+            return _masked_round(inner, ctx, call_next, experiment(ctx))
+
+        return secaggplus_mod(msg, context, masked_round)
+
+    return mod
+
+
+def _masked_round(
+    msg: Message, context: Context, call_next: ClientAppCallable, config: ExperimentConfig
+) -> Message:
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    round_number = int(cast(int, fitins.config["server-round"]))
+    partition = int(cast(int, context.node_config["partition-id"]))
+    if _drops_out(context, round_number, partition):
+        raise ConnectionAbortedError(f"{DROP_OUT}: client {partition} left round {round_number}")
+    keys = json.loads(str(fitins.config[ARRAY_KEYS]))
+    current = parameters_to_ndarrays(fitins.parameters)
+    settings = {k: v for k, v in fitins.config.items() if k != ARRAY_KEYS}
+    msg.content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in zip(keys, current, strict=True)}),
+            "config": ConfigRecord(settings),  # type: ignore[arg-type]
+        }
+    )
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    trained = reply.content.array_records["arrays"].to_numpy_ndarrays()
+    update = [t.astype(np.float64) - c for t, c in zip(trained, current, strict=True)]
+    std = noise_share_std(config.federated)
+    if std > 0:
+        rng = numpy_generator(
+            noise_seed(config.federated, config.seed, round_number, partition, stream=3)
+        )
+        update = [u + rng.normal(0.0, std, u.shape) for u in update]
+    metrics = dict(reply.content.metric_records["metrics"])
+    fitres = FitRes(
+        Status(Code.OK, ""),
+        ndarrays_to_parameters(update),
+        num_examples=1,  # every client counts once in DP-FedAvg's sum
+        metrics=metrics,  # type: ignore[arg-type]
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def _drops_out(context: Context, round_number: int, partition: int) -> bool:
+    rate = float(cast(float, context.run_config.get(DROP_OUT, 0.0)))
+    # Which clients fail is a test fixture, not a secret: seeded, so every engine drops the same.
+    return rate > 0 and random.Random(f"{round_number}:{partition}").random() < rate

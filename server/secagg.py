@@ -1,0 +1,285 @@
+"""A training round under secure aggregation (SecAgg+): the server learns the sum of the
+cohort's clipped updates and nothing about any one of them.
+
+Bridge: Flower 1.42 implements SecAgg+ only on its legacy API (``SecAggPlusWorkflow`` reads a
+``LegacyContext`` and calls a legacy ``Strategy``'s ``configure_fit``/``aggregate_fit``), and
+nothing in ``flwr.serverapp.strategy`` knows it. So each round runs Flower's workflow inside
+fedrec's own loop (``server.rounds``): the strategy stack chooses the cohort and builds the
+messages as in a plain round, ``_OfferedCohort`` hands them to the workflow as legacy
+``FitIns``, and the unmasked sum goes to ``UserLevelDP.release``. On the devices,
+``clients.secagg`` runs Flower's ``secaggplus_mod`` around fedrec's client round.
+
+What each end trusts (SecureAggregationConfig says which noise is used):
+- Clipping is the client's: its round clips the update to C (``train_round``), and the server
+  cannot check an update it never sees. The quantisation range bounds every coordinate a
+  client following the protocol contributes (|x| ≤ R, ``fedrec.federation.secure``); a client
+  that runs a modified protocol can add anything modulo 2³² to the sum, and nothing here can
+  tell. That is why the robust rules, which need each update, are refused with SecAgg+.
+- ``distributed`` noise protects users against the honest-but-curious server as well: the
+  server unmasks only a sum of at least ``min_contributors`` updates, each carrying its share
+  of the noise (a client colluding with the server can subtract its own share).
+- ``central`` noise protects users against whoever sees the model; the server sees the exact
+  sum of the cohort's clipped updates (but still no individual update).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from typing import cast
+
+import numpy as np
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common import (
+    FitIns,
+    FitRes,
+    Parameters,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.constant import ErrorCode
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
+
+from fedrec.federation.config import FederatedConfig
+from fedrec.federation.secure import (
+    ARRAY_KEYS,
+    DECLINED,
+    clipping_range,
+    quantization_range,
+)
+from server.dp import UserLevelDP
+
+log = logging.getLogger("fedrec.server")
+
+
+class SecureAggregation:
+    """Runs one train round of ``fed`` under SecAgg+ over a grid and releases the sum through
+    ``dp`` (central noise added there, or distributed noise already in the sum). The round's
+    replies (metrics only: partition, refusal, DP statement) go to ``on_replies`` for the
+    ledger before the sum is used; ``metrics_problem`` (the reply validator's check) names a
+    reply whose metrics are not to be believed."""
+
+    def __init__(
+        self,
+        fed: FederatedConfig,
+        dp: UserLevelDP,
+        on_replies: Callable[[int, list[Message]], None],
+        metrics_problem: Callable[[MetricRecord], str],
+    ):
+        assert fed.secure_aggregation is not None
+        self.fed = fed
+        self.settings = fed.secure_aggregation
+        self.dp = dp
+        self.on_replies = on_replies
+        self.metrics_problem = metrics_problem
+        self.min_contributors = fed.secure_min_contributors
+
+    def train(
+        self, grid: Grid, server_round: int, messages: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord]:
+        sent = {m.metadata.dst_node_id: m for m in messages}
+        facts = {"secagg-sampled": len(sent), "secagg-declined": 0, "secagg-dropped": 0}
+        if len(sent) < self.min_contributors:
+            log.warning(
+                "round %d: %d clients sampled, fewer than secure_aggregation.min_contributors "
+                "(%d): nothing is aggregated",
+                server_round,
+                len(sent),
+                self.min_contributors,
+            )
+            self.on_replies(server_round, [])
+            return None, MetricRecord(facts)
+        offer = _OfferedCohort(sent, grid)
+        stages = _StageLog(grid)
+        workflow = _SecAggPlus(
+            self.settings.num_shares,
+            self.settings.reconstruction_threshold,
+            min_contributors=self.min_contributors,
+            max_weight=1.0,  # every client's weight is 1 (DP-FedAvg's unweighted sum)
+            clipping_range=clipping_range(self.fed),
+            quantization_range=quantization_range(len(sent)),
+            timeout=self.fed.round_timeout,
+        )
+        context = LegacyContext(
+            Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+            strategy=offer,
+        )
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: server_round}
+        )
+        context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            Parameters(tensors=[], tensor_type=""), keep_input=True
+        )
+        workflow(cast(Grid, stages), context)
+        replies, declined, dropped = self._replies(sent, stages, offer)
+        facts.update({"secagg-declined": declined, "secagg-dropped": dropped})
+        self.on_replies(server_round, replies)  # the ledger first: the release follows
+        if offer.mean is None:
+            log.warning("round %d: secure aggregation did not complete: no update", server_round)
+            return None, MetricRecord(facts)
+        contributors = len(offer.results)
+        total = [mean * contributors for mean in offer.mean]
+        arrays, metrics = self.dp.release(
+            server_round, total, contributors, noised=self.settings.noise == "central"
+        )
+        return arrays, MetricRecord({**dict(metrics), **facts})
+
+    def _replies(
+        self, sent: dict[int, Message], stages: _StageLog, offer: _OfferedCohort
+    ) -> tuple[list[Message], int, int]:
+        """One reply per sampled node for the ledger: the metrics of those whose masked update
+        is in the sum, a refusal for those that declined, an error for those that dropped."""
+        replies: list[Message] = []
+        contributed = {proxy.node_id for proxy, _ in offer.results}
+        for proxy, fitres in offer.results:
+            metrics = MetricRecord(dict(fitres.metrics))  # type: ignore[arg-type]
+            problem = self.metrics_problem(metrics)
+            if problem:  # its masked update is in the sum all the same: SecAgg+ cannot drop it
+                log.warning("node %d: metrics not believed (%s)", proxy.node_id, problem)
+                continue
+            replies.append(_reply(sent[proxy.node_id], RecordDict({"metrics": metrics})))
+        declined = {
+            r.metadata.src_node_id
+            for r in stages.first or []
+            if r.has_error() and r.error.reason.startswith(DECLINED)
+        }
+        for node in sorted(declined):
+            refusal = MetricRecord({"refused": 1, "num-examples": 0})
+            replies.append(_reply(sent[node], RecordDict({"metrics": refusal})))
+        dropped = sorted(set(sent) - contributed - declined)
+        for node in dropped:
+            failed = RecordDict({"metrics": MetricRecord({"dropped": 1})})
+            replies.append(_reply(sent[node], failed, error=True))
+        if dropped:
+            log.info("%d of %d sampled clients dropped out of the round", len(dropped), len(sent))
+        return replies, len(declined), len(dropped)
+
+
+def _reply(message: Message, content: RecordDict, error: bool = False) -> Message:
+    if error:
+        return Message(Error(ErrorCode.UNKNOWN, "dropped out of SecAgg+"), reply_to=message)
+    return Message(content, reply_to=message)
+
+
+class _SecAggPlus(SecAggPlusWorkflow):
+    """Flower's workflow, plus: a node that left before it masked anything (it declined at
+    setup, or dropped while keys were shared) leaves the round; and the server unmasks only
+    when ``min_contributors`` masked updates arrived (distributed noise is calibrated to it).
+
+    Flower 1.42 keeps such a node among the round's "dead" ones and asks its neighbours for
+    shares of its secrets, which they never received: every client raises and the round is
+    lost (reproduced in ``tests/test_secagg.py``)."""
+
+    def __init__(self, *args: int, min_contributors: int, **kwargs: float | int | None):
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.min_contributors = min_contributors
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return super().setup_stage(grid, context, state) and _forget_absent(state)
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return super().share_keys_stage(grid, context, state) and _forget_absent(state)
+
+    def collect_masked_vectors_stage(
+        self, grid: Grid, context: LegacyContext, state: WorkflowState
+    ) -> bool:
+        if not super().collect_masked_vectors_stage(grid, context, state):
+            return False
+        if len(state.active_node_ids) < self.min_contributors:
+            log.warning(
+                "%d masked updates arrived, fewer than secure_aggregation.min_contributors "
+                "(%d): the sum is not unmasked (its noise would be too small)",
+                len(state.active_node_ids),
+                self.min_contributors,
+            )
+            return False
+        return True
+
+
+def _forget_absent(state: WorkflowState) -> bool:
+    state.sampled_node_ids = set(state.active_node_ids)
+    for node in state.nid_to_neighbours:
+        state.nid_to_neighbours[node] &= state.active_node_ids
+    return True
+
+
+class _StageLog:
+    """The grid the workflow talks through, keeping the setup stage's replies (a decline is
+    an error reply there)."""
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+        self.first: list[Message] | None = None
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        if self.first is None:
+            self.first = replies
+        return replies
+
+
+class _OfferedCohort(LegacyStrategy):
+    """The legacy strategy the workflow calls: it offers the cohort fedrec's strategy stack
+    chose, as ``FitIns``, and keeps the unmasked mean the workflow hands back."""
+
+    def __init__(self, sent: dict[int, Message], grid: Grid):
+        self.sent = sent
+        self.grid = grid
+        self.results: list[tuple[ClientProxy, FitRes]] = []
+        self.mean: list[np.ndarray] | None = None
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        offered: list[tuple[ClientProxy, FitIns]] = []
+        for node, message in self.sent.items():
+            arrays = message.content.array_records["arrays"]
+            config = dict(message.content.config_records["config"])
+            config[ARRAY_KEYS] = json.dumps(list(arrays.keys()))
+            fitins = FitIns(ndarrays_to_parameters(arrays.to_numpy_ndarrays()), config)  # type: ignore[arg-type]
+            offered.append((GridClientProxy(node, self.grid, 0), fitins))
+        return offered
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, bool | bytes | float | int | str]]:
+        self.results = results
+        if results:  # the workflow sets every result's parameters to the unmasked mean
+            self.mean = parameters_to_ndarrays(results[0][1].parameters)
+        return None, {}
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_evaluate(self, *_: object) -> list[tuple[ClientProxy, object]]:
+        return []
+
+    def aggregate_evaluate(self, *_: object) -> tuple[float | None, dict[str, object]]:
+        return None, {}
+
+    def evaluate(self, *_: object) -> tuple[float, dict[str, object]] | None:
+        return None

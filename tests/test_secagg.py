@@ -1,0 +1,276 @@
+"""Secure aggregation (SecAgg+, issue 14): the server gets the sum of the clipped updates and
+nothing else; clients that decline or drop out cost the round nothing but their update; the
+distributed noise adds up to DP-FedAvg's; settings that cannot work are refused at load."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.server.workflow import SecAggPlusWorkflow
+
+from clients.secagg import DROP_OUT, secure_aggregation_mod
+from fedrec.config import ExperimentConfig
+from fedrec.federation import CentralDPConfig, FederatedConfig, SecureAggregationConfig
+from fedrec.federation.secure import clipping_range, noise_share_std, quantization_range
+from server import secagg
+from server.dp import UserLevelDP
+from server.secagg import SecureAggregation
+from server.strategy import build_strategy
+from simulations.inprocess import InProcessGrid
+
+CLIENTS = 10
+GLOBAL = {"w": np.zeros((30, 20), dtype=np.float32), "b": np.zeros(20, dtype=np.float32)}
+CLIP = 1.0
+
+
+def _fed(noise: str = "central", sigma: float = 0.0, **secure: Any) -> FederatedConfig:
+    return FederatedConfig(
+        num_partitions=CLIENTS,
+        clients_per_round=CLIENTS,
+        reproducible_noise=True,
+        central_dp=CentralDPConfig(noise_multiplier=sigma, clipping_norm=CLIP, sampling="fixed"),
+        secure_aggregation=SecureAggregationConfig(
+            num_shares=5, reconstruction_threshold=3, noise=noise, **secure
+        ),
+    )
+
+
+def _update(partition: int) -> dict[str, np.ndarray]:
+    """Client ``partition``'s update, clipped to CLIP as its round would."""
+    rng = np.random.default_rng(100 + partition)
+    raw = {k: rng.normal(0, 0.1, v.shape) for k, v in GLOBAL.items()}
+    norm = np.sqrt(sum(float(np.sum(u * u)) for u in raw.values()))
+    return {k: (u * min(1.0, CLIP / norm)).astype(np.float32) for k, u in raw.items()}
+
+
+def _app(fed: FederatedConfig, declining: frozenset[int] = frozenset()) -> ClientApp:
+    """A device whose round trains to global + ``_update(partition)``, behind fedrec's SecAgg+
+    mod; clients in ``declining`` are past their budget."""
+    app = ClientApp()
+    experiment = ExperimentConfig(federated=fed)
+
+    def declines(msg: Message, context: Context) -> str:
+        return "past its budget" if context.node_config["partition-id"] in declining else ""
+
+    @app.train(mods=[secure_aggregation_mod(lambda _ctx: experiment, declines)])
+    def train(msg: Message, context: Context) -> Message:
+        sent = msg.content.array_records["arrays"].to_numpy_ndarrays()
+        update = _update(int(context.node_config["partition-id"]))
+        trained = _arrays({k: s + update[k] for k, s in zip(GLOBAL, sent, strict=True)})
+        metrics = MetricRecord({"partition-id": context.node_config["partition-id"], "refused": 0})
+        content = RecordDict({"arrays": trained, "metrics": metrics})
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in values.items()})
+
+
+class _Recorder:
+    """The grid, with everything the server receives kept."""
+
+    def __init__(self, grid: InProcessGrid):
+        self.grid = grid
+        self.received: list[Message] = []
+
+    def get_node_ids(self):
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        self.received.extend(replies)
+        return replies
+
+
+def _round(
+    fed: FederatedConfig,
+    *,
+    declining: frozenset[int] = frozenset(),
+    drop_out: float = 0.0,
+) -> tuple[dict[str, np.ndarray] | None, dict[str, Any], list[Message], _Recorder]:
+    """One SecAgg+ round over ``CLIENTS`` toy devices: (the new global model, the round's
+    train facts, the replies booked in the ledger, the server's view of the traffic)."""
+    dp = build_strategy(fed, CLIENTS, seed=0)
+    assert isinstance(dp, UserLevelDP)
+    booked: list[Message] = []
+    secure = SecureAggregation(fed, dp, lambda _r, replies: booked.extend(replies), lambda _m: "")
+    grid = _Recorder(InProcessGrid(CLIENTS, _app(fed, declining), {DROP_OUT: drop_out}))
+    messages = dp.configure_train(1, _arrays(GLOBAL), ConfigRecord({"server-round": 1}), grid)
+    arrays, facts = secure.train(grid, 1, messages)  # type: ignore[arg-type]
+    model = None if arrays is None else {k: v.numpy() for k, v in arrays.items()}
+    return model, dict(facts), booked, grid
+
+
+def _contributors(booked: list[Message]) -> list[int]:
+    return sorted(
+        int(r.content.metric_records["metrics"]["partition-id"])
+        for r in booked
+        if not r.has_error() and "partition-id" in r.content.metric_records["metrics"]
+    )
+
+
+def _plain_mean(partitions: list[int]) -> dict[str, np.ndarray]:
+    """DP-FedAvg without noise, in the clear: Σ updates / expected cohort."""
+    return {k: sum(_update(p)[k] for p in partitions) / CLIENTS for k in GLOBAL}
+
+
+def test_the_sum_is_the_plain_sum_within_quantisation():
+    model, facts, booked, _ = _round(_fed())
+    assert facts["dp-replies"] == CLIENTS and facts["secagg-dropped"] == 0
+    expected = _plain_mean(list(range(CLIENTS)))
+    assert model is not None
+    step = 2 * clipping_range(_fed()) / quantization_range(CLIENTS)
+    for key in GLOBAL:
+        assert np.abs(model[key] - expected[key]).max() < 2 * step + 1e-7
+        assert np.abs(expected[key]).max() > 1000 * step  # the model moved, by far more
+    assert _contributors(booked) == list(range(CLIENTS))
+
+
+def test_thirty_percent_dropping_out_mid_round_still_aggregates_the_rest():
+    model, facts, booked, _ = _round(_fed(), drop_out=0.3)
+    dropped = facts["secagg-dropped"]
+    assert 1 <= dropped < CLIENTS - _fed().secure_min_contributors
+    survivors = _contributors(booked)
+    assert len(survivors) == CLIENTS - dropped == facts["dp-replies"]
+    assert sum(r.has_error() for r in booked) == dropped  # booked as failures, not releases
+    expected = _plain_mean(survivors)
+    assert model is not None
+    for key in GLOBAL:
+        assert np.abs(model[key] - expected[key]).max() < 1e-5
+
+
+def test_a_client_past_its_budget_declines_before_it_shares_a_key():
+    declining = frozenset({2, 7})
+    model, facts, booked, grid = _round(_fed(), declining=declining)
+    assert facts["secagg-declined"] == 2 and facts["secagg-dropped"] == 0
+    assert _contributors(booked) == sorted(set(range(CLIENTS)) - declining)
+    refusals = [r for r in booked if r.content.metric_records["metrics"].get("refused") == 1]
+    assert len(refusals) == 2
+    # Nothing but the setup decline ever came from them: no key, no masked vector.
+    from_them = [m for m in grid.received if m.metadata.src_node_id - 1 in declining]
+    assert len(from_them) == 2 and all(m.has_error() for m in from_them)
+    expected = _plain_mean(sorted(set(range(CLIENTS)) - declining))
+    assert model is not None
+    for key in GLOBAL:
+        assert np.abs(model[key] - expected[key]).max() < 1e-5
+
+
+def test_flowers_own_workflow_loses_the_round_when_a_client_leaves_before_masking(monkeypatch):
+    """Why ``server.secagg`` subclasses the workflow: with Flower's, one decline at setup makes
+    every client fail when asked for shares it never received."""
+    monkeypatch.setattr(secagg, "_SecAggPlus", _FlowersWorkflow)
+    model, _, _, _ = _round(_fed(), declining=frozenset({2}))
+    assert model is None
+
+
+class _FlowersWorkflow(SecAggPlusWorkflow):
+    def __init__(self, *args, min_contributors: int, **kwargs):
+        super().__init__(*args, **kwargs)
+
+
+def test_the_server_receives_masked_vectors_only():
+    _, _, _, grid = _round(_fed())
+    masked = [
+        m
+        for m in grid.received
+        if not m.has_error()
+        and Key.MASKED_PARAMETERS in m.content.config_records[RECORD_KEY_CONFIGS]
+    ]
+    assert len(masked) == CLIENTS
+    levels = quantization_range(CLIENTS)
+    shift = clipping_range(_fed())
+    for message in masked:
+        # No array record crosses the network: the update travels only inside the mask.
+        assert all(len(record) == 0 for record in message.content.array_records.values())
+        vectors = message.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+        weights = bytes_to_ndarray(vectors[1]).ravel()  # [0] is the weight
+        update = _update(message.metadata.src_node_id - 1)["w"].ravel()
+        quantized = (update + shift) * levels / (2 * shift)
+        assert np.mean(np.abs(weights - quantized) <= 1) < 0.01  # uniform, not the update
+
+
+def test_distributed_noise_adds_up_to_dp_fedavgs():
+    """Ten clients each add N(0, (σC)²/m), m = 5: the unmasked sum carries N(0, 2 (σC)²) plus
+    the updates, so (release − noiseless release) × cohort has std σC√2."""
+    sigma = 1.0
+    fed = _fed("distributed", sigma=sigma, min_contributors=5)
+    assert noise_share_std(fed) == pytest.approx(sigma * CLIP / np.sqrt(5))
+    model, _, _, _ = _round(fed)
+    expected = _plain_mean(list(range(CLIENTS)))
+    assert model is not None
+    noise = np.concatenate([((model[k] - expected[k]) * CLIENTS).ravel() for k in GLOBAL])
+    assert noise.std() == pytest.approx(sigma * CLIP * np.sqrt(2), rel=0.1)
+    assert abs(noise.mean()) < 0.1
+
+
+def test_central_noise_is_added_after_unmasking():
+    sigma = 1.0
+    model, _, _, _ = _round(_fed("central", sigma=sigma))
+    expected = _plain_mean(list(range(CLIENTS)))
+    assert model is not None
+    noise = np.concatenate([((model[k] - expected[k]) * CLIENTS).ravel() for k in GLOBAL])
+    assert noise.std() == pytest.approx(sigma * CLIP, rel=0.1)
+
+
+def test_fewer_masked_updates_than_the_noise_needs_are_never_unmasked():
+    """With 60 % dropping out, fewer than min_contributors (8) masked updates arrive: the
+    server does not ask for the shares, nothing is released, the model stays."""
+    fed = _fed("distributed", sigma=1.0, min_contributors=8)
+    model, facts, booked, grid = _round(fed, drop_out=0.6)
+    assert model is None and facts["secagg-dropped"] >= 3
+    unmask_requests = [
+        m
+        for m in grid.received
+        if not m.has_error() and Key.SHARE_LIST in m.content.config_records[RECORD_KEY_CONFIGS]
+    ]
+    assert unmask_requests == []
+    assert booked  # the round is still in the ledger: ε is never under-reported
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"num_shares": 4}, "must be odd"),
+        ({"num_shares": 5, "reconstruction_threshold": 2}, "more than half"),
+        ({"num_shares": 5, "reconstruction_threshold": 5}, "more than half"),
+        ({"noise": "local"}, "noise must be one of"),
+        ({"min_contributors": 1}, "min_contributors must be >= 2"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SecureAggregationConfig(**settings)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"central_dp": None}, "needs central_dp"),
+        ({"strategy": "krum", "central_dp": None}, "does not compose"),
+        ({"strategy": "trimmedmean"}, "does not compose"),
+        ({"report_train_loss": True}, "report_train_loss"),
+        ({"fraction_per_round": 0.1}, "min_contributors must be set"),
+    ],
+)
+def test_federations_that_would_leak_or_not_compose_are_refused(options, message):
+    base = {
+        "central_dp": CentralDPConfig(),
+        "secure_aggregation": SecureAggregationConfig(),
+    }
+    with pytest.raises(ValueError, match=message):
+        FederatedConfig(**{**base, **options})
+
+
+def test_quantisation_cannot_wrap_around():
+    for cohort in (2, 10, 100, 1000, 4000):
+        assert (cohort + 1) * quantization_range(cohort) <= 2**32
+    with pytest.raises(ValueError, match="at most"):
+        quantization_range(70_000)
