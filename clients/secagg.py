@@ -8,14 +8,16 @@ train handler the global model, and gives Flower's mod the update (new − globa
 by the round) plus, under distributed noise, this client's share of the DP noise, drawn from
 private randomness (``fedrec.federation.secure``). Every client's weight is 1.
 
-``secagg-drop-out`` in the run config (a fraction) makes that share of the clients, chosen by
-round and partition, fail at the masking stage, after the keys were shared: how the
-dropout measurements of BENCHMARKS.md are made, in every engine. Never set it otherwise.
+``secagg-drop-out`` in the run config (or ``$FEDREC_SECAGG_DROP_OUT``: Flower's simulation
+gives the apps an empty run config), a fraction, makes that share of the clients, chosen by
+round and partition, fail at the masking stage, after the keys were shared: how the dropout
+measurements of BENCHMARKS.md are made, in every engine. Never set it otherwise.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Callable
 from typing import cast
@@ -36,6 +38,7 @@ from fedrec.federation.secure import ARRAY_KEYS, DECLINED, noise_share_std
 from fedrec.privacy.randomness import numpy_generator
 
 DROP_OUT = "secagg-drop-out"
+DROP_OUT_ENV = "FEDREC_SECAGG_DROP_OUT"
 
 
 def secure_aggregation_mod(
@@ -101,6 +104,6 @@ def _masked_round(
 
 
 def _drops_out(context: Context, round_number: int, partition: int) -> bool:
-    rate = float(cast(float, context.run_config.get(DROP_OUT, 0.0)))
+    rate = float(cast(float, context.run_config.get(DROP_OUT, os.environ.get(DROP_OUT_ENV, 0))))
     # Which clients fail is a test fixture, not a secret: seeded, so every engine drops the same.
     return rate > 0 and random.Random(f"{round_number}:{partition}").random() < rate

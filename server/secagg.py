@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Callable, Iterable
 from typing import cast
 
@@ -130,7 +131,7 @@ class SecureAggregation:
             Parameters(tensors=[], tensor_type=""), keep_input=True
         )
         workflow(cast(Grid, stages), context)
-        replies, declined, dropped = self._replies(sent, stages, offer)
+        replies, declined, dropped = self._replies(sent, stages)
         facts.update({"secagg-declined": declined, "secagg-dropped": dropped})
         self.on_replies(server_round, replies)  # the ledger first: the release follows
         if offer.mean is None:
@@ -144,60 +145,72 @@ class SecureAggregation:
         return arrays, MetricRecord({**dict(metrics), **facts})
 
     def _replies(
-        self, sent: dict[int, Message], stages: _StageLog, offer: _OfferedCohort
+        self, sent: dict[int, Message], stages: _StageLog
     ) -> tuple[list[Message], int, int]:
-        """One reply per sampled node for the ledger: the metrics of those whose masked update
-        is in the sum, a refusal for those that declined, an error for those that dropped."""
+        """One reply per sampled node for the ledger: the metrics of those that sent a masked
+        update (in the sum when it was unmasked; booked either way, so ε is never
+        under-reported), a refusal for those that declined, an error for those that dropped."""
         replies: list[Message] = []
-        contributed = {proxy.node_id for proxy, _ in offer.results}
-        for proxy, fitres in offer.results:
+        masked = [r for r in stages.masking if not r.has_error()]
+        for reply in masked:
+            node = reply.metadata.src_node_id
+            fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
             metrics = MetricRecord(dict(fitres.metrics))  # type: ignore[arg-type]
             problem = self.metrics_problem(metrics)
             if problem:  # its masked update is in the sum all the same: SecAgg+ cannot drop it
-                log.warning("node %d: metrics not believed (%s)", proxy.node_id, problem)
+                log.warning("node %d: metrics not believed (%s)", node, problem)
                 continue
-            replies.append(_reply(sent[proxy.node_id], RecordDict({"metrics": metrics})))
+            replies.append(Message(RecordDict({"metrics": metrics}), reply_to=sent[node]))
         declined = {
             r.metadata.src_node_id
-            for r in stages.first or []
+            for r in stages.setup
             if r.has_error() and r.error.reason.startswith(DECLINED)
         }
         for node in sorted(declined):
             refusal = MetricRecord({"refused": 1, "num-examples": 0})
-            replies.append(_reply(sent[node], RecordDict({"metrics": refusal})))
-        dropped = sorted(set(sent) - contributed - declined)
+            replies.append(Message(RecordDict({"metrics": refusal}), reply_to=sent[node]))
+        dropped = sorted(set(sent) - {r.metadata.src_node_id for r in masked} - declined)
         for node in dropped:
-            failed = RecordDict({"metrics": MetricRecord({"dropped": 1})})
-            replies.append(_reply(sent[node], failed, error=True))
+            error = Error(ErrorCode.UNKNOWN, "dropped out of SecAgg+ before its masked update")
+            replies.append(Message(error, reply_to=sent[node]))
         if dropped:
             log.info("%d of %d sampled clients dropped out of the round", len(dropped), len(sent))
         return replies, len(declined), len(dropped)
 
 
-def _reply(message: Message, content: RecordDict, error: bool = False) -> Message:
-    if error:
-        return Message(Error(ErrorCode.UNKNOWN, "dropped out of SecAgg+"), reply_to=message)
-    return Message(content, reply_to=message)
-
-
 class _SecAggPlus(SecAggPlusWorkflow):
-    """Flower's workflow, plus: a node that left before it masked anything (it declined at
-    setup, or dropped while keys were shared) leaves the round; and the server unmasks only
-    when ``min_contributors`` masked updates arrived (distributed noise is calibrated to it).
+    """Flower's workflow, plus three things it lacks:
 
-    Flower 1.42 keeps such a node among the round's "dead" ones and asks its neighbours for
-    shares of its secrets, which they never received: every client raises and the round is
-    lost (reproduced in ``tests/test_secagg.py``)."""
+    - the neighbour graph is drawn among the clients that answered the setup stage (those
+      that declined or failed there never shared anything), so a cohort where many decline
+      still has full neighbourhoods;
+    - a client that drops out while keys are shared leaves the round: nobody masked against
+      it, and Flower would ask its neighbours for shares of its secrets, which they never
+      received (every client raises and the round is lost: ``tests/test_secagg.py``);
+    - the server unmasks only when ``min_contributors`` masked updates arrived (distributed
+      noise is calibrated to it).
+    """
 
     def __init__(self, *args: int, min_contributors: int, **kwargs: float | int | None):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.min_contributors = min_contributors
+        self.graph_drawn = False
 
-    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        return super().setup_stage(grid, context, state) and _forget_absent(state)
+    def _check_threshold(self, state: WorkflowState) -> bool:
+        # Flower checks at the end of every stage; the first check ends the setup stage, when
+        # who joined is known and nothing depends on the graph yet.
+        if not self.graph_drawn:
+            self.graph_drawn = True
+            _draw_neighbours(state)
+        return bool(super()._check_threshold(state))
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        return super().share_keys_stage(grid, context, state) and _forget_absent(state)
+        if not super().share_keys_stage(grid, context, state):
+            return False
+        state.sampled_node_ids = set(state.active_node_ids)
+        for node in state.nid_to_neighbours:
+            state.nid_to_neighbours[node] &= state.active_node_ids
+        return True
 
     def collect_masked_vectors_stage(
         self, grid: Grid, context: LegacyContext, state: WorkflowState
@@ -215,27 +228,39 @@ class _SecAggPlus(SecAggPlusWorkflow):
         return True
 
 
-def _forget_absent(state: WorkflowState) -> bool:
-    state.sampled_node_ids = set(state.active_node_ids)
-    for node in state.nid_to_neighbours:
-        state.nid_to_neighbours[node] &= state.active_node_ids
-    return True
+def _draw_neighbours(state: WorkflowState) -> None:
+    """Flower's ring of ``num_shares`` neighbours, over the clients still in the round."""
+    joined = list(state.active_node_ids)
+    random.shuffle(joined)  # as Flower does: the graph is the server's choice, not a secret
+    half = state.num_shares >> 1
+    state.nid_to_neighbours = {
+        node: {joined[(i + offset) % len(joined)] for offset in range(-half, half + 1)}
+        for i, node in enumerate(joined)
+    }
+    state.sampled_node_ids = set(joined)
 
 
 class _StageLog:
-    """The grid the workflow talks through, keeping the setup stage's replies (a decline is
-    an error reply there)."""
+    """The grid the workflow talks through, keeping the replies of the setup stage (where a
+    client declines) and of the masking stage (who sent a masked update, and its metrics)."""
 
     def __init__(self, grid: Grid):
         self.grid = grid
-        self.first: list[Message] | None = None
+        self.stages: list[list[Message]] = []
+
+    @property
+    def setup(self) -> list[Message]:
+        return self.stages[0] if self.stages else []
+
+    @property
+    def masking(self) -> list[Message]:
+        return self.stages[2] if len(self.stages) > 2 else []
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        if self.first is None:
-            self.first = replies
+        self.stages.append(replies)
         return replies
 
 

@@ -120,7 +120,9 @@ def test_an_even_secagg_share_count_is_refused_with_the_odd_one_named(tmp_path):
         tmp_path,
         "federated:\n  central_dp: {}\n  secure_aggregation:\n    num_shares: 6\n",
     )
-    with pytest.raises(FedrecConfigError, match=r"bad.yaml:3: federated.secure_aggregation: .*must be odd.*use 7"):
+    with pytest.raises(
+        FedrecConfigError, match=r"bad.yaml:3: federated.secure_aggregation: .*must be odd.*use 7"
+    ):
         load_config(path)
 
 

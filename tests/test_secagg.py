@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import bytes_to_ndarray
@@ -274,3 +275,68 @@ def test_quantisation_cannot_wrap_around():
         assert (cohort + 1) * quantization_range(cohort) <= 2**32
     with pytest.raises(ValueError, match="at most"):
         quantization_range(70_000)
+
+
+def _synthetic(tmp_path, **federated: Any) -> dict[str, Any]:
+    return {
+        "seed": 0,
+        "output_dir": str(tmp_path / "run"),
+        "data": {
+            "source": "synthetic",
+            "synthetic": {"num_users": 20, "num_items": 40, "mean_length": 20, "seed": 0},
+        },
+        "model": {"name": "hstu", "max_len": 16, "embedding_dim": 8, "num_blocks": 1},
+        "evaluation": {"ks": [10]},
+        "audit": {"enabled": False},
+        "federated": {
+            "num_rounds": 1,
+            "local_learning_rate": 0.05,
+            "record_window": 8,
+            "record_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "batch_size": 4},
+            "central_dp": {"noise_multiplier": 0.3, "clipping_norm": 1.0, "sampling": "fixed"},
+            "secure_aggregation": {
+                "num_shares": 5,
+                "reconstruction_threshold": 3,
+                "min_contributors": 3,
+            },
+            **federated,
+        },
+    }
+
+
+def test_a_federation_under_secagg_drop_outs_and_declines_keeps_going(tmp_path, monkeypatch):
+    """HSTU clients in-process. A first run spends one DP-SGD release on 6 of 14 devices. A new
+    run in the same folder (its server ledger fresh, so the server does not know) sets a budget
+    that one more release would pass: those 6 decline at setup; of the rest, a third drop out
+    mid-round; the round is aggregated from the others, the model moves, and the privacy
+    report says what SecAgg+ protects."""
+    import json
+
+    from fedrec.config import parse_config
+    from fedrec.population import population_of
+    from simulations.inprocess import run_inprocess
+
+    run_dir = tmp_path / "run"
+    first = parse_config(_synthetic(tmp_path, clients_per_round=6))
+    run_inprocess(population_of(first), run_dir, progress=False)
+    spent = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    one_release = spent["epsilon"]["client_max"]
+    assert spent["train"]["dp-replies"] == 6
+
+    before = torch.load(run_dir / "model.pt", weights_only=True)
+    second = parse_config(
+        _synthetic(tmp_path, clients_per_round=14, record_epsilon_budget=1.1 * one_release)
+    )
+    monkeypatch.setenv("FEDREC_SECAGG_DROP_OUT", "0.34")
+    run_inprocess(population_of(second), run_dir, progress=False)
+    line = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    facts = line["train"]
+    assert facts["secagg-sampled"] == 14 and facts["secagg-declined"] == 6
+    assert facts["secagg-dropped"] >= 1
+    assert facts["dp-replies"] == 8 - facts["secagg-dropped"] >= 3
+    assert line["refused"] == 6
+    after = torch.load(run_dir / "model.pt", weights_only=True)
+    moved = sum(float(((after[k] - before[k]) ** 2).sum()) for k in after)
+    assert moved > 0
+    report = json.loads((run_dir / "privacy.json").read_text())
+    assert any("SecAgg+" in text and "distributed" in text for text in report["not_covered"])
