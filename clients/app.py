@@ -22,7 +22,7 @@ from typing import cast
 import numpy as np
 import torch
 import yaml
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
@@ -151,17 +151,20 @@ def _client(context: Context, msg: Message | None = None) -> Client:
     )
 
 
-def _declines(msg: Message, context: Context) -> str:
-    """Why this client will not train in the round ``msg`` (a SecAgg+ setup message; its group
-    is the round) opens, or "": past its ε budget, it says so before it masks anything."""
+@app.query("participation")
+def participation(msg: Message, context: Context) -> Message:
+    """Whether this client takes part in a SecAgg+ round (asked before the protocol fixes its
+    cohort): not when its release would pass its ε budget; it says so before it shares a key
+    or masks anything."""
     client = _client(context)
     fed = client.config.federated
-    planned = planned_release(
-        client.model, client.split, fed, client.partition, int(msg.metadata.group_id)
-    )
+    round_number = _round(msg)
+    planned = planned_release(client.model, client.split, fed, client.partition, round_number)
+    reason = ""
     if over_budget(planned, fed, load_ledger(client.ledger_path)):
-        return f"client {client.partition} would pass record_epsilon_budget"
-    return ""
+        reason = f"client {client.partition} would pass record_epsilon_budget"
+    answer = ConfigRecord({"joins": not reason, "reason": reason})
+    return Message(RecordDict({"config": answer}), reply_to=msg)
 
 
 def _round(msg: Message) -> int:
@@ -188,7 +191,7 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-@app.train(mods=[secure_aggregation_mod(_experiment, _declines)])
+@app.train(mods=[secure_aggregation_mod(_experiment)])
 def train(msg: Message, context: Context) -> Message:
     client = _client(context, msg)
     config = client.config

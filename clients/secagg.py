@@ -2,9 +2,8 @@
 
 Flower 1.42's mod speaks the legacy message format (``FitIns``/``FitRes`` records) and masks
 whatever parameters the round returns. This mod bridges it (``server.secagg`` is the server's
-half): it lets plain rounds through untouched; at the setup stage a client past its budget
-declines before it shares a key or masks anything; at the masking stage it hands fedrec's
-train handler the global model, and gives Flower's mod the update (new − global, clipped to C
+half): it lets plain rounds through untouched; at the masking stage it hands fedrec's train
+handler the global model, and gives Flower's mod the update (new − global, clipped to C
 by the round) plus, under distributed noise, this client's share of the DP noise, drawn from
 private randomness (``fedrec.federation.secure``). Every client's weight is 1.
 
@@ -23,39 +22,28 @@ from collections.abc import Callable
 from typing import cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from flwr.app.message_type import MessageType
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.constant import ErrorCode
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
 from fedrec.config import ExperimentConfig
 from fedrec.federation.privacy import noise_seed
-from fedrec.federation.secure import ARRAY_KEYS, DECLINED, noise_share_std
+from fedrec.federation.secure import ARRAY_KEYS, noise_share_std
 from fedrec.privacy.randomness import numpy_generator
 
 DROP_OUT = "secagg-drop-out"
 DROP_OUT_ENV = "FEDREC_SECAGG_DROP_OUT"
 
 
-def secure_aggregation_mod(
-    experiment: Callable[[Context], ExperimentConfig],
-    declines: Callable[[Message, Context], str],
-) -> Mod:
-    """The mod for the train handler: ``experiment`` reads the run's config on this node,
-    ``declines`` says why this client will not train this round ("" when it will)."""
+def secure_aggregation_mod(experiment: Callable[[Context], ExperimentConfig]) -> Mod:
+    """The mod for the train handler; ``experiment`` reads the run's config on this node."""
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-        if msg.metadata.message_type != MessageType.TRAIN or configs is None:
+        if RECORD_KEY_CONFIGS not in msg.content.config_records:
             return call_next(msg, context)  # a plain round
-        if configs.get(Key.STAGE) == Stage.SETUP:
-            reason = declines(msg, context)
-            if reason:
-                return Message(Error(ErrorCode.UNKNOWN, f"{DECLINED}: {reason}"), reply_to=msg)
 
         def masked_round(inner: Message, ctx: Context) -> Message:
             return _masked_round(inner, ctx, call_next, experiment(ctx))

@@ -108,7 +108,13 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        return _check_type(value, next(o for o in options if o is not type(None)), path)
+        errors = []
+        for option in (o for o in options if o is not type(None)):  # the first that fits
+            try:
+                return _check_type(value, option, path)
+            except ValueError as err:
+                errors.append(err)
+        raise errors[0]
     if origin is tuple and isinstance(value, list | tuple):
         return tuple(value)
     expected = {int: (int,), float: (int, float), bool: (bool,), str: (str,), dict: (dict,)}.get(

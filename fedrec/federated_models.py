@@ -14,6 +14,7 @@ from fedrec.data.catalogue import ItemCatalogue
 from fedrec.federation.model import FederatedModel, SequentialFederatedModel
 from fedrec.llm_rec.federated import foundation_folder, new_llm_model
 from fedrec.models import build_model
+from fedrec.training import seed_everything
 
 FederatedModelBuilder = Callable[[ExperimentConfig, ItemCatalogue, Path], FederatedModel]
 
@@ -43,3 +44,12 @@ def build_federated_model(
 ) -> FederatedModel:
     """A fresh model of the config's kind for the items of ``catalogue``."""
     return FEDERATED_MODEL_KINDS[config.federated_model_kind](config, catalogue, run_dir)
+
+
+def initial_federated_model(
+    config: ExperimentConfig, catalogue: ItemCatalogue, run_dir: Path
+) -> FederatedModel:
+    """The global model a federation of ``config`` starts from (the server's round 0): its
+    initialisation is seeded, so anyone with the config and the catalogue can rebuild it."""
+    seed_everything(config.seed)
+    return build_federated_model(config, catalogue, run_dir)

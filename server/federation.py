@@ -27,7 +27,7 @@ from fedrec.data.catalogue import ItemCatalogue
 from fedrec.evaluation import EvalResult, evaluate
 from fedrec.evaluation.evaluator import Scorer
 from fedrec.experiment import environment, write_json_atomic
-from fedrec.federated_models import build_federated_model
+from fedrec.federated_models import initial_federated_model
 from fedrec.federation.layout import CHECKPOINT_FILE, CLIENT_STATE_DIR, DEVICE_DIR, ROUND_LOGS
 from fedrec.federation.privacy import (
     DP_METRICS,
@@ -42,7 +42,7 @@ from fedrec.files import load_checkpoint, save_atomic
 from fedrec.population import Population
 from fedrec.privacy import PrivacyBudget, PrivacyLedger
 from fedrec.privacy.report import write_privacy_report
-from fedrec.training import resolve_device, seed_everything
+from fedrec.training import resolve_device
 from server.strategy import load_strategy_state, strategy_state
 
 log = logging.getLogger("fedrec.server")
@@ -75,8 +75,7 @@ class Federation:
         self.run_dir = run_dir
         self.engine = engine
         self.device = resolve_device(self.config.train.device)
-        seed_everything(self.config.seed)
-        self.model = build_federated_model(self.config, catalogue, run_dir).to(self.device)
+        self.model = initial_federated_model(self.config, catalogue, run_dir).to(self.device)
         self.ledger = PrivacyLedger()
         self.rounds_done = 0
         self.num_clients = len(population.partitions)

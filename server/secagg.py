@@ -63,7 +63,7 @@ from flwr.serverapp import Grid
 from fedrec.federation.config import FederatedConfig
 from fedrec.federation.secure import (
     ARRAY_KEYS,
-    DECLINED,
+    PARTICIPATION,
     clipping_range,
     quantization_range,
 )
@@ -97,17 +97,24 @@ class SecureAggregation:
     def train(
         self, grid: Grid, server_round: int, messages: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord]:
-        sent = {m.metadata.dst_node_id: m for m in messages}
-        facts = {"secagg-sampled": len(sent), "secagg-declined": 0, "secagg-dropped": 0}
+        sampled = {m.metadata.dst_node_id: m for m in messages}
+        joining, declined = self._participants(grid, server_round, sampled)
+        facts = {
+            "secagg-sampled": len(sampled),
+            "secagg-declined": len(declined),
+            "secagg-dropped": 0,
+        }
+        sent = {node: sampled[node] for node in joining}
+        refusals = [_refusal(sampled[node]) for node in declined]
         if len(sent) < self.min_contributors:
             log.warning(
-                "round %d: %d clients sampled, fewer than secure_aggregation.min_contributors "
+                "round %d: %d clients take part, fewer than secure_aggregation.min_contributors "
                 "(%d): nothing is aggregated",
                 server_round,
                 len(sent),
                 self.min_contributors,
             )
-            self.on_replies(server_round, [])
+            self.on_replies(server_round, refusals)
             return None, MetricRecord(facts)
         offer = _OfferedCohort(sent, grid)
         stages = _StageLog(grid)
@@ -131,9 +138,9 @@ class SecureAggregation:
             Parameters(tensors=[], tensor_type=""), keep_input=True
         )
         workflow(cast(Grid, stages), context)
-        replies, declined, dropped = self._replies(sent, stages)
-        facts.update({"secagg-declined": declined, "secagg-dropped": dropped})
-        self.on_replies(server_round, replies)  # the ledger first: the release follows
+        replies, dropped = self._replies(sent, stages)
+        facts["secagg-dropped"] = dropped
+        self.on_replies(server_round, replies + refusals)  # the ledger first: the release follows
         if offer.mean is None:
             log.warning("round %d: secure aggregation did not complete: no update", server_round)
             return None, MetricRecord(facts)
@@ -144,12 +151,40 @@ class SecureAggregation:
         )
         return arrays, MetricRecord({**dict(metrics), **facts})
 
-    def _replies(
-        self, sent: dict[int, Message], stages: _StageLog
-    ) -> tuple[list[Message], int, int]:
-        """One reply per sampled node for the ledger: the metrics of those that sent a masked
+    def _participants(
+        self, grid: Grid, server_round: int, sampled: dict[int, Message]
+    ) -> tuple[list[int], list[int]]:
+        """Ask the sampled clients whether they take part (a client past its budget says no)
+        before the protocol fixes the cohort its secrets are shared over: (joining, declined).
+        One that does not answer is neither: it is simply not in the round."""
+        asked = [
+            Message(
+                RecordDict({"config": ConfigRecord({"server-round": server_round})}),
+                dst_node_id=node,
+                message_type=PARTICIPATION,
+            )
+            for node in sampled
+        ]
+        joining, declined = [], []
+        for reply in grid.send_and_receive(asked, timeout=self.fed.round_timeout):
+            if reply.has_error():
+                log.warning("node %d did not say whether it joins", reply.metadata.src_node_id)
+                continue
+            answer = reply.content.config_records["config"]
+            node = reply.metadata.src_node_id
+            if node not in sampled:
+                continue
+            if answer.get("joins") is True:
+                joining.append(node)
+            else:
+                declined.append(node)
+                log.info("node %d declines: %s", node, answer.get("reason", ""))
+        return sorted(joining), sorted(declined)
+
+    def _replies(self, sent: dict[int, Message], stages: _StageLog) -> tuple[list[Message], int]:
+        """One reply per participant for the ledger: the metrics of those that sent a masked
         update (in the sum when it was unmasked; booked either way, so ε is never
-        under-reported), a refusal for those that declined, an error for those that dropped."""
+        under-reported), an error for those that dropped out; and how many dropped."""
         replies: list[Message] = []
         masked = [r for r in stages.masking if not r.has_error()]
         for reply in masked:
@@ -161,29 +196,26 @@ class SecureAggregation:
                 log.warning("node %d: metrics not believed (%s)", node, problem)
                 continue
             replies.append(Message(RecordDict({"metrics": metrics}), reply_to=sent[node]))
-        declined = {
-            r.metadata.src_node_id
-            for r in stages.setup
-            if r.has_error() and r.error.reason.startswith(DECLINED)
-        }
-        for node in sorted(declined):
-            refusal = MetricRecord({"refused": 1, "num-examples": 0})
-            replies.append(Message(RecordDict({"metrics": refusal}), reply_to=sent[node]))
-        dropped = sorted(set(sent) - {r.metadata.src_node_id for r in masked} - declined)
+        dropped = sorted(set(sent) - {r.metadata.src_node_id for r in masked})
         for node in dropped:
             error = Error(ErrorCode.UNKNOWN, "dropped out of SecAgg+ before its masked update")
             replies.append(Message(error, reply_to=sent[node]))
         if dropped:
-            log.info("%d of %d sampled clients dropped out of the round", len(dropped), len(sent))
-        return replies, len(declined), len(dropped)
+            log.info("%d of %d clients dropped out of the round", len(dropped), len(sent))
+        return replies, len(dropped)
+
+
+def _refusal(message: Message) -> Message:
+    """A declined client's place in the round's replies: a refusal, as in a plain round."""
+    refused = MetricRecord({"refused": 1, "num-examples": 0})
+    return Message(RecordDict({"metrics": refused}), reply_to=message)
 
 
 class _SecAggPlus(SecAggPlusWorkflow):
     """Flower's workflow, plus three things it lacks:
 
-    - the neighbour graph is drawn among the clients that answered the setup stage (those
-      that declined or failed there never shared anything), so a cohort where many decline
-      still has full neighbourhoods;
+    - the neighbour graph is drawn among the clients that answered the setup stage (one that
+      failed there never shared anything);
     - a client that drops out while keys are shared leaves the round: nobody masked against
       it, and Flower would ask its neighbours for shares of its secrets, which they never
       received (every client raises and the round is lost: ``tests/test_secagg.py``);
@@ -202,6 +234,15 @@ class _SecAggPlus(SecAggPlusWorkflow):
         if not self.graph_drawn:
             self.graph_drawn = True
             _draw_neighbours(state)
+            neighbours = min(state.num_shares, len(state.active_node_ids))
+            if 2 * state.threshold <= neighbours:
+                log.error(
+                    "reconstruction threshold %d is not more than half of %d neighbours: the "
+                    "server could unmask single updates, so this round is not aggregated",
+                    state.threshold,
+                    neighbours,
+                )
+                return False
         return bool(super()._check_threshold(state))
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
@@ -241,16 +282,12 @@ def _draw_neighbours(state: WorkflowState) -> None:
 
 
 class _StageLog:
-    """The grid the workflow talks through, keeping the replies of the setup stage (where a
-    client declines) and of the masking stage (who sent a masked update, and its metrics)."""
+    """The grid the workflow talks through, keeping the replies of the masking stage (who
+    sent a masked update, and its metrics)."""
 
     def __init__(self, grid: Grid):
         self.grid = grid
         self.stages: list[list[Message]] = []
-
-    @property
-    def setup(self) -> list[Message]:
-        return self.stages[0] if self.stages else []
 
     @property
     def masking(self) -> list[Message]:

@@ -12,9 +12,11 @@ under Flower's simulation too. ``deployment``: the same model on ``--nodes`` loo
 SuperNodes (Flower's SuperLink, SuperNodes and ``flwr run``), each holding the store of one
 silo of ML-100K users (hash partitioning), every node sampled each round.
 
-Variants: ``plain`` (DP-FedAvg, the server sees each clipped update), ``secagg-central``,
-``secagg-distributed`` and ``secagg-distributed`` with ``secagg-drop-out`` 0.3 (that share of
-the sampled clients fails after the keys were shared, before sending its masked update). Per
+SecAgg+ shares over ``--num-shares`` neighbours (default 1.0: the whole cohort) with threshold
+``--threshold`` (0.6). Variants: ``plain`` (DP-FedAvg, the server sees each clipped update),
+``secagg-central``, ``secagg-distributed`` and ``secagg-distributed`` with ``secagg-drop-out``
+0.3 (that share of the sampled clients fails after the keys were shared, before sending its
+masked update). Per
 variant: median round seconds (sampling to aggregation, from metrics.jsonl), its ratio to
 plain, clients that contributed and dropped per round, how far the model moved
 (‖final − initial‖ / ‖initial‖) and test NDCG@10 after the last round.
@@ -26,7 +28,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,20 +42,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 from clients.secagg import DROP_OUT, DROP_OUT_ENV
 from fedrec.config import load_config, parse_config
 from fedrec.data.catalogue import ItemCatalogue
-from fedrec.federated_models import build_federated_model
+from fedrec.federated_models import initial_federated_model
 from fedrec.federation.layout import CATALOGUE_FILE
 from fedrec.population import population_of
-from fedrec.training import seed_everything
 from simulations.inprocess import run_inprocess
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "configs" / "ml-100k-federated.yaml"
-SECURE = {"num_shares": 7, "reconstruction_threshold": 4}
 VARIANTS: dict[str, tuple[dict[str, Any] | None, float]] = {  # secure_aggregation, drop-out
     "plain": (None, 0.0),
-    "secagg-central": ({**SECURE, "noise": "central"}, 0.0),
-    "secagg-distributed": ({**SECURE, "noise": "distributed"}, 0.0),
-    "secagg-distributed-30%-drop-out": ({**SECURE, "noise": "distributed"}, 0.3),
+    "secagg-central": ({"noise": "central"}, 0.0),
+    "secagg-distributed": ({"noise": "distributed"}, 0.0),
+    "secagg-distributed-30%-drop-out": ({"noise": "distributed"}, 0.3),
 }
 
 
@@ -80,16 +79,15 @@ def config_data(args: argparse.Namespace, secure: dict[str, Any] | None) -> dict
         )
         federated["central_dp"]["sampling"] = "fixed"
     if secure is not None:
-        federated["secure_aggregation"] = dict(secure)
+        graph = {"num_shares": args.num_shares, "reconstruction_threshold": args.threshold}
+        federated["secure_aggregation"] = {**secure, **graph}
     return data
 
 
 def summary(run_dir: Path, config_path: Path) -> dict[str, Any]:
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    config = load_config(config_path)
-    seed_everything(config.seed)  # as the server does before it builds the initial model
     catalogue = ItemCatalogue.load(run_dir / CATALOGUE_FILE)
-    initial = build_federated_model(config, catalogue, run_dir).shared_state()
+    initial = initial_federated_model(load_config(config_path), catalogue, run_dir).shared_state()
     final = torch.load(run_dir / "model.pt", weights_only=True)
     moved = sum(float(((final[k] - v) ** 2).sum()) for k, v in initial.items()) ** 0.5
     size = sum(float((v**2).sum()) for v in initial.values()) ** 0.5
@@ -131,24 +129,13 @@ def simulation(args: argparse.Namespace, output: Path) -> dict[str, Any]:
     return table
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def deployment(args: argparse.Namespace, output: Path) -> dict[str, Any]:
-    from tests.processes import flower_processes, wait_for
+    from tests.processes import deploy_on_loopback
 
-    binaries = Path(sys.executable).parent
     table: dict[str, Any] = {}
     for name, (secure, drop) in VARIANTS.items():
         if name == "secagg-central":
-            continue  # the same protocol as distributed: only the noise's place differs
+            continue  # the same protocol as distributed: only where the noise is added differs
         work = output / f"deployment-{name}"
         run_dir = work / "run"
         data = config_data(args, secure)
@@ -160,69 +147,9 @@ def deployment(args: argparse.Namespace, output: Path) -> dict[str, Any]:
         devices = [work / f"device-{p}" for p in range(args.nodes)]
         for partition, device in enumerate(devices):
             population.write_store(device / "store", partition)
-        link, *ports = _free_ports(args.nodes + 1)
-        with flower_processes(work) as (env, start):
-            home = Path(env["FLWR_HOME"])
-            home.mkdir(parents=True)
-            (home / "config.toml").write_text(
-                f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-                f'address = "127.0.0.1:{link}"\ninsecure = true\n',
-                encoding="utf-8",
-            )
-            superlink = start(
-                [
-                    str(binaries / "flower-superlink"),
-                    "--insecure",
-                    "--disable-runtime-dependency-installation",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(link),
-                ],
-                "superlink.log",
-            )
-            nodes = [
-                start(
-                    [
-                        str(binaries / "flower-supernode"),
-                        "--insecure",
-                        "--superlink",
-                        f"127.0.0.1:{link}",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                        "--node-config",
-                        f"partition-id={p} num-partitions={args.nodes} "
-                        f"store='{device / 'store'}' catalogue='{device / 'catalogue.json'}' "
-                        f"ledger-dir='{device}'",
-                    ],
-                    f"supernode-{p}.log",
-                )
-                for p, (port, device) in enumerate(zip(ports, devices, strict=True))
-            ]
-            run_config = (
-                f"config='{config_path}' run-dir='{run_dir}' deployment=true {DROP_OUT}={drop}"
-            )
-            start(
-                [
-                    str(binaries / "flwr"),
-                    "run",
-                    str(REPO),
-                    "loopback",
-                    "--run-config",
-                    run_config,
-                    "--stream",
-                ],
-                "flwr-run.log",
-            )
-            wait_for(
-                lambda run_dir=run_dir: (run_dir / "results.json").exists(),
-                timeout=args.rounds * 900,
-                what=f"{name}: results.json",
-                log=work / "superlink.log",
-                watch=(superlink, *nodes),
-            )
+        deploy_on_loopback(
+            work, config_path, run_dir, devices, f"{DROP_OUT}={drop}", args.rounds * 900
+        )
         table[f"deployment/{name}"] = summary(run_dir, config_path)
         print(f"deployment/{name}: {table[f'deployment/{name}']}", flush=True)
     return table
@@ -238,6 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flower", action="store_true", help="also under Flower's simulation")
     parser.add_argument("--nodes", type=int, default=10, help="deployment: SuperNodes")
     parser.add_argument("--timeout", type=float, default=300.0, help="deployment: round timeout")
+    parser.add_argument(
+        "--num-shares",
+        type=lambda v: float(v) if "." in v else int(v),
+        default=1.0,
+        help="secure_aggregation.num_shares: a fraction of the cohort, or an odd count",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=lambda v: float(v) if "." in v else int(v),
+        default=0.6,
+        help="secure_aggregation.reconstruction_threshold",
+    )
     parser.add_argument("--output", default="runs/bench-secagg", help="folder for the runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, force=True)

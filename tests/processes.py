@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -139,3 +140,85 @@ def wait_for(
 
 def python() -> str:
     return sys.executable
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def deploy_on_loopback(
+    work: Path,
+    config: Path,
+    run_dir: Path,
+    devices: list[Path],
+    run_config: str = "",
+    timeout: float = 300,
+) -> None:
+    """Flower's deployment on this machine, insecure: a SuperLink, one SuperNode per device
+    folder (``store`` inside it holds that client's events; its catalogue and ledger go there
+    too), and ``flwr run`` of this repository with ``config`` and ``run_dir``; returns once the
+    run wrote ``results.json``, with every process stopped."""
+    binaries = Path(python()).parent
+    # Flower 1.42 serves the Runtime, Control and Fleet APIs over HTTP on one port.
+    link, *ports = free_ports(len(devices) + 1)
+    with flower_processes(work) as (env, start):
+        flwr_home = Path(env["FLWR_HOME"])
+        flwr_home.mkdir(parents=True)
+        (flwr_home / "config.toml").write_text(
+            '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+            f'address = "127.0.0.1:{link}"\ninsecure = true\n',
+            encoding="utf-8",
+        )
+        superlink = start(
+            [
+                str(binaries / "flower-superlink"),
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link),
+            ],
+            "superlink.log",
+        )
+        nodes = [
+            start(
+                [
+                    str(binaries / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f"partition-id={partition} num-partitions={len(devices)} "
+                    f"store='{device / 'store'}' catalogue='{device / 'catalogue.json'}' "
+                    f"ledger-dir='{device}'",
+                ],
+                f"supernode-{partition}.log",
+            )
+            for partition, (port, device) in enumerate(zip(ports, devices, strict=True))
+        ]
+        settings = f"config='{config}' run-dir='{run_dir}' deployment=true {run_config}".strip()
+        start(
+            [
+                str(binaries / "flwr"),
+                *("run", str(REPO), "loopback", "--run-config", settings, "--stream"),
+            ],
+            "flwr-run.log",
+        )
+        wait_for(
+            lambda: (run_dir / "results.json").exists(),
+            timeout=timeout,
+            what="the deployed run's results.json",
+            log=work / "superlink.log",
+            watch=(superlink, *nodes),
+        )

@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import json
-import socket
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from fedrec.config import load_config
+from fedrec.data.catalogue import ItemCatalogue
+from fedrec.federated_models import initial_federated_model
 from fedrec.population import population_of
 
-from .processes import REPO, flower_processes, python, wait_for
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _bin(name: str) -> str:
-    return str(Path(python()).parent / name)
-
+from .processes import deploy_on_loopback
 
 HSTU = {
     "model": {"name": "hstu", "max_len": 12, "embedding_dim": 16, "num_blocks": 1},
@@ -89,62 +74,7 @@ def test_two_supernodes_on_loopback_run_two_rounds_and_every_process_is_stopped(
     devices = [tmp_path / f"device-{partition}" for partition in (0, 1)]
     for partition, device in enumerate(devices):
         population.write_store(device / "store", partition)
-    # Flower 1.42 serves the Runtime, Control and Fleet APIs over HTTP on one port.
-    link, node0, node1 = _free_ports(3)
-    with flower_processes(tmp_path) as (env, start):
-        flwr_home = Path(env["FLWR_HOME"])
-        flwr_home.mkdir(parents=True)
-        (flwr_home / "config.toml").write_text(
-            "[superlink]\n"
-            'default = "loopback"\n\n'
-            "[superlink.loopback]\n"
-            f'address = "127.0.0.1:{link}"\n'
-            "insecure = true\n",
-            encoding="utf-8",
-        )
-        superlink = start(
-            [
-                _bin("flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link),
-            ],
-            "superlink.log",
-        )
-        nodes = [
-            start(
-                [
-                    _bin("flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{link}",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--node-config",
-                    f"partition-id={partition} num-partitions=2 store='{device / 'store'}' "
-                    f"catalogue='{device / 'catalogue.json'}' ledger-dir='{device}'",
-                ],
-                f"supernode-{partition}.log",
-            )
-            for partition, (port, device) in enumerate(zip((node0, node1), devices, strict=True))
-        ]
-        run_config = f"config='{config}' run-dir='{run_dir}' deployment=true"
-        start(
-            [_bin("flwr"), "run", str(REPO), "loopback", "--run-config", run_config, "--stream"],
-            "flwr-run.log",
-        )
-        wait_for(
-            lambda: (run_dir / "results.json").exists(),
-            timeout=300,
-            what="the deployed run's results.json",
-            log=tmp_path / "superlink.log",
-            watch=(superlink, *nodes),
-        )
+    deploy_on_loopback(tmp_path, config, run_dir, devices)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["rounds"] == 2 and results["clients"] == 2 and not results["failed"]
     assert not (run_dir / "client-stores").exists()  # the server wrote no client data
@@ -169,3 +99,64 @@ def test_two_supernodes_on_loopback_run_two_rounds_and_every_process_is_stopped(
         assert json.loads((device / f"client-{partition}.json").read_text())["events"]
     assert not (run_dir / "client-state").exists() and not (run_dir / "devices").exists()
     assert (run_dir / "global" / "lora" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_secagg_on_five_supernodes_survives_two_dropping_out_mid_round(tmp_path):
+    """SecAgg+ with distributed DP noise over Flower's deployment runtime. In round 1 the
+    drop-out setting makes partitions 2 and 3 fail after the keys were shared (0.3 per client,
+    chosen by round and partition); the other three masked updates are unmasked with the
+    dropped clients' secrets rebuilt from shares, and the model moves. Round 2: all five."""
+    run_dir = tmp_path / "run"
+    config = tmp_path / "deploy.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "seed": 0,
+                "output_dir": str(run_dir),
+                "data": {
+                    "source": "synthetic",
+                    "synthetic": {"num_users": 20, "num_items": 30, "mean_length": 12, "seed": 0},
+                },
+                "evaluation": {"ks": [10]},
+                "audit": {"enabled": False},
+                **{k: v for k, v in HSTU.items() if k != "federated"},
+                "federated": {
+                    "partitioning": "hash",
+                    "num_partitions": 5,
+                    "num_rounds": 2,
+                    "clients_per_round": 5,
+                    "central_dp": {
+                        "noise_multiplier": 0.1,
+                        "clipping_norm": 1.0,
+                        "sampling": "fixed",
+                    },
+                    "secure_aggregation": {
+                        "num_shares": 5,
+                        "reconstruction_threshold": 3,
+                        "min_contributors": 3,
+                    },
+                },
+            }
+        ),
+        encoding="utf-8",
+    )
+    population = population_of(load_config(config))
+    devices = [tmp_path / f"device-{partition}" for partition in range(5)]
+    for partition, device in enumerate(devices):
+        population.write_store(device / "store", partition)
+    deploy_on_loopback(tmp_path, config, run_dir, devices, "secagg-drop-out=0.3", timeout=600)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["rounds"] == 2 and not results["failed"]
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [h["train"] for h in history]
+    assert [t["secagg-dropped"] for t in trained] == [2, 0]
+    assert [t["dp-replies"] for t in trained] == [3, 5]
+    final = torch.load(run_dir / "model.pt", weights_only=True)
+    catalogue = ItemCatalogue.load(run_dir / "catalogue.json")
+    initial = initial_federated_model(load_config(config), catalogue, run_dir).shared_state()
+    assert sum(float((final[k] - v).abs().sum()) for k, v in initial.items()) > 0
+    report = json.loads((run_dir / "privacy.json").read_text())
+    assert sorted(report["federation"]["epsilon_by_round"]) == ["1", "2"]
+    assert any("distributed noise" in text for text in report["not_covered"])

@@ -4,6 +4,7 @@ distributed noise adds up to DP-FedAvg's; settings that cannot work are refused 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import bytes_to_ndarray
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.workflow import SecAggPlusWorkflow
 
 from clients.secagg import DROP_OUT, secure_aggregation_mod
@@ -50,16 +51,24 @@ def _update(partition: int) -> dict[str, np.ndarray]:
     return {k: (u * min(1.0, CLIP / norm)).astype(np.float32) for k, u in raw.items()}
 
 
-def _app(fed: FederatedConfig, declining: frozenset[int] = frozenset()) -> ClientApp:
+def _app(
+    fed: FederatedConfig,
+    declining: frozenset[int] = frozenset(),
+    failing: dict[int, str] | None = None,
+) -> ClientApp:
     """A device whose round trains to global + ``_update(partition)``, behind fedrec's SecAgg+
-    mod; clients in ``declining`` are past their budget."""
-    app = ClientApp()
+    mod; clients in ``declining`` are past their budget, and client p of ``failing`` raises
+    at that SecAgg+ stage."""
+    app = ClientApp(mods=[_fails_at(failing or {})])
     experiment = ExperimentConfig(federated=fed)
 
-    def declines(msg: Message, context: Context) -> str:
-        return "past its budget" if context.node_config["partition-id"] in declining else ""
+    @app.query("participation")
+    def participation(msg: Message, context: Context) -> Message:
+        joins = context.node_config["partition-id"] not in declining
+        answer = ConfigRecord({"joins": joins, "reason": "" if joins else "past its budget"})
+        return Message(RecordDict({"config": answer}), reply_to=msg)
 
-    @app.train(mods=[secure_aggregation_mod(lambda _ctx: experiment, declines)])
+    @app.train(mods=[secure_aggregation_mod(lambda _ctx: experiment)])
     def train(msg: Message, context: Context) -> Message:
         sent = msg.content.array_records["arrays"].to_numpy_ndarrays()
         update = _update(int(context.node_config["partition-id"]))
@@ -73,6 +82,17 @@ def _app(fed: FederatedConfig, declining: frozenset[int] = frozenset()) -> Clien
 
 def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in values.items()})
+
+
+def _fails_at(failing: dict[int, str]):
+    def mod(msg: Message, context: Context, call_next):
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        stage = failing.get(int(context.node_config["partition-id"]))
+        if configs is not None and configs.get(Key.STAGE) == stage:
+            raise ConnectionAbortedError(f"gone at {stage}")
+        return call_next(msg, context)
+
+    return mod
 
 
 class _Recorder:
@@ -96,6 +116,7 @@ def _round(
     *,
     declining: frozenset[int] = frozenset(),
     drop_out: float = 0.0,
+    failing: dict[int, str] | None = None,
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any], list[Message], _Recorder]:
     """One SecAgg+ round over ``CLIENTS`` toy devices: (the new global model, the round's
     train facts, the replies booked in the ledger, the server's view of the traffic)."""
@@ -103,7 +124,7 @@ def _round(
     assert isinstance(dp, UserLevelDP)
     booked: list[Message] = []
     secure = SecureAggregation(fed, dp, lambda _r, replies: booked.extend(replies), lambda _m: "")
-    grid = _Recorder(InProcessGrid(CLIENTS, _app(fed, declining), {DROP_OUT: drop_out}))
+    grid = _Recorder(InProcessGrid(CLIENTS, _app(fed, declining, failing), {DROP_OUT: drop_out}))
     messages = dp.configure_train(1, _arrays(GLOBAL), ConfigRecord({"server-round": 1}), grid)
     arrays, facts = secure.train(grid, 1, messages)  # type: ignore[arg-type]
     model = None if arrays is None else {k: v.numpy() for k, v in arrays.items()}
@@ -148,6 +169,20 @@ def test_thirty_percent_dropping_out_mid_round_still_aggregates_the_rest():
         assert np.abs(model[key] - expected[key]).max() < 1e-5
 
 
+def test_the_default_full_graph_survives_forty_percent_dropping_out():
+    """Every client shares with the whole cohort, any 60 % of it rebuild a secret: 4 of 10
+    dropping out mid-round still leaves a sum to unmask."""
+    fed = dataclasses.replace(_fed(), secure_aggregation=SecureAggregationConfig(noise="central"))
+    model, facts, booked, _ = _round(fed, drop_out=0.6)  # partitions 2, 3, 9 and one more
+    assert facts["secagg-dropped"] == 4
+    survivors = _contributors(booked)
+    assert len(survivors) == 6 == facts["dp-replies"]
+    assert model is not None
+    expected = _plain_mean(survivors)
+    for key in GLOBAL:
+        assert np.abs(model[key] - expected[key]).max() < 1e-5
+
+
 def test_a_client_past_its_budget_declines_before_it_shares_a_key():
     declining = frozenset({2, 7})
     model, facts, booked, grid = _round(_fed(), declining=declining)
@@ -155,21 +190,33 @@ def test_a_client_past_its_budget_declines_before_it_shares_a_key():
     assert _contributors(booked) == sorted(set(range(CLIENTS)) - declining)
     refusals = [r for r in booked if r.content.metric_records["metrics"].get("refused") == 1]
     assert len(refusals) == 2
-    # Nothing but the setup decline ever came from them: no key, no masked vector.
+    # Nothing but their answer ever came from them: no key, no masked vector.
     from_them = [m for m in grid.received if m.metadata.src_node_id - 1 in declining]
-    assert len(from_them) == 2 and all(m.has_error() for m in from_them)
+    assert [m.content.config_records["config"]["joins"] for m in from_them] == [False, False]
     expected = _plain_mean(sorted(set(range(CLIENTS)) - declining))
     assert model is not None
     for key in GLOBAL:
         assert np.abs(model[key] - expected[key]).max() < 1e-5
 
 
-def test_flowers_own_workflow_loses_the_round_when_a_client_leaves_before_masking(monkeypatch):
-    """Why ``server.secagg`` subclasses the workflow: with Flower's, one decline at setup makes
-    every client fail when asked for shares it never received."""
-    monkeypatch.setattr(secagg, "_SecAggPlus", _FlowersWorkflow)
-    model, _, _, _ = _round(_fed(), declining=frozenset({2}))
-    assert model is None
+@pytest.mark.parametrize("stage", [Stage.SETUP, Stage.SHARE_KEYS])
+@pytest.mark.parametrize("workflow", ["fedrec", "flower"])
+def test_a_client_that_fails_before_masking_leaves_the_round(monkeypatch, stage, workflow):
+    """Why ``server.secagg`` subclasses the workflow: with Flower's, a client that fails at
+    setup or while keys are shared makes every other client fail when asked for shares of its
+    secrets, which it never sent, and the round is lost. With fedrec's it is left out."""
+    if workflow == "flower":
+        monkeypatch.setattr(secagg, "_SecAggPlus", _FlowersWorkflow)
+    model, facts, booked, _ = _round(_fed(), failing={2: stage})
+    if workflow == "flower":
+        assert model is None
+        return
+    survivors = _contributors(booked)
+    assert survivors == [p for p in range(CLIENTS) if p != 2] and facts["secagg-dropped"] == 1
+    assert model is not None
+    expected = _plain_mean(survivors)
+    for key in GLOBAL:
+        assert np.abs(model[key] - expected[key]).max() < 1e-5
 
 
 class _FlowersWorkflow(SecAggPlusWorkflow):
@@ -183,7 +230,7 @@ def test_the_server_receives_masked_vectors_only():
         m
         for m in grid.received
         if not m.has_error()
-        and Key.MASKED_PARAMETERS in m.content.config_records[RECORD_KEY_CONFIGS]
+        and Key.MASKED_PARAMETERS in m.content.config_records.get(RECORD_KEY_CONFIGS, {})
     ]
     assert len(masked) == CLIENTS
     levels = quantization_range(CLIENTS)
@@ -230,7 +277,8 @@ def test_fewer_masked_updates_than_the_noise_needs_are_never_unmasked():
     unmask_requests = [
         m
         for m in grid.received
-        if not m.has_error() and Key.SHARE_LIST in m.content.config_records[RECORD_KEY_CONFIGS]
+        if not m.has_error()
+        and Key.SHARE_LIST in m.content.config_records.get(RECORD_KEY_CONFIGS, {})
     ]
     assert unmask_requests == []
     assert booked  # the round is still in the ledger: ε is never under-reported
@@ -239,9 +287,13 @@ def test_fewer_masked_updates_than_the_noise_needs_are_never_unmasked():
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"num_shares": 4}, "must be odd"),
+        ({"num_shares": 4, "reconstruction_threshold": 3}, "must be odd"),
+        ({"num_shares": 1, "reconstruction_threshold": 3}, "1.0 for the whole cohort"),
         ({"num_shares": 5, "reconstruction_threshold": 2}, "more than half"),
         ({"num_shares": 5, "reconstruction_threshold": 5}, "more than half"),
+        ({"reconstruction_threshold": 0.5}, "more than half"),
+        ({"num_shares": 1.5}, r"lie in \(0, 1\]"),
+        ({"reconstruction_threshold": 3}, "must be a fraction"),
         ({"noise": "local"}, "noise must be one of"),
         ({"min_contributors": 1}, "min_contributors must be >= 2"),
     ],
@@ -294,11 +346,8 @@ def _synthetic(tmp_path, **federated: Any) -> dict[str, Any]:
             "record_window": 8,
             "record_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "batch_size": 4},
             "central_dp": {"noise_multiplier": 0.3, "clipping_norm": 1.0, "sampling": "fixed"},
-            "secure_aggregation": {
-                "num_shares": 5,
-                "reconstruction_threshold": 3,
-                "min_contributors": 3,
-            },
+            "reproducible_noise": True,  # the same cohorts in every run of the test
+            "secure_aggregation": {"min_contributors": 3},
             **federated,
         },
     }

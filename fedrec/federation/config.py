@@ -62,10 +62,13 @@ class CentralDPConfig:
 class SecureAggregationConfig:
     """SecAgg+ (Bell et al. 2020, Flower's ``SecAggPlusWorkflow``): the server learns only the
     sum of the cohort's clipped updates. Each client shares its masking secrets with
-    ``num_shares`` neighbours (odd: Flower silently adds one to an even count after telling
-    the clients, and every client then fails); any ``reconstruction_threshold`` of them
-    (more than half, so the server can never hold both secrets of one client) remove the
-    masks of a client that dropped out.
+    ``num_shares`` neighbours (a fraction of the round's cohort, default 1.0: all of it; or an
+    odd count ≥ 3, as SecAgg+ does for large cohorts: Flower silently adds one to an even count
+    after telling the clients, and every client then fails). Any ``reconstruction_threshold``
+    of them (a fraction of the shares, or a count; more than half, so the server can never
+    hold both secrets of one client) remove the masks of a client that dropped out: a round
+    survives while every client keeps that many neighbours, so the default full graph with
+    0.6 tolerates 40 % dropping out, and a sparse graph much less (BENCHMARKS.md).
 
     ``noise``: ``distributed`` (default) — every client adds N(0, (σC)²/m) to its masked
     update, m = ``min_contributors``, and the server unmasks only when at least m masked
@@ -75,25 +78,42 @@ class SecureAggregationConfig:
     ``min_contributors`` unset: half of ``clients_per_round`` (required with
     ``fraction_per_round``)."""
 
-    num_shares: int = 7
-    reconstruction_threshold: int = 4
+    num_shares: int | float = 1.0
+    reconstruction_threshold: int | float = 0.6
     noise: str = "distributed"
     min_contributors: int | None = None
 
     def __post_init__(self) -> None:
-        if self.num_shares < 3 or self.num_shares % 2 == 0:
+        shares, threshold = self.num_shares, self.reconstruction_threshold
+        if isinstance(shares, int) and (shares < 3 or shares % 2 == 0):
             raise ValueError(
-                f"secure_aggregation.num_shares must be odd and >= 3, got {self.num_shares}: "
-                "with an even count Flower's SecAgg+ clients fail and the model never moves "
-                f"(use {max(3, self.num_shares + 1)})"
+                f"secure_aggregation.num_shares must be odd and >= 3, got {shares}: with an "
+                "even count Flower's SecAgg+ clients fail and the model never moves (use "
+                f"{max(3, shares + 1)}, or 1.0 for the whole cohort)"
             )
-        if not self.num_shares // 2 < self.reconstruction_threshold < self.num_shares:
+        if isinstance(shares, float) and not 0 < shares <= 1:
             raise ValueError(
-                "secure_aggregation.reconstruction_threshold must be more than half of "
-                f"num_shares and less than it (here {self.num_shares // 2 + 1}.."
-                f"{self.num_shares - 1}): at half or less the server could rebuild both secrets "
-                "of a client and unmask its update"
+                "secure_aggregation.num_shares as a fraction of the cohort must lie in (0, 1]"
             )
+        if isinstance(threshold, float) and not 0.5 < threshold <= 1:
+            raise ValueError(
+                "secure_aggregation.reconstruction_threshold as a fraction must be more than "
+                "half (0.5, 1]: at half or less the server could rebuild both secrets of a "
+                "client and unmask its update"
+            )
+        if isinstance(threshold, int):
+            if not isinstance(shares, int):
+                raise ValueError(
+                    "secure_aggregation.reconstruction_threshold must be a fraction (e.g. 0.6) "
+                    "when num_shares is one"
+                )
+            if not shares // 2 < threshold < shares:
+                raise ValueError(
+                    "secure_aggregation.reconstruction_threshold must be more than half of "
+                    f"num_shares and less than it (here {shares // 2 + 1}..{shares - 1}): at "
+                    "half or less the server could rebuild both secrets of a client and unmask "
+                    "its update"
+                )
         if self.noise not in SECURE_NOISE:
             raise ValueError(
                 f"secure_aggregation.noise must be one of {SECURE_NOISE}, got {self.noise!r}"

@@ -9,7 +9,7 @@ import math
 
 from fedrec.federation.config import FederatedConfig
 
-DECLINED = "fedrec: declined"  # a setup-stage error with this reason is a refusal, not a dropout
+PARTICIPATION = "query.participation"  # asked before SecAgg+: does the client take part?
 ARRAY_KEYS = "array-keys"  # the global model's array names, which Flower's legacy format loses
 MODULUS_RANGE = 2**32  # Flower's masks live in [0, 2³²)
 MAX_QUANTIZATION_RANGE = 2**24  # finer steps buy nothing: float32 updates carry 24 bits
