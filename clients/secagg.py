@@ -16,6 +16,7 @@ measurements of BENCHMARKS.md are made, in every engine. Never set it otherwise.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Callable
@@ -26,12 +27,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
 from fedrec.config import ExperimentConfig
+from fedrec.federation.config import FederatedConfig
 from fedrec.federation.privacy import noise_seed
-from fedrec.federation.secure import ARRAY_KEYS, noise_share_std
+from fedrec.federation.secure import (
+    ARRAY_KEYS,
+    MODULUS_RANGE,
+    clipping_range,
+    noise_share_std,
+    quantization_range,
+)
 from fedrec.privacy.randomness import numpy_generator
 
 DROP_OUT = "secagg-drop-out"
@@ -39,18 +47,53 @@ DROP_OUT_ENV = "FEDREC_SECAGG_DROP_OUT"
 
 
 def secure_aggregation_mod(experiment: Callable[[Context], ExperimentConfig]) -> Mod:
-    """The mod for the train handler; ``experiment`` reads the run's config on this node."""
+    """The mod for the train handler; ``experiment`` reads the run's config on this node. A
+    federation configured with ``secure_aggregation`` never gets an update in the clear, and
+    the protocol's settings the server announces are checked against the config."""
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        config = experiment(context)
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is None:
+            if config.federated.secure_aggregation is not None:
+                raise PermissionError(
+                    "this federation aggregates securely (federated.secure_aggregation): a "
+                    "plain train message would send this client's update in the clear"
+                )
             return call_next(msg, context)  # a plain round
+        if configs.get(Key.STAGE) == Stage.SETUP:
+            _check_setup(configs, config.federated)
 
         def masked_round(inner: Message, ctx: Context) -> Message:
-            return _masked_round(inner, ctx, call_next, experiment(ctx))
+            return _masked_round(inner, ctx, call_next, config)
 
         return secaggplus_mod(msg, context, masked_round)
 
     return mod
+
+
+def _check_setup(configs: ConfigRecord, fed: FederatedConfig) -> None:
+    """Refuse a round whose announced protocol is not the one the config implies: another
+    clipping or quantisation range, weights, or a threshold that lets the server rebuild both
+    secrets of a client."""
+    if fed.secure_aggregation is None:
+        raise PermissionError("a SecAgg+ round in a federation without secure_aggregation")
+    cohort = int(cast(int, configs[Key.SAMPLE_NUMBER]))
+    shares, threshold = (
+        int(cast(int, configs[Key.SHARE_NUMBER])),
+        int(cast(int, configs[Key.THRESHOLD])),
+    )
+    expected = {
+        Key.CLIPPING_RANGE: clipping_range(fed),
+        Key.TARGET_RANGE: quantization_range(cohort),
+        Key.MOD_RANGE: MODULUS_RANGE,
+        Key.MAX_WEIGHT: 1.0,
+    }
+    for key, value in expected.items():
+        if not math.isclose(float(cast(float, configs[key])), value, rel_tol=1e-9):
+            raise ValueError(f"SecAgg+ setup: {key} {configs[key]!r} is not {value!r}")
+    if 2 * threshold <= min(shares, cohort):
+        raise ValueError(f"SecAgg+ setup: threshold {threshold} is not more than half of {shares}")
 
 
 def _masked_round(

@@ -37,7 +37,9 @@ from fedrec.federation.privacy import (
     exposure_event,
     privacy_disclosures,
     reported_record_event,
+    server_view_event,
 )
+from fedrec.federation.secure import MASKED
 from fedrec.files import load_checkpoint, save_atomic
 from fedrec.population import Population
 from fedrec.privacy import PrivacyBudget, PrivacyLedger
@@ -84,6 +86,9 @@ class Federation:
         self.audit = self.config.audit if self.config.audit.enabled else None
         self.pending_audit: dict[str, Any] | None = None  # the federated audit of this round
         self.failure = ""  # set when every sampled client of a round failed
+        secure = self.fed.secure_aggregation
+        # SecAgg+ with distributed noise: each user's ε against the server itself, too
+        self.books_server_view = secure is not None and secure.noise == "distributed"
         self.replies = self.refused = self.withheld = 0
         # node ID -> the client it runs, as the node identified itself (server.rounds): the
         # only source of who a reply is from
@@ -221,6 +226,9 @@ class Federation:
             if partition is not None and int(cast(int, metrics.get("dp-steps", 0))) > 0:
                 dp = {key: cast(float, metrics[key]) for key in DP_METRICS}
                 self.ledger.record(reported_record_event(self.fed, partition, round_number, dp))
+            if partition is not None and metrics.get(MASKED) and self.books_server_view:
+                event = server_view_event(self.fed, self.num_clients, partition, round_number)
+                self.ledger.record(event)
         if self.fed.central_dp is not None:
             self.ledger.record(central_event(self.fed, self.num_clients, round_number))
         # Written before the aggregate exists: a kill from here on loses no release.

@@ -10,6 +10,7 @@ each node is (``IdentifiedGrid``) to sample by client, not by Flower's random no
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -22,8 +23,8 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
-from fedrec.federation.config import FederatedConfig
 from fedrec.federation.layout import CATALOGUE_FILE
+from fedrec.federation.privacy import dp_statement_problem
 from fedrec.population import Population
 from server.dp import UserLevelDP
 from server.federation import Federation
@@ -149,7 +150,7 @@ def run_federation(
         check_norm=fed.central_dp is None,
         max_update_norm=fed.max_update_norm,
         max_client_weight=fed.max_client_weight,
-        dp_settings=record_dp_settings(fed),
+        statement_problem=functools.partial(dp_statement_problem, fed),
     )
     secure = None
     if fed.secure_aggregation is not None:  # the config demands central_dp with it
@@ -202,17 +203,6 @@ def run_federation(
     if stopped:
         (log.error if federation.failure else log.warning)("stopping: %s", stopped)
     return federation.finish(stopped, bool(federation.failure), started)
-
-
-def record_dp_settings(fed: FederatedConfig) -> dict[str, float]:
-    """What every record-level DP release must state, as the config fixes it."""
-    dp = fed.record_dp
-    if dp is None:
-        return {}
-    settings = {"dp-clip-norm": dp.max_grad_norm, "dp-delta": dp.delta}
-    if dp.noise_multiplier is not None:
-        settings["dp-noise-multiplier"] = dp.noise_multiplier
-    return settings
 
 
 def _rounds(first: int, last: int, progress: bool) -> Iterator[int]:

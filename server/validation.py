@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -43,7 +44,7 @@ class ReplyValidator(StrategyWrapper):
         max_client_weight: int | None = None,
         norm_multiple: float = 10.0,
         weight_multiple: float = 10.0,
-        dp_settings: dict[str, float] | None = None,
+        statement_problem: Callable[[MetricRecord], str] | None = None,
     ):
         super().__init__(strategy)
         self.weighted = weighted
@@ -52,9 +53,10 @@ class ReplyValidator(StrategyWrapper):
         self.max_client_weight = max_client_weight
         self.norm_multiple = norm_multiple
         self.weight_multiple = weight_multiple
-        # record-level DP: what every release must state (clip norm, δ, and σ when the config
-        # fixes it); a reply that says otherwise would under-report its ε in the server's ledger
-        self.dp_settings = dp_settings or {}
+        # record-level DP: whether a reply's statement of its release fits the config
+        # (``fedrec.federation.privacy.dp_statement_problem``); one that does not would
+        # under-report its ε in the server's ledger
+        self.statement_problem = statement_problem
         self.current: dict[str, np.ndarray] = {}
 
     def configure_train(
@@ -133,7 +135,7 @@ class ReplyValidator(StrategyWrapper):
         problem = self.metrics_problem(metrics)
         if problem:
             return problem, 0.0, 0
-        return "", math.sqrt(squared), int(metrics["num-examples"])  # type: ignore[call-overload]
+        return "", math.sqrt(squared), cast(int, metrics["num-examples"])
 
     def metrics_problem(self, metrics: MetricRecord) -> str:
         """What is wrong with a train reply's metrics (finite numbers, a weight, the DP
@@ -145,25 +147,7 @@ class ReplyValidator(StrategyWrapper):
         weight = metrics.get("num-examples")
         if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
             return "num-examples is not a non-negative integer"
-        return self._dp_problem(metrics)
-
-    def _dp_problem(self, metrics: MetricRecord) -> str:
-        """What is wrong with a reply's statement of its DP-SGD release, or ""."""
-        if not self.dp_settings or not metrics.get("dp-steps"):
-            return ""  # no record-level DP, or nothing released this round
-        steps, rate = metrics.get("dp-steps"), metrics.get("dp-sample-rate")
-        if not isinstance(steps, int) or steps < 0:
-            return "dp-steps is not a non-negative integer"
-        if not isinstance(rate, NUMBER) or not 0 < rate <= 1:
-            return "dp-sample-rate is not in (0, 1]"
-        for key, expected in self.dp_settings.items():
-            stated = metrics.get(key)
-            if not isinstance(stated, NUMBER) or not math.isclose(stated, expected, rel_tol=1e-9):
-                return f"{key} {stated!r} is not the federation's {expected!r}"
-        sigma = metrics.get("dp-noise-multiplier")
-        if not isinstance(sigma, NUMBER) or not sigma > 0:
-            return "dp-noise-multiplier is not > 0"
-        return ""
+        return self.statement_problem(metrics) if self.statement_problem else ""
 
     @staticmethod
     def _bound(fixed: float | None, values: list[float], multiple: float) -> float | None:

@@ -6,8 +6,8 @@ rounds in which 30 % of the sampled clients drop out mid-round.
         --output runs/bench-secagg-deployment
 
 ``simulation``: MovieLens-100K, one client per user (943), HSTU (ml-100k-federated.yaml with
-max_len 50 and one local epoch), user-level DP-FedAvg (σ 1, C 0.5, Poisson sampling of
-``--clients-per-round``); each variant runs in the in-process engine and, with ``--flower``,
+max_len 50 and one local epoch), user-level DP-FedAvg (σ ``--sigma``, default 1; C 0.5;
+Poisson sampling of ``--clients-per-round``); each variant runs in the in-process engine and, with ``--flower``,
 under Flower's simulation too. ``deployment``: the same model on ``--nodes`` loopback
 SuperNodes (Flower's SuperLink, SuperNodes and ``flwr run``), each holding the store of one
 silo of ML-100K users (hash partitioning), every node sampled each round.
@@ -68,7 +68,7 @@ def config_data(args: argparse.Namespace, secure: dict[str, Any] | None) -> dict
         eval_every=args.rounds,
         clients_per_round=args.clients_per_round,
         local_epochs=1,
-        central_dp={"noise_multiplier": 1.0, "clipping_norm": 0.5, "sampling": "poisson"},
+        central_dp={"noise_multiplier": args.sigma, "clipping_norm": 0.5, "sampling": "poisson"},
     )
     if args.mode == "deployment":
         federated.update(
@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda v: float(v) if "." in v else int(v),
         default=0.6,
         help="secure_aggregation.reconstruction_threshold",
+    )
+    parser.add_argument(
+        "--sigma", type=float, default=1.0, help="central_dp.noise_multiplier (0: no noise)"
     )
     parser.add_argument("--output", default="runs/bench-secagg", help="folder for the runs")
     args = parser.parse_args(argv)

@@ -208,7 +208,7 @@ def deploy_on_loopback(
             for partition, (port, device) in enumerate(zip(ports, devices, strict=True))
         ]
         settings = f"config='{config}' run-dir='{run_dir}' deployment=true {run_config}".strip()
-        start(
+        submit = start(
             [
                 str(binaries / "flwr"),
                 *("run", str(REPO), "loopback", "--run-config", settings, "--stream"),
@@ -220,5 +220,5 @@ def deploy_on_loopback(
             timeout=timeout,
             what="the deployed run's results.json",
             log=work / "superlink.log",
-            watch=(superlink, *nodes),
+            watch=(superlink, *nodes, submit),
         )

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from fedrec.federation import CentralDPConfig, FederatedConfig
+from fedrec.federation.privacy import dp_statement_problem
+from fedrec.privacy.dp_sgd import DPSGDConfig, plan_dp
 from server.strategy import LedgerKeeper, build_strategy
 from server.validation import ReplyValidator
 from simulations.inprocess import InProcessGrid
@@ -167,6 +172,35 @@ def test_robust_aggregation_and_user_level_dp_do_not_compose():
         FederatedConfig(strategy="krum", central_dp=CentralDPConfig())
 
 
+HONEST = {  # 10 records in batches of 5: q = 1/2, one local epoch = 2 steps
+    "dp-noise-multiplier": 1.0,
+    "dp-clip-norm": 1.0,
+    "dp-delta": 1e-5,
+    "dp-sample-rate": 0.5,
+    "dp-steps": 2,
+}
+
+
+def _rejected_statements(fed: FederatedConfig, statements: list[dict]) -> int:
+    strategy = ReplyValidator(
+        LedgerKeeper(build_strategy(fed, 5, seed=0), lambda *_: None),
+        weighted=fed.weighted,
+        check_norm=True,
+        statement_problem=functools.partial(dp_statement_problem, fed),
+    )
+    instructions = list(
+        strategy.configure_train(1, _arrays(GLOBAL), ConfigRecord(), InProcessGrid(5))
+    )
+    replies = []
+    for message, stated in zip(instructions, statements, strict=True):
+        out = reply(message, _arrays(_scaled(1.0)), 1)
+        out.content["metrics"] = MetricRecord({"num-examples": 1, **stated})
+        replies.append(out)
+    _, facts = strategy.aggregate_train(1, replies)
+    assert facts is not None
+    return int(facts["rejected"])
+
+
 @pytest.mark.parametrize(
     ("lie", "value"),
     [
@@ -174,37 +208,26 @@ def test_robust_aggregation_and_user_level_dp_do_not_compose():
         ("dp-clip-norm", 0.001),
         ("dp-delta", 0.5),
         ("dp-sample-rate", 1.5),
+        ("dp-sample-rate", 0.3),  # not 1 / a whole number of batches
         ("dp-steps", -3),
+        ("dp-steps", 1),  # fewer steps than one epoch of its batches: a smaller ε
     ],
 )
 def test_a_reply_that_misstates_its_dp_release_is_rejected(lie, value):
-    from fedrec.privacy.dp_sgd import DPSGDConfig
-    from server.rounds import record_dp_settings
-
     fed = FederatedConfig(
         clients_per_round=5, record_dp=DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0)
     )
-    strategy = ReplyValidator(
-        LedgerKeeper(build_strategy(fed, 5, seed=0), lambda *_: None),
-        weighted=fed.weighted,
-        check_norm=True,
-        dp_settings=record_dp_settings(fed),
-    )
-    instructions = list(
-        strategy.configure_train(1, _arrays(GLOBAL), ConfigRecord(), InProcessGrid(5))
-    )
-    stated = {
-        "dp-noise-multiplier": 1.0,
-        "dp-clip-norm": 1.0,
-        "dp-delta": 1e-5,
-        "dp-sample-rate": 0.5,
-        "dp-steps": 3,
-    }
-    replies = []
-    for i, message in enumerate(instructions):
-        out = reply(message, _arrays(_scaled(1.0)), 1)
-        metrics = {**stated, lie: value} if i == 0 else stated
-        out.content["metrics"] = MetricRecord({"num-examples": 1, **metrics})
-        replies.append(out)
-    _, facts = strategy.aggregate_train(1, replies)
-    assert facts is not None and facts["rejected"] == 1
+    assert _rejected_statements(fed, [HONEST] * 5) == 0
+    assert _rejected_statements(fed, [{**HONEST, lie: value}] + [HONEST] * 4) == 1
+
+
+def test_under_a_target_epsilon_sigma_must_be_the_one_solved_for_the_stated_rate():
+    """σ is solved by each client for its q; the server solves it again and believes nothing
+    else (a client stating σ 5 where 1.4 was solved would report a fraction of its ε)."""
+    record_dp = DPSGDConfig(target_epsilon=4.0, max_grad_norm=1.0)
+    fed = FederatedConfig(clients_per_round=5, num_rounds=3, record_dp=record_dp)
+    solved = plan_dp(10, dataclasses.replace(record_dp, batch_size=5), 1, 3).noise_multiplier
+    honest = {**HONEST, "dp-noise-multiplier": solved}
+    assert _rejected_statements(fed, [honest] * 5) == 0
+    lying = {**honest, "dp-noise-multiplier": solved * 3}
+    assert _rejected_statements(fed, [lying] + [honest] * 4) == 1

@@ -118,8 +118,12 @@ class SecureAggregationConfig:
             raise ValueError(
                 f"secure_aggregation.noise must be one of {SECURE_NOISE}, got {self.noise!r}"
             )
-        if self.min_contributors is not None and self.min_contributors < 2:
-            raise ValueError("secure_aggregation.min_contributors must be >= 2")
+        if self.min_contributors is not None and self.min_contributors < 3:
+            raise ValueError(
+                "secure_aggregation.min_contributors must be >= 3: a sum of two updates shows "
+                "each to the other client, and Flower seeds each pairwise mask with 32 bits, so "
+                "a client masked by one neighbour alone could be unmasked by search"
+            )
 
 
 @dataclass
@@ -299,7 +303,7 @@ class FederatedConfig:
         assert secure is not None
         if secure.min_contributors is not None:
             return secure.min_contributors
-        return max(2, -(-self.clients_per_round // 2))
+        return max(3, -(-self.clients_per_round // 2))
 
     @property
     def private(self) -> bool:

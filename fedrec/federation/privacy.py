@@ -5,6 +5,7 @@ server round and the reports all call these, so the events are the same wherever
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ from fedrec.audits import AuditConfig
 from fedrec.federation.config import FederatedConfig
 from fedrec.federation.records import record_shape
 from fedrec.privacy.accounting import WITHOUT_REPLACEMENT_ACCOUNTANT
-from fedrec.privacy.dp_sgd import DEFAULT_RECORD_DELTA, plan_dp
+from fedrec.privacy.dp_sgd import DEFAULT_RECORD_DELTA, DPSGDConfig, plan_dp
 from fedrec.privacy.ledger import PrivacyEvent, PrivacyLedger
 
 
@@ -87,6 +88,54 @@ def reported_record_event(
 DP_METRICS = ("dp-noise-multiplier", "dp-sample-rate", "dp-steps", "dp-clip-norm", "dp-delta")
 
 
+def dp_statement_problem(fed: FederatedConfig, metrics: Mapping[str, object]) -> str:
+    """What is wrong with a reply's statement of its DP-SGD release (``DP_METRICS``), or "".
+
+    Everything but the record count follows from the config: the clip norm, δ, σ (fixed, or
+    solved for ``target_epsilon`` at the stated q), q = 1 / batches and steps = local epochs ×
+    batches. The count itself (so q) is the client's word: claiming more records than it holds
+    would understate its ε, which no server can check."""
+    dp = fed.record_dp
+    if dp is None or not metrics.get("dp-steps"):
+        return ""  # no record-level DP, or nothing released this round
+    steps, rate = metrics.get("dp-steps"), metrics.get("dp-sample-rate")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        return "dp-steps is not a non-negative integer"
+    if not isinstance(rate, int | float) or not 0 < rate <= 1:
+        return "dp-sample-rate is not in (0, 1]"
+    batches = round(1 / rate)
+    if not math.isclose(1 / batches, rate, rel_tol=1e-9):
+        return f"dp-sample-rate {rate!r} is not 1 / a number of batches"
+    if steps != fed.local_epochs * batches:
+        return f"dp-steps {steps} is not local_epochs × batches ({fed.local_epochs * batches})"
+    sigma = dp.noise_multiplier
+    if sigma is None:
+        assert dp.target_epsilon is not None
+        epochs = fed.local_epochs * fed.num_rounds
+        sigma = _solved_sigma(dp.target_epsilon, dp.delta, dp.accountant, batches, epochs)
+    expected = {
+        "dp-clip-norm": dp.max_grad_norm,
+        "dp-delta": dp.delta,
+        "dp-noise-multiplier": sigma,
+    }
+    for key, value in expected.items():
+        stated = metrics.get(key)
+        if not isinstance(stated, int | float) or not math.isclose(stated, value, rel_tol=1e-6):
+            return f"{key} {stated!r} is not the federation's {value!r}"
+    return ""
+
+
+@functools.lru_cache(maxsize=256)
+def _solved_sigma(
+    target_epsilon: float, delta: float, accountant: str, batches: int, epochs: int
+) -> float:
+    """σ a client solves for ``target_epsilon`` with ``batches`` batches (``plan_dp``)."""
+    solving = DPSGDConfig(
+        target_epsilon=target_epsilon, delta=delta, accountant=accountant, batch_size=1
+    )
+    return plan_dp(batches, solving, epochs).noise_multiplier
+
+
 def event_metrics(event: PrivacyEvent | None) -> dict[str, float]:
     """The DP keys of a reply (all zero: nothing released; dp-steps 0 is what the server reads)."""
     if event is None:
@@ -131,6 +180,32 @@ def central_event(fed: FederatedConfig, num_clients: int, round_number: int) -> 
     )
 
 
+SERVER_VIEW = "server-view:"  # party prefix: a user's ε against the server itself
+
+
+def server_view_event(
+    fed: FederatedConfig, num_clients: int, partition: int, round_number: int
+) -> PrivacyEvent:
+    """What the server itself learns of a user whose update is in a SecAgg+ sum that carries
+    distributed noise: it knows who took part, so sampling does not amplify; each such round
+    is a Gaussian release of the round's σ (at least σC on the sum: it unmasks only sums of
+    ``min_contributors`` shares; halved for the replace-one adjacency of fixed sampling)."""
+    central = fed.central_dp
+    assert central is not None
+    sigma = central.noise_multiplier / (2 if central.sampling == "fixed" else 1)
+    return PrivacyEvent(
+        round=round_number,
+        party=f"{SERVER_VIEW}{partition}",
+        mechanism="gaussian",
+        unit="user",
+        noise_multiplier=sigma,
+        sample_rate=1.0,
+        steps=1,
+        clip_norm=central.clipping_norm,
+        delta=central.delta_for(num_clients),
+    )
+
+
 def exposure_event(
     fed: FederatedConfig, audit: AuditConfig, partition: int, round_number: int
 ) -> PrivacyEvent:
@@ -165,10 +240,11 @@ def epsilons_so_far(
     if fed.central_dp is not None:
         out["federation_delta"] = fed.central_dp.delta_for(num_clients)
         out["federation"] = ledger.epsilon("server", out["federation_delta"])
-    clients = [p for p in ledger.parties() if p.startswith("client:")]
-    if clients:
-        out["client_max"] = max(ledger.epsilon(p, ledger.delta(p)) for p in clients)
-        out["client_max_delta"] = max(ledger.delta(p) for p in clients)
+    for prefix, key in (("client:", "client_max"), (SERVER_VIEW, "server_view_max")):
+        parties = [p for p in ledger.parties() if p.startswith(prefix)]
+        if parties:
+            out[key] = max(ledger.epsilon(p, ledger.delta(p)) for p in parties)
+            out[f"{key}_delta"] = max(ledger.delta(p) for p in parties)
     return out
 
 
@@ -176,7 +252,11 @@ def epsilon_text(spent: Mapping[str, float]) -> str:
     """``epsilons_so_far`` for a log line: every ε next to its δ."""
     parts = [
         f"{label} ε {spent[key]:.2f} (δ {spent[key + '_delta']:.1e})"
-        for key, label in (("federation", "federation"), ("client_max", "clients max"))
+        for key, label in (
+            ("federation", "federation"),
+            ("client_max", "clients max"),
+            ("server_view_max", "vs server max"),
+        )
         if key in spent
     ]
     return "".join(f"  {p}" for p in parts)
@@ -272,7 +352,10 @@ def _server_view(fed: FederatedConfig) -> str:
     return (
         "Secure aggregation (SecAgg+) with distributed noise: each client adds its share of "
         f"the noise and the server unmasks only sums of at least {fed.secure_min_contributors} "
-        "updates, so the guarantee holds against the server too, with two limits: a client "
-        "that colludes with the server can remove its own share, and the accounting treats "
-        "the quantised (stochastically rounded) shares as Gaussian."
+        "updates. Against the server, which knows who took part, sampling does not amplify: "
+        "each user's ε against it is reported separately (server view, one Gaussian release "
+        "per round the user joined). Limits: a client that colludes with the server can remove "
+        "its own share and a hostile one can leave its share out, lowering the sum's noise; "
+        "the accounting treats the quantised (stochastically rounded) shares as Gaussian; "
+        "each reply's metrics (client id, refusal, DP-SGD statement) travel in the clear."
     )

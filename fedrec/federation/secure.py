@@ -1,6 +1,6 @@
 """The numbers of a SecAgg+ round that both ends derive from the config: each client's share of
-the DP noise, and the quantisation the masked integers use (``server.secagg``,
-``clients.secagg``). Pure functions, so the client never takes them from the server's word.
+the DP noise, the quantisation range, and the share graph (``server.secagg`` sets the round's
+protocol from them; ``clients.secagg`` checks what the server announces against them).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import math
 from fedrec.federation.config import FederatedConfig
 
 PARTICIPATION = "query.participation"  # asked before SecAgg+: does the client take part?
+MASKED = "secagg-masked"  # a reply metric the server adds: this client's update is in the sum
 ARRAY_KEYS = "array-keys"  # the global model's array names, which Flower's legacy format loses
 MODULUS_RANGE = 2**32  # Flower's masks live in [0, 2³²)
 MAX_QUANTIZATION_RANGE = 2**24  # finer steps buy nothing: float32 updates carry 24 bits
@@ -51,3 +52,20 @@ def quantization_range(cohort: int) -> int:
             " clients per round"
         )
     return min(levels, MAX_QUANTIZATION_RANGE)
+
+
+def share_graph(fed: FederatedConfig, joined: int) -> tuple[int, int]:
+    """(neighbours each client shares its secrets with, shares that rebuild one) for a round
+    of ``joined`` clients: ``num_shares`` (a fraction of the round, or a count) capped at the
+    round and kept odd below it (Flower fails on an even count), and a threshold of more than
+    half of that, so the server can never rebuild both secrets of one client."""
+    secure = fed.secure_aggregation
+    assert secure is not None
+    shares = secure.num_shares
+    count = round(shares * joined) if isinstance(shares, float) else shares
+    count = min(max(count, 3), joined)
+    if count < joined and count % 2 == 0:
+        count += 1
+    threshold = secure.reconstruction_threshold
+    needed = round(threshold * count) if isinstance(threshold, float) else threshold
+    return count, min(max(needed, count // 2 + 1), count)

@@ -33,6 +33,10 @@ PROTECTED_FROM = {
         "the server and everyone after it: the noise is added on the device, from the "
         "device's private randomness, before anything leaves it."
     ),
+    "server-view": (
+        "the server itself: it sees only SecAgg+ sums whose noise the clients added; "
+        "without amplification by sampling, since the server knows who took part."
+    ),
 }
 
 
@@ -146,6 +150,23 @@ def privacy_summary(
         )
     if clients:
         guarantees.append(_device_guarantee(ledger, client_parties, disclosures))
+    viewed = {k: v for k, v in parties.items() if k.startswith("server-view:")}
+    if viewed:
+        guarantees.append(
+            {
+                "level": "user-level against the server (SecAgg+, distributed noise)",
+                "unit": "user",
+                "meaning": UNIT_MEANING["user"],
+                "protected_from": PROTECTED_FROM["server-view"],
+                "epsilon": max(v["epsilon"] for v in viewed.values()),
+                "epsilon_median": statistics.median(v["epsilon"] for v in viewed.values()),
+                "delta": max(v["delta"] for v in viewed.values()),
+                "sampling": "none (each round the user joined)",
+                "adjacency": ADJACENCY["poisson"],
+                "accountant": ACCOUNTANT_NAMES[next(iter(viewed.values()))["accountant"]],
+                "budget": None,
+            }
+        )
     mechanisms = Counter(
         (
             e.mechanism,
