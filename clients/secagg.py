@@ -8,9 +8,10 @@ by the round) plus, under distributed noise, this client's share of the DP noise
 private randomness (``fedrec.federation.secure``). Every client's weight is 1.
 
 ``secagg-drop-out`` in the run config (or ``$FEDREC_SECAGG_DROP_OUT``: Flower's simulation
-gives the apps an empty run config), a fraction, makes that share of the clients, chosen by
-round and partition, fail at the masking stage, after the keys were shared: how the dropout
-measurements of BENCHMARKS.md are made, in every engine. Never set it otherwise.
+gives the apps an empty run config), a fraction, makes that share of all clients (the node
+config's ``num-partitions``), chosen anew each round, fail at the masking stage, after the keys
+were shared: how the dropout measurements of BENCHMARKS.md are made, in every engine. Never
+set it otherwise.
 """
 
 from __future__ import annotations
@@ -135,6 +136,12 @@ def _masked_round(
 
 
 def _drops_out(context: Context, round_number: int, partition: int) -> bool:
+    """Whether this client is one of the ⌈rate × clients⌉ of the round the drop-out setting
+    fails (the same choice on every node: each ranks every client's draw for the round)."""
     rate = float(cast(float, context.run_config.get(DROP_OUT, os.environ.get(DROP_OUT_ENV, 0))))
+    clients = int(cast(int, context.node_config.get("num-partitions", 0)))
+    if rate <= 0 or clients <= partition:
+        return False
     # Which clients fail is a test fixture, not a secret: seeded, so every engine drops the same.
-    return rate > 0 and random.Random(f"{round_number}:{partition}").random() < rate
+    draws = [random.Random(f"{round_number}:{p}").random() for p in range(clients)]
+    return draws[partition] <= sorted(draws)[math.ceil(rate * clients) - 1]

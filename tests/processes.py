@@ -169,7 +169,7 @@ def deploy_on_loopback(
     link, *ports = free_ports(len(devices) + 1)
     with flower_processes(work) as (env, start):
         flwr_home = Path(env["FLWR_HOME"])
-        flwr_home.mkdir(parents=True)
+        flwr_home.mkdir(parents=True, exist_ok=True)
         (flwr_home / "config.toml").write_text(
             '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
             f'address = "127.0.0.1:{link}"\ninsecure = true\n',

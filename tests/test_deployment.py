@@ -103,11 +103,11 @@ def test_two_supernodes_on_loopback_run_two_rounds_and_every_process_is_stopped(
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_secagg_on_five_supernodes_survives_two_dropping_out_mid_round(tmp_path):
-    """SecAgg+ with distributed DP noise over Flower's deployment runtime. In round 1 the
-    drop-out setting makes partitions 2 and 3 fail after the keys were shared (0.3 per client,
-    chosen by round and partition); the other three masked updates are unmasked with the
-    dropped clients' secrets rebuilt from shares, and the model moves. Round 2: all five."""
+def test_secagg_on_five_supernodes_survives_two_dropping_out_every_round(tmp_path):
+    """SecAgg+ with distributed DP noise over Flower's deployment runtime. In each round the
+    drop-out setting makes 30 % of the clients (2 of 5, chosen anew each round) fail after the
+    keys were shared; the other three masked updates are unmasked with the dropped clients'
+    secrets rebuilt from shares, and the model moves."""
     run_dir = tmp_path / "run"
     config = tmp_path / "deploy.yaml"
     config.write_text(
@@ -151,8 +151,8 @@ def test_secagg_on_five_supernodes_survives_two_dropping_out_mid_round(tmp_path)
     assert results["rounds"] == 2 and not results["failed"]
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trained = [h["train"] for h in history]
-    assert [t["secagg-dropped"] for t in trained] == [2, 0]
-    assert [t["dp-replies"] for t in trained] == [3, 5]
+    assert [t["secagg-dropped"] for t in trained] == [2, 2]
+    assert [t["dp-replies"] for t in trained] == [3, 3]
     final = torch.load(run_dir / "model.pt", weights_only=True)
     catalogue = ItemCatalogue.load(run_dir / "catalogue.json")
     initial = initial_federated_model(load_config(config), catalogue, run_dir).shared_state()

@@ -187,9 +187,11 @@ def test_the_sum_is_the_plain_sum_within_quantisation():
 
 
 def test_thirty_percent_dropping_out_mid_round_still_aggregates_the_rest():
-    model, facts, booked, _ = _round(_fed(), drop_out=0.3)
+    """The default graph (every client shares with the whole round, any 60 % rebuild)."""
+    fed = _fed(num_shares=1.0, reconstruction_threshold=0.6)
+    model, facts, booked, _ = _round(fed, drop_out=0.3)
     dropped = facts["secagg-dropped"]
-    assert 1 <= dropped < CLIENTS - _fed().secure_min_contributors
+    assert dropped == 3  # 30 % of 10
     survivors = _contributors(booked)
     assert len(survivors) == CLIENTS - dropped == facts["dp-replies"]
     assert sum(r.has_error() for r in booked) == dropped  # booked as failures, not releases
@@ -199,11 +201,20 @@ def test_thirty_percent_dropping_out_mid_round_still_aggregates_the_rest():
         assert np.abs(model[key] - expected[key]).max() < 1e-5
 
 
+def test_a_sparse_graph_loses_the_round_when_a_clients_neighbours_drop_out():
+    """5 neighbours and threshold 3: when 30 % drop, some client keeps fewer than 3 of its
+    neighbours, its secrets cannot be rebuilt and nothing is released: why the default is
+    the whole round as neighbours (BENCHMARKS.md measures the cost)."""
+    model, facts, booked, _ = _round(_fed(num_shares=5, reconstruction_threshold=3), drop_out=0.3)
+    assert model is None and facts["secagg-dropped"] == 3
+    assert len(_contributors(booked)) == CLIENTS - 3  # booked all the same
+
+
 def test_the_default_full_graph_survives_forty_percent_dropping_out():
     """Every client shares with the whole cohort, any 60 % of it rebuild a secret: 4 of 10
     dropping out mid-round still leaves a sum to unmask."""
     fed = dataclasses.replace(_fed(), secure_aggregation=SecureAggregationConfig(noise="central"))
-    model, facts, booked, _ = _round(fed, drop_out=0.6)  # partitions 2, 3, 9 and one more
+    model, facts, booked, _ = _round(fed, drop_out=0.4)
     assert facts["secagg-dropped"] == 4
     survivors = _contributors(booked)
     assert len(survivors) == 6 == facts["dp-replies"]
@@ -308,7 +319,7 @@ def test_fewer_masked_updates_than_the_noise_needs_are_never_unmasked():
     server does not ask for the shares, nothing is released, the model stays."""
     fed = _fed("distributed", sigma=1.0, min_contributors=8)
     model, facts, booked, grid = _round(fed, drop_out=0.6)
-    assert model is None and facts["secagg-dropped"] >= 3
+    assert model is None and facts["secagg-dropped"] == 6
     unmask_requests = [
         m
         for m in grid.received
@@ -412,7 +423,7 @@ def test_a_federation_under_secagg_drop_outs_and_declines_keeps_going(tmp_path, 
     second = parse_config(
         _synthetic(tmp_path, clients_per_round=14, record_epsilon_budget=1.1 * one_release)
     )
-    monkeypatch.setenv("FEDREC_SECAGG_DROP_OUT", "0.34")
+    monkeypatch.setenv("FEDREC_SECAGG_DROP_OUT", "0.2")
     run_inprocess(population_of(second), run_dir, progress=False)
     line = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     facts = line["train"]
