@@ -201,15 +201,6 @@ def test_thirty_percent_dropping_out_mid_round_still_aggregates_the_rest():
         assert np.abs(model[key] - expected[key]).max() < 1e-5
 
 
-def test_a_sparse_graph_loses_the_round_when_a_clients_neighbours_drop_out():
-    """5 neighbours and threshold 3: when 30 % drop, some client keeps fewer than 3 of its
-    neighbours, its secrets cannot be rebuilt and nothing is released: why the default is
-    the whole round as neighbours (BENCHMARKS.md measures the cost)."""
-    model, facts, booked, _ = _round(_fed(num_shares=5, reconstruction_threshold=3), drop_out=0.3)
-    assert model is None and facts["secagg-dropped"] == 3
-    assert len(_contributors(booked)) == CLIENTS - 3  # booked all the same
-
-
 def test_the_default_full_graph_survives_forty_percent_dropping_out():
     """Every client shares with the whole cohort, any 60 % of it rebuild a secret: 4 of 10
     dropping out mid-round still leaves a sum to unmask."""
