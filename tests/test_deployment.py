@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,41 +40,47 @@ LLM = {  # the LLM recommender: foundation on the server, DP-SGD on LoRA + promp
 }
 
 
+def _devices(
+    tmp_path: Path, users: int, sections: dict, federated: dict, nodes: int
+) -> tuple[Path, Path, list[Path]]:
+    """The run's config (synthetic data of ``users`` users in ``nodes`` silos, two rounds)
+    and one folder per device: each holds only its own events (its store) and gets its own
+    ledger and personal prompt there; the item catalogue reaches it from the server in the
+    run. Returns (config, run folder, device folders)."""
+    run_dir = tmp_path / "run"
+    config = tmp_path / "deploy.yaml"
+    data = {
+        "seed": 0,
+        "output_dir": str(run_dir),
+        "data": {
+            "source": "synthetic",
+            "synthetic": {"num_users": users, "num_items": 30, "mean_length": 12, "seed": 0},
+        },
+        "evaluation": {"ks": [10]},
+        **sections,
+        "federated": {
+            "partitioning": "hash",
+            "num_partitions": nodes,
+            "num_rounds": 2,
+            "clients_per_round": nodes,
+            **federated,
+        },
+    }
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    population = population_of(load_config(config))
+    devices = [tmp_path / f"device-{partition}" for partition in range(nodes)]
+    for partition, device in enumerate(devices):
+        population.write_store(device / "store", partition)
+    return config, run_dir, devices
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("kind", ["hstu", "llm"])
 def test_two_supernodes_on_loopback_run_two_rounds_and_every_process_is_stopped(tmp_path, kind):
-    run_dir = tmp_path / "run"
-    config = tmp_path / "deploy.yaml"
     extra = HSTU if kind == "hstu" else LLM
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "seed": 0,
-                "output_dir": str(run_dir),
-                "data": {
-                    "source": "synthetic",
-                    "synthetic": {"num_users": 10, "num_items": 30, "mean_length": 12, "seed": 0},
-                },
-                "evaluation": {"ks": [10]},
-                **{k: v for k, v in extra.items() if k != "federated"},
-                "federated": {
-                    "partitioning": "hash",
-                    "num_partitions": 2,
-                    "num_rounds": 2,
-                    "clients_per_round": 2,
-                    **extra["federated"],
-                },
-            }
-        ),
-        encoding="utf-8",
-    )
-    # Each device holds only its own events (its store) and its own folder for the ledger and
-    # the personal prompt; the item catalogue reaches it from the server in the run.
-    population = population_of(load_config(config))
-    devices = [tmp_path / f"device-{partition}" for partition in (0, 1)]
-    for partition, device in enumerate(devices):
-        population.write_store(device / "store", partition)
+    sections = {k: v for k, v in extra.items() if k != "federated"}
+    config, run_dir, devices = _devices(tmp_path, 10, sections, extra["federated"], nodes=2)
     deploy_on_loopback(tmp_path, config, run_dir, devices)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["rounds"] == 2 and results["clients"] == 2 and not results["failed"]
@@ -108,44 +115,16 @@ def test_secagg_on_five_supernodes_survives_two_dropping_out_every_round(tmp_pat
     drop-out setting makes 30 % of the clients (2 of 5, chosen anew each round) fail after the
     keys were shared; the other three masked updates are unmasked with the dropped clients'
     secrets rebuilt from shares, and the model moves."""
-    run_dir = tmp_path / "run"
-    config = tmp_path / "deploy.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "seed": 0,
-                "output_dir": str(run_dir),
-                "data": {
-                    "source": "synthetic",
-                    "synthetic": {"num_users": 20, "num_items": 30, "mean_length": 12, "seed": 0},
-                },
-                "evaluation": {"ks": [10]},
-                "audit": {"enabled": False},
-                **{k: v for k, v in HSTU.items() if k != "federated"},
-                "federated": {
-                    "partitioning": "hash",
-                    "num_partitions": 5,
-                    "num_rounds": 2,
-                    "clients_per_round": 5,
-                    "central_dp": {
-                        "noise_multiplier": 0.1,
-                        "clipping_norm": 1.0,
-                        "sampling": "fixed",
-                    },
-                    "secure_aggregation": {
-                        "num_shares": 5,
-                        "reconstruction_threshold": 3,
-                        "min_contributors": 3,
-                    },
-                },
-            }
-        ),
-        encoding="utf-8",
-    )
-    population = population_of(load_config(config))
-    devices = [tmp_path / f"device-{partition}" for partition in range(5)]
-    for partition, device in enumerate(devices):
-        population.write_store(device / "store", partition)
+    secure = {
+        "central_dp": {"noise_multiplier": 0.1, "clipping_norm": 1.0, "sampling": "fixed"},
+        "secure_aggregation": {
+            "num_shares": 5,
+            "reconstruction_threshold": 3,
+            "min_contributors": 3,
+        },
+    }
+    sections = {"audit": {"enabled": False}, "model": HSTU["model"]}
+    config, run_dir, devices = _devices(tmp_path, 20, sections, secure, nodes=5)
     deploy_on_loopback(tmp_path, config, run_dir, devices, "secagg-drop-out=0.3", timeout=600)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["rounds"] == 2 and not results["failed"]
