@@ -450,6 +450,49 @@ def download(
 
 
 @app.command()
+def certs(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the keys and certificates.")],
+    host: Annotated[
+        list[str],
+        typer.Option(
+            "--host",
+            help="A DNS name or IP address the SuperLink is reached by (repeat for each).",
+        ),
+    ],
+    device: Annotated[
+        list[str] | None,
+        typer.Option("--device", help="A device to make a key pair for (repeat for each)."),
+    ] = None,
+    devices: Annotated[int, typer.Option(help="Also make key pairs device-0 .. device-(N-1).")] = 0,
+    days: Annotated[int, typer.Option(help="Validity of new certificates, in days.")] = 365,
+    renew_server: Annotated[
+        bool, typer.Option(help="Make a new server certificate (and key) from the same CA.")
+    ] = False,
+) -> None:
+    """Make the deployment's CA, the SuperLink's TLS certificate (valid for every --host) and
+    one EC key pair per device for Flower's SuperNode authentication. Private keys are written
+    0600. Nothing is overwritten: run it again to add devices.
+
+    Then: flower-superlink --ssl-ca-certfile OUT/ca.pem --ssl-certfile OUT/server.pem
+    --ssl-keyfile OUT/server.key --enable-supernode-auth; flwr supernode register
+    OUT/devices/NAME.pub; flower-supernode --root-certificates OUT/ca.pem
+    --auth-supernode-private-key OUT/devices/NAME."""
+    from server.certs import make_credentials
+
+    names = [*(device or []), *(f"device-{i}" for i in range(devices))]
+    try:
+        made = make_credentials(out, host, names, days, renew_server)
+    except (ValueError, OSError) as err:
+        _fail(err)
+        return
+    for path in made.created:
+        typer.echo(f"wrote {path}")
+    kept = {made.ca_cert, made.server_cert, made.server_key, *made.device_keys.values()}
+    for path in sorted(kept - set(made.created)):
+        typer.echo(f"kept  {path}")
+
+
+@app.command()
 def models() -> None:
     """List the registered models and their default options."""
     from fedrec.models import model_config, model_names
