@@ -2,10 +2,14 @@
 
 Flower 1.42's mod speaks the legacy message format (``FitIns``/``FitRes`` records) and masks
 whatever parameters the round returns. This mod bridges it (``server.secagg`` is the server's
-half): it lets plain rounds through untouched; at the masking stage it hands fedrec's train
-handler the global model, and gives Flower's mod the update (new − global, clipped to C
-by the round) plus, under distributed noise, this client's share of the DP noise, drawn from
-private randomness (``fedrec.federation.secure``). Every client's weight is 1.
+half). A plain round passes through, unless the config asks for secure aggregation: then a
+plain train message is refused rather than answered in the clear. At setup the protocol the
+server announces is checked against the config (clipping and quantisation range, modulus,
+weight, a threshold above half). At the masking stage it hands fedrec's train handler the
+global model, and gives Flower's mod the update (new − global, clipped to C by the round)
+plus, under distributed noise, this client's share of the DP noise, drawn from private
+randomness (``fedrec.federation.secure``). Every client's weight is 1. (Whether a client takes
+part at all it says before the protocol starts: ``clients.app``'s participation query.)
 
 ``secagg-drop-out`` in the run config (or ``$FEDREC_SECAGG_DROP_OUT``: Flower's simulation
 gives the apps an empty run config), a fraction, makes that share of all clients (the node
