@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ from fedrec.config import load_config
 from fedrec.data.catalogue import ItemCatalogue
 from fedrec.federated_models import initial_federated_model
 from fedrec.population import population_of
+from server.certs import make_credentials
 
-from .processes import deploy_on_loopback
+from .processes import deploy_on_loopback, flower_processes, free_ports, python, wait_for
 
 HSTU = {
     "model": {"name": "hstu", "max_len": 12, "embedding_dim": 16, "num_blocks": 1},
@@ -139,3 +141,89 @@ def test_secagg_on_five_supernodes_survives_two_dropping_out_every_round(tmp_pat
     report = json.loads((run_dir / "privacy.json").read_text())
     assert sorted(report["federation"]["epsilon_by_round"]) == ["1", "2"]
     assert any("distributed noise" in text for text in report["not_covered"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_tls_superlink_with_supernode_auth_admits_only_registered_nodes_with_the_ca(tmp_path):
+    """With `fedrec certs`' files: the SuperLink serves TLS and SuperNode authentication; a
+    device registered with `flwr supernode register` is activated; an unregistered key, a node
+    without the CA certificate and a plaintext (`--insecure`) node are each refused, as each
+    one's log and the SuperLink's say."""
+    pki = make_credentials(tmp_path / "pki", ["127.0.0.1"], ["registered", "unknown"])
+    binaries = Path(python()).parent
+    link, *ports = free_ports(5)
+    with flower_processes(tmp_path) as (env, start):
+        home = Path(env["FLWR_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "tls"\n\n[superlink.tls]\n'
+            f'address = "127.0.0.1:{link}"\nroot-certificates = "{pki.ca_cert}"\n',
+            encoding="utf-8",
+        )
+        superlink = start(
+            [
+                str(binaries / "flower-superlink"),
+                *("--ssl-ca-certfile", str(pki.ca_cert)),
+                *("--ssl-certfile", str(pki.server_cert)),
+                *("--ssl-keyfile", str(pki.server_key)),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                *("--host", "127.0.0.1", "--port", str(link)),
+                *("--database", str(tmp_path / "state.db")),
+            ],
+            "superlink.log",
+        )
+        link_log = tmp_path / "superlink.log"
+        wait_for(
+            lambda: "Uvicorn running on https" in link_log.read_text(errors="replace"),
+            timeout=120,
+            what="the TLS SuperLink",
+            log=link_log,
+            watch=(superlink,),
+        )
+        public = pki.device_keys["registered"].with_name("registered.pub")
+        register = start([str(binaries / "flwr"), "supernode", "register", str(public)], "reg.log")
+        assert register.wait(timeout=120) == 0, (tmp_path / "reg.log").read_text()
+
+        def node(name: str, port: int, *flags: str) -> None:
+            start(
+                [
+                    str(binaries / "flower-supernode"),
+                    *flags,
+                    *("--superlink", f"127.0.0.1:{link}", "--port", str(port)),
+                    *("--node-config", "partition-id=0 num-partitions=1"),
+                ],
+                f"{name}.log",
+            )
+
+        ca = ("--root-certificates", str(pki.ca_cert))
+        node(
+            "registered",
+            ports[0],
+            *ca,
+            "--auth-supernode-private-key",
+            str(pki.device_keys["registered"]),
+        )
+        node(
+            "unknown",
+            ports[1],
+            *ca,
+            "--auth-supernode-private-key",
+            str(pki.device_keys["unknown"]),
+        )
+        node("no-ca", ports[2], "--auth-supernode-private-key", str(pki.device_keys["registered"]))
+        node("plaintext", ports[3], "--insecure")
+
+        def said(name: str, text: str) -> Callable[[], bool]:
+            return lambda: text in (tmp_path / f"{name}.log").read_text(errors="replace")
+
+        for what, condition in (
+            ("the registered node activated", said("superlink", "Activated node_id")),
+            ("the unknown key refused", said("unknown", "Failed to activate SuperNode")),
+            ("the node without the CA refused", said("no-ca", "CERTIFICATE_VERIFY_FAILED")),
+            ("the plaintext node refused", said("plaintext", "Connection attempt failed")),
+        ):
+            wait_for(condition, timeout=120, what=what, log=link_log, watch=(superlink,))
+        # Only the registered node ever got in.
+        assert link_log.read_text(errors="replace").count("Activated node_id") == 1
