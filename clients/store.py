@@ -1,0 +1,199 @@
+"""A device's encrypted store: SQLite, with every value under AES-GCM (``cryptography``).
+
+The device SDK keeps the user's events, personal parameters, privacy ledger and the latest
+global model bundle here. Nothing is readable at rest: each value is sealed with a fresh 96-bit
+nonce, and its place (``kind`` and row id, or its name) is the associated data, so a value moved
+to another row fails to open as well as a flipped byte does. A wrong key, or an altered file,
+is an error that names the folder and changes nothing: the store is never reset. Writes are
+SQLite transactions (WAL, ``synchronous=FULL``), so a crash loses only what was not yet
+committed. One process at a time: a second open fails at once, naming the holder.
+
+Written here because no well-kept library encrypts SQLite rows with a caller's key without a
+native build (SQLCipher); ``cryptography``'s AESGCM does the sealing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any, TextIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from fedrec.errors import FedrecDataError
+
+DATABASE, LOCK, SALT = "store.db", "store.lock", "salt"
+CHECK = b"fedrec encrypted store v1"  # sealed at creation: opening it proves the key
+CHECK_NAME = "\0check"
+
+
+def key_from_passphrase(passphrase: str, folder: Path) -> bytes:
+    """A 256-bit key from a passphrase (scrypt, n 2¹⁵, r 8, p 1) and the store's own random
+    salt, made with the folder; an OS keystore can hand ``EncryptedStore`` a key directly."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    salt_file = folder / SALT
+    if not salt_file.exists():
+        _private_file(salt_file, os.urandom(16))
+    return Scrypt(salt=salt_file.read_bytes(), length=32, n=2**15, r=8, p=1).derive(
+        passphrase.encode("utf-8")
+    )
+
+
+class EncryptedStore:
+    """Named values (``put``/``get``) and append-only rows by kind (``add``/``rows``), all
+    sealed with ``key`` (32 bytes)."""
+
+    def __init__(self, folder: Path, key: bytes):
+        if len(key) != 32:
+            raise ValueError("the store key must be 32 bytes (key_from_passphrase makes one)")
+        self.folder = folder
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock: TextIO | None = _exclusive(folder / LOCK)
+        self._aead = AESGCM(key)
+        path = folder / DATABASE
+        new = not path.exists()
+        if new:
+            _private_file(path, b"")
+        self._db = sqlite3.connect(path, isolation_level=None)
+        try:
+            self._prepare(new)
+        except Exception:
+            self.close()  # a store that did not open holds no lock
+            raise
+
+    def _prepare(self, new: bool) -> None:
+        """Tables, and the key check: sealed when the store is made, opened every time after."""
+        path = self.folder / DATABASE
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS named (name TEXT PRIMARY KEY, sealed BLOB NOT NULL)"
+            )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS rows (kind TEXT NOT NULL, id INTEGER NOT NULL, "
+                "sealed BLOB NOT NULL, PRIMARY KEY (kind, id))"
+            )
+        except sqlite3.DatabaseError as err:
+            raise FedrecDataError(
+                f"not a readable store ({err}); it is left as it is", path
+            ) from None
+        check = self._one("SELECT sealed FROM named WHERE name = ?", (CHECK_NAME,))
+        if check is not None:
+            self._open(check[0], CHECK_NAME)  # raises on a wrong key
+            return
+        stored = self._one("SELECT (SELECT count(*) FROM rows) + (SELECT count(*) FROM named)", ())
+        if not new and stored is not None and stored[0] > 0:
+            raise FedrecDataError("the key check is missing: the store was altered", path)
+        self._write("INSERT INTO named VALUES (?, ?)", (CHECK_NAME, self._seal(CHECK, CHECK_NAME)))
+
+    def put(self, name: str, value: bytes) -> None:
+        """Set the named value (a ledger, personal parameters, a model bundle)."""
+        self._write(
+            "INSERT INTO named VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET sealed = excluded.sealed",
+            (name, self._seal(value, name)),
+        )
+
+    def get(self, name: str) -> bytes | None:
+        row = self._one("SELECT sealed FROM named WHERE name = ?", (name,))
+        return None if row is None else self._open(row[0], name)
+
+    def add(self, kind: str, values: list[bytes]) -> None:
+        """Append ``values`` as rows of ``kind``, all or none (one transaction)."""
+        last = self._one("SELECT max(id) FROM rows WHERE kind = ?", (kind,))
+        start = 0 if last is None or last[0] is None else int(last[0]) + 1
+        sealed = [
+            (kind, start + i, self._seal(v, f"{kind}:{start + i}")) for i, v in enumerate(values)
+        ]
+        with self._transaction():
+            self._db.executemany("INSERT INTO rows VALUES (?, ?, ?)", sealed)
+
+    def rows(self, kind: str) -> list[bytes]:
+        found = self._db.execute("SELECT id, sealed FROM rows WHERE kind = ? ORDER BY id", (kind,))
+        return [self._open(sealed, f"{kind}:{i}") for i, sealed in found]
+
+    def delete(self, kind: str | None = None, name: str | None = None) -> None:
+        """Remove every row of ``kind`` and/or the value ``name`` (``forget``)."""
+        with self._transaction():
+            if kind is not None:
+                self._db.execute("DELETE FROM rows WHERE kind = ?", (kind,))
+            if name is not None:
+                self._db.execute("DELETE FROM named WHERE name = ?", (name,))
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._db.close()
+            self._lock.close()  # releases the lock
+            self._lock = None
+
+    def __enter__(self) -> EncryptedStore:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _seal(self, value: bytes, place: str) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, value, place.encode("utf-8"))
+
+    def _open(self, sealed: bytes, place: str) -> bytes:
+        try:
+            return self._aead.decrypt(sealed[:12], sealed[12:], place.encode("utf-8"))
+        except InvalidTag:
+            raise FedrecDataError(
+                f"{place!r} does not open with this key: a wrong key, or the store was altered "
+                "or damaged; nothing was changed",
+                self.folder / DATABASE,
+            ) from None
+
+    def _one(self, query: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
+        result: tuple[Any, ...] | None = self._db.execute(query, args).fetchone()
+        return result
+
+    def _write(self, query: str, args: tuple[object, ...]) -> None:
+        with self._transaction():
+            self._db.execute(query, args)
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        self.db.execute("ROLLBACK" if kind is not None else "COMMIT")
+
+
+def _exclusive(path: Path) -> TextIO:
+    """The store's lock file, held for as long as the store is open."""
+    handle = open(path, "a+")  # noqa: SIM115 - held open: closing it releases the lock
+    os.chmod(path, 0o600)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise FedrecDataError(
+            f"the store is open in {holder}: close it there first", path.parent
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()}")
+    handle.flush()
+    return handle
+
+
+def _private_file(path: Path, data: bytes) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
