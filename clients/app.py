@@ -1,9 +1,10 @@
 """Flower ClientApp: one client, with only its own data, runs the federation's client round.
 
 A client reads the experiment config (public: the federation's settings), the item catalogue
-the server published and its own event store, and nothing else: never the population. Where
-they are: the node config's ``store``, ``catalogue`` and ``ledger-dir`` (a device), else its
-simulated device's files in the run folder (``fedrec.federation.layout``). It maps its raw
+the server published and its own event store, and nothing else: never the population. A device
+(node config ``store`` with ``key-file`` or ``passphrase-env``) keeps all of it in its encrypted
+store (``clients.device``); a simulated device reads the node config's ``store``, ``catalogue``
+and ``ledger-dir``, else its files in the run folder (``fedrec.federation.layout``). It maps its raw
 events through the catalogue (events of items the catalogue lacks are skipped with a warning),
 then trains (``fedrec.federation.client.train_round``: budget check, DP-SGD with private noise,
 clipping) or evaluates, keeping its privacy ledger and personal prompt in its own files.
@@ -22,10 +23,12 @@ from typing import cast
 import numpy as np
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from clients import device
+from clients.device import reply_message
 from clients.secagg import secure_aggregation_mod
 from fedrec.audits import AuditContext
 from fedrec.config import ExperimentConfig, parse_config
@@ -35,7 +38,6 @@ from fedrec.data.store import EventStore, client_split
 from fedrec.errors import FedrecDataError
 from fedrec.federated_models import build_federated_model
 from fedrec.federation.client import (
-    ClientReply,
     evaluate_round,
     load_ledger,
     over_budget,
@@ -106,7 +108,15 @@ def _config_file(path: str) -> tuple[ExperimentConfig, str]:
 
 
 def _experiment(context: Context) -> ExperimentConfig:
+    if device.is_device(context.node_config):
+        return device.config_of(context)
     return _config_file(resolve_config_path(context.run_config))[0]
+
+
+def _client_id(context: Context) -> int:
+    if device.is_device(context.node_config):
+        return device.client_of(context)
+    return int(cast(int, context.node_config["partition-id"]))
 
 
 def _client(context: Context, msg: Message | None = None) -> Client:
@@ -156,6 +166,8 @@ def participation(msg: Message, context: Context) -> Message:
     """Whether this client takes part in a SecAgg+ round (asked before the protocol fixes its
     cohort): not when its release would pass its ε budget; it says so before it shares a key
     or masks anything."""
+    if device.is_device(context.node_config):
+        return device.participation(msg, context)
     client = _client(context)
     fed = client.config.federated
     round_number = _round(msg)
@@ -175,6 +187,8 @@ def _round(msg: Message) -> int:
 def identify(msg: Message, context: Context) -> Message:
     """Which client this node runs (the server samples clients, not Flower's node IDs); the
     query brings the run's item catalogue, kept when this client's copy is another."""
+    if device.is_device(context.node_config):
+        return device.identify(msg, context)
     sent = msg.content.config_records["config"]
     published = str(sent.get("catalogue", ""))
     if published:
@@ -191,8 +205,18 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-@app.train(mods=[secure_aggregation_mod(_experiment)])
+@app.query("bundle")
+def bundle(msg: Message, context: Context) -> Message:
+    """The run's final model bundle: a device keeps it; a simulated one has no use for it."""
+    if device.is_device(context.node_config):
+        return device.bundle(msg, context)
+    return Message(RecordDict({"metrics": MetricRecord({"kept": 0})}), reply_to=msg)
+
+
+@app.train(mods=[secure_aggregation_mod(_experiment, _client_id)])
 def train(msg: Message, context: Context) -> Message:
+    if device.is_device(context.node_config):
+        return device.train(msg, context)
     client = _client(context, msg)
     config = client.config
     clip = msg.content.config_records["config"].get(KEY_CLIPPING_NORM)
@@ -208,13 +232,15 @@ def train(msg: Message, context: Context) -> Message:
             personal=client.personal_path,
             clipping_norm=None if clip is None else float(cast(float, clip)),
         )
-    return _message(msg, reply)
+    return reply_message(msg, reply)
 
 
 @app.evaluate()
 def evaluate_on_device(msg: Message, context: Context) -> Message:
     """Metrics on this client's own held-out (test) items; under the federated audit also its
     audit sums (group statistics, its top-K exposure, optionally noised and ledgered)."""
+    if device.is_device(context.node_config):
+        return device.evaluate(msg, context)
     client = _client(context, msg)
     config, audit = client.config, client.config.audit
     federated_audit = audit.enabled and audit.mode == "federated"
@@ -246,7 +272,7 @@ def evaluate_on_device(msg: Message, context: Context) -> Message:
             audit_context=context_,
             evaluation=config.evaluation,
         )
-    return _message(msg, reply)
+    return reply_message(msg, reply)
 
 
 @contextlib.contextmanager
@@ -262,10 +288,3 @@ def _own_ledger(path: Path) -> Iterator[PrivacyLedger]:
 def _column(catalogue: ItemCatalogue, name: str) -> np.ndarray | None:
     values = catalogue.item_features.get(name)
     return None if values is None else np.array(values, dtype=object)
-
-
-def _message(msg: Message, reply: ClientReply) -> Message:
-    content = RecordDict({"metrics": MetricRecord(reply.metrics)})
-    if reply.state is not None:
-        content["arrays"] = ArrayRecord(reply.state)
-    return Message(content, reply_to=msg)

@@ -51,8 +51,11 @@ DROP_OUT = "secagg-drop-out"
 DROP_OUT_ENV = "FEDREC_SECAGG_DROP_OUT"
 
 
-def secure_aggregation_mod(experiment: Callable[[Context], ExperimentConfig]) -> Mod:
-    """The mod for the train handler; ``experiment`` reads the run's config on this node. A
+def secure_aggregation_mod(
+    experiment: Callable[[Context], ExperimentConfig], client_id: Callable[[Context], int]
+) -> Mod:
+    """The mod for the train handler; ``experiment`` reads the run's config on this node and
+    ``client_id`` the client it runs. A
     federation configured with ``secure_aggregation`` never gets an update in the clear, and
     the protocol's settings the server announces are checked against the config."""
 
@@ -70,7 +73,7 @@ def secure_aggregation_mod(experiment: Callable[[Context], ExperimentConfig]) ->
             _check_setup(configs, config.federated)
 
         def masked_round(inner: Message, ctx: Context) -> Message:
-            return _masked_round(inner, ctx, call_next, config)
+            return _masked_round(inner, ctx, call_next, config, client_id(ctx))
 
         return secaggplus_mod(msg, context, masked_round)
 
@@ -102,11 +105,14 @@ def _check_setup(configs: ConfigRecord, fed: FederatedConfig) -> None:
 
 
 def _masked_round(
-    msg: Message, context: Context, call_next: ClientAppCallable, config: ExperimentConfig
+    msg: Message,
+    context: Context,
+    call_next: ClientAppCallable,
+    config: ExperimentConfig,
+    partition: int,
 ) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     round_number = int(cast(int, fitins.config["server-round"]))
-    partition = int(cast(int, context.node_config["partition-id"]))
     if _drops_out(context, round_number, partition):
         raise ConnectionAbortedError(f"{DROP_OUT}: client {partition} left round {round_number}")
     keys = json.loads(str(fitins.config[ARRAY_KEYS]))

@@ -14,18 +14,21 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
+from fedrec.federation.config import FederatedConfig
 from fedrec.federation.layout import CATALOGUE_FILE
 from fedrec.federation.privacy import dp_statement_problem
 from fedrec.population import Population
+from fedrec.serving.bundle import ModelBundle
 from server.dp import UserLevelDP
 from server.federation import Federation
 from server.sampling import CohortSampler
@@ -51,18 +54,32 @@ class IdentifiedGrid:
     """A grid whose nodes are listed in the order of the clients they run (their
     ``partition-id``, asked once per node with a query message), so the strategies' cohort is
     a choice of clients, the same in every engine. The query carries the run's item catalogue
-    (its JSON and hash), which a node without that catalogue keeps.
+    (its JSON and hash) and experiment config, which a node without them keeps.
 
-    What a node says is checked: a client id outside ``0..clients-1``, a malformed reply or a
-    client another node already runs excludes the node (with a warning, once); ``partition_of``
-    is then the only source of a reply's client (the server round books releases by it)."""
+    With an ``enrolment`` (a deployment with SuperNode auth, ``server.enrolment``) a node's
+    client is the one its authenticated key was enrolled as, sent in the query; a node not
+    enrolled is never asked, and one that answers another client is excluded. Without one, the
+    node says which client it runs. Either way a client id outside ``0..clients-1``, a malformed
+    reply or a client another node already runs excludes the node (with a warning, once);
+    ``partition_of`` is then the only source of a reply's client (the server round books
+    releases by it)."""
 
-    def __init__(self, grid: MessageGrid, timeout: float, clients: int, catalogue: str = ""):
+    def __init__(
+        self,
+        grid: MessageGrid,
+        timeout: float,
+        clients: int,
+        catalogue: str = "",
+        config: str = "",
+        enrolment: Mapping[int, int] | None = None,
+    ):
         self.grid = grid
         self.timeout = timeout
         self.clients = clients
         self.catalogue = catalogue
         self.catalogue_hash = json.loads(catalogue)["content_hash"] if catalogue else ""
+        self.config = config
+        self.enrolment = enrolment
         self.partition_of: dict[int, int] = {}
         self.excluded: set[int] = set()
 
@@ -80,12 +97,19 @@ class IdentifiedGrid:
         return sorted(known, key=self.partition_of.__getitem__)
 
     def _identify(self, nodes: list[int]) -> None:
-        published = ConfigRecord(
-            {"catalogue": self.catalogue, "catalogue-hash": self.catalogue_hash}
-        )
+        if self.enrolment is not None:
+            strangers = [n for n in nodes if n not in self.enrolment]
+            for node in strangers:
+                log.warning(
+                    "node %d excluded: its key is not enrolled (fedrec server register)", node
+                )
+            self.excluded.update(strangers)
+            nodes = [n for n in nodes if n not in strangers]
         queries = [
             Message(
-                RecordDict({"config": published}), dst_node_id=n, message_type=MessageType.QUERY
+                RecordDict({"config": self._published(n)}),
+                dst_node_id=n,
+                message_type=MessageType.QUERY,
             )
             for n in nodes
         ]
@@ -93,13 +117,31 @@ class IdentifiedGrid:
         for reply in self.grid.send_and_receive(queries, timeout=self.timeout):
             node = reply.metadata.src_node_id
             partition = None if reply.has_error() else _claimed_partition(reply)
-            if partition is None or not 0 <= partition < self.clients or partition in taken:
-                why = "a client another node runs" if partition in taken else "no valid client id"
+            enrolled = None if self.enrolment is None else self.enrolment.get(node)
+            why = ""
+            if partition is None or not 0 <= partition < self.clients:
+                why = "no valid client id"
+            elif partition in taken:
+                why = "a client another node runs"
+            elif enrolled is not None and partition != enrolled:
+                why = f"client {partition}, but its key is enrolled as client {enrolled}"
+            if why or partition is None:
                 log.warning("node %d excluded from sampling: it answered %s", node, why)
                 self.excluded.add(node)
                 continue
             self.partition_of[node] = partition
             taken.add(partition)
+
+    def _published(self, node: int) -> ConfigRecord:
+        client = -1 if self.enrolment is None else self.enrolment[node]
+        return ConfigRecord(
+            {
+                "catalogue": self.catalogue,
+                "catalogue-hash": self.catalogue_hash,
+                "config": self.config,
+                "client": client,
+            }
+        )
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -122,9 +164,13 @@ def run_federation(
     engine: str = "flower",
     write_stores: bool = True,
     progress: bool = False,
+    enrolment: Mapping[int, int] | None = None,
 ) -> dict[str, Any]:
     """Run ``population.config``'s federation over ``grid``: publish the item catalogue (and,
-    simulating, each device's store), then the rounds; returns ``results.json``'s content."""
+    simulating, each device's store), then the rounds, each publishing its model bundle;
+    returns ``results.json``'s content. ``enrolment`` maps authenticated node IDs to clients
+    (a deployment with SuperNode auth). A deployment (``write_stores`` false) sends every
+    device the final bundle after the last round."""
     started = time.perf_counter()
     config, fed = population.config, population.config.federated
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +203,10 @@ def run_federation(
         assert isinstance(inner, UserLevelDP)
         secure = SecureAggregation(fed, inner, federation.on_replies, strategy.metrics_problem)
     published = (run_dir / CATALOGUE_FILE).read_text(encoding="utf-8")
-    nodes = IdentifiedGrid(grid, fed.round_timeout, federation.num_clients, published)
+    config_text = yaml.safe_dump(config.to_dict(), sort_keys=True)
+    nodes = IdentifiedGrid(
+        grid, fed.round_timeout, federation.num_clients, published, config_text, enrolment
+    )
     federation.partition_of = nodes.partition_of
     # Strategies read only get_node_ids of the grid they configure: the identified view.
     identified = cast(Grid, nodes)
@@ -165,16 +214,30 @@ def run_federation(
         {"local-epochs": fed.local_epochs, "catalogue-hash": catalogue.content_hash}
     )
     arrays = ArrayRecord(federation.model.shared_state())
-    stopped = ""
+
+    def bundle(version: int) -> ModelBundle:
+        state = arrays.to_torch_state_dict()
+        return ModelBundle(version, config_text, published, catalogue.content_hash, state)
+
+    def round_config(version: int) -> ConfigRecord:
+        """What a round's messages say besides the arrays: the hash of the bundle they are."""
+        hashed: dict[str, int | str] = {
+            "bundle-version": version,
+            "bundle-hash": bundle(version).content_hash,
+        }
+        return ConfigRecord({**dict(sent), **hashed})
+
+    stopped, published_version = "", federation.rounds_done
     if federation.rounds_done == 0:
         federation.end_round(0, arrays, 0.0, last=False)
+        bundle(0).publish(run_dir)
     for round_number in _rounds(federation.rounds_done + 1, fed.num_rounds, progress):
         if not federation.may_start(round_number):
             stopped = f"round {round_number} would exceed the federation's ε budget"
             break
         round_started = time.perf_counter()
         messages = strategy.configure_train(
-            round_number, arrays, ConfigRecord(dict(sent)), identified
+            round_number, arrays, round_config(round_number - 1), identified
         )
         if secure is None:
             replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
@@ -190,19 +253,45 @@ def run_federation(
         # The federated audit costs clients ε: only for a round whose model is evaluated.
         if client_audit and (federation.evaluated(round_number) or last):
             evaluations = strategy.configure_evaluate(
-                round_number, arrays, ConfigRecord(dict(sent)), identified
+                round_number, arrays, round_config(round_number), identified
             )
             strategy.aggregate_evaluate(
                 round_number, grid.send_and_receive(evaluations, timeout=fed.round_timeout)
             )
         seconds = time.perf_counter() - round_started  # sampling to aggregation
         reason = federation.end_round(round_number, arrays, seconds, last, train_metrics)
+        bundle(round_number).publish(run_dir)
+        published_version = round_number
         if reason:
             stopped = reason
             break
     if stopped:
         (log.error if federation.failure else log.warning)("stopping: %s", stopped)
+    if not write_stores and not federation.failure:
+        _send_final_bundle(grid, nodes, arrays, round_config(published_version), fed)
     return federation.finish(stopped, bool(federation.failure), started)
+
+
+def _send_final_bundle(
+    grid: MessageGrid,
+    nodes: IdentifiedGrid,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    fed: FederatedConfig,
+) -> None:
+    """Every identified device gets the run's final model (its bundle hash to check)."""
+    queries = [
+        Message(
+            RecordDict({"arrays": arrays, "config": config}),
+            dst_node_id=node,
+            message_type=f"{MessageType.QUERY}.bundle",
+        )
+        for node in nodes.get_node_ids()
+    ]
+    kept = [
+        r for r in grid.send_and_receive(queries, timeout=fed.round_timeout) if not r.has_error()
+    ]
+    log.info("the final model bundle reached %d of %d devices", len(kept), len(queries))
 
 
 def _rounds(first: int, last: int, progress: bool) -> Iterator[int]:

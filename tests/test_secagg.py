@@ -82,7 +82,13 @@ def _app(
         answer = ConfigRecord({"joins": joins, "reason": "" if joins else "past its budget"})
         return Message(RecordDict({"config": answer}), reply_to=msg)
 
-    @app.train(mods=[secure_aggregation_mod(lambda _ctx: experiment)])
+    @app.train(
+        mods=[
+            secure_aggregation_mod(
+                lambda _ctx: experiment, lambda ctx: int(ctx.node_config["partition-id"])
+            )
+        ]
+    )
     def train(msg: Message, context: Context) -> Message:
         sent = msg.content.array_records["arrays"].to_numpy_ndarrays()
         moved = update(int(context.node_config["partition-id"]))

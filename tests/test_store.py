@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from clients.store import DATABASE, EncryptedStore, key_from_passphrase
+from fedrec.device.store import DATABASE, EncryptedStore, key_from_passphrase
 from fedrec.errors import FedrecDataError
 
 KEY = bytes(range(32))
@@ -94,7 +94,7 @@ def test_a_second_process_cannot_open_an_open_store(tmp_path):
 _OPEN = """
 import sys
 from pathlib import Path
-from clients.store import EncryptedStore
+from fedrec.device.store import EncryptedStore
 from fedrec.errors import FedrecDataError
 try:
     EncryptedStore(Path({folder!r}), bytes(range(32))).close()
@@ -106,7 +106,7 @@ except FedrecDataError as err:
 _WRITER = """
 import sys
 from pathlib import Path
-from clients.store import EncryptedStore
+from fedrec.device.store import EncryptedStore
 store = EncryptedStore(Path({folder!r}), bytes(range(32)))
 for n in range(100000):
     store.add("events", [b"event %d" % n])

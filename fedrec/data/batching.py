@@ -37,6 +37,15 @@ def history_batch(
     return torch.from_numpy(items), torch.from_numpy(times.astype(np.int64))
 
 
+def next_item_batch(
+    split: SequenceSplit, users: np.ndarray, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last ``max_len`` items of each user's whole history and their times: the input that
+    scores the item after them (a recommendation)."""
+    items, times = _gather_tail(split, split.offsets[users], split.offsets[users + 1], max_len)
+    return torch.from_numpy(items), torch.from_numpy(times.astype(np.int64))
+
+
 def training_batch(
     split: SequenceSplit, users: np.ndarray, max_len: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -124,12 +124,10 @@ class ItemCatalogue:
     def save(self, path: Path) -> None:
         """Atomic, so a client polling the file never reads half a catalogue."""
         path = Path(path)
-        document = {"format": CATALOGUE_FORMAT, "content_hash": self.content_hash}
-        document.update(self._payload())
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
         try:
-            tmp.write_text(json.dumps(document, ensure_ascii=False) + "\n", encoding="utf-8")
+            tmp.write_text(self.to_text(), encoding="utf-8")
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -146,6 +144,17 @@ class ItemCatalogue:
             raise FedrecDataError(
                 f"cannot read the item catalogue ({err}); {_REFETCH}", path
             ) from err
+        return cls.from_text(text, path)
+
+    def to_text(self) -> str:
+        """The published JSON (what ``save`` writes and ``from_text`` verifies)."""
+        document = {"format": CATALOGUE_FORMAT, "content_hash": self.content_hash}
+        document.update(self._payload())
+        return json.dumps(document, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_text(cls, text: str, path: Path | str) -> ItemCatalogue:
+        """Verify and parse a published catalogue's JSON; ``path`` names where it came from."""
         try:
             document = json.loads(text)
         except json.JSONDecodeError as err:

@@ -112,6 +112,26 @@ def over_budget(planned: PrivacyEvent | None, fed: FederatedConfig, ledger: Priv
     )
 
 
+def _reply_metrics(fed: FederatedConfig, partition: int) -> dict[str, MetricValue]:
+    metrics: dict[str, MetricValue] = {"partition-id": partition, "refused": 0}
+    if fed.record_dp is not None:
+        # Flower aggregates only MetricRecords with identical keys, so every reply of a DP
+        # federation carries the DP keys; dp-steps 0 means nothing was released.
+        metrics.update(event_metrics(None))
+    return metrics
+
+
+def declined_reply(
+    fed: FederatedConfig, partition: int, global_state: dict[str, torch.Tensor]
+) -> ClientReply:
+    """A training reply that releases nothing: the global state back, ``refused`` 1."""
+    metrics = _reply_metrics(fed, partition)
+    metrics.update({"refused": 1, "num-examples": 0})
+    if fed.report_train_loss:
+        metrics["train-loss"] = 0.0
+    return ClientReply(metrics, global_state)
+
+
 def train_round(
     model: FederatedModel,
     split: SequenceSplit,
@@ -129,16 +149,9 @@ def train_round(
     ``record_epsilon_budget`` refuses: it replies with the global state and ``refused`` 1."""
     global_state = {k: v.detach().clone() for k, v in model.shared_state().items()}
     planned = planned_release(model, split, fed, partition, round_number)
-    metrics: dict[str, MetricValue] = {"partition-id": partition, "refused": 0}
-    if fed.record_dp is not None:
-        # Flower aggregates only MetricRecords with identical keys, so every reply of a DP
-        # federation carries the DP keys; dp-steps 0 means nothing was released.
-        metrics.update(event_metrics(None))
     if over_budget(planned, fed, ledger):
-        metrics.update({"refused": 1, "num-examples": 0})
-        if fed.report_train_loss:
-            metrics["train-loss"] = 0.0
-        return ClientReply(metrics, global_state)
+        return declined_reply(fed, partition, global_state)
+    metrics = _reply_metrics(fed, partition)
     result = model.train_local(
         split,
         fed,

@@ -6,7 +6,13 @@ nonce, and its place (``kind`` and row id, or its name) is the associated data, 
 to another row fails to open as well as a flipped byte does. A wrong key, or an altered file,
 is an error that names the folder and changes nothing: the store is never reset. Writes are
 SQLite transactions (WAL, ``synchronous=FULL``), so a crash loses only what was not yet
-committed. One process at a time: a second open fails at once, naming the holder.
+committed. One process at a time: a second open waits up to ``wait`` seconds for the holder to
+close, then fails naming it.
+
+Values are sealed with a random data key, itself sealed with the caller's key. ``shred``
+(``forget``) deletes values, then seals everything kept under a new data key and rewrites the
+file (``secure_delete``, ``VACUUM``): a copy of the old file, even with the caller's key, no
+longer opens what was forgotten.
 
 Written here because no well-kept library encrypts SQLite rows with a caller's key without a
 native build (SQLCipher); ``cryptography``'s AESGCM does the sealing.
@@ -17,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,7 +35,7 @@ from fedrec.errors import FedrecDataError
 
 DATABASE, LOCK, SALT = "store.db", "store.lock", "salt"
 CHECK = b"fedrec encrypted store v1"  # sealed at creation: opening it proves the key
-CHECK_NAME = "\0check"
+CHECK_NAME, DATA_KEY = "\0check", "\0data-key"
 
 
 def key_from_passphrase(passphrase: str, folder: Path) -> bytes:
@@ -47,13 +54,14 @@ class EncryptedStore:
     """Named values (``put``/``get``) and append-only rows by kind (``add``/``rows``), all
     sealed with ``key`` (32 bytes)."""
 
-    def __init__(self, folder: Path, key: bytes):
+    def __init__(self, folder: Path, key: bytes, wait: float = 0.0):
         if len(key) != 32:
             raise ValueError("the store key must be 32 bytes (key_from_passphrase makes one)")
         self.folder = folder
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._lock: TextIO | None = _exclusive(folder / LOCK)
-        self._aead = AESGCM(key)
+        self._lock: TextIO | None = _exclusive(folder / LOCK, wait)
+        self._master = AESGCM(key)
+        self._aead = self._master
         path = folder / DATABASE
         new = not path.exists()
         if new:
@@ -71,6 +79,7 @@ class EncryptedStore:
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA secure_delete=ON")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS named (name TEXT PRIMARY KEY, sealed BLOB NOT NULL)"
             )
@@ -85,14 +94,28 @@ class EncryptedStore:
         check = self._one("SELECT sealed FROM named WHERE name = ?", (CHECK_NAME,))
         if check is not None:
             self._open(check[0], CHECK_NAME)  # raises on a wrong key
+            sealed_key = self._one("SELECT sealed FROM named WHERE name = ?", (DATA_KEY,))
+            if sealed_key is None:
+                raise FedrecDataError("the data key is missing: the store was altered", path)
+            self._aead = AESGCM(self._open(sealed_key[0], DATA_KEY))
             return
         stored = self._one("SELECT (SELECT count(*) FROM rows) + (SELECT count(*) FROM named)", ())
         if not new and stored is not None and stored[0] > 0:
             raise FedrecDataError("the key check is missing: the store was altered", path)
-        self._write("INSERT INTO named VALUES (?, ?)", (CHECK_NAME, self._seal(CHECK, CHECK_NAME)))
+        data_key = AESGCM.generate_key(256)
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO named VALUES (?, ?)", (CHECK_NAME, self._seal(CHECK, CHECK_NAME))
+            )
+            self._db.execute(
+                "INSERT INTO named VALUES (?, ?)", (DATA_KEY, self._seal(data_key, DATA_KEY))
+            )
+        self._aead = AESGCM(data_key)
 
     def put(self, name: str, value: bytes) -> None:
         """Set the named value (a ledger, personal parameters, a model bundle)."""
+        if name.startswith("\0"):
+            raise ValueError(f"{name!r}: names starting with NUL are the store's own")
         self._write(
             "INSERT INTO named VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET sealed = excluded.sealed",
             (name, self._seal(value, name)),
@@ -124,6 +147,41 @@ class EncryptedStore:
             if name is not None:
                 self._db.execute("DELETE FROM named WHERE name = ?", (name,))
 
+    def names(self) -> list[str]:
+        """The named values held (not the store's own key records)."""
+        found = self._db.execute("SELECT name FROM named WHERE name NOT LIKE '\0%' ORDER BY name")
+        return [name for (name,) in found]
+
+    def shred(self, kinds: tuple[str, ...] = (), names: tuple[str, ...] = ()) -> None:
+        """Delete the rows of ``kinds`` and the values ``names``, then seal what is kept under a
+        new data key and rewrite the file, so nothing deleted can be recovered from it."""
+        kept_names = [(n, self.get(n)) for n in self.names() if n not in names]
+        kept_rows = [
+            (kind, i, self._open(sealed, f"{kind}:{i}"))
+            for kind, i, sealed in self._db.execute("SELECT kind, id, sealed FROM rows").fetchall()
+            if kind not in kinds
+        ]
+        data_key = AESGCM.generate_key(256)
+        new = AESGCM(data_key)
+        with self._transaction():
+            self._db.execute("DELETE FROM rows")
+            self._db.execute("DELETE FROM named WHERE name != ?", (CHECK_NAME,))
+            self._db.execute(
+                "INSERT INTO named VALUES (?, ?)",
+                (DATA_KEY, _sealed(self._master, data_key, DATA_KEY)),
+            )
+            self._db.executemany(
+                "INSERT INTO named VALUES (?, ?)",
+                [(n, _sealed(new, v or b"", n)) for n, v in kept_names],
+            )
+            self._db.executemany(
+                "INSERT INTO rows VALUES (?, ?, ?)",
+                [(k, i, _sealed(new, v, f"{k}:{i}")) for k, i, v in kept_rows],
+            )
+        self._aead = new
+        self._db.execute("VACUUM")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def close(self) -> None:
         if self._lock is not None:
             self._db.close()
@@ -137,12 +195,12 @@ class EncryptedStore:
         self.close()
 
     def _seal(self, value: bytes, place: str) -> bytes:
-        nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, value, place.encode("utf-8"))
+        return _sealed(self._master if place.startswith("\0") else self._aead, value, place)
 
     def _open(self, sealed: bytes, place: str) -> bytes:
+        aead = self._master if place.startswith("\0") else self._aead
         try:
-            return self._aead.decrypt(sealed[:12], sealed[12:], place.encode("utf-8"))
+            return aead.decrypt(sealed[:12], sealed[12:], place.encode("utf-8"))
         except InvalidTag:
             raise FedrecDataError(
                 f"{place!r} does not open with this key: a wrong key, or the store was altered "
@@ -173,19 +231,31 @@ class _Transaction:
         self.db.execute("ROLLBACK" if kind is not None else "COMMIT")
 
 
-def _exclusive(path: Path) -> TextIO:
-    """The store's lock file, held for as long as the store is open."""
+def _sealed(aead: AESGCM, value: bytes, place: str) -> bytes:
+    nonce = os.urandom(12)
+    return nonce + aead.encrypt(nonce, value, place.encode("utf-8"))
+
+
+def _exclusive(path: Path, wait: float) -> TextIO:
+    """The store's lock file, held for as long as the store is open (waiting up to ``wait``
+    seconds for another holder to let go)."""
     handle = open(path, "a+")  # noqa: SIM115 - held open: closing it releases the lock
     os.chmod(path, 0o600)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise FedrecDataError(
-            f"the store is open in {holder}: close it there first", path.parent
-        ) from None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise FedrecDataError(
+                f"the store is open in {holder}: close it there first", path.parent
+            ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"process {os.getpid()}")

@@ -1,0 +1,435 @@
+"""The on-device client SDK: one user's device, everything it holds in its encrypted store.
+
+``open(folder, key)`` gives a ``DeviceClient``. The app records the user's events
+(``record``), asks for recommendations (``recommend``: on-device, from the latest global model
+bundle, no network), and shows ``privacy_statement``; ``export`` and ``forget`` serve the
+user's rights. The federation's ClientApp (``clients.app``, on a SuperNode started by
+``fedrec device join``) calls ``accept_enrolment``, ``train_round`` and ``evaluate_round``.
+
+What the store holds (all sealed, ``fedrec.device.store``): the events (rows of ``event``, in
+raw item ids: an item the catalogue lacks is kept and reported, and used once a catalogue
+revision lists it), the privacy ledger and enrolment, the experiment config and item catalogue
+the server published, and the latest model bundle. Only a sequential model (HSTU, SASRec) runs
+on a device today: the LLM recommender's frozen foundation is not part of the bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from fedrec.config import ExperimentConfig, parse_config
+from fedrec.data.batching import next_item_batch
+from fedrec.data.catalogue import ItemCatalogue
+from fedrec.data.store import MIN_EVENTS, RawEvents, client_split
+from fedrec.device.store import EncryptedStore
+from fedrec.errors import FedrecDataError
+from fedrec.federated_models import build_federated_model
+from fedrec.federation.client import (
+    ClientReply,
+    declined_reply,
+    evaluate_round,
+    over_budget,
+    planned_release,
+    train_round,
+)
+from fedrec.federation.model import FederatedModel, SequentialFederatedModel
+from fedrec.federation.privacy import client_party
+from fedrec.privacy import PrivacyLedger
+from fedrec.serving.bundle import ModelBundle, bundle_hash
+
+log = logging.getLogger("fedrec.device")
+
+EVENT, LEDGER, ENROLMENT = "event", "ledger", "enrolment"
+CONFIG, CATALOGUE, BUNDLE, PERSONAL = "config", "catalogue", "bundle", "personal"
+USER = "device-user"  # a device holds one user; the split's users are named by this
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    item: str  # raw item id, as the catalogue publishes it
+    title: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ParticipationPolicy:
+    """When this device takes part in a training round. Besides the federation's
+    ``record_epsilon_budget``: at least ``min_events`` known events, at most ``epsilon_budget``
+    of the user's own (None: the federation's only), and ``condition`` true when asked (the
+    app's rule: charging, idle, on Wi-Fi)."""
+
+    min_events: int = MIN_EVENTS
+    epsilon_budget: float | None = None
+    condition: Callable[[], bool] | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_events < MIN_EVENTS:
+            raise ValueError(f"min_events must be >= {MIN_EVENTS} (leave-one-out needs them)")
+        if self.epsilon_budget is not None and self.epsilon_budget <= 0:
+            raise ValueError("epsilon_budget must be > 0")
+
+
+@dataclass
+class _Cache:
+    """What ``recommend`` reuses between calls; dropped when its source changes."""
+
+    events: RawEvents | None = None
+    model: tuple[str, Any] | None = None  # (bundle hash, model)
+    catalogue: tuple[str, ItemCatalogue] | None = None
+    seen: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def open(  # the SDK's entry point: ``fedrec.device.open``
+    folder: Path | str, key: bytes, policy: ParticipationPolicy | None = None, wait: float = 0.0
+) -> DeviceClient:
+    """The device client of the store in ``folder`` (made if absent), sealed with ``key``
+    (32 bytes: from an OS keystore, or ``fedrec.device.store.key_from_passphrase``)."""
+    return DeviceClient(EncryptedStore(Path(folder), key, wait), policy or ParticipationPolicy())
+
+
+class DeviceClient:
+    def __init__(self, store: EncryptedStore, policy: ParticipationPolicy):
+        self.store = store
+        self.policy = policy
+        self._cache = _Cache()
+
+    # --- the user's events --------------------------------------------------------------
+    def record(self, item_id: str, timestamp: int, kind: str = "view") -> bool:
+        """Keep one event; returns whether the catalogue knows the item (an unknown one is
+        kept, reported by ``unknown_items``, and used once a catalogue lists it)."""
+        return self.record_many([(item_id, timestamp, kind)])[0]
+
+    def record_many(self, events: list[tuple[str, int, str]]) -> list[bool]:
+        """Keep several events in one transaction (all or none)."""
+        rows = []
+        for item, timestamp, kind in events:
+            if not isinstance(timestamp, int | np.integer) or isinstance(timestamp, bool):
+                raise TypeError(f"timestamp must be whole seconds, got {timestamp!r}")
+            rows.append(
+                json.dumps({"item": str(item), "t": int(timestamp), "kind": str(kind)}).encode()
+            )
+        self.store.add(EVENT, rows)
+        self._cache.events = None
+        index = self._catalogue_index()
+        known = [index is not None and str(item) in index for item, _, _ in events]
+        for (item, _, _), ok in zip(events, known, strict=True):
+            if index is not None and not ok:
+                log.warning("item %r is not in the catalogue: kept, not used until it is", item)
+        return known
+
+    def events(self) -> RawEvents:
+        if self._cache.events is None:
+            rows = [json.loads(r) for r in self.store.rows(EVENT)]
+            self._cache.events = RawEvents(
+                np.array([USER] * len(rows), dtype=object),
+                np.array([r["item"] for r in rows], dtype=object),
+                np.array([r["t"] for r in rows], dtype=np.int64),
+            )
+        return self._cache.events
+
+    def unknown_items(self) -> dict[str, int]:
+        """Items recorded that the held catalogue does not list, with their event counts (all
+        of them before the device has a catalogue)."""
+        index = self._catalogue_index() or {}
+        return dict(Counter(i for i in self.events().items.tolist() if i not in index))
+
+    # --- what the server published ------------------------------------------------------
+    def accept_enrolment(self, client: int, config: str, catalogue: str) -> None:
+        """The server's first message: which client this device is (from its authenticated
+        key), the experiment config and the item catalogue (verified before it is kept)."""
+        enrolled = self.enrolment()
+        if enrolled is not None and enrolled != client:
+            raise PermissionError(
+                f"this store is enrolled as client {enrolled}, the server says {client}: a store "
+                "moved to another device key; enrol it again or use its own key"
+            )
+        parse_config(yaml.safe_load(config) or {}, "the server's config", config)
+        ItemCatalogue.from_text(catalogue, "the server's catalogue")
+        if enrolled is None:
+            self.store.put(ENROLMENT, json.dumps({"client": client}).encode())
+        if self.store.get(CONFIG) != config.encode():
+            self.store.put(CONFIG, config.encode())
+        if self.store.get(CATALOGUE) != catalogue.encode():
+            self.store.put(CATALOGUE, catalogue.encode())
+
+    def enrolment(self) -> int | None:
+        held = self.store.get(ENROLMENT)
+        return None if held is None else int(json.loads(held)["client"])
+
+    def config(self) -> ExperimentConfig:
+        text = self._required(CONFIG).decode()
+        return parse_config(yaml.safe_load(text) or {}, "the device's config", text)
+
+    def catalogue(self) -> ItemCatalogue:
+        text = self._required(CATALOGUE).decode()
+        digest = _digest(text.encode())
+        if self._cache.catalogue is None or self._cache.catalogue[0] != digest:
+            self._cache.catalogue = (digest, ItemCatalogue.from_text(text, self.store.folder))
+        return self._cache.catalogue[1]
+
+    def accept_global(
+        self, state: Mapping[str, torch.Tensor], version: int, announced: str
+    ) -> None:
+        """Keep the global model a round sent as the latest bundle, once its hash (recomputed
+        from the tensors, config and catalogue held) is the one the server announced."""
+        config, catalogue = self._required(CONFIG).decode(), self._required(CATALOGUE).decode()
+        catalogue_hash = self.catalogue().content_hash
+        if bundle_hash(version, config, catalogue_hash, state) != announced:
+            raise ValueError(
+                f"the global model of round {version} does not hash to the bundle the server "
+                "announced: not kept (a changed message, or this device's config or catalogue "
+                "is not the server's)"
+            )
+        bundle = ModelBundle(version, config, catalogue, catalogue_hash, dict(state))
+        self.store.put(BUNDLE, bundle.to_bytes())
+
+    def bundle(self) -> ModelBundle | None:
+        data = self.store.get(BUNDLE)
+        return None if data is None else ModelBundle.from_bytes(data, self.store.folder)
+
+    # --- on-device inference -------------------------------------------------------------
+    def recommend(self, k: int = 10) -> list[Recommendation]:
+        """The top ``k`` items the user has not seen, from the latest global model: on this
+        device, without the network."""
+        model, catalogue = self._model()
+        split = client_split(self.events(), catalogue).split
+        if split.num_users == 0:
+            raise ValueError(
+                f"no history to recommend from: record at least {MIN_EVENTS} events of "
+                "catalogue items first"
+            )
+        if not 1 <= k <= catalogue.num_items:
+            raise ValueError(f"k must lie in 1..{catalogue.num_items}, got {k}")
+        users = np.zeros(1, dtype=np.int64)
+        with torch.inference_mode():
+            items, times = next_item_batch(split, users, model.config.max_len)
+            scores = model.score_all(items, times)[0]
+        scores[torch.from_numpy(np.unique(split.items))] = -torch.inf
+        top = torch.topk(scores, k)
+        titles = catalogue.item_features.get("title")
+        return [
+            Recommendation(
+                catalogue.raw_item_ids[i],
+                "" if titles is None else str(titles[i]),
+                float(s),
+            )
+            for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        ]
+
+    # --- federated rounds ----------------------------------------------------------------
+    def participation(self, round_number: int) -> str:
+        """Why this device sits this training round out ("" when it takes part)."""
+        config, catalogue = self.config(), self.catalogue()
+        split = client_split(self.events(), catalogue).split
+        known = int(split.offsets[-1]) if split.num_users else 0
+        if known < self.policy.min_events:
+            return f"{known} known events, fewer than the policy's {self.policy.min_events}"
+        if self.policy.condition is not None and not self.policy.condition():
+            return "the app's condition (e.g. charging, idle) does not hold"
+        client = self._client()
+        planned = planned_release(
+            self._federated(config, catalogue), split, config.federated, client, round_number
+        )
+        ledger = self.ledger()
+        if over_budget(planned, config.federated, ledger):
+            return "its next release would pass the federation's record_epsilon_budget"
+        own = self.policy.epsilon_budget
+        if own is not None and planned is not None:
+            after = ledger.epsilon(planned.party, planned.delta, extra=planned)
+            if after > own:
+                return f"its next release would take ε to {after:.3g}, past the user's {own:g}"
+        return ""
+
+    def train_round(
+        self,
+        state: Mapping[str, torch.Tensor],
+        round_number: int,
+        announced: str,
+        clipping_norm: float | None = None,
+    ) -> ClientReply:
+        """One round's local training on this device's events, from the global ``state`` (the
+        model of round ``round_number - 1``, checked against the ``announced`` bundle hash):
+        DP-SGD with private noise, the release in the device's ledger, the update clipped."""
+        self.accept_global(state, round_number - 1, announced)
+        config, catalogue = self.config(), self.catalogue()
+        model = self._federated(config, catalogue)
+        model.load_shared_state(state)
+        client = self._client()
+        reason = self.participation(round_number)
+        if reason:
+            log.info("round %d: not taking part: %s", round_number, reason)
+            return declined_reply(config.federated, client, dict(state))
+        ledger = self.ledger()
+        before = len(ledger.events)
+        reply = train_round(
+            model,
+            client_split(self.events(), catalogue).split,
+            config.federated,
+            partition=client,
+            round_number=round_number,
+            seed=config.seed,
+            ledger=ledger,
+            personal=None,
+            clipping_norm=clipping_norm,
+        )
+        if len(ledger.events) != before:
+            self.store.put(LEDGER, json.dumps(ledger.state_dict()).encode())
+        return reply
+
+    def evaluate_round(
+        self, state: Mapping[str, torch.Tensor], round_number: int, announced: str
+    ) -> ClientReply:
+        """Metrics of the global model on this device's held-out last item."""
+        self.accept_global(state, round_number, announced)
+        config, catalogue = self.config(), self.catalogue()
+        model = self._federated(config, catalogue)
+        model.load_shared_state(state)
+        return evaluate_round(
+            model,
+            client_split(self.events(), catalogue).split,
+            config.federated,
+            partition=self._client(),
+            round_number=round_number,
+            seed=config.seed,
+            ledger=self.ledger(),
+        )
+
+    # --- the user's privacy and rights ----------------------------------------------------
+    def ledger(self) -> PrivacyLedger:
+        ledger = PrivacyLedger()
+        held = self.store.get(LEDGER)
+        if held is not None:
+            ledger.load_state_dict(json.loads(held))
+        return ledger
+
+    def privacy_statement(self) -> str:
+        """What this device's data has cost, in plain words."""
+        client, ledger = self.enrolment(), self.ledger()
+        events = (
+            [] if client is None else [e for e in ledger.events if e.party == client_party(client)]
+        )
+        config = self.config() if self.store.get(CONFIG) is not None else None
+        budget = None if config is None else config.federated.record_epsilon_budget
+        own = self.policy.epsilon_budget
+        limits = [b for b in (budget, own) if b is not None]
+        lines = []
+        if not events:
+            lines.append("This device has not released anything yet: ε spent is 0.")
+        else:
+            delta = events[-1].delta
+            spent = ledger.epsilon(events[-1].party, delta)
+            rounds = sorted({e.round for e in events})
+            units = sorted({e.unit for e in events})
+            lines.append(
+                f"This device took part in {len(rounds)} federated round(s) (round "
+                f"{', '.join(map(str, rounds))}). Each protects one {' / '.join(units)} of your "
+                f"events with differential privacy: together they spent ε = {spent:.3g} at "
+                f"δ = {delta:.2g}."
+            )
+            if limits:
+                left = max(0.0, min(limits) - spent)
+                lines.append(f"Budget: ε ≤ {min(limits):g}; {left:.3g} left.")
+        if not events and limits:
+            lines.append(f"Budget: ε ≤ {min(limits):g}, all of it left.")
+        lines.append(
+            "Forgetting your data deletes your events, personal parameters and their keys; this "
+            "record of ε spent stays while the device is enrolled, because ε already spent is "
+            "not refunded."
+        )
+        return "\n".join(lines)
+
+    def export(self) -> dict[str, Any]:
+        """Everything the store holds about the user, as JSON-ready data."""
+        personal = self.store.get(PERSONAL)
+        return {
+            "events": [json.loads(r) for r in self.store.rows(EVENT)],
+            "unknown_items": self.unknown_items() if self.store.get(CATALOGUE) else {},
+            "personal_parameters": None if personal is None else personal.hex(),
+            "privacy": {
+                "enrolled_as_client": self.enrolment(),
+                "ledger": self.ledger().state_dict(),
+                "statement": self.privacy_statement(),
+            },
+        }
+
+    def forget(self) -> None:
+        """Delete the user's events and personal parameters and the key they were sealed with;
+        the ledger and enrolment stay (spent ε is not refunded)."""
+        self.store.shred(kinds=(EVENT,), names=(PERSONAL,))
+        self._cache = _Cache()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> DeviceClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # --- internals -------------------------------------------------------------------------
+    def _required(self, name: str) -> bytes:
+        value = self.store.get(name)
+        if value is None:
+            raise FedrecDataError(
+                f"the store holds no {name} yet: the server sends it when this device first "
+                "joins a federation (fedrec device join)",
+                self.store.folder,
+            )
+        return value
+
+    def _client(self) -> int:
+        client = self.enrolment()
+        if client is None:
+            raise FedrecDataError("this device is not enrolled yet", self.store.folder)
+        return client
+
+    def _catalogue_index(self) -> Mapping[str, int] | None:
+        return None if self.store.get(CATALOGUE) is None else self.catalogue().index
+
+    def _federated(self, config: ExperimentConfig, catalogue: ItemCatalogue) -> FederatedModel:
+        if config.federated_model_kind != "sequential":
+            raise ValueError(
+                "only a sequential model (HSTU, SASRec) runs on a device: the LLM recommender's "
+                "foundation is not in the model bundle"
+            )
+        return build_federated_model(config, catalogue, self.store.folder)
+
+    def _model(self) -> tuple[Any, ItemCatalogue]:
+        bundle_data = self.store.get(BUNDLE)
+        if bundle_data is None:
+            raise FedrecDataError(
+                "no global model yet: the device gets one in its first federated round",
+                self.store.folder,
+            )
+        catalogue = self.catalogue()
+        if self._cache.model is None or self._cache.model[0] != _digest(bundle_data):
+            bundle = ModelBundle.from_bytes(bundle_data, self.store.folder)
+            if bundle.catalogue_hash != catalogue.content_hash:
+                raise FedrecDataError(
+                    "the model bundle was made for another catalogue than the one held: wait "
+                    "for the next round's model",
+                    self.store.folder,
+                )
+            config = parse_config(yaml.safe_load(bundle.config) or {}, "bundle", bundle.config)
+            federated = self._federated(config, catalogue)
+            federated.load_shared_state(bundle.state)
+            assert isinstance(federated, SequentialFederatedModel)
+            federated.model.eval()
+            self._cache.model = (_digest(bundle_data), federated.model)
+        return self._cache.model[1], catalogue
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
