@@ -121,10 +121,10 @@ class IdentifiedGrid:
             why = ""
             if partition is None or not 0 <= partition < self.clients:
                 why = "no valid client id"
-            elif partition in taken:
-                why = "a client another node runs"
             elif enrolled is not None and partition != enrolled:
                 why = f"client {partition}, but its key is enrolled as client {enrolled}"
+            elif partition in taken:
+                why = "a client another node runs"
             if why or partition is None:
                 log.warning("node %d excluded from sampling: it answered %s", node, why)
                 self.excluded.add(node)

@@ -25,7 +25,7 @@ import json
 import logging
 import shutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +56,10 @@ class InProcessGrid:
         run_config: dict[str, Any] | None = None,
         population: Population | None = None,
         run_dir: Path | None = None,
+        node_configs: Mapping[int, Mapping[str, Any]] | None = None,
     ):
         self.num_clients = num_clients
+        self.node_configs = node_configs or {}  # more node config by partition (a device's store)
         self.client = client
         self.run_config = run_config or {}
         self.population, self.run_dir = population, run_dir
@@ -96,7 +98,11 @@ class InProcessGrid:
                 Context(
                     run_id=0,
                     node_id=message.metadata.dst_node_id,
-                    node_config={"partition-id": partition, "num-partitions": self.num_clients},
+                    node_config={
+                        "partition-id": partition,
+                        "num-partitions": self.num_clients,
+                        **self.node_configs.get(partition, {}),
+                    },
                     state=RecordDict(),
                     run_config=self.run_config,
                 ),

@@ -31,6 +31,7 @@ import yaml
 from fedrec.config import ExperimentConfig, parse_config
 from fedrec.data.batching import next_item_batch
 from fedrec.data.catalogue import ItemCatalogue
+from fedrec.data.dataset import InteractionDataset
 from fedrec.data.store import MIN_EVENTS, RawEvents, client_split
 from fedrec.device.store import EncryptedStore
 from fedrec.errors import FedrecDataError
@@ -215,8 +216,8 @@ class DeviceClient:
         with torch.inference_mode():
             items, times = next_item_batch(split, users, model.config.max_len)
             scores = model.score_all(items, times)[0]
-        scores[torch.from_numpy(np.unique(split.items))] = -torch.inf
-        top = torch.topk(scores, k)
+            scores[torch.from_numpy(np.unique(split.items))] = -torch.inf
+            top = torch.topk(scores, k)
         titles = catalogue.item_features.get("title")
         return [
             Recommendation(
@@ -429,6 +430,20 @@ class DeviceClient:
             federated.model.eval()
             self._cache.model = (_digest(bundle_data), federated.model)
         return self._cache.model[1], catalogue
+
+
+def dataset_history(dataset: InteractionDataset, raw_user: str) -> list[tuple[str, int, str]]:
+    """One user's events in a data set, in raw ids, as their device would have recorded them
+    (``fedrec device import``: a device that starts with the user's past history)."""
+    users = {str(u): i for i, u in enumerate(dataset.raw_user_ids.tolist())}
+    if str(raw_user) not in users:
+        raise ValueError(f"user {raw_user!r} is not in {dataset.name or 'the data set'}")
+    rows = np.flatnonzero(dataset.user_ids == users[str(raw_user)])
+    rows = rows[np.argsort(dataset.timestamps[rows], kind="stable")]
+    return [
+        (str(dataset.raw_item_ids[dataset.item_ids[r]]), int(dataset.timestamps[r]), "rating")
+        for r in rows.tolist()
+    ]
 
 
 def _digest(data: bytes) -> str:

@@ -149,7 +149,7 @@ class EncryptedStore:
 
     def names(self) -> list[str]:
         """The named values held (not the store's own key records)."""
-        found = self._db.execute("SELECT name FROM named WHERE name NOT LIKE '\0%' ORDER BY name")
+        found = self._db.execute("SELECT name FROM named WHERE unicode(name) != 0 ORDER BY name")
         return [name for (name,) in found]
 
     def shred(self, kinds: tuple[str, ...] = (), names: tuple[str, ...] = ()) -> None:

@@ -1,0 +1,269 @@
+"""The device SDK: three devices, each one MovieLens-100K user's history in an encrypted store,
+run a federation through the ClientApp (in process, over the deployment's round loop with an
+enrolment); then what a device holds, shows, exports and forgets."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import fedrec.device
+from fedrec.config import parse_config
+from fedrec.data import load_dataset
+from fedrec.data.catalogue import ItemCatalogue
+from fedrec.device import ParticipationPolicy
+from fedrec.device.client import BUNDLE, EVENT, dataset_history
+from fedrec.device.store import DATABASE
+from fedrec.errors import FedrecDataError
+from fedrec.federated_models import initial_federated_model
+from fedrec.federation.layout import CATALOGUE_FILE
+from fedrec.population import population_of
+from fedrec.serving.bundle import BUNDLE_DIR, MANIFEST_FILE
+from server.rounds import IdentifiedGrid, run_federation
+from simulations.inprocess import InProcessGrid
+
+ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+USERS = ("196", "405", "13")  # 405 is the heaviest user (737 ratings)
+CONFIG = {
+    "seed": 0,
+    "data": {"source": "recbole", "path": str(ML100K), "name": "ml-100k"},
+    "model": {"name": "hstu", "max_len": 50, "embedding_dim": 16, "num_blocks": 1},
+    "audit": {"enabled": False},
+    "federated": {
+        "partitioning": "user",
+        "num_rounds": 2,
+        "clients_per_round": 3,
+        "local_epochs": 1,
+        "record_window": 10,
+        "record_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0},
+        "record_epsilon_budget": 10.0,
+    },
+}
+
+
+def _key(path: Path) -> Path:
+    path.write_bytes(os.urandom(32))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """Three enrolled devices after a two-round federation: (run folder, device folders, keys,
+    server results)."""
+    root = tmp_path_factory.mktemp("devices")
+    config = parse_config(dict(CONFIG, output_dir=str(root / "run")), "test")
+    population = population_of(config)
+    folders, keys, configs = [], [], {}
+    for client, user in enumerate(USERS):
+        folder, key = root / f"device-{user}", _key(root / f"device-{user}.key")
+        with fedrec.device.open(folder, key.read_bytes()) as device:
+            device.record_many(dataset_history(population.dataset, user))
+        folders.append(folder)
+        keys.append(key)
+        configs[client] = {"store": str(folder), "key-file": str(key)}
+    from clients.app import app
+
+    grid = InProcessGrid(len(population.partitions), app, {}, node_configs=configs)
+    # the enrolment: node ID (partition + 1 in process) -> client; other nodes are strangers
+    enrolment = {client + 1: client for client in range(len(USERS))}
+    results = run_federation(
+        population, root / "run", _Only(grid, 3), write_stores=False, enrolment=enrolment
+    )
+    return root / "run", folders, keys, results
+
+
+class _Only:
+    """The first ``n`` nodes of a grid are online (the three devices)."""
+
+    def __init__(self, grid: InProcessGrid, n: int):
+        self.grid, self.n = grid, n
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.grid.get_node_ids())[: self.n]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+def test_devices_train_and_recommend_from_their_own_stores(deployed):
+    run_dir, folders, keys, results = deployed
+    assert results["rounds"] == 2 and not results["stopped_early"]
+    manifest = json.loads((run_dir / BUNDLE_DIR / MANIFEST_FILE).read_text())
+    assert manifest["version"] == 2
+    for client, (folder, key) in enumerate(zip(folders, keys, strict=True)):
+        with fedrec.device.open(folder, key.read_bytes()) as device:
+            assert device.enrolment() == client
+            bundle = device.bundle()
+            assert bundle is not None and bundle.version == 2
+            assert bundle.content_hash == manifest["content_hash"]  # the server's final model
+            ledger = device.ledger()
+            rounds = sorted(e.round for e in ledger.events)
+            assert rounds == [1, 2]
+            epsilon = ledger.epsilon(f"client:{client}", ledger.events[0].delta)
+            assert 0 < epsilon <= 10.0
+            assert f"ε = {epsilon:.3g}" in device.privacy_statement()
+            top = device.recommend(10)
+            seen = set(device.events().items.tolist())
+            assert len(top) == 10 and len({r.item for r in top}) == 10
+            assert not seen & {r.item for r in top}
+            assert all(r.title for r in top)
+    # the server booked each release under the enrolled client, and the model moved
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    booked = {
+        (e["party"], e["round"])
+        for e in checkpoint["ledger"]["events"]
+        if e["mechanism"] == "dp-sgd"
+    }
+    assert booked == {(f"client:{c}", r) for c in range(3) for r in (1, 2)}
+    config = parse_config(dict(CONFIG, output_dir=str(run_dir)), "test")
+    catalogue = ItemCatalogue.load(run_dir / CATALOGUE_FILE)
+    initial = initial_federated_model(config, catalogue, run_dir).shared_state()
+    final = bundle.state
+    assert any(not torch.equal(initial[k], final[k]) for k in initial)  # the model moved
+
+
+def test_nothing_about_the_user_is_readable_in_a_devices_files(deployed, tmp_path):
+    _, folders, keys, _ = deployed
+    dataset = load_dataset(parse_config(CONFIG, "test").data)
+    titles = dataset.item_features["title"]
+    index = {str(r): i for i, r in enumerate(dataset.raw_item_ids.tolist())}
+    for user, folder in zip(USERS, folders, strict=True):
+        raw = b"".join(p.read_bytes() for p in folder.iterdir() if p.is_file())
+        history = dataset_history(dataset, user)
+        for item, timestamp, _ in history[:30]:
+            assert str(timestamp).encode() not in raw
+            assert titles[index[item]].encode() not in raw
+        assert b"196\t" not in raw and b'"item"' not in raw and b"Star Wars" not in raw
+    # a flipped byte in a device's store is detected, not read
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / DATABASE).write_bytes((folders[0] / DATABASE).read_bytes())
+    db = sqlite3.connect(copy / DATABASE)
+    (sealed,) = db.execute("SELECT sealed FROM rows WHERE kind = ? AND id = 3", (EVENT,)).fetchone()
+    flipped = bytearray(sealed)
+    flipped[-1] ^= 0x40
+    db.execute("UPDATE rows SET sealed = ? WHERE kind = ? AND id = 3", (bytes(flipped), EVENT))
+    db.commit()
+    db.close()
+    with (
+        fedrec.device.open(copy, keys[0].read_bytes()) as device,
+        pytest.raises(FedrecDataError, match="altered"),
+    ):
+        device.events()
+
+
+def test_forget_leaves_only_the_ledger_and_recording_starts_afresh(deployed, tmp_path):
+    _, folders, keys, _ = deployed
+    folder = tmp_path / "device"
+    folder.mkdir()
+    for name in (DATABASE,):
+        (folder / name).write_bytes((folders[1] / name).read_bytes())
+    (folder / DATABASE).chmod(0o600)
+    key = keys[1].read_bytes()
+    with fedrec.device.open(folder, key) as device:
+        before = device.export()
+        assert len(before["events"]) == 737
+        ledger = before["privacy"]["ledger"]
+        device.forget()
+        after = device.export()
+        assert after["events"] == [] and after["personal_parameters"] is None
+        assert after["privacy"]["ledger"] == ledger  # spent ε is not refunded
+        assert "not refunded" in after["privacy"]["statement"]
+        device.record("50", 900000000)
+        assert device.export()["events"] == [{"item": "50", "t": 900000000, "kind": "view"}]
+    # the forgotten events cannot be opened from the file, even with the key
+    db = sqlite3.connect(folder / DATABASE)
+    assert db.execute("SELECT count(*) FROM rows WHERE kind = ?", (EVENT,)).fetchone() == (1,)
+
+
+def test_a_changed_global_model_is_not_kept(deployed, tmp_path):
+    _, folders, keys, _ = deployed
+    with fedrec.device.open(folders[2], keys[2].read_bytes()) as device:
+        bundle = device.bundle()
+        assert bundle is not None
+        state = {k: v.clone() for k, v in bundle.state.items()}
+        name = next(iter(state))
+        state[name].view(-1)[0] += 1e-3
+        with pytest.raises(ValueError, match="does not hash to the bundle"):
+            device.accept_global(state, bundle.version, bundle.content_hash)
+        assert device.store.get(BUNDLE) == bundle.to_bytes() or device.bundle() == bundle
+
+
+def test_an_unknown_item_is_kept_and_reported(deployed):
+    _, folders, keys, _ = deployed
+    with fedrec.device.open(folders[0], keys[0].read_bytes()) as device:
+        before = len(device.events())
+        assert device.record("no-such-item", 999999999) is False
+        assert device.unknown_items() == {"no-such-item": 1}
+        assert len(device.events()) == before + 1
+        assert len(device.recommend(5)) == 5  # still recommends from the known ones
+        device.store.shred(kinds=(), names=())  # (keeps everything: re-sealed, same content)
+        assert device.unknown_items() == {"no-such-item": 1}
+
+
+def test_the_participation_policy_declines_before_training(deployed, tmp_path):
+    _, folders, keys, _ = deployed
+    with fedrec.device.open(folders[0], keys[0].read_bytes()) as device:
+        device.policy = ParticipationPolicy(condition=lambda: False)
+        assert "condition" in device.participation(3)
+        device.policy = ParticipationPolicy(min_events=10_000)
+        assert "fewer than the policy" in device.participation(3)
+        device.policy = ParticipationPolicy(epsilon_budget=1e-3)
+        assert "past the user's" in device.participation(3)
+        device.policy = ParticipationPolicy(condition=lambda: False)
+        bundle = device.bundle()
+        assert bundle is not None
+        events = len(device.ledger().events)
+        reply = device.train_round(bundle.state, 3, bundle.content_hash)
+        assert reply.metrics["refused"] == 1 and reply.metrics["num-examples"] == 0
+        assert len(device.ledger().events) == events  # nothing released
+
+
+def test_a_node_not_enrolled_or_claiming_another_client_is_excluded(caplog):
+    class Grid:
+        def get_node_ids(self) -> list[int]:
+            return [11, 12, 13]
+
+        def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+            from flwr.app import Message, MetricRecord, RecordDict
+
+            claims = {11: 0, 12: 0}  # node 12 is enrolled as client 1 but claims client 0
+            return [
+                Message(
+                    RecordDict(
+                        {"metrics": MetricRecord({"partition-id": claims[m.metadata.dst_node_id]})}
+                    ),
+                    reply_to=m,
+                )
+                for m in messages
+            ]
+
+    nodes = IdentifiedGrid(Grid(), 10, 3, enrolment={11: 0, 12: 1})
+    assert nodes.get_node_ids() == [11]
+    assert nodes.excluded == {12, 13}
+    assert "not enrolled" in caplog.text and "enrolled as client 1" in caplog.text
+
+
+def test_a_store_enrolled_as_one_client_refuses_another(deployed):
+    _, folders, keys, _ = deployed
+    with fedrec.device.open(folders[0], keys[0].read_bytes()) as device:
+        config = yaml.safe_dump(device.config().to_dict(), sort_keys=True)
+        catalogue = device.store.get("catalogue")
+        assert catalogue is not None
+        with pytest.raises(PermissionError, match="enrolled as client 0"):
+            device.accept_enrolment(2, config, catalogue.decode())
+
+
+def test_history_import_is_the_users_events_in_time_order():
+    dataset = load_dataset(parse_config(CONFIG, "test").data)
+    history = dataset_history(dataset, "405")
+    assert len(history) == 737
+    assert np.all(np.diff([t for _, t, _ in history]) >= 0)
