@@ -501,5 +501,16 @@ def models() -> None:
         typer.echo(f"{name}: {dataclasses.asdict(model_config(name))}")
 
 
+def _subcommands() -> None:
+    """``fedrec device ...`` and ``fedrec server ...`` live beside the apps they run."""
+    from clients.cli import app as device_app
+    from server.cli import app as server_app
+
+    app.add_typer(device_app, name="device")
+    app.add_typer(server_app, name="server")
+
+
+_subcommands()
+
 if __name__ == "__main__":
     app()

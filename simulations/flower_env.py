@@ -3,10 +3,10 @@ their state inside one folder, nothing calls out, nothing is installed at run ti
 
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
 from pathlib import Path
+
+from fedrec.federation.runtime import deployment_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,14 +15,4 @@ def flower_env(home: Path) -> dict[str, str]:
     """An environment that keeps Flower and Ray inside ``home`` and off the network."""
     # Ray's socket paths must stay short, so its temp folder is not under pytest's tmp_path.
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    return {
-        **os.environ,
-        "FLWR_HOME": str(home / "flwr"),
-        "RAY_TMPDIR": ray_tmp,
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PYTHONPATH": str(REPO),
-        # Flower's processes start helpers (flower-superexec, flwr-serverapp) by name.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    return {**deployment_env(home / "flwr"), "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
