@@ -7,7 +7,9 @@ ServerApp are killed mid-run and restarted with resume."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 from collections.abc import Callable
@@ -20,6 +22,7 @@ import yaml
 from fedrec.config import load_config
 from fedrec.data import load_dataset
 from fedrec.device.client import dataset_history
+from fedrec.privacy import PrivacyLedger
 
 from .processes import REPO, flower_processes, free_ports, python, wait_for
 
@@ -231,5 +234,122 @@ def test_three_devices_run_three_rounds_through_tls_and_supernode_auth(tmp_path)
             seen = {e["item"] for e in exported["events"]}
             assert not seen & {line.rsplit("(item ", 1)[1].rstrip(")") for line in top}
             raw = b"".join(p.read_bytes() for p in deployment.devices[i].iterdir() if p.is_file())
+            titles = dataset.item_features["title"]
+            index = {str(r): n for n, r in enumerate(dataset.raw_item_ids.tolist())}
             for item, timestamp, _ in dataset_history(dataset, user)[:20]:
                 assert str(timestamp).encode() not in raw
+                assert titles[index[item]].encode() not in raw
+
+
+def _checkpoint_round(run_dir: Path) -> int:
+    try:
+        return int(torch.load(run_dir / "checkpoint.pt", weights_only=True)["round"])
+    except (OSError, RuntimeError, EOFError):
+        return -1  # not written yet (or being replaced)
+
+
+def _kill_server_processes(marker: str) -> list[str]:
+    """SIGKILL the SuperLink, its ServerApp and `flwr run` (the devices keep running)."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        server_side = any(
+            name in cmdline
+            for name in (
+                "flower-superlink",
+                "flwr-serverapp",
+                "flower-superexec --plugin-type serverapp",
+                " server start",
+                " server run",
+                "flwr run",
+            )
+        )
+        if server_side and marker.encode() in environ:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+            killed.append(cmdline)
+    return killed
+
+
+def _client_events(events: list[dict], client: int) -> list[tuple[int, int]]:
+    """(round, steps) of a client's DP-SGD releases, in order."""
+    return [
+        (e["round"], e["steps"])
+        for e in events
+        if e["party"] == f"client:{client}" and e["mechanism"] == "dp-sgd"
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_server_killed_mid_run_resumes_and_every_ledger_stays_continuous(tmp_path):
+    """The SuperLink, the ServerApp and `flwr run` are killed once round 1 is checkpointed; the
+    SuperLink restarts from its database and the run resumes from the checkpoint. The devices
+    never stop. The server's ledger never loses an event, every device's ledger holds every
+    release the server booked for it (and any of an interrupted round whose reply was lost),
+    ε never decreases, and no release is booked twice."""
+    with flower_processes(tmp_path) as (env, start):
+        deployment = Deployment(tmp_path, start, rounds=3)
+        deployment.set_up()
+        submit = deployment.submit("run.log")
+        wait_for(
+            lambda: _checkpoint_round(deployment.run_dir) >= 1,
+            timeout=600,
+            what="round 1's checkpoint",
+            log=tmp_path / "run.log",
+            watch=(submit, *deployment.nodes),
+        )
+        before = torch.load(deployment.run_dir / "checkpoint.pt", weights_only=True)
+        killed = _kill_server_processes(env["RAY_TMPDIR"])
+        assert any("flower-superlink" in k for k in killed), killed
+        assert not (deployment.run_dir / "results.json").exists()
+        deployment.start_superlink("superlink-restarted.log")
+        resumed = deployment.submit("run-resumed.log", resume=True)
+        wait_for(
+            lambda: (deployment.run_dir / "results.json").exists(),
+            timeout=900,
+            what="the resumed run's results.json",
+            log=tmp_path / "run-resumed.log",
+            watch=(resumed, *deployment.nodes),
+        )
+        assert all(node.poll() is None for node in deployment.nodes)  # the devices never stopped
+        results = json.loads((deployment.run_dir / "results.json").read_text())
+        assert results["rounds"] == 3 and not results["failed"]
+        after = torch.load(deployment.run_dir / "checkpoint.pt", weights_only=True)
+        old, new = before["ledger"]["events"], after["ledger"]["events"]
+        assert new[: len(old)] == old  # the server's ledger continued, never reset
+        for node in deployment.nodes:
+            node.send_signal(signal.SIGINT)
+        for node in deployment.nodes:
+            node.wait(timeout=60)
+        for i in range(len(USERS)):
+            exported = json.loads(deployment.device_output(i, "export"))
+            device_events = exported["privacy"]["ledger"]["events"]
+            on_device = _client_events(device_events, i)
+            on_server = _client_events(new, i)
+            # every round released, in order; the server booked nothing the device did not
+            assert {r for r, _ in on_server} == {1, 2, 3}
+            assert [r for r, _ in on_device] == sorted(r for r, _ in on_device)
+            assert all(on_device.count(e) >= on_server.count(e) for e in on_server)
+            assert len(on_device) - len(on_server) <= 1  # at most the lost reply of the kill
+            # ε as it grew on the device never decreased, and the server never states less
+            ledger = PrivacyLedger()
+            ledger.load_state_dict(exported["privacy"]["ledger"])
+            delta = ledger.events[0].delta
+            by_round = ledger.epsilon_by_round(f"client:{i}", delta)
+            assert sorted(by_round) == [1, 2, 3]
+            assert all(
+                a <= b
+                for a, b in zip(list(by_round.values()), list(by_round.values())[1:], strict=False)
+            )
+            server = PrivacyLedger()
+            server.load_state_dict(after["ledger"])
+            assert (
+                server.epsilon(f"client:{i}", delta) <= ledger.epsilon(f"client:{i}", delta) + 1e-9
+            )
