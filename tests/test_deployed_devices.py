@@ -11,163 +11,20 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from fedrec.config import load_config
 from fedrec.data import load_dataset
 from fedrec.device.client import dataset_history
 from fedrec.privacy import PrivacyLedger
 
-from .processes import REPO, flower_processes, free_ports, python, wait_for
+from .processes import Deployment, flower_processes, wait_for
 
-USERS = ("196", "405", "13")  # 405: the heaviest user of ML-100K (737 ratings)
-
-
-def fedrec(*args: str) -> list[str]:
-    return [python(), "-m", "fedrec.cli", *args]
-
-
-class Deployment:
-    """The processes and folders of one deployment on loopback."""
-
-    def __init__(self, root: Path, start: Callable[..., subprocess.Popen[bytes]], rounds: int):
-        self.root, self.start = root, start
-        self.link, *self.ports = free_ports(5)
-        self.superlink = f"127.0.0.1:{self.link}"
-        self.pki, self.state, self.run_dir = root / "pki", root / "server-state", root / "run"
-        config = yaml.safe_load((REPO / "configs" / "ml-100k-deploy.yaml").read_text())
-        config["data"]["path"] = str(REPO.parent / "shared" / "data" / "ml-100k")
-        config["model"].update({"embedding_dim": 16, "num_blocks": 1})
-        config["federated"]["num_rounds"] = rounds
-        self.config = root / "deploy.yaml"
-        self.config.write_text(yaml.safe_dump(config), encoding="utf-8")
-        self.devices = [root / "devices" / f"device-{i}" for i in range(len(USERS))]
-        self.link_process: subprocess.Popen[bytes] | None = None
-
-    def run(self, args: list[str], log: str) -> None:
-        done = self.start(args, log)
-        assert done.wait(timeout=300) == 0, (self.root / log).read_text(errors="replace")[-3000:]
-
-    def start_superlink(self, log: str) -> None:
-        self.link_process = self.start(
-            fedrec(
-                "server",
-                "start",
-                "--certs",
-                str(self.pki),
-                "--state",
-                str(self.state),
-                "--port",
-                str(self.link),
-            ),
-            log,
-        )
-        wait_for(
-            lambda: "Uvicorn running on https" in (self.root / log).read_text(errors="replace"),
-            timeout=180,
-            what="the TLS SuperLink",
-            log=self.root / log,
-            watch=(self.link_process,),
-        )
-
-    def key_args(self, i: int) -> list[str]:
-        return ["--store", str(self.devices[i]), "--key-file", str(self.devices[i]) + ".key"]
-
-    def join(
-        self, i: int, port: int, log: str, auth_key: str | None = None
-    ) -> subprocess.Popen[bytes]:
-        return self.start(
-            fedrec(
-                "device",
-                "join",
-                *self.key_args(i),
-                "--superlink",
-                self.superlink,
-                "--root-cert",
-                str(self.pki / "ca.pem"),
-                "--auth-key",
-                auth_key or str(self.pki / "devices" / f"device-{i}"),
-                "--port",
-                str(port),
-            ),
-            log,
-        )
-
-    def submit(self, log: str, resume: bool = False) -> subprocess.Popen[bytes]:
-        return self.start(
-            fedrec(
-                "server",
-                "run",
-                "--config",
-                str(self.config),
-                "--certs",
-                str(self.pki),
-                "--superlink",
-                self.superlink,
-                "--state",
-                str(self.state),
-                "--run-dir",
-                str(self.run_dir),
-                *(["--resume"] if resume else []),
-            ),
-            log,
-        )
-
-    def set_up(self) -> None:
-        """Certificates, the SuperLink, three enrolled devices with their histories, joined."""
-        self.run(
-            fedrec("certs", "--out", str(self.pki), "--host", "127.0.0.1", "--devices", "3"),
-            "certs.log",
-        )
-        self.start_superlink("superlink.log")
-        for i in range(len(USERS)):
-            self.run(
-                fedrec(
-                    "server",
-                    "register",
-                    "--certs",
-                    str(self.pki),
-                    "--superlink",
-                    self.superlink,
-                    "--state",
-                    str(self.state),
-                    "--key",
-                    str(self.pki / "devices" / f"device-{i}.pub"),
-                ),
-                f"register-{i}.log",
-            )
-            self.run(fedrec("device", "init", *self.key_args(i)), f"init-{i}.log")
-            self.run(
-                fedrec(
-                    "device",
-                    "import",
-                    *self.key_args(i),
-                    "--config",
-                    str(self.config),
-                    "--user",
-                    USERS[i],
-                ),
-                f"import-{i}.log",
-            )
-        self.nodes = [self.join(i, self.ports[i], f"device-{i}.log") for i in range(len(USERS))]
-
-    def device_output(self, i: int, *command: str) -> str:
-        done = subprocess.run(
-            fedrec("device", *command, *self.key_args(i)),
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=REPO,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout
+USERS = Deployment.USERS
 
 
 def _said(path: Path, text: str) -> Callable[[], bool]:

@@ -25,7 +25,7 @@ from fedrec.errors import FedrecDataError
 from fedrec.federated_models import initial_federated_model
 from fedrec.federation.layout import CATALOGUE_FILE
 from fedrec.population import population_of
-from fedrec.serving.bundle import BUNDLE_DIR, MANIFEST_FILE
+from fedrec.serving.bundle import BUNDLE_DIR, MANIFEST_FILE, ModelBundle, bundle_hash
 from server.rounds import IdentifiedGrid, run_federation
 from simulations.inprocess import InProcessGrid
 
@@ -267,3 +267,20 @@ def test_history_import_is_the_users_events_in_time_order():
     history = dataset_history(dataset, "405")
     assert len(history) == 737
     assert np.all(np.diff([t for _, t, _ in history]) >= 0)
+
+
+def test_a_bundle_round_trips_and_a_changed_byte_is_refused(deployed, tmp_path):
+    run_dir = deployed[0]
+    data = (run_dir / BUNDLE_DIR / "latest.bundle").read_bytes()
+    bundle = ModelBundle.from_bytes(data, "latest.bundle")
+    assert bundle.to_bytes() == data and bundle.version == 2
+    assert (
+        bundle_hash(bundle.version, bundle.config, bundle.catalogue_hash, bundle.state)
+        == (json.loads((run_dir / BUNDLE_DIR / MANIFEST_FILE).read_text())["content_hash"])
+    )
+    changed = bytearray(data)
+    changed[-5] ^= 1  # a tensor byte
+    with pytest.raises(FedrecDataError, match="does not match its hash"):
+        ModelBundle.from_bytes(bytes(changed), "changed.bundle")
+    with pytest.raises(FedrecDataError, match="not a readable model bundle"):
+        ModelBundle.from_bytes(data[:100], "truncated.bundle")

@@ -139,3 +139,39 @@ def test_a_passphrase_gives_the_same_key_for_its_store_only(tmp_path):
     assert key_from_passphrase("correct horse", tmp_path / "b") != one  # its own salt
     assert key_from_passphrase("wrong horse", tmp_path / "a") != one
     assert oct((tmp_path / "a" / "salt").stat().st_mode & 0o777) == oct(0o600)
+
+
+def test_shred_forgets_for_good_and_keeps_the_rest(tmp_path):
+    folder = tmp_path / "store"
+    with EncryptedStore(folder, KEY) as store:
+        store.add("events", [EVENT] * 3)
+        store.add("other", [b"kept row"])
+        store.put("ledger", b"kept value")
+        store.put("personal", b"forgotten value")
+    old = (folder / DATABASE).read_bytes()
+    with EncryptedStore(folder, KEY) as store:
+        store.shred(kinds=("events",), names=("personal",))
+        assert store.rows("events") == [] and store.get("personal") is None
+        assert store.rows("other") == [b"kept row"] and store.get("ledger") == b"kept value"
+        store.add("events", [b"fresh"])
+        assert store.rows("events") == [b"fresh"]
+    with EncryptedStore(folder, KEY) as store:  # reopens under the new data key
+        assert store.rows("events") == [b"fresh"] and store.get("ledger") == b"kept value"
+    # a copy of the file from before, opened with the caller's key, still opens its old data
+    # key; the file after holds only the new one, under which the old rows do not open
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / DATABASE).write_bytes(old)
+    with EncryptedStore(copy, KEY) as before:
+        assert before.rows("events") == [EVENT] * 3
+    new = sqlite3.connect(folder / DATABASE)
+    assert new.execute("SELECT count(*) FROM rows WHERE kind = 'events'").fetchone() == (1,)
+    new.close()
+    old_rows = sqlite3.connect(copy / DATABASE).execute(
+        "SELECT sealed FROM rows WHERE kind = 'events'"
+    )
+    with EncryptedStore(folder, KEY) as store:
+        for (sealed,) in old_rows:
+            with pytest.raises(FedrecDataError):
+                store._open(sealed, "events:0")
+    assert EVENT not in (folder / DATABASE).read_bytes()
