@@ -46,7 +46,7 @@ from fedrec.federation.client import (
     train_round,
 )
 from fedrec.federation.layout import client_paths, resolve_config_path, resolve_run_dir
-from fedrec.federation.model import FederatedModel
+from fedrec.federation.model import FederatedModel, PersonalFile
 from fedrec.privacy import PrivacyLedger
 
 app = ClientApp()
@@ -229,7 +229,7 @@ def train(msg: Message, context: Context) -> Message:
             round_number=_round(msg),
             seed=config.seed,
             ledger=ledger,
-            personal=client.personal_path,
+            personal=PersonalFile(client.personal_path),
             clipping_norm=None if clip is None else float(cast(float, clip)),
         )
     return reply_message(msg, reply)

@@ -239,6 +239,10 @@ def join(
         str | None,
         typer.Option(help="Train only when this command exits 0 (e.g. on_ac_power)."),
     ] = None,
+    foundation: Annotated[
+        Path | None,
+        typer.Option(help="The LLM recommender's foundation folder (a copy of the server's)."),
+    ] = None,
 ) -> None:
     """Join the federation: a Flower SuperNode over TLS, authenticated by --auth-key, whose
     ClientApp reads only this store. Runs until stopped (Ctrl-C)."""
@@ -251,6 +255,8 @@ def join(
         node_config["epsilon-budget"] = epsilon_budget
     if only_when:
         node_config["only-when"] = only_when
+    if foundation is not None:
+        node_config["foundation"] = str(foundation.resolve())
     try:
         with _open(store, key_file, passphrase_env):
             pass  # the key opens the store before anything starts

@@ -4,9 +4,10 @@
 Everything is read from and kept in that store through ``fedrec.device.DeviceClient``: the
 server's config and catalogue (sent with the first query, with the client this device's
 authenticated key is enrolled as), the events, the ledger and the latest model bundle. The
-node reads no other file of the run. Node config ``min-events``, ``epsilon-budget`` and
-``only-when`` (a command that exits 0 when the device may train, e.g. ``on_ac_power``) make its
-participation policy.
+node reads no other file of the run but, for the LLM recommender, its public foundation folder
+(node config ``foundation``), checked against the digest the bundle names. Node config
+``min-events``, ``epsilon-budget`` and ``only-when`` (a command that exits 0 when the device
+may train, e.g. ``on_ac_power``) make its participation policy.
 """
 
 from __future__ import annotations
@@ -57,8 +58,13 @@ def store_key(node_config: Mapping[str, Any]) -> bytes:
 
 
 def open_device(node_config: Mapping[str, Any]) -> DeviceClient:
+    foundation = node_config.get("foundation")
     return fedrec.device.open(
-        Path(str(node_config["store"])), store_key(node_config), _policy(node_config), STORE_WAIT
+        Path(str(node_config["store"])),
+        store_key(node_config),
+        _policy(node_config),
+        STORE_WAIT,
+        None if not foundation else Path(str(foundation)),
     )
 
 

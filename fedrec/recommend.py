@@ -7,15 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedrec.config import parse_config
 from fedrec.data.catalogue import ItemCatalogue
 from fedrec.federation.layout import CATALOGUE_FILE, client_paths
+from fedrec.federation.model import PersonalFile
 from fedrec.llm_rec.federated import (
     LLMFederatedModel,
     foundation_folder,
-    load_personal,
     new_llm_model,
 )
 from fedrec.llm_rec.foundation import item_titles
@@ -58,27 +56,15 @@ def recommend(run_dir: Path, raw_user: str, k: int = 10) -> dict[str, Any]:
     model = global_model(population, run_dir).model
     partition = next(p for p, members in enumerate(partitions) if user in members)
     personal = client_paths(run_dir, {"partition-id": partition})[3]
-    state = load_personal(personal)
+    state = PersonalFile(personal).load()
     model.load_personal_state(state)
     items, times = split.full(user)
-    prompt = model.builder.prompt(items)
-    scenario = torch.tensor([model.builder.scenario(times)])
-    seen = set(items.tolist())
-    beams, top = max(model.config.beam_width, k), list[tuple[int, float]]()
-    while len(top) < k and beams <= 2 * dataset.num_items:  # widen until k unseen items
-        found = model.generate(
-            torch.tensor([prompt]),
-            torch.ones(1, len(prompt), dtype=torch.long),
-            scenario,
-            min(beams, dataset.num_items),
-        )[0]
-        top = [(i, s) for i, s in found if i not in seen][:k]
-        beams *= 2
+    top = model.top_unseen(items, times, k, dataset.num_items)
     titles = item_titles(dataset)
     return {
         "user": raw_user,
         "personal_prompt": str(personal) if state is not None else None,
-        "scenario": int(scenario[0]),
+        "scenario": int(model.builder.scenario(times)),
         "history": [titles[i] for i in items[-5:].tolist()],
         "top": [
             {"item": str(dataset.raw_item_ids[i]), "title": titles[i], "log_prob": s}

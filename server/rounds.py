@@ -28,7 +28,8 @@ from fedrec.federation.config import FederatedConfig
 from fedrec.federation.layout import CATALOGUE_FILE
 from fedrec.federation.privacy import dp_statement_problem
 from fedrec.population import Population
-from fedrec.serving.bundle import ModelBundle
+from fedrec.llm_rec.federated import foundation_folder
+from fedrec.serving.bundle import ModelBundle, foundation_digest
 from server.dp import UserLevelDP
 from server.federation import Federation
 from server.sampling import CohortSampler
@@ -215,9 +216,15 @@ def run_federation(
     )
     arrays = ArrayRecord(federation.model.shared_state())
 
+    foundation = (
+        "" if config.llm is None else foundation_digest(foundation_folder(config.llm, run_dir))
+    )
+
     def bundle(version: int) -> ModelBundle:
         state = arrays.to_torch_state_dict()
-        return ModelBundle(version, config_text, published, catalogue.content_hash, state)
+        return ModelBundle(
+            version, config_text, published, catalogue.content_hash, state, foundation
+        )
 
     def round_config(version: int) -> ConfigRecord:
         """What a round's messages say besides the arrays: the hash of the bundle they are."""

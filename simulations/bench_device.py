@@ -201,15 +201,20 @@ def deployment(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="mode", required=True)
-    rec = sub.add_parser("recommend", help="on-device recommend latency")
-    rec.add_argument("--calls", type=int, default=500)
-    rec.add_argument("--cold", type=int, default=20, help="opens of the store, one call each")
-    sto = sub.add_parser("store", help="encrypted store throughput")
-    sto.add_argument("--single", type=int, default=300, help="events recorded one per call")
-    sto.add_argument("--batches", type=int, default=5, help="batches of the whole history")
-    dep = sub.add_parser("deployment", help="a deployed round next to the in-process one")
-    dep.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "mode", choices=["recommend", "store", "deployment"], help="what to measure"
+    )
+    parser.add_argument("--calls", type=int, default=500, help="recommend: warm calls timed")
+    parser.add_argument(
+        "--cold", type=int, default=20, help="recommend: store opens, one call each"
+    )
+    parser.add_argument(
+        "--single", type=int, default=300, help="store: events recorded one per call"
+    )
+    parser.add_argument(
+        "--batches", type=int, default=5, help="store: batches of the whole history"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="deployment: rounds of the run")
     args = parser.parse_args(argv)
     result = {"recommend": recommend, "store": store, "deployment": deployment}[args.mode](args)
     print(json.dumps(result, indent=1))

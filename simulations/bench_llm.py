@@ -35,6 +35,7 @@ from fedrec.config import load_config  # noqa: E402
 from fedrec.evaluation import EvalConfig, evaluate  # noqa: E402
 from fedrec.federated_models import build_federated_model  # noqa: E402
 from fedrec.federation.layout import client_paths  # noqa: E402
+from fedrec.federation.model import PersonalFile  # noqa: E402
 from fedrec.llm_rec.federated import LLMFederatedModel  # noqa: E402
 from fedrec.llm_rec.model import example_losses  # noqa: E402
 from fedrec.population import Population, load_population  # noqa: E402
@@ -136,7 +137,9 @@ def bench_personal(run_dir: Path) -> dict[str, Any]:
         if not path.exists():
             continue
         for variant, personal in (("personal", path), ("initial", None)):
-            scorer = wrapper.scorer(split, torch.device("cpu"), personal)
+            scorer = wrapper.scorer(
+                split, torch.device("cpu"), None if personal is None else PersonalFile(personal)
+            )
             result = evaluate(scorer, split, "test", evaluation, users=np.asarray(members))
             per_user[variant].append(result.metrics)
     means = {

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -238,7 +239,7 @@ class Deployment:
 
     USERS = ("196", "405", "13")  # 405: the heaviest user of ML-100K (737 ratings)
 
-    TEST_MODEL = {"embedding_dim": 16, "num_blocks": 1}  # the tests' smaller HSTU
+    TEST_MODEL: ClassVar[dict[str, int]] = {"embedding_dim": 16, "num_blocks": 1}  # smaller HSTU
 
     def __init__(
         self,

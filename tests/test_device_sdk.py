@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -284,3 +285,81 @@ def test_a_bundle_round_trips_and_a_changed_byte_is_refused(deployed, tmp_path):
         ModelBundle.from_bytes(bytes(changed), "changed.bundle")
     with pytest.raises(FedrecDataError, match="not a readable model bundle"):
         ModelBundle.from_bytes(data[:100], "truncated.bundle")
+
+
+LLM = {
+    "seed": 0,
+    "data": {
+        "source": "synthetic",
+        "synthetic": {"num_users": 30, "num_items": 30, "mean_length": 14, "seed": 0},
+    },
+    "audit": {"enabled": False},
+    "semantic_id": {"content": {"dim": 8}, "rqvae": {"levels": 2, "codebook_size": 4}},
+    "llm": {
+        "backbone": {
+            "hidden_size": 16,
+            "num_layers": 1,
+            "num_heads": 2,
+            "intermediate_size": 32,
+            "text_vocab": 120,
+        },
+        "foundation": {"epochs": 1},
+        "max_items": 4,
+        "prompts": {"scenario_tokens": 2, "personal_tokens": 2},
+        "beam_width": 10,
+    },
+    "federated": {
+        "num_rounds": 1,
+        "clients_per_round": 2,
+        "record_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0},
+    },
+}
+
+
+def test_llm_devices_keep_their_personal_prompt_sealed_and_need_the_servers_foundation(tmp_path):
+    config = parse_config(dict(LLM, output_dir=str(tmp_path / "run")), "test")
+    population = population_of(config)
+    users = [str(u) for u in population.dataset.raw_user_ids[:2].tolist()]
+    foundation = tmp_path / "run" / "foundation"  # the server builds it; a device holds a copy
+    configs = {}
+    for client, user in enumerate(users):
+        key = _key(tmp_path / f"{client}.key")
+        with fedrec.device.open(tmp_path / f"device-{client}", key.read_bytes()) as device:
+            device.record_many(dataset_history(population.dataset, user))
+        configs[client] = {
+            "store": str(tmp_path / f"device-{client}"),
+            "key-file": str(key),
+            "foundation": str(foundation),
+        }
+    from clients.app import app
+
+    grid = InProcessGrid(len(population.partitions), app, {}, node_configs=configs)
+    results = run_federation(
+        population, tmp_path / "run", _Only(grid, 2), write_stores=False, enrolment={1: 0, 2: 1}
+    )
+    assert results["rounds"] == 1 and not results["failed"]
+    key = (tmp_path / "0.key").read_bytes()
+    with fedrec.device.open(tmp_path / "device-0", key, foundation=foundation) as device:
+        assert "personal" in device.store.names()  # the personal prompt, sealed in the store
+        prompt = device.export()["personal_parameters"]
+        assert prompt is not None and prompt["personal"]["shape"][0] == 2
+        top = device.recommend(5)
+        assert len(top) == 5 and not {r.item for r in top} & set(device.events().items.tolist())
+        bundle = device.bundle()
+        assert bundle is not None and bundle.foundation_hash
+    assert not list((tmp_path / "device-0").glob("*.safetensors"))
+    # another foundation (one byte changed) is refused, for training and for recommending
+    other = tmp_path / "other-foundation"
+    shutil.copytree(foundation, other)
+    meta = other / "foundation.json"
+    meta.write_text(meta.read_text() + " ")
+    with fedrec.device.open(tmp_path / "device-0", key, foundation=other) as device:
+        with pytest.raises(ValueError, match="does not hash to the bundle"):
+            device.accept_global(bundle.state, bundle.version, bundle.content_hash)
+        with pytest.raises(FedrecDataError, match="made with foundation"):
+            device.recommend(5)
+    with (
+        fedrec.device.open(tmp_path / "device-0", key) as device,
+        pytest.raises(FedrecDataError, match="needs its foundation on the device"),
+    ):
+        device.recommend(5)

@@ -17,6 +17,7 @@ from fedrec.config import parse_config
 from fedrec.data import prepare_split
 from fedrec.data.partition import partition_users
 from fedrec.federated_models import build_federated_model
+from fedrec.federation.model import PersonalFile
 from fedrec.llm_rec.foundation import item_titles, load_foundation, run_foundation
 from fedrec.llm_rec.model import LORA_PREFIX, PERSONAL_KEY, SCENARIO_PREFIX, example_losses
 from fedrec.population import Population
@@ -272,7 +273,7 @@ def test_local_training_lowers_the_loss_and_keeps_the_personal_prompt_on_device(
     personal = tmp_path / "device" / "personal.safetensors"
     fed = dataclasses.replace(config.federated, local_epochs=20, local_learning_rate=0.01)
     before = model.model.personal_state()[PERSONAL_KEY]
-    result = model.train_local(split, fed, seed=0, personal=personal)
+    result = model.train_local(split, fed, seed=0, personal=PersonalFile(personal))
     with torch.no_grad():
         end = model.model.per_example_loss(*examples.tensors).mean().item()
     assert end < start and result.num_examples == len(examples) and result.dp is None

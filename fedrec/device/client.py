@@ -9,8 +9,10 @@ user's rights. The federation's ClientApp (``clients.app``, on a SuperNode start
 What the store holds (all sealed, ``fedrec.device.store``): the events (rows of ``event``, in
 raw item ids: an item the catalogue lacks is kept and reported, and used once a catalogue
 revision lists it), the privacy ledger and enrolment, the experiment config and item catalogue
-the server published, and the latest model bundle. Only a sequential model (HSTU, SASRec) runs
-on a device today: the LLM recommender's frozen foundation is not part of the bundle.
+the server published, the latest model bundle and the user's personal parameters (the LLM
+recommender's personal prompt). The LLM recommender also needs its frozen foundation, public
+and large, which the device holds as a folder (``foundation``) fetched apart from the rounds;
+the bundle names its digest and the device uses no other.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from fedrec.config import ExperimentConfig, parse_config
 from fedrec.data.batching import next_item_batch
@@ -46,8 +50,10 @@ from fedrec.federation.client import (
 )
 from fedrec.federation.model import FederatedModel, SequentialFederatedModel
 from fedrec.federation.privacy import client_party
+from fedrec.llm_rec.federated import LLMFederatedModel, new_llm_model
+from fedrec.llm_rec.model import LLMRecommender
 from fedrec.privacy import PrivacyLedger
-from fedrec.serving.bundle import ModelBundle, bundle_hash
+from fedrec.serving.bundle import ModelBundle, bundle_hash, foundation_digest
 
 log = logging.getLogger("fedrec.device")
 
@@ -88,21 +94,46 @@ class _Cache:
     events: RawEvents | None = None
     model: tuple[str, Any] | None = None  # (bundle hash, model)
     catalogue: tuple[str, ItemCatalogue] | None = None
+    foundation: tuple[str, str] | None = None  # (folder and version, digest)
     seen: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def open(  # the SDK's entry point: ``fedrec.device.open``
-    folder: Path | str, key: bytes, policy: ParticipationPolicy | None = None, wait: float = 0.0
+    folder: Path | str,
+    key: bytes,
+    policy: ParticipationPolicy | None = None,
+    wait: float = 0.0,
+    foundation: Path | None = None,
 ) -> DeviceClient:
     """The device client of the store in ``folder`` (made if absent), sealed with ``key``
-    (32 bytes: from an OS keystore, or ``fedrec.device.store.key_from_passphrase``)."""
-    return DeviceClient(EncryptedStore(Path(folder), key, wait), policy or ParticipationPolicy())
+    (32 bytes: from an OS keystore, or ``fedrec.device.store.key_from_passphrase``);
+    ``foundation``: the LLM recommender's foundation folder, for a federation of it."""
+    store = EncryptedStore(Path(folder), key, wait)
+    return DeviceClient(store, policy or ParticipationPolicy(), foundation)
+
+
+class StoredPersonal:
+    """``PersonalParameters`` sealed in the device's store (safetensors bytes)."""
+
+    def __init__(self, store: EncryptedStore):
+        self.store = store
+
+    def load(self) -> dict[str, torch.Tensor] | None:
+        data = self.store.get(PERSONAL)
+        return None if data is None else dict(load_tensors(data))
+
+    def save(self, state: dict[str, torch.Tensor]) -> None:
+        self.store.put(PERSONAL, save_tensors({k: v.contiguous() for k, v in state.items()}))
 
 
 class DeviceClient:
-    def __init__(self, store: EncryptedStore, policy: ParticipationPolicy):
+    def __init__(
+        self, store: EncryptedStore, policy: ParticipationPolicy, foundation: Path | None = None
+    ):
         self.store = store
         self.policy = policy
+        self.foundation = foundation
+        self.personal = StoredPersonal(store)
         self._cache = _Cache()
 
     # --- the user's events --------------------------------------------------------------
@@ -186,13 +217,14 @@ class DeviceClient:
         from the tensors, config and catalogue held) is the one the server announced."""
         config, catalogue = self._required(CONFIG).decode(), self._required(CATALOGUE).decode()
         catalogue_hash = self.catalogue().content_hash
-        if bundle_hash(version, config, catalogue_hash, state) != announced:
+        foundation = self._foundation_hash(self.config())
+        if bundle_hash(version, config, catalogue_hash, state, foundation) != announced:
             raise ValueError(
                 f"the global model of round {version} does not hash to the bundle the server "
                 "announced: not kept (a changed message, or this device's config or catalogue "
-                "is not the server's)"
+                "is not the server's, or its foundation another)"
             )
-        bundle = ModelBundle(version, config, catalogue, catalogue_hash, dict(state))
+        bundle = ModelBundle(version, config, catalogue, catalogue_hash, dict(state), foundation)
         self.store.put(BUNDLE, bundle.to_bytes())
 
     def bundle(self) -> ModelBundle | None:
@@ -212,12 +244,18 @@ class DeviceClient:
             )
         if not 1 <= k <= catalogue.num_items:
             raise ValueError(f"k must lie in 1..{catalogue.num_items}, got {k}")
-        users = np.zeros(1, dtype=np.int64)
-        with torch.inference_mode():
-            items, times = next_item_batch(split, users, model.config.max_len)
-            scores = model.score_all(items, times)[0]
-            scores[torch.from_numpy(np.unique(split.items))] = -torch.inf
-            top = torch.topk(scores, k)
+        if isinstance(model, LLMRecommender):
+            model.load_personal_state(self.personal.load())
+            items, times = split.full(0)
+            top = model.top_unseen(items, times, k, catalogue.num_items)
+        else:
+            users = np.zeros(1, dtype=np.int64)
+            with torch.inference_mode():
+                inputs, input_times = next_item_batch(split, users, model.config.max_len)
+                scores = model.score_all(inputs, input_times)[0]
+                scores[torch.from_numpy(np.unique(split.items))] = -torch.inf
+                best = torch.topk(scores, k)
+            top = list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
         titles = catalogue.item_features.get("title")
         return [
             Recommendation(
@@ -225,7 +263,7 @@ class DeviceClient:
                 "" if titles is None else str(titles[i]),
                 float(s),
             )
-            for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            for i, s in top
         ]
 
     # --- federated rounds ----------------------------------------------------------------
@@ -281,7 +319,7 @@ class DeviceClient:
             round_number=round_number,
             seed=config.seed,
             ledger=ledger,
-            personal=None,
+            personal=self.personal,
             clipping_norm=clipping_norm,
         )
         if len(ledger.events) != before:
@@ -352,11 +390,16 @@ class DeviceClient:
 
     def export(self) -> dict[str, Any]:
         """Everything the store holds about the user, as JSON-ready data."""
-        personal = self.store.get(PERSONAL)
+        personal = self.personal.load()
         return {
             "events": [json.loads(r) for r in self.store.rows(EVENT)],
             "unknown_items": self.unknown_items() if self.store.get(CATALOGUE) else {},
-            "personal_parameters": None if personal is None else personal.hex(),
+            "personal_parameters": None
+            if personal is None
+            else {
+                name: {"shape": list(t.shape), "values": t.flatten().tolist()}
+                for name, t in personal.items()
+            },
             "privacy": {
                 "enrolled_as_client": self.enrolment(),
                 "ledger": self.ledger().state_dict(),
@@ -400,12 +443,27 @@ class DeviceClient:
         return None if self.store.get(CATALOGUE) is None else self.catalogue().index
 
     def _federated(self, config: ExperimentConfig, catalogue: ItemCatalogue) -> FederatedModel:
-        if config.federated_model_kind != "sequential":
-            raise ValueError(
-                "only a sequential model (HSTU, SASRec) runs on a device: the LLM recommender's "
-                "foundation is not in the model bundle"
+        if config.llm is None:
+            return build_federated_model(config, catalogue, self.store.folder)
+        self._foundation_hash(config)  # a foundation is there
+        assert self.foundation is not None
+        return new_llm_model(config.llm, catalogue, config.seed, self.foundation)
+
+    def _foundation_hash(self, config: ExperimentConfig) -> str:
+        """The digest of the foundation folder the device holds ("" for a sequential model)."""
+        if config.llm is None:
+            return ""
+        if self.foundation is None or not (self.foundation / "foundation.json").is_file():
+            raise FedrecDataError(
+                f"an LLM recommender federation needs its foundation on the device (node config "
+                f"`foundation`, `fedrec device join --foundation DIR`); got {self.foundation}",
+                self.store.folder,
             )
-        return build_federated_model(config, catalogue, self.store.folder)
+        stat = (self.foundation / "foundation.json").stat()
+        key = f"{self.foundation.resolve()}:{stat.st_mtime_ns}"
+        if self._cache.foundation is None or self._cache.foundation[0] != key:
+            self._cache.foundation = (key, foundation_digest(self.foundation))
+        return self._cache.foundation[1]
 
     def _model(self) -> tuple[Any, ItemCatalogue]:
         bundle_data = self.store.get(BUNDLE)
@@ -424,9 +482,15 @@ class DeviceClient:
                     self.store.folder,
                 )
             config = parse_config(yaml.safe_load(bundle.config) or {}, "bundle", bundle.config)
+            if self._foundation_hash(config) != bundle.foundation_hash:
+                raise FedrecDataError(
+                    f"the model bundle was made with foundation {bundle.foundation_hash[:12]}, "
+                    f"the device holds {self.foundation}: fetch the server's foundation",
+                    self.store.folder,
+                )
             federated = self._federated(config, catalogue)
             federated.load_shared_state(bundle.state)
-            assert isinstance(federated, SequentialFederatedModel)
+            assert isinstance(federated, SequentialFederatedModel | LLMFederatedModel)
             federated.model.eval()
             self._cache.model = (_digest(bundle_data), federated.model)
         return self._cache.model[1], catalogue

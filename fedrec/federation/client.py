@@ -26,7 +26,7 @@ from fedrec.data.split import SequenceSplit
 from fedrec.evaluation import EvalConfig, evaluate
 from fedrec.federation.config import FederatedConfig
 from fedrec.federation.layout import LEGACY_LEDGER_DIR
-from fedrec.federation.model import FederatedModel, LocalResult
+from fedrec.federation.model import FederatedModel, LocalResult, PersonalParameters
 from fedrec.federation.privacy import (
     client_seed,
     event_metrics,
@@ -141,7 +141,7 @@ def train_round(
     round_number: int,
     seed: int,
     ledger: PrivacyLedger,
-    personal: Path | None,
+    personal: PersonalParameters | None,
     clipping_norm: float | None,
 ) -> ClientReply:
     """Train ``model`` (holding the global state) on ``split``; records the DP release in

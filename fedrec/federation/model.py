@@ -7,6 +7,7 @@ A new kind of federated model is one class implementing ``FederatedModel`` plus 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from fedrec.data.split import SequenceSplit
 from fedrec.evaluation.evaluator import Scorer
@@ -31,10 +33,36 @@ class LocalResult:
     dp: DPTrainResult | None
 
 
+class PersonalParameters(Protocol):
+    """Where a client keeps its personal parameters (the LLM recommender's personal prompt),
+    which never leave it: a file on a simulated device, the encrypted store on a real one."""
+
+    def load(self) -> dict[str, torch.Tensor] | None: ...
+
+    def save(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+@dataclass(frozen=True)
+class PersonalFile:
+    """Personal parameters in a safetensors file, written atomically, owner-only."""
+
+    path: Path
+
+    def load(self) -> dict[str, torch.Tensor] | None:
+        return load_file(self.path) if self.path.exists() else None
+
+    def save(self, state: dict[str, torch.Tensor]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        save_file(state, tmp)
+        tmp.chmod(0o600)  # the user's own parameters: readable by the device's owner only
+        os.replace(tmp, self.path)
+
+
 class FederatedModel(Protocol):
     """What a federation trains. ``shared_state`` names every tensor that crosses the network
     (the whole sequential model, or only the LLM recommender's adapters); personal state (a
-    user's own prompt) is kept in the client's ``personal`` file and never in it."""
+    user's own prompt) is kept in the client's ``personal`` parameters and never in it."""
 
     def shared_state(self) -> dict[str, torch.Tensor]: ...
 
@@ -49,7 +77,7 @@ class FederatedModel(Protocol):
         split: SequenceSplit,
         fed: FederatedConfig,
         seed: int,
-        personal: Path | None,
+        personal: PersonalParameters | None,
         noise_seed: int | None = None,
     ) -> LocalResult: ...
 
@@ -127,7 +155,7 @@ class SequentialFederatedModel:
         split: SequenceSplit,
         fed: FederatedConfig,
         seed: int,
-        personal: Path | None,
+        personal: PersonalParameters | None,
         noise_seed: int | None = None,
     ) -> LocalResult:
         return local_train(self.model, split, fed, seed, noise_seed)

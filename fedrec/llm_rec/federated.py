@@ -8,21 +8,19 @@ import functools
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from fedrec.data.catalogue import ItemCatalogue
 from fedrec.data.dataset import InteractionDataset
 from fedrec.data.split import SequenceSplit, Stage
 from fedrec.evaluation.evaluator import Scorer
 from fedrec.federation.config import LOCAL_OPTIMIZERS, FederatedConfig
-from fedrec.federation.model import LocalResult
+from fedrec.federation.model import LocalResult, PersonalParameters
 from fedrec.federation.records import record_shape
 from fedrec.llm_rec.config import LLMRecConfig
 from fedrec.llm_rec.foundation import (
@@ -74,10 +72,6 @@ def _foundation(folder: Path) -> Foundation:
     return load_foundation(folder)
 
 
-def load_personal(path: Path | None) -> dict[str, torch.Tensor] | None:
-    return load_file(path) if path is not None and path.exists() else None
-
-
 class LLMFederatedModel:
     """``fedrec.federation.FederatedModel`` for the LLM recommender."""
 
@@ -96,14 +90,17 @@ class LLMFederatedModel:
         return self
 
     def scorer(
-        self, split: SequenceSplit, device: torch.device, personal: Path | None = None
+        self,
+        split: SequenceSplit,
+        device: torch.device,
+        personal: PersonalParameters | None = None,
     ) -> Scorer:
         """Scores from constrained beam search (see ``score_matrix``); with the personal prompt
         in ``personal`` (one user's), else the initial prompt every new user starts from."""
         model, config = self.model, self.model.config
 
         def score(users: np.ndarray, stage: Stage) -> torch.Tensor:
-            model.load_personal_state(load_personal(personal))
+            model.load_personal_state(None if personal is None else personal.load())
             found = []
             for lo in range(0, len(users), config.eval_batch_size):
                 ids, mask, _, scenario = model.builder.requests(
@@ -127,7 +124,7 @@ class LLMFederatedModel:
         split: SequenceSplit,
         fed: FederatedConfig,
         seed: int,
-        personal: Path | None,
+        personal: PersonalParameters | None,
         noise_seed: int | None = None,
     ) -> LocalResult:
         """Train adapters, scenario prompts and the personal prompt on this client's records;
@@ -137,7 +134,7 @@ class LLMFederatedModel:
         if not len(users):
             return LocalResult(0, math.nan, None)
         torch.manual_seed(seed)
-        model.load_personal_state(load_personal(personal))
+        model.load_personal_state(None if personal is None else personal.load())
         shape = record_shape(fed)
         # Without DP a record's period plays no part: every event is used.
         period = shape.period if fed.record_dp is not None else None
@@ -175,11 +172,7 @@ class LLMFederatedModel:
             loss, dp = float(np.mean(losses)), None
         model.eval()
         if personal is not None and model.personal_prompt is not None:
-            personal.parent.mkdir(parents=True, exist_ok=True)
-            tmp = personal.with_suffix(".tmp")
-            save_file(model.personal_state(), tmp)
-            tmp.chmod(0o600)  # the user's own prompt: readable by the device's owner only
-            os.replace(tmp, personal)
+            personal.save(model.personal_state())
         return LocalResult(len(examples), loss, dp)
 
     def export(self, folder: Path) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -211,6 +212,26 @@ class LLMRecommender(nn.Module):
             inputs_embeds=embeds,
             attention_mask=mask,
         )
+
+    def top_unseen(
+        self, items: np.ndarray, times: np.ndarray, k: int, num_items: int
+    ) -> list[tuple[int, float]]:
+        """The ``k`` best (item, log-probability) after the history ``items`` (at ``times``),
+        none of them in it: the beam widens until ``k`` unseen items come out."""
+        prompt = self.builder.prompt(items)
+        scenario = torch.tensor([self.builder.scenario(times)])
+        seen = set(items.tolist())
+        beams, top = max(self.config.beam_width, k), list[tuple[int, float]]()
+        while len(top) < k and beams <= 2 * num_items:
+            found = self.generate(
+                torch.tensor([prompt]),
+                torch.ones(1, len(prompt), dtype=torch.long),
+                scenario,
+                min(beams, num_items),
+            )[0]
+            top = [(i, s) for i, s in found if i not in seen][:k]
+            beams *= 2
+        return top
 
     def save_global(self, folder: Path, base_model: str) -> None:
         """The global adapters in PEFT's own format: ``lora/`` loads with

@@ -2,7 +2,9 @@
 
 A bundle is the round's global tensors, the experiment config they were trained under (public:
 it says how to build the model) and the item catalogue with its semantic IDs, versioned by
-round and hashed. The hash covers a canonical digest of every tensor (name, dtype, shape,
+round and hashed. The LLM recommender's frozen foundation (the public backbone the server
+pretrained) is too large to send every round: a bundle names it by ``foundation_hash``
+(``foundation_digest`` of its folder), and a device uses only a foundation with that digest. The hash covers a canonical digest of every tensor (name, dtype, shape,
 bytes), so a device that got the tensors in a round's message, and the catalogue in its first
 one, recomputes the same hash and checks it against the one the server announced: what it
 runs is what the server published, bit for bit.
@@ -52,16 +54,20 @@ class ModelBundle:
     catalogue: str  # the published catalogue JSON (raw ids, titles, codes)
     catalogue_hash: str
     state: dict[str, torch.Tensor]
+    foundation_hash: str = ""  # the LLM recommender's foundation folder, by digest
 
     @property
     def content_hash(self) -> str:
-        return bundle_hash(self.version, self.config, self.catalogue_hash, self.state)
+        return bundle_hash(
+            self.version, self.config, self.catalogue_hash, self.state, self.foundation_hash
+        )
 
     def manifest(self) -> dict[str, Any]:
         return {
             "format": BUNDLE_FORMAT,
             "version": self.version,
             "catalogue_hash": self.catalogue_hash,
+            "foundation_hash": self.foundation_hash,
             "content_hash": self.content_hash,
             "config": self.config,
             "catalogue": self.catalogue,
@@ -85,6 +91,7 @@ class ModelBundle:
                 str(manifest["catalogue"]),
                 str(manifest["catalogue_hash"]),
                 dict(state),
+                str(manifest.get("foundation_hash", "")),
             )
         except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise FedrecDataError(f"not a readable model bundle ({err})", where) from None
@@ -112,7 +119,11 @@ class ModelBundle:
 
 
 def bundle_hash(
-    version: int, config: str, catalogue_hash: str, state: Mapping[str, torch.Tensor]
+    version: int,
+    config: str,
+    catalogue_hash: str,
+    state: Mapping[str, torch.Tensor],
+    foundation_hash: str = "",
 ) -> str:
     """What a bundle's ``content_hash`` is, from its parts (a device recomputes it)."""
     canonical = json.dumps(
@@ -121,8 +132,22 @@ def bundle_hash(
             "version": version,
             "config_sha256": hashlib.sha256(config.encode("utf-8")).hexdigest(),
             "catalogue_hash": catalogue_hash,
+            "foundation_hash": foundation_hash,
             "tensors": tensors_digest(state),
         },
         sort_keys=True,
     )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def foundation_digest(folder: Path) -> str:
+    """SHA-256 over every file of a foundation folder (relative path and bytes, in order)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if not files:
+        raise FedrecDataError("no foundation here (an empty folder)", folder)
+    for path in files:
+        name = path.relative_to(folder).as_posix().encode()
+        digest.update(struct.pack("<Q", len(name)) + name)
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
