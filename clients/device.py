@@ -26,6 +26,7 @@ import fedrec.device
 from fedrec.config import ExperimentConfig
 from fedrec.device import DeviceClient, ParticipationPolicy, key_from_passphrase
 from fedrec.federation.client import ClientReply
+from fedrec.federation.layout import own_folders
 
 STORE_WAIT = 60.0  # seconds a message waits for the app (or another message) to close the store
 KEY_FILE, PASSPHRASE_ENV = "key-file", "passphrase-env"
@@ -57,7 +58,11 @@ def store_key(node_config: Mapping[str, Any]) -> bytes:
     return key_from_passphrase(passphrase, folder)
 
 
-def open_device(node_config: Mapping[str, Any]) -> DeviceClient:
+def open_device(node_config: Mapping[str, Any], run_dir: str = "") -> DeviceClient:
+    """The device's client; ``run_dir`` (the run config's, when it names one) is the server's
+    folder, which the store must not be in."""
+    if run_dir:
+        own_folders(Path(run_dir), node_config, ("store",))
     foundation = node_config.get("foundation")
     return fedrec.device.open(
         Path(str(node_config["store"])),
@@ -85,12 +90,12 @@ def _policy(node_config: Mapping[str, Any]) -> ParticipationPolicy:
 
 
 def config_of(context: Context) -> ExperimentConfig:
-    with open_device(context.node_config) as device:
+    with open_device(context.node_config, str(context.run_config.get("run-dir", ""))) as device:
         return device.config()
 
 
 def client_of(context: Context) -> int:
-    with open_device(context.node_config) as device:
+    with open_device(context.node_config, str(context.run_config.get("run-dir", ""))) as device:
         client = device.enrolment()
     if client is None:
         raise PermissionError("this device is not enrolled: the server enrols it when it joins")
@@ -103,7 +108,7 @@ def identify(msg: Message, context: Context) -> Message:
     or node config names."""
     sent = msg.content.config_records["config"]
     client = int(cast(int, sent.get("client", -1)))
-    with open_device(context.node_config) as device:
+    with open_device(context.node_config, str(context.run_config.get("run-dir", ""))) as device:
         if client < 0:
             held = device.enrolment()
             client = int(
@@ -115,7 +120,7 @@ def identify(msg: Message, context: Context) -> Message:
 
 
 def participation(msg: Message, context: Context) -> Message:
-    with open_device(context.node_config) as device:
+    with open_device(context.node_config, str(context.run_config.get("run-dir", ""))) as device:
         reason = device.participation(_round(msg))
     answer = ConfigRecord({"joins": not reason, "reason": reason})
     return Message(RecordDict({"config": answer}), reply_to=msg)
@@ -125,7 +130,7 @@ def train(msg: Message, context: Context) -> Message:
     sent = msg.content.config_records["config"]
     clip = sent.get(KEY_CLIPPING_NORM)
     state = msg.content.array_records["arrays"].to_torch_state_dict()
-    with open_device(context.node_config) as device:
+    with open_device(context.node_config, str(context.run_config.get("run-dir", ""))) as device:
         reply = device.train_round(
             state,
             _round(msg),
@@ -138,7 +143,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     sent = msg.content.config_records["config"]
     state = msg.content.array_records["arrays"].to_torch_state_dict()
-    with open_device(context.node_config) as device:
+    with open_device(context.node_config, str(context.run_config.get("run-dir", ""))) as device:
         config = device.config()
         if config.audit.enabled and config.audit.mode == "federated":
             raise ValueError(
@@ -153,7 +158,7 @@ def bundle(msg: Message, context: Context) -> Message:
     """The run's final model, published after its last round: kept as the latest bundle."""
     sent = msg.content.config_records["config"]
     state = msg.content.array_records["arrays"].to_torch_state_dict()
-    with open_device(context.node_config) as device:
+    with open_device(context.node_config, str(context.run_config.get("run-dir", ""))) as device:
         device.accept_global(
             state, int(cast(int, sent["bundle-version"])), str(sent["bundle-hash"])
         )

@@ -19,8 +19,12 @@ import torch
 
 from fedrec.config import load_config
 from fedrec.data import load_dataset
+from fedrec.data.catalogue import ItemCatalogue
 from fedrec.device.client import dataset_history
+from fedrec.federated_models import initial_federated_model
+from fedrec.federation.layout import CATALOGUE_FILE
 from fedrec.privacy import PrivacyLedger
+from fedrec.serving.bundle import BUNDLE_DIR, BUNDLE_FILE, ModelBundle
 
 from .processes import Deployment, flower_processes, wait_for
 
@@ -74,6 +78,15 @@ def test_three_devices_run_three_rounds_through_tls_and_supernode_auth(tmp_path)
             if e["mechanism"] == "dp-sgd"
         )
         assert booked == sorted((f"client:{c}", r) for c in range(3) for r in (1, 2, 3))
+        # the global model moved from the seeded round-0 model
+        final = ModelBundle.from_bytes(
+            (deployment.run_dir / BUNDLE_DIR / BUNDLE_FILE).read_bytes(), "latest.bundle"
+        )
+        assert final.version == 3
+        catalogue = ItemCatalogue.load(deployment.run_dir / CATALOGUE_FILE)
+        config = load_config(deployment.config)
+        initial = initial_federated_model(config, catalogue, deployment.run_dir).shared_state()
+        assert any(not torch.equal(initial[k], final.state[k]) for k in initial)
         for node in deployment.nodes:  # the devices' stores are theirs again
             node.send_signal(signal.SIGINT)
         for node in deployment.nodes:

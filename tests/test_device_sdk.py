@@ -16,6 +16,7 @@ import torch
 import yaml
 
 import fedrec.device
+from clients.device import open_device
 from fedrec.config import parse_config
 from fedrec.data import load_dataset
 from fedrec.data.catalogue import ItemCatalogue
@@ -24,7 +25,7 @@ from fedrec.device.client import BUNDLE, EVENT, dataset_history
 from fedrec.device.store import DATABASE
 from fedrec.errors import FedrecDataError
 from fedrec.federated_models import initial_federated_model
-from fedrec.federation.layout import CATALOGUE_FILE
+from fedrec.federation.layout import CATALOGUE_FILE, client_paths
 from fedrec.population import population_of
 from fedrec.serving.bundle import BUNDLE_DIR, MANIFEST_FILE, ModelBundle, bundle_hash
 from server.rounds import IdentifiedGrid, run_federation
@@ -363,3 +364,16 @@ def test_llm_devices_keep_their_personal_prompt_sealed_and_need_the_servers_foun
         pytest.raises(FedrecDataError, match="needs its foundation on the device"),
     ):
         device.recommend(5)
+
+
+def test_a_devices_files_never_share_a_path_with_the_servers_run_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    inside = {"store": str(run_dir / "devices" / "me"), "key-file": str(_key(tmp_path / "k"))}
+    with pytest.raises(ValueError, match="inside the server's run folder"):
+        open_device(inside, str(run_dir))
+    plain = {"partition-id": 0, "store": str(tmp_path / "me" / "store")}
+    with pytest.raises(ValueError, match=r"\['catalogue', 'ledger-dir'\] missing"):
+        client_paths(run_dir, plain)
+    plain.update(catalogue=str(tmp_path / "me" / "catalogue.json"), **{"ledger-dir": str(run_dir)})
+    with pytest.raises(ValueError, match=r"ledger-dir .* is inside the server's run folder"):
+        client_paths(run_dir, plain)

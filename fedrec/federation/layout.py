@@ -33,8 +33,11 @@ def simulated_store(run_dir: Path, partition: int) -> Path:
 
 def client_paths(run_dir: Path, node_config: Mapping[str, Any]) -> tuple[Path, Path, Path, Path]:
     """(store, catalogue, ledger, personal prompt) of the client a node runs: what its node
-    config names (a device), else its simulated device's files in ``run_dir``."""
+    config names (a device), else its simulated device's files in ``run_dir``. A device names
+    all three of its folders, none inside the server's run folder (which a fresh run clears)."""
     partition = int(node_config["partition-id"])
+    if node_config.get("store"):
+        own_folders(run_dir, node_config, ("store", "catalogue", "ledger-dir"))
     store = node_config.get("store") or simulated_store(run_dir, partition)
     catalogue = node_config.get("catalogue") or run_dir / CATALOGUE_FILE
     own = node_config.get("ledger-dir")
@@ -43,6 +46,25 @@ def client_paths(run_dir: Path, node_config: Mapping[str, Any]) -> tuple[Path, P
         f"client-{partition}-personal.safetensors"
     )
     return Path(str(store)), Path(str(catalogue)), ledger, personal
+
+
+def own_folders(run_dir: Path, node_config: Mapping[str, Any], names: tuple[str, ...]) -> None:
+    """Refuse a device whose node config lacks one of ``names`` or puts one inside
+    ``run_dir``: a device's files and the server's run folder never share a path."""
+    missing = [name for name in names if not node_config.get(name)]
+    if missing:
+        raise ValueError(
+            f"a device's node config names its own store, catalogue and ledger-dir; {missing} "
+            "missing (the run folder is the server's)"
+        )
+    server = run_dir.resolve()
+    for name in names:
+        path = Path(str(node_config[name])).resolve()
+        if path == server or server in path.parents:
+            raise ValueError(
+                f"node config {name} {path} is inside the server's run folder {server}: a "
+                "device keeps its files in its own folder"
+            )
 
 
 CONFIG_ENV = "FEDREC_CONFIG"
