@@ -193,9 +193,11 @@ def export(
         if out is None:
             typer.echo(text)
         else:
-            descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            tmp = out.with_name(f".{out.name}.{os.getpid()}")
+            descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
                 handle.write(text + "\n")
+            os.replace(tmp, out)  # owner-only, whatever a file there allowed
             typer.echo(f"wrote {out}")
     except (ValueError, OSError) as err:
         _fail(err)

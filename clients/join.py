@@ -21,6 +21,9 @@ def supernode_command(
     for path, what in ((root_cert, "the CA certificate"), (auth_key, "the device's auth key")):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: {what} is missing (fedrec certs makes it)")
+    quoted = [k for k, v in node_config.items() if "'" in str(v) or '"' in str(v)]
+    if quoted:
+        raise ValueError(f"node config {quoted}: a path or value with a quote cannot be passed")
     settings = " ".join(
         f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items()
     )

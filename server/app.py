@@ -38,6 +38,12 @@ def main(grid: Grid, context: Context) -> None:
     enrolment = None
     if enrolled:
         enrolment = {node: d.client for node, d in load_enrolment(Path(enrolled)).items()}
+    elif deployment and not context.run_config.get("unauthenticated", False):
+        raise ValueError(
+            "a deployment takes each device's client from its enrolled key: set the run config "
+            "`enrolment` (fedrec server run does), or `unauthenticated=true` for a test on "
+            "loopback whose nodes may claim any client"
+        )
     run_federation(
         population,
         run_dir,

@@ -11,6 +11,7 @@ or claims another client (``server.rounds.IdentifiedGrid``).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -58,7 +59,17 @@ def register_device(
     public_key: Path, name: str, enrolment: Path, flwr: str, env: dict[str, str]
 ) -> EnrolledDevice:
     """Register ``public_key`` with the SuperLink (``flwr supernode register``, with ``flwr``
-    and ``env`` naming the federation) and enrol the node ID it gets as the next client."""
+    and ``env`` naming the federation) and enrol the node ID it gets as the next client (one
+    registration at a time: a lock file beside the enrolment)."""
+    enrolment.parent.mkdir(parents=True, exist_ok=True)
+    with open(enrolment.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _register(public_key, name, enrolment, flwr, env)
+
+
+def _register(
+    public_key: Path, name: str, enrolment: Path, flwr: str, env: dict[str, str]
+) -> EnrolledDevice:
     devices = load_enrolment(enrolment) if enrolment.exists() else {}
     key_hash = hashlib.sha256(public_key.read_bytes()).hexdigest()
     for device in devices.values():
@@ -88,7 +99,6 @@ def register_device(
         "format": ENROLMENT_FORMAT,
         "devices": [asdict(d) for d in sorted(devices.values(), key=lambda d: d.client)],
     }
-    enrolment.parent.mkdir(parents=True, exist_ok=True)
     tmp = enrolment.with_suffix(".tmp")
     tmp.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, enrolment)

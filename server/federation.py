@@ -342,8 +342,10 @@ class Federation:
         if self.audit.exposure_noise > 0:
             for reply in ok:
                 metrics = reply.content.metric_records["metrics"]
-                if int(cast(int, metrics.get("audit-exposure-released", 0))):
-                    partition = int(cast(int, metrics["partition-id"]))
+                partition = self._client_of(reply)
+                if partition is not None and int(
+                    cast(int, metrics.get("audit-exposure-released", 0))
+                ):
                     self.ledger.record(
                         exposure_event(self.fed, self.audit, partition, round_number)
                     )

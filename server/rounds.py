@@ -27,8 +27,8 @@ from tqdm import tqdm
 from fedrec.federation.config import FederatedConfig
 from fedrec.federation.layout import CATALOGUE_FILE
 from fedrec.federation.privacy import dp_statement_problem
-from fedrec.population import Population
 from fedrec.llm_rec.federated import foundation_folder
+from fedrec.population import Population
 from fedrec.serving.bundle import ModelBundle, foundation_digest
 from server.dp import UserLevelDP
 from server.federation import Federation
@@ -39,6 +39,7 @@ from server.validation import ReplyValidator
 
 log = logging.getLogger("fedrec.server")
 PARTITION_KEY = "partition-id"
+IDENTIFY_TRIES = 3
 
 
 class MessageGrid(Protocol):
@@ -83,6 +84,7 @@ class IdentifiedGrid:
         self.enrolment = enrolment
         self.partition_of: dict[int, int] = {}
         self.excluded: set[int] = set()
+        self.failed: dict[int, int] = {}  # error replies by node: asked again, up to 3
 
     def get_node_ids(self) -> list[int]:
         connected = list(self.grid.get_node_ids())
@@ -117,6 +119,11 @@ class IdentifiedGrid:
         taken = set(self.partition_of.values())
         for reply in self.grid.send_and_receive(queries, timeout=self.timeout):
             node = reply.metadata.src_node_id
+            if reply.has_error():  # e.g. a device whose app held its store: asked again later
+                self.failed[node] = self.failed.get(node, 0) + 1
+                if self.failed[node] < IDENTIFY_TRIES:
+                    log.warning("node %d could not identify itself: %s", node, reply.error.reason)
+                    continue
             partition = None if reply.has_error() else _claimed_partition(reply)
             enrolled = None if self.enrolment is None else self.enrolment.get(node)
             why = ""
@@ -205,6 +212,12 @@ def run_federation(
         secure = SecureAggregation(fed, inner, federation.on_replies, strategy.metrics_problem)
     published = (run_dir / CATALOGUE_FILE).read_text(encoding="utf-8")
     config_text = yaml.safe_dump(config.to_dict(), sort_keys=True)
+    beyond = sorted(c for c in (enrolment or {}).values() if not 0 <= c < federation.num_clients)
+    if beyond:
+        raise ValueError(
+            f"enrolled clients {beyond} are outside the config's {federation.num_clients} "
+            "clients: raise the number of clients (federated.num_partitions or the data's users)"
+        )
     nodes = IdentifiedGrid(
         grid, fed.round_timeout, federation.num_clients, published, config_text, enrolment
     )
@@ -237,7 +250,7 @@ def run_federation(
     stopped, published_version = "", federation.rounds_done
     if federation.rounds_done == 0:
         federation.end_round(0, arrays, 0.0, last=False)
-        bundle(0).publish(run_dir)
+    bundle(federation.rounds_done).publish(run_dir)  # (again on resume: a kill may have lost it)
     for round_number in _rounds(federation.rounds_done + 1, fed.num_rounds, progress):
         if not federation.may_start(round_number):
             stopped = f"round {round_number} would exceed the federation's ε budget"

@@ -210,7 +210,10 @@ def deploy_on_loopback(
             )
             for partition, (port, device) in enumerate(zip(ports, devices, strict=True))
         ]
-        settings = f"config='{config}' run-dir='{run_dir}' deployment=true {run_config}".strip()
+        settings = (
+            f"config='{config}' run-dir='{run_dir}' deployment=true unauthenticated=true "
+            f"{run_config}"
+        ).strip()
         submit = start(
             [
                 str(binaries / "flwr"),

@@ -377,3 +377,60 @@ def test_a_devices_files_never_share_a_path_with_the_servers_run_folder(tmp_path
     plain.update(catalogue=str(tmp_path / "me" / "catalogue.json"), **{"ledger-dir": str(run_dir)})
     with pytest.raises(ValueError, match=r"ledger-dir .* is inside the server's run folder"):
         client_paths(run_dir, plain)
+
+
+def _copy_store(source: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    (target / DATABASE).write_bytes((source / DATABASE).read_bytes())
+    (target / DATABASE).chmod(0o600)
+    return target
+
+
+def test_a_device_declines_a_federation_without_record_dp_unless_allowed(deployed, tmp_path):
+    _, folders, keys, _ = deployed
+    folder = _copy_store(folders[1], tmp_path / "device")
+    key = keys[1].read_bytes()
+    with fedrec.device.open(folder, key) as device:
+        config = device.config().to_dict()
+        config["federated"]["record_dp"] = None
+        config["federated"]["record_epsilon_budget"] = None
+        text = yaml.safe_dump(config, sort_keys=True)
+        catalogue = (device.store.get("catalogue") or b"").decode()
+        device.accept_enrolment(1, text, catalogue)
+        with pytest.raises(ValueError, match="names no client"):
+            device.accept_enrolment(-1, text, catalogue)
+        assert "no record-level DP" in device.participation(3)
+        bundle = device.bundle()
+        assert bundle is not None
+        state, version = bundle.state, bundle.version
+        before = device.privacy_statement()
+        foundation = device._foundation_hash(device.config())
+        announced = bundle_hash(version, text, bundle.catalogue_hash, state, foundation)
+        assert device.train_round(state, version + 1, announced).metrics["refused"] == 1
+        device.policy = ParticipationPolicy(allow_without_dp=True)
+        assert device.train_round(state, version + 1, announced).metrics["refused"] == 0
+        statement = device.privacy_statement()
+        assert "without record-level DP in 1 round(s) (round 3)" in statement
+        assert "without record-level DP" not in before
+        assert device.export()["privacy"]["rounds_without_record_dp"] == [3]
+
+
+def test_a_node_whose_identify_failed_is_asked_again():
+    from flwr.app import Error, Message, MetricRecord, RecordDict
+
+    calls: list[int] = []
+
+    class Grid:
+        def get_node_ids(self) -> list[int]:
+            return [5]
+
+        def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            if len(calls) == 1:  # e.g. the app held the store
+                return [Message(Error(0, "store busy"), reply_to=m) for m in messages]
+            metrics = MetricRecord({"partition-id": 0})
+            return [Message(RecordDict({"metrics": metrics}), reply_to=m) for m in messages]
+
+    nodes = IdentifiedGrid(Grid(), 10, 2, enrolment={5: 0})
+    assert nodes.get_node_ids() == [] and not nodes.excluded
+    assert nodes.get_node_ids() == [5]

@@ -80,3 +80,17 @@ def test_a_bad_enrolment_file_is_an_error_naming_it(tmp_path, document, error):
     assert str(path) in str(raised.value)
     with pytest.raises(FedrecDataError, match="fedrec server register"):
         load_enrolment(tmp_path / "missing.json")
+
+
+def test_a_deployment_without_an_enrolment_is_refused_unless_marked_unauthenticated(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from server.app import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "federated-synthetic.yaml"
+    run_config = {"config": str(config), "run-dir": str(tmp_path), "deployment": True}
+    context = Context(
+        run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    with pytest.raises(ValueError, match="takes each device's client from its enrolled key"):
+        main(object(), context)  # type: ignore[arg-type]  # refused before the grid is used

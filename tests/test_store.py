@@ -175,3 +175,37 @@ def test_shred_forgets_for_good_and_keeps_the_rest(tmp_path):
             with pytest.raises(FedrecDataError):
                 store._open(sealed, "events:0")
     assert EVENT not in (folder / DATABASE).read_bytes()
+
+
+def test_shred_with_a_new_key_and_a_kill_before_the_rewrite(tmp_path):
+    folder = tmp_path / "store"
+    with EncryptedStore(folder, KEY) as store:
+        store.add("events", [EVENT] * 3)
+        store.put("ledger", b"kept value")
+    new_key = bytes(range(1, 33))
+    killed = subprocess.run(
+        [sys.executable, "-c", _SHRED_THEN_DIE.format(folder=str(folder))], timeout=60
+    )
+    assert killed.returncode == 9  # died between the commit and the rewrite
+    with pytest.raises(FedrecDataError, match="does not open with this key"):
+        EncryptedStore(folder, KEY)  # the old key opens nothing any more
+    with EncryptedStore(folder, new_key) as store:  # the open finishes the rewrite
+        assert store.rows("events") == [] and store.get("ledger") == b"kept value"
+    assert not (folder / "store.db-wal").exists() or (folder / "store.db-wal").stat().st_size == 0
+    db = sqlite3.connect(folder / DATABASE)
+    assert db.execute(
+        "SELECT count(*) FROM named WHERE name = ?", ("\0shred-pending",)
+    ).fetchone() == (0,)
+    db.close()
+    with pytest.raises(ValueError, match="no ':'"), EncryptedStore(folder, new_key) as store:
+        store.put("events:0", b"x")
+
+
+_SHRED_THEN_DIE = """
+import os
+from pathlib import Path
+from fedrec.device.store import EncryptedStore
+store = EncryptedStore(Path({folder!r}), bytes(range(32)))
+store._rewrite = lambda: os._exit(9)
+store.shred(kinds=("events",), new_key=bytes(range(1, 33)))
+"""

@@ -57,7 +57,7 @@ from fedrec.serving.bundle import ModelBundle, bundle_hash, foundation_digest
 
 log = logging.getLogger("fedrec.device")
 
-EVENT, LEDGER, ENROLMENT = "event", "ledger", "enrolment"
+EVENT, LEDGER, ENROLMENT, UNPROTECTED = "event", "ledger", "enrolment", "unprotected-rounds"
 CONFIG, CATALOGUE, BUNDLE, PERSONAL = "config", "catalogue", "bundle", "personal"
 USER = "device-user"  # a device holds one user; the split's users are named by this
 
@@ -73,12 +73,14 @@ class Recommendation:
 class ParticipationPolicy:
     """When this device takes part in a training round. Besides the federation's
     ``record_epsilon_budget``: at least ``min_events`` known events, at most ``epsilon_budget``
-    of the user's own (None: the federation's only), and ``condition`` true when asked (the
-    app's rule: charging, idle, on Wi-Fi)."""
+    of the user's own (None: the federation's only), ``condition`` true when asked (the app's
+    rule: charging, idle, on Wi-Fi), and record-level DP in the federation's config unless
+    ``allow_without_dp`` (an update without it has no ε bound against the server)."""
 
     min_events: int = MIN_EVENTS
     epsilon_budget: float | None = None
     condition: Callable[[], bool] | None = None
+    allow_without_dp: bool = False
 
     def __post_init__(self) -> None:
         if self.min_events < MIN_EVENTS:
@@ -155,9 +157,9 @@ class DeviceClient:
         self._cache.events = None
         index = self._catalogue_index()
         known = [index is not None and str(item) in index for item, _, _ in events]
-        for (item, _, _), ok in zip(events, known, strict=True):
-            if index is not None and not ok:
-                log.warning("item %r is not in the catalogue: kept, not used until it is", item)
+        unknown = len(known) - sum(known)
+        if index is not None and unknown:  # (no item ids in a log: they are the user's)
+            log.warning("%d event(s) of items not in the catalogue: kept, not yet used", unknown)
         return known
 
     def events(self) -> RawEvents:
@@ -180,6 +182,11 @@ class DeviceClient:
     def accept_enrolment(self, client: int, config: str, catalogue: str) -> None:
         """The server's first message: which client this device is (from its authenticated
         key), the experiment config and the item catalogue (verified before it is kept)."""
+        if client < 0:
+            raise ValueError(
+                f"client {client}: the server enrols no keys (run it with `fedrec server run`, "
+                "whose enrolment names each device) and this device names no client"
+            )
         enrolled = self.enrolment()
         if enrolled is not None and enrolled != client:
             raise PermissionError(
@@ -274,6 +281,11 @@ class DeviceClient:
         known = int(split.offsets[-1]) if split.num_users else 0
         if known < self.policy.min_events:
             return f"{known} known events, fewer than the policy's {self.policy.min_events}"
+        if config.federated.record_dp is None and not self.policy.allow_without_dp:
+            return (
+                "the federation sets no record-level DP (federated.record_dp): the update would "
+                "have no ε bound against the server (ParticipationPolicy.allow_without_dp)"
+            )
         if self.policy.condition is not None and not self.policy.condition():
             return "the app's condition (e.g. charging, idle) does not hold"
         client = self._client()
@@ -324,6 +336,9 @@ class DeviceClient:
         )
         if len(ledger.events) != before:
             self.store.put(LEDGER, json.dumps(ledger.state_dict()).encode())
+        elif config.federated.record_dp is None and reply.metrics["num-examples"] != 0:
+            rounds = self._unprotected_rounds()
+            self.store.put(UNPROTECTED, json.dumps([*rounds, round_number]).encode())
         return reply
 
     def evaluate_round(
@@ -363,7 +378,14 @@ class DeviceClient:
         own = self.policy.epsilon_budget
         limits = [b for b in (budget, own) if b is not None]
         lines = []
-        if not events:
+        unprotected = self._unprotected_rounds()
+        if unprotected:
+            lines.append(
+                f"This device sent updates without record-level DP in {len(unprotected)} "
+                f"round(s) (round {', '.join(map(str, unprotected))}): no ε bound holds for "
+                "them against the server."
+            )
+        if not events and not unprotected:
             lines.append("This device has not released anything yet: ε spent is 0.")
         else:
             delta = events[-1].delta
@@ -402,15 +424,17 @@ class DeviceClient:
             },
             "privacy": {
                 "enrolled_as_client": self.enrolment(),
+                "rounds_without_record_dp": self._unprotected_rounds(),
                 "ledger": self.ledger().state_dict(),
                 "statement": self.privacy_statement(),
             },
         }
 
-    def forget(self) -> None:
+    def forget(self, new_key: bytes | None = None) -> None:
         """Delete the user's events and personal parameters and the key they were sealed with;
-        the ledger and enrolment stay (spent ε is not refunded)."""
-        self.store.shred(kinds=(EVENT,), names=(PERSONAL,))
+        the ledger and enrolment stay (spent ε is not refunded). With ``new_key`` (keep it, and
+        only it, in the keystore) no earlier copy of the store opens with the key kept."""
+        self.store.shred(kinds=(EVENT,), names=(PERSONAL,), new_key=new_key)
         self._cache = _Cache()
 
     def close(self) -> None:
@@ -432,6 +456,17 @@ class DeviceClient:
                 self.store.folder,
             )
         return value
+
+    def _foundation_files(self) -> str:
+        """The foundation folder's files, sizes and times: what its digest is cached by."""
+        if self.foundation is None:
+            return ""
+        files = sorted(p for p in self.foundation.rglob("*") if p.is_file())
+        return str([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+    def _unprotected_rounds(self) -> list[int]:
+        held = self.store.get(UNPROTECTED)
+        return [] if held is None else [int(r) for r in json.loads(held)]
 
     def _client(self) -> int:
         client = self.enrolment()
@@ -459,8 +494,7 @@ class DeviceClient:
                 f"`foundation`, `fedrec device join --foundation DIR`); got {self.foundation}",
                 self.store.folder,
             )
-        stat = (self.foundation / "foundation.json").stat()
-        key = f"{self.foundation.resolve()}:{stat.st_mtime_ns}"
+        key = self._foundation_files()
         if self._cache.foundation is None or self._cache.foundation[0] != key:
             self._cache.foundation = (key, foundation_digest(self.foundation))
         return self._cache.foundation[1]
@@ -473,7 +507,9 @@ class DeviceClient:
                 self.store.folder,
             )
         catalogue = self.catalogue()
-        if self._cache.model is None or self._cache.model[0] != _digest(bundle_data):
+        # A new catalogue or foundation makes the held bundle's model another: checked again.
+        source = f"{_digest(bundle_data)}:{catalogue.content_hash}:{self._foundation_files()}"
+        if self._cache.model is None or self._cache.model[0] != source:
             bundle = ModelBundle.from_bytes(bundle_data, self.store.folder)
             if bundle.catalogue_hash != catalogue.content_hash:
                 raise FedrecDataError(
@@ -492,7 +528,7 @@ class DeviceClient:
             federated.load_shared_state(bundle.state)
             assert isinstance(federated, SequentialFederatedModel | LLMFederatedModel)
             federated.model.eval()
-            self._cache.model = (_digest(bundle_data), federated.model)
+            self._cache.model = (source, federated.model)
         return self._cache.model[1], catalogue
 
 

@@ -10,9 +10,11 @@ committed. One process at a time: a second open waits up to ``wait`` seconds for
 close, then fails naming it.
 
 Values are sealed with a random data key, itself sealed with the caller's key. ``shred``
-(``forget``) deletes values, then seals everything kept under a new data key and rewrites the
-file (``secure_delete``, ``VACUUM``): a copy of the old file, even with the caller's key, no
-longer opens what was forgotten.
+(``forget``) deletes values, seals everything kept under a new data key and rewrites the file
+(``secure_delete``, ``VACUUM``, the WAL truncated): the file no longer holds what was
+forgotten, nor the key that opened it. A kill before the rewrite leaves a flag that the next
+open acts on. A copy of the file made before (a backup) still opens with the caller's key:
+pass ``new_key`` and keep only that one, and no earlier copy opens with the key kept.
 
 Written here because no well-kept library encrypts SQLite rows with a caller's key without a
 native build (SQLCipher); ``cryptography``'s AESGCM does the sealing.
@@ -35,7 +37,7 @@ from fedrec.errors import FedrecDataError
 
 DATABASE, LOCK, SALT = "store.db", "store.lock", "salt"
 CHECK = b"fedrec encrypted store v1"  # sealed at creation: opening it proves the key
-CHECK_NAME, DATA_KEY = "\0check", "\0data-key"
+CHECK_NAME, DATA_KEY, SHRED_PENDING = "\0check", "\0data-key", "\0shred-pending"
 
 
 def key_from_passphrase(passphrase: str, folder: Path) -> bytes:
@@ -98,6 +100,8 @@ class EncryptedStore:
             if sealed_key is None:
                 raise FedrecDataError("the data key is missing: the store was altered", path)
             self._aead = AESGCM(self._open(sealed_key[0], DATA_KEY))
+            if self._one("SELECT 1 FROM named WHERE name = ?", (SHRED_PENDING,)) is not None:
+                self._rewrite()  # a shred killed before its rewrite: finish it
             return
         stored = self._one("SELECT (SELECT count(*) FROM rows) + (SELECT count(*) FROM named)", ())
         if not new and stored is not None and stored[0] > 0:
@@ -114,8 +118,8 @@ class EncryptedStore:
 
     def put(self, name: str, value: bytes) -> None:
         """Set the named value (a ledger, personal parameters, a model bundle)."""
-        if name.startswith("\0"):
-            raise ValueError(f"{name!r}: names starting with NUL are the store's own")
+        if not name or name.startswith("\0") or ":" in name:
+            raise ValueError(f"{name!r}: a name is not empty, has no ':' and no leading NUL")
         self._write(
             "INSERT INTO named VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET sealed = excluded.sealed",
             (name, self._seal(value, name)),
@@ -127,12 +131,13 @@ class EncryptedStore:
 
     def add(self, kind: str, values: list[bytes]) -> None:
         """Append ``values`` as rows of ``kind``, all or none (one transaction)."""
-        last = self._one("SELECT max(id) FROM rows WHERE kind = ?", (kind,))
-        start = 0 if last is None or last[0] is None else int(last[0]) + 1
-        sealed = [
-            (kind, start + i, self._seal(v, f"{kind}:{start + i}")) for i, v in enumerate(values)
-        ]
         with self._transaction():
+            last = self._one("SELECT max(id) FROM rows WHERE kind = ?", (kind,))
+            start = 0 if last is None or last[0] is None else int(last[0]) + 1
+            sealed = [
+                (kind, start + i, self._seal(v, f"{kind}:{start + i}"))
+                for i, v in enumerate(values)
+            ]
             self._db.executemany("INSERT INTO rows VALUES (?, ?, ?)", sealed)
 
     def rows(self, kind: str) -> list[bytes]:
@@ -152,9 +157,14 @@ class EncryptedStore:
         found = self._db.execute("SELECT name FROM named WHERE unicode(name) != 0 ORDER BY name")
         return [name for (name,) in found]
 
-    def shred(self, kinds: tuple[str, ...] = (), names: tuple[str, ...] = ()) -> None:
+    def shred(
+        self, kinds: tuple[str, ...] = (), names: tuple[str, ...] = (), new_key: bytes | None = None
+    ) -> None:
         """Delete the rows of ``kinds`` and the values ``names``, then seal what is kept under a
-        new data key and rewrite the file, so nothing deleted can be recovered from it."""
+        new data key (sealed with ``new_key`` when given, else the caller's key) and rewrite
+        the file, so nothing deleted can be recovered from it."""
+        if new_key is not None and len(new_key) != 32:
+            raise ValueError("the new store key must be 32 bytes")
         kept_names = [(n, self.get(n)) for n in self.names() if n not in names]
         kept_rows = [
             (kind, i, self._open(sealed, f"{kind}:{i}"))
@@ -163,12 +173,17 @@ class EncryptedStore:
         ]
         data_key = AESGCM.generate_key(256)
         new = AESGCM(data_key)
+        master = self._master if new_key is None else AESGCM(new_key)
         with self._transaction():
             self._db.execute("DELETE FROM rows")
-            self._db.execute("DELETE FROM named WHERE name != ?", (CHECK_NAME,))
-            self._db.execute(
+            self._db.execute("DELETE FROM named")
+            self._db.executemany(
                 "INSERT INTO named VALUES (?, ?)",
-                (DATA_KEY, _sealed(self._master, data_key, DATA_KEY)),
+                [
+                    (CHECK_NAME, _sealed(master, CHECK, CHECK_NAME)),
+                    (DATA_KEY, _sealed(master, data_key, DATA_KEY)),
+                    (SHRED_PENDING, _sealed(master, b"1", SHRED_PENDING)),
+                ],
             )
             self._db.executemany(
                 "INSERT INTO named VALUES (?, ?)",
@@ -178,9 +193,24 @@ class EncryptedStore:
                 "INSERT INTO rows VALUES (?, ?, ?)",
                 [(k, i, _sealed(new, v, f"{k}:{i}")) for k, i, v in kept_rows],
             )
-        self._aead = new
+        self._master, self._aead = master, new
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        """Rewrite the file without free pages and empty the WAL, then clear the pending flag
+        (set by ``shred`` in its own transaction)."""
         self._db.execute("VACUUM")
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        for _ in range(2):  # the flag's deletion goes through the WAL too
+            busy = self._one("PRAGMA wal_checkpoint(TRUNCATE)", ())
+            if busy is not None and busy[0]:
+                raise FedrecDataError(
+                    "the store's log could not be emptied (busy): forgotten data may remain "
+                    "until the next open",
+                    self.folder / DATABASE,
+                )
+            if self._one("SELECT 1 FROM named WHERE name = ?", (SHRED_PENDING,)) is None:
+                break
+            self._write("DELETE FROM named WHERE name = ?", (SHRED_PENDING,))
 
     def close(self) -> None:
         if self._lock is not None:

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from fedrec.data.catalogue import ItemCatalogue
 from fedrec.errors import FedrecDataError
 
 BUNDLE_FORMAT = "fedrec-bundle/1"
@@ -93,7 +95,14 @@ class ModelBundle:
                 dict(state),
                 str(manifest.get("foundation_hash", "")),
             )
-        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        except (
+            struct.error,
+            ValueError,
+            KeyError,
+            TypeError,
+            UnicodeDecodeError,
+            SafetensorError,
+        ) as err:
             raise FedrecDataError(f"not a readable model bundle ({err})", where) from None
         if manifest.get("format") != BUNDLE_FORMAT:
             raise FedrecDataError(
@@ -101,6 +110,8 @@ class ModelBundle:
             )
         if bundle.content_hash != manifest.get("content_hash"):
             raise FedrecDataError("the bundle's content does not match its hash", where)
+        if _catalogue_hash(bundle.catalogue) != bundle.catalogue_hash:
+            raise FedrecDataError("the bundle's catalogue does not match its hash", where)
         return bundle
 
     def publish(self, run_dir: Path) -> Path:
@@ -138,6 +149,14 @@ def bundle_hash(
         sort_keys=True,
     )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _catalogue_hash(text: str) -> str:
+    """The content hash a published catalogue states of itself (checked on load)."""
+    try:
+        return str(ItemCatalogue.from_text(text, "bundle").content_hash)
+    except FedrecDataError:
+        return ""
 
 
 def foundation_digest(folder: Path) -> str:
