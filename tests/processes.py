@@ -320,18 +320,16 @@ class Deployment:
                 "run",
                 "--config",
                 str(self.config),
-                "--certs",
-                str(self.pki),
-                "--superlink",
-                self.superlink,
-                "--state",
-                str(self.state),
+                *self.server_args(),
                 "--run-dir",
                 str(self.run_dir),
                 *(["--resume"] if resume else []),
             ),
             log,
         )
+
+    def server_args(self) -> list[str]:
+        return ["--certs", str(self.pki), "--superlink", self.superlink, "--state", str(self.state)]
 
     def set_up(self) -> None:
         """Certificates, the SuperLink, three enrolled devices with their histories, joined."""
@@ -345,12 +343,7 @@ class Deployment:
                 fedrec(
                     "server",
                     "register",
-                    "--certs",
-                    str(self.pki),
-                    "--superlink",
-                    self.superlink,
-                    "--state",
-                    str(self.state),
+                    *self.server_args(),
                     "--key",
                     str(self.pki / "devices" / f"device-{i}.pub"),
                 ),

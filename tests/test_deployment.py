@@ -17,27 +17,14 @@ from fedrec.population import population_of
 from server.certs import make_credentials
 
 from .processes import deploy_on_loopback, flower_processes, free_ports, python, wait_for
+from .tiny import TINY_LLM
 
 HSTU = {
     "model": {"name": "hstu", "max_len": 12, "embedding_dim": 16, "num_blocks": 1},
     "federated": {"central_dp": {"noise_multiplier": 0.1, "clipping_norm": 1.0}},
 }
 LLM = {  # the LLM recommender: foundation on the server, DP-SGD on LoRA + prompts on the nodes
-    "audit": {"enabled": False},
-    "semantic_id": {"content": {"dim": 8}, "rqvae": {"levels": 2, "codebook_size": 4}},
-    "llm": {
-        "backbone": {
-            "hidden_size": 16,
-            "num_layers": 1,
-            "num_heads": 2,
-            "intermediate_size": 32,
-            "text_vocab": 120,
-        },
-        "foundation": {"epochs": 1},
-        "max_items": 4,
-        "prompts": {"scenario_tokens": 2, "personal_tokens": 2},
-        "beam_width": 10,
-    },
+    **TINY_LLM,
     "federated": {"record_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}},
 }
 

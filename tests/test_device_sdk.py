@@ -31,6 +31,8 @@ from fedrec.serving.bundle import BUNDLE_DIR, MANIFEST_FILE, ModelBundle, bundle
 from server.rounds import IdentifiedGrid, run_federation
 from simulations.inprocess import InProcessGrid
 
+from .tiny import TINY_LLM
+
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 USERS = ("196", "405", "13")  # 405 is the heaviest user (737 ratings)
 CONFIG = {
@@ -294,21 +296,7 @@ LLM = {
         "source": "synthetic",
         "synthetic": {"num_users": 30, "num_items": 30, "mean_length": 14, "seed": 0},
     },
-    "audit": {"enabled": False},
-    "semantic_id": {"content": {"dim": 8}, "rqvae": {"levels": 2, "codebook_size": 4}},
-    "llm": {
-        "backbone": {
-            "hidden_size": 16,
-            "num_layers": 1,
-            "num_heads": 2,
-            "intermediate_size": 32,
-            "text_vocab": 120,
-        },
-        "foundation": {"epochs": 1},
-        "max_items": 4,
-        "prompts": {"scenario_tokens": 2, "personal_tokens": 2},
-        "beam_width": 10,
-    },
+    **TINY_LLM,
     "federated": {
         "num_rounds": 1,
         "clients_per_round": 2,
