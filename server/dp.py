@@ -16,12 +16,19 @@ accountants assume Poisson sampling. This wrapper:
 - adds N(0, (σ·C)²) to the *sum* of clipped updates and divides by a public constant, the
   expected cohort, so the sensitivity is C whoever replies;
 - hands the noised mean to the wrapped strategy as its only reply, so FedAvg, FedAvgM, FedAdam
-  and FedProx's server step are post-processing of a DP release.
+  and FedProx's server step are post-processing of a DP release;
+- with adaptive clipping (Andrew et al. 2021) moves the clipping norm towards a quantile of the
+  update norms after each round, from the noised count of updates within it. Flower's
+  adaptive-clipping wrappers divide that count by the number of replies (under Poisson
+  sampling a private number, so the count's sensitivity is not the ½ its noise assumes) and
+  draw the noise from NumPy's global generator; here the count is centred (Σ(bᵢ − ½)), noised
+  from the private generator and divided by the public expected cohort.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -31,6 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedrec.federation.config import AdaptiveClippingConfig
 from server.sampling import CohortSampler, RoundGenerator
 
 log = logging.getLogger("fedrec.server")
@@ -50,12 +58,16 @@ class UserLevelDP(CohortSampler):
         sampling: str,
         generator: RoundGenerator,
         evaluate: bool = False,
+        adaptive: AdaptiveClippingConfig | None = None,
+        count_stddev: float = 0.0,
     ):
         # A fixed cohort is accounted as cohort / population: it is drawn from all of them.
         whole = sampling == "fixed"
         super().__init__(strategy, cohort, population, sampling, generator, evaluate, whole)
-        self.noise_multiplier = noise_multiplier
+        self.noise_multiplier = noise_multiplier  # of the update (the split's, when adaptive)
         self.clipping_norm = clipping_norm
+        self.adaptive = adaptive
+        self.count_stddev = count_stddev
         self.current: list[np.ndarray] = []
         self.keys: list[str] = []
 
@@ -77,8 +89,9 @@ class UserLevelDP(CohortSampler):
         config[KEY_CLIPPING_NORM] = self.clipping_norm
         return super().configure_train(server_round, arrays, config, grid)
 
-    def _clipped_update(self, reply: Message) -> list[np.ndarray] | None:
-        """The reply's update, clipped to C; None (and a warning) if it does not fit the model."""
+    def _clipped_update(self, reply: Message) -> tuple[list[np.ndarray], bool] | None:
+        """The reply's update clipped to C, and whether it was within C; None (and a warning)
+        if it does not fit the model."""
         arrays = reply.content.array_records.get("arrays")
         if arrays is None or list(arrays.keys()) != self.keys:
             log.warning("a reply's arrays do not match the global model's keys: dropped")
@@ -93,7 +106,7 @@ class UserLevelDP(CohortSampler):
         # Flower's compute_clip_model_update divides by the norm: a zero update crashes it.
         norm = float(np.sqrt(sum(float(np.sum(u * u)) for u in update)))
         scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
-        return [u * scale for u in update]
+        return [u * scale for u in update], norm <= self.clipping_norm
 
     def noised_mean(self, total: list[np.ndarray], noised: bool = True) -> list[np.ndarray]:
         """(Σ clipped updates + N(0, (σC)²)) / expected cohort, per array; ``noised`` False when
@@ -120,18 +133,34 @@ class UserLevelDP(CohortSampler):
             message_type=MessageType.TRAIN,
         )
         arrays, _ = self.strategy.aggregate_train(server_round, [release])
-        return arrays, MetricRecord({"dp-replies": contributors})
+        return arrays, MetricRecord(
+            {"dp-replies": contributors, "clipping-norm": float(self.clipping_norm)}
+        )
+
+    def adapt_clipping_norm(self, within: list[bool]) -> float:
+        """The next round's C from this round's updates (``within``: each inside C?): the
+        centred count noised with σ_b, over the expected cohort; returns the noised fraction."""
+        assert self.adaptive is not None
+        centred = sum(within) - len(within) / 2 + self.rng.normal(0.0, self.count_stddev)
+        fraction = float(centred / self.cohort + 0.5)
+        step = self.adaptive.learning_rate * (fraction - self.adaptive.target_quantile)
+        self.clipping_norm = float(self.clipping_norm * math.exp(-step))
+        return fraction
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        updates = [
+        clipped = [
             u
             for u in (self._clipped_update(r) for r in replies if not r.has_error())
             if u is not None
         ]
         total = [np.zeros_like(c, dtype=np.float64) for c in self.current]
-        for update in updates:
+        for update, _ in clipped:
             for acc, u in zip(total, update, strict=True):
                 acc += u
-        return self.release(server_round, total, len(updates))
+        arrays, metrics = self.release(server_round, total, len(clipped))
+        if self.adaptive is not None:
+            fraction = self.adapt_clipping_norm([within for _, within in clipped])
+            metrics["within-clip-fraction"] = fraction  # noised: a DP release
+        return arrays, metrics

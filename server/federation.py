@@ -56,6 +56,8 @@ TRAIN_FACTS = (
     "secagg-sampled",
     "secagg-declined",
     "secagg-dropped",
+    "clipping-norm",  # user-level DP's C of the round (adaptive clipping moves it)
+    "within-clip-fraction",  # adaptive clipping's noised fraction of updates within C
 )  # of a round's aggregated train metrics, logged
 
 

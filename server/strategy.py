@@ -15,7 +15,7 @@ from typing import Any, cast
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedrec.federation.config import FederatedConfig
+from fedrec.federation.config import FederatedConfig, noise_split
 from fedrec.federation.strategies import STRATEGIES
 from server.dp import UserLevelDP
 from server.sampling import CohortSampler, round_generator
@@ -25,7 +25,8 @@ log = logging.getLogger("fedrec.server")
 
 # Server-optimizer state of Flower's strategies (FedAdam/FedOpt moments, FedAvgM momentum):
 # Flower keeps it in attributes and has no state_dict, so checkpoints read these by name.
-_OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")
+# the server optimizer's state, and adaptive clipping's current norm
+_OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector", "clipping_norm")
 
 
 def _strategies(strategy: Strategy) -> list[Strategy]:
@@ -83,15 +84,18 @@ def build_strategy(
     generator = round_generator(seed if seeded else None)
     if fed.central_dp is None:
         return CohortSampler(strategy, cohort, num_clients, "fixed", generator, client_audit)
+    count_stddev, update_noise = noise_split(fed.central_dp, cohort)
     return UserLevelDP(
         strategy,
-        noise_multiplier=fed.central_dp.noise_multiplier,
+        noise_multiplier=update_noise,
         clipping_norm=fed.central_dp.clipping_norm,
         cohort=cohort,
         population=num_clients,
         sampling=fed.central_dp.sampling,
         generator=generator,
         evaluate=client_audit,
+        adaptive=fed.central_dp.adaptive_clipping,
+        count_stddev=count_stddev,
     )
 
 

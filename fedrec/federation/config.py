@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
 from fedrec.data.partition import PARTITIONERS
 from fedrec.federation.strategies import STRATEGIES
@@ -23,6 +24,46 @@ SECURE_NOISE = ("distributed", "central")
 
 
 @dataclass
+class AdaptiveClippingConfig:
+    """Adaptive clipping (Andrew et al. 2021, "Differentially private learning with adaptive
+    clipping"): after each round the clipping norm moves geometrically towards the
+    ``target_quantile`` of the round's update norms, C ← C·exp(−``learning_rate``·(b̄ − γ)),
+    where b̄ is the noised fraction of updates within C. The fraction is a DP release too
+    (noise ``count_stddev``, default expected cohort / 20); the update's noise rises so that
+    both together cost exactly the ε of ``noise_multiplier`` alone (the paper's Theorem 1),
+    which is what the ledger books. ``clipping_norm`` is the first round's C."""
+
+    target_quantile: float = 0.5
+    learning_rate: float = 0.2
+    count_stddev: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_quantile < 1 or self.learning_rate <= 0:
+            raise ValueError(
+                "central_dp.adaptive_clipping: target_quantile in (0, 1), learning_rate > 0"
+            )
+        if self.count_stddev is not None and self.count_stddev <= 0:
+            raise ValueError("central_dp.adaptive_clipping.count_stddev must be > 0")
+
+
+def noise_split(central: CentralDPConfig, cohort: float) -> tuple[float, float]:
+    """(σ of the clipped-fraction count, σ of the update) under adaptive clipping, so that the
+    two releases together cost the ε of ``noise_multiplier`` (Flower's
+    ``compute_adaptive_noise_params``); (0, σ) with a fixed clipping norm."""
+    adaptive = central.adaptive_clipping
+    if adaptive is None:
+        return 0.0, central.noise_multiplier
+    count = adaptive.count_stddev if adaptive.count_stddev is not None else cohort / 20
+    if central.noise_multiplier >= 2 * count:
+        raise ValueError(
+            f"central_dp.adaptive_clipping: the count's noise σ_b {count:g} must exceed half of "
+            f"noise_multiplier {central.noise_multiplier:g}; set count_stddev above "
+            f"{central.noise_multiplier / 2:g} (default: clients_per_round / 20)"
+        )
+    return compute_adaptive_noise_params(central.noise_multiplier, cohort, count)
+
+
+@dataclass
 class CentralDPConfig:
     """User-level DP-FedAvg: clients clip their update to ``clipping_norm``; the server adds
     N(0, (σ·C)²) to the sum of the clipped updates, divides by the expected cohort and only then
@@ -32,7 +73,8 @@ class CentralDPConfig:
     q = cohort / clients; add/remove-one adjacency, Opacus RDP) or ``fixed`` (exactly the cohort,
     drawn without replacement; replace-one adjacency, dp_accounting RDP). ``delta`` defaults to
     min(1e-5, clients^-1.1). The server stops before a round that would take the federation's
-    ε past ``target_epsilon`` (the whole run's budget).
+    ε past ``target_epsilon`` (the whole run's budget). ``adaptive_clipping``: the clipping norm
+    follows a quantile of the update norms (``AdaptiveClippingConfig``).
     """
 
     noise_multiplier: float = 1.0
@@ -40,6 +82,7 @@ class CentralDPConfig:
     target_epsilon: float | None = None
     delta: float | None = None
     sampling: str = "poisson"
+    adaptive_clipping: AdaptiveClippingConfig | None = None
 
     def __post_init__(self) -> None:
         if self.noise_multiplier < 0 or self.clipping_norm <= 0:
@@ -51,6 +94,16 @@ class CentralDPConfig:
         if self.sampling not in CLIENT_SAMPLINGS:
             raise ValueError(
                 f"central_dp.sampling must be one of {CLIENT_SAMPLINGS}, got {self.sampling!r}"
+            )
+        if self.adaptive_clipping is not None and self.sampling != "poisson":
+            raise ValueError(
+                "central_dp.adaptive_clipping is accounted for Poisson sampling (add/remove-one "
+                "adjacency, the paper's): set central_dp.sampling: poisson"
+            )
+        if self.adaptive_clipping is not None and self.noise_multiplier == 0:
+            raise ValueError(
+                "central_dp.adaptive_clipping needs noise_multiplier > 0 (un-noised, the norm "
+                "it learns would be a release without DP)"
             )
 
     def delta_for(self, num_clients: int) -> float:
@@ -201,6 +254,13 @@ class FederatedConfig:
             )
         if self.secure_aggregation is not None:
             self._check_secure_aggregation(self.secure_aggregation)
+        if self.central_dp is not None and self.central_dp.adaptive_clipping is not None:
+            if self.secure_aggregation is not None:
+                raise ValueError(
+                    "central_dp.adaptive_clipping needs each update's norm, which SecAgg+ hides "
+                    "from the server: drop one of them"
+                )
+            noise_split(self.central_dp, self.clients_per_round)  # raises with the fix
         if STRATEGIES[self.strategy].robust and self.central_dp is not None:
             raise ValueError(
                 f"federated.strategy {self.strategy!r} aggregates the individual updates, but "

@@ -166,6 +166,11 @@ def central_event(fed: FederatedConfig, num_clients: int, round_number: int) -> 
         steps=1,
         clip_norm=central.clipping_norm,
         delta=central.delta_for(num_clients),
+        # Adaptive clipping: the update's and the clipped fraction's noise together cost the
+        # ε of σ alone (Andrew et al. 2021, Thm 1); the norm varies, ε does not depend on it.
+        note="adaptive clipping: update and clipped-count noise"
+        if central.adaptive_clipping
+        else "",
     )
     if central.sampling == "poisson":
         return event
