@@ -36,12 +36,29 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.differential_privacy import (
+    KEY_CLIPPING_NORM,
+    compute_adaptive_noise_params,
+)
 
-from fedrec.federation.config import AdaptiveClippingConfig
+from fedrec.federation.config import (
+    AdaptiveClippingConfig,
+    CentralDPConfig,
+    clipped_count_stddev,
+)
 from server.sampling import CohortSampler, RoundGenerator
 
 log = logging.getLogger("fedrec.server")
+
+
+def noise_split(central: CentralDPConfig, cohort: float) -> tuple[float, float]:
+    """(σ of the clipped count, σ of the update) under adaptive clipping, so that the two
+    releases together cost the ε of ``noise_multiplier`` (Flower's
+    ``compute_adaptive_noise_params``); (0, σ) with a fixed clipping norm."""
+    if central.adaptive_clipping is None:
+        return 0.0, central.noise_multiplier
+    count = clipped_count_stddev(central, cohort)
+    return compute_adaptive_noise_params(central.noise_multiplier, cohort, count)
 
 
 class UserLevelDP(CohortSampler):

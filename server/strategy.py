@@ -15,9 +15,9 @@ from typing import Any, cast
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedrec.federation.config import FederatedConfig, noise_split
+from fedrec.federation.config import FederatedConfig
 from fedrec.federation.strategies import STRATEGIES
-from server.dp import UserLevelDP
+from server.dp import UserLevelDP, noise_split
 from server.sampling import CohortSampler, round_generator
 from server.wrapper import StrategyWrapper
 

@@ -12,9 +12,9 @@ import pytest
 
 from fedrec.config import parse_config
 from fedrec.errors import FedrecConfigError
-from fedrec.federation.config import AdaptiveClippingConfig, CentralDPConfig, noise_split
+from fedrec.federation.config import AdaptiveClippingConfig, CentralDPConfig
 from fedrec.population import population_of
-from server.dp import UserLevelDP
+from server.dp import UserLevelDP, noise_split
 from server.sampling import round_generator
 from server.strategy import build_strategy, load_strategy_state, strategy_state
 from simulations.inprocess import run_inprocess

@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
 from fedrec.data.partition import PARTITIONERS
 from fedrec.federation.strategies import STRATEGIES
@@ -46,21 +45,12 @@ class AdaptiveClippingConfig:
             raise ValueError("central_dp.adaptive_clipping.count_stddev must be > 0")
 
 
-def noise_split(central: CentralDPConfig, cohort: float) -> tuple[float, float]:
-    """(σ of the clipped-fraction count, σ of the update) under adaptive clipping, so that the
-    two releases together cost the ε of ``noise_multiplier`` (Flower's
-    ``compute_adaptive_noise_params``); (0, σ) with a fixed clipping norm."""
+def clipped_count_stddev(central: CentralDPConfig, cohort: float) -> float:
+    """σ_b of adaptive clipping's count: the setting, else expected cohort / 20 (the paper's
+    and Flower's default)."""
     adaptive = central.adaptive_clipping
-    if adaptive is None:
-        return 0.0, central.noise_multiplier
-    count = adaptive.count_stddev if adaptive.count_stddev is not None else cohort / 20
-    if central.noise_multiplier >= 2 * count:
-        raise ValueError(
-            f"central_dp.adaptive_clipping: the count's noise σ_b {count:g} must exceed half of "
-            f"noise_multiplier {central.noise_multiplier:g}; set count_stddev above "
-            f"{central.noise_multiplier / 2:g} (default: clients_per_round / 20)"
-        )
-    return compute_adaptive_noise_params(central.noise_multiplier, cohort, count)
+    assert adaptive is not None
+    return adaptive.count_stddev if adaptive.count_stddev is not None else cohort / 20
 
 
 @dataclass
@@ -260,7 +250,14 @@ class FederatedConfig:
                     "central_dp.adaptive_clipping needs each update's norm, which SecAgg+ hides "
                     "from the server: drop one of them"
                 )
-            noise_split(self.central_dp, self.clients_per_round)  # raises with the fix
+            count = clipped_count_stddev(self.central_dp, self.clients_per_round)
+            if self.central_dp.noise_multiplier >= 2 * count:
+                raise ValueError(
+                    f"central_dp.adaptive_clipping: the count's noise σ_b {count:g} must exceed "
+                    f"half of noise_multiplier {self.central_dp.noise_multiplier:g}; set "
+                    f"count_stddev above {self.central_dp.noise_multiplier / 2:g} (default: "
+                    "clients_per_round / 20)"
+                )
         if STRATEGIES[self.strategy].robust and self.central_dp is not None:
             raise ValueError(
                 f"federated.strategy {self.strategy!r} aggregates the individual updates, but "
