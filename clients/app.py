@@ -28,6 +28,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from clients import device
+from clients.cohort import cohort_mod, roster
 from clients.device import reply_message
 from clients.secagg import secure_aggregation_mod
 from fedrec.audits import AuditContext
@@ -49,7 +50,7 @@ from fedrec.federation.layout import client_paths, resolve_config_path, resolve_
 from fedrec.federation.model import FederatedModel, PersonalFile
 from fedrec.privacy import PrivacyLedger
 
-app = ClientApp()
+app = ClientApp(mods=[cohort_mod])  # a cohort node runs a message for each client it names
 torch.set_num_threads(1)  # one CPU per virtual client was fastest on 2 cores (STACK-NOTES)
 
 
@@ -203,6 +204,12 @@ def identify(msg: Message, context: Context) -> Message:
             keep_catalogue(published, path)
     metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query("cohort")
+def cohort_roster(msg: Message, context: Context) -> Message:
+    """Which clients this node hosts, with cohort nodes (``federated.users_per_node``)."""
+    return roster(msg, context)
 
 
 @app.query("bundle")

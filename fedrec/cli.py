@@ -157,6 +157,7 @@ def simulate(
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
+    from fedrec.federation.cohort import node_count
     from server.app import app as server_app
 
     results = run_dir / "results.json"
@@ -164,7 +165,9 @@ def simulate(
     run_simulation(
         server_app=server_app,
         client_app=client_app,
-        num_supernodes=len(population.partitions),
+        num_supernodes=node_count(
+            len(population.partitions), population.config.federated.users_per_node
+        ),
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},

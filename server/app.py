@@ -38,7 +38,12 @@ def main(grid: Grid, context: Context) -> None:
     enrolment = None
     if enrolled:
         enrolment = {node: d.client for node, d in load_enrolment(Path(enrolled)).items()}
-    elif deployment and not context.run_config.get("unauthenticated", False):
+    if deployment and population.config.federated.users_per_node > 1:
+        raise ValueError(
+            "federated.users_per_node > 1 simulates many users on one node; a deployed device "
+            "is one user: set users_per_node: 1"
+        )
+    if deployment and not enrolled and not context.run_config.get("unauthenticated", False):
         raise ValueError(
             "a deployment takes each device's client from its enrolled key: set the run config "
             "`enrolment` (fedrec server run does), or `unauthenticated=true` for a test on "

@@ -30,6 +30,7 @@ from fedrec.federation.privacy import dp_statement_problem
 from fedrec.llm_rec.federated import foundation_folder
 from fedrec.population import Population
 from fedrec.serving.bundle import ModelBundle, foundation_digest
+from server.cohort import CohortGrid
 from server.dp import UserLevelDP
 from server.federation import Federation
 from server.sampling import CohortSampler
@@ -108,9 +109,10 @@ class IdentifiedGrid:
                 )
             self.excluded.update(strangers)
             nodes = [n for n in nodes if n not in strangers]
+        shared = RecordDict({"config": self._published(None)})  # one payload without enrolment
         queries = [
             Message(
-                RecordDict({"config": self._published(n)}),
+                shared if self.enrolment is None else RecordDict({"config": self._published(n)}),
                 dst_node_id=n,
                 message_type=MessageType.QUERY,
             )
@@ -140,8 +142,8 @@ class IdentifiedGrid:
             self.partition_of[node] = partition
             taken.add(partition)
 
-    def _published(self, node: int) -> ConfigRecord:
-        client = -1 if self.enrolment is None else self.enrolment[node]
+    def _published(self, node: int | None) -> ConfigRecord:
+        client = -1 if self.enrolment is None or node is None else self.enrolment[node]
         return ConfigRecord(
             {
                 "catalogue": self.catalogue,
@@ -195,6 +197,8 @@ def run_federation(
         )
     if write_stores:
         population.write_stores(run_dir)
+    if fed.users_per_node > 1:  # the clients' messages travel one per node (server.cohort)
+        grid = CohortGrid(grid, fed.users_per_node, federation.num_clients, fed.round_timeout)
     strategy = ReplyValidator(
         LedgerKeeper(
             inner, federation.on_replies, federation.on_evaluate if client_audit else None

@@ -37,6 +37,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import app as client_app
 from fedrec.config import parse_config
+from fedrec.federation.cohort import node_count
 from fedrec.federation.layout import STORE_DIR, simulated_store
 from fedrec.population import Population, population_of
 from server.rounds import run_federation
@@ -139,11 +140,12 @@ def run_inprocess(
     resolved = run_dir / "config.yaml"  # what the ClientApp reads, as under fedrec simulate
     resolved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
     shutil.rmtree(run_dir / STORE_DIR, ignore_errors=True)  # the last run's simulated data
+    cohort = config.federated.users_per_node > 1  # a node hosts many clients' stores
     grid = InProcessGrid(
-        len(population.partitions),
+        node_count(len(population.partitions), config.federated.users_per_node),
         client,
         {"config": str(resolved), "run-dir": str(run_dir)},
-        population,
+        None if cohort else population,
         run_dir,
     )
     flower_log = logging.getLogger("flwr")
@@ -151,7 +153,7 @@ def run_inprocess(
     flower_log.setLevel(logging.WARNING)  # the strategies' per-round INFO lines
     try:
         return run_federation(
-            population, run_dir, grid, engine="in-process", write_stores=False, progress=progress
+            population, run_dir, grid, engine="in-process", write_stores=cohort, progress=progress
         )
     finally:
         flower_log.setLevel(level)

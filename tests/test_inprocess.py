@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from fedrec.config import load_config
+from fedrec.config import parse_config
 from fedrec.population import population_of
 from simulations.inprocess import run_inprocess
 
@@ -82,16 +82,20 @@ def _schema(value):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_inprocess_loop_and_flower_simulation_give_the_same_federation(tmp_path):
+@pytest.mark.parametrize("users_per_node", [1, 3])
+def test_inprocess_loop_and_flower_simulation_give_the_same_federation(tmp_path, users_per_node):
+    """Flower's simulation, with one node per client or cohort nodes of 3 clients, against the
+    in-process loop with one node per client."""
     config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(
-        yaml.safe_dump({**CONFIG, "output_dir": str(tmp_path / "flower")}), encoding="utf-8"
-    )
+    flower_config = {**CONFIG, "output_dir": str(tmp_path / "flower")}
+    flower_config["federated"] = {**CONFIG["federated"], "users_per_node": users_per_node}
+    config_path.write_text(yaml.safe_dump(flower_config), encoding="utf-8")
     with flower_processes(tmp_path / "home") as (_, start):
         proc = start([python(), "-m", "fedrec.cli", "simulate", "-c", str(config_path)], "log")
         assert proc.wait(timeout=600) == 0, (tmp_path / "home" / "log").read_text()[-3000:]
     flower, inprocess = tmp_path / "flower", tmp_path / "inprocess"
-    run_inprocess(population_of(load_config(config_path)), inprocess, progress=False)
+    single = parse_config({**CONFIG, "output_dir": str(inprocess)}, "tiny.yaml")
+    run_inprocess(population_of(single), inprocess, progress=False)
 
     metrics = _lines(flower / "metrics.jsonl")
     assert [m["round"] for m in metrics] == list(range(1, ROUNDS + 1))

@@ -195,6 +195,9 @@ class FederatedConfig:
     client's un-noised loss; ``weight_by_examples`` weights FedAvg by the client's un-noised
     example count (default: only without DP). Both are outside the ledger and warned about.
 
+    ``users_per_node`` > 1 simulates with cohort nodes (``fedrec.federation.cohort``): each
+    node hosts that many clients and runs every sampled one's round in one message.
+
     Replies are validated before aggregation (``server.validation``): without user-level DP an
     update whose L2 norm exceeds ``max_update_norm`` (unset: 10× the round's median) is left
     out, and a client's weight is capped at ``max_client_weight`` (unset: 10× the round's
@@ -227,6 +230,7 @@ class FederatedConfig:
     weight_by_examples: bool | None = None
     max_update_norm: float | None = None
     max_client_weight: int | None = None
+    users_per_node: int = 1
     record_dp: DPSGDConfig | None = None
     record_epsilon_budget: float | None = None
     central_dp: CentralDPConfig | None = None
@@ -244,6 +248,14 @@ class FederatedConfig:
             )
         if self.secure_aggregation is not None:
             self._check_secure_aggregation(self.secure_aggregation)
+        if self.users_per_node < 1:
+            raise ValueError("federated.users_per_node must be >= 1 (1: one node per client)")
+        if self.users_per_node > 1 and self.secure_aggregation is not None:
+            raise ValueError(
+                "federated.users_per_node > 1 (cohort nodes) runs every hosted client's round "
+                "in one message; SecAgg+ needs each client's own protocol messages: set "
+                "users_per_node: 1"
+            )
         if self.central_dp is not None and self.central_dp.adaptive_clipping is not None:
             if self.secure_aggregation is not None:
                 raise ValueError(

@@ -1,0 +1,114 @@
+"""The server's side of cohort nodes (``fedrec.federation.cohort``): a grid whose "nodes" are
+the clients the real nodes host, one virtual node ID each.
+
+The strategies, the reply validation, user-level DP and the ledger see one node per client and
+one reply per client, exactly as without cohorts; only the transport changes. The messages of a
+round to the clients of one node travel as one message naming them, and its reply is split
+back into one reply per client, so a federation of cohort nodes computes what one node per
+client computes (tested), with one Flower message per node instead of one per client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common.constant import ErrorCode
+
+from fedrec.federation.cohort import COHORT_CLIENTS, HOSTED, ROSTER_QUERY, reply_key
+
+log = logging.getLogger("fedrec.server")
+
+
+class CohortGrid:
+    """Virtual node IDs 1, 2, … for the clients the real nodes of ``grid`` host (each node says
+    which, once, answering a roster query); ``send_and_receive`` groups by real node."""
+
+    def __init__(self, grid, users_per_node: int, clients: int, timeout: float):  # type: ignore[no-untyped-def]
+        self.grid = grid
+        self.users_per_node, self.clients, self.timeout = users_per_node, clients, timeout
+        self.virtual: dict[int, tuple[int, int]] = {}  # virtual node ID -> (node, client)
+        self.rostered: set[int] = set()
+
+    def get_node_ids(self) -> list[int]:
+        online = list(self.grid.get_node_ids())
+        new = [n for n in online if n not in self.rostered]
+        if new:
+            self._roster(new)
+        connected = set(online)
+        return [v for v, (node, _) in self.virtual.items() if node in connected]
+
+    def _roster(self, nodes: list[int]) -> None:
+        asked = ConfigRecord({"users-per-node": self.users_per_node, "clients": self.clients})
+        queries = [
+            Message(
+                RecordDict({"config": asked}),
+                dst_node_id=n,
+                message_type=f"{MessageType.QUERY}.{ROSTER_QUERY}",
+            )
+            for n in nodes
+        ]
+        for reply in self.grid.send_and_receive(queries, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            self.rostered.add(node)
+            hosted = None if reply.has_error() else reply.content.config_records["config"][HOSTED]
+            if not isinstance(hosted, list):
+                log.warning("node %d did not say which clients it hosts: not used", node)
+                continue
+            for client in hosted:
+                self.virtual[len(self.virtual) + 1] = (node, int(client))
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """One message per real node, naming its clients; the reply split into one per client
+        (a client's error stays that client's; a node's error is all of its clients'; a node
+        that does not answer answers for none of them)."""
+        groups: dict[int, list[Message]] = {}
+        for message in messages:
+            node, _ = self.virtual[message.metadata.dst_node_id]
+            groups.setdefault(node, []).append(message)
+        outgoing = []
+        for node, group in groups.items():
+            first = group[0]
+            if any(m.content is not first.content for m in group):
+                raise RuntimeError(
+                    "cohort nodes carry one payload per node and round; this strategy sent "
+                    "clients of one node different ones: set federated.users_per_node: 1"
+                )
+            config = ConfigRecord(dict(first.content.config_records.get("config", ConfigRecord())))
+            config[COHORT_CLIENTS] = [self._client(m) for m in group]
+            content = RecordDict(
+                {**{k: v for k, v in first.content.items() if k != "config"}, "config": config}
+            )
+            outgoing.append(
+                Message(content, dst_node_id=node, message_type=first.metadata.message_type)
+            )
+        replies = {
+            r.metadata.src_node_id: r for r in self.grid.send_and_receive(outgoing, timeout=timeout)
+        }
+        return [
+            self._split(replies[node], m)
+            for node, group in groups.items()
+            if node in replies
+            for m in group
+        ]
+
+    def _client(self, message: Message) -> int:
+        return self.virtual[message.metadata.dst_node_id][1]
+
+    def _split(self, reply: Message, message: Message) -> Message:
+        if reply.has_error():
+            return Message(reply.error, reply_to=message)
+        client = self._client(message)
+        error = reply.content.config_records.get(reply_key("error", client))
+        if error is not None:
+            reason = str(error.get("reason", "the client raised"))
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
+        suffix = f":{client}"
+        content = RecordDict(
+            {k[: -len(suffix)]: v for k, v in reply.content.items() if k.endswith(suffix)}
+        )
+        return Message(content, reply_to=message)

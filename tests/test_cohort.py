@@ -1,0 +1,83 @@
+"""Cohort nodes: a federation whose nodes each host several clients computes what one node per
+client computes: the same global model, ledger, ε and round lines (in the reproducible mode),
+with each DP level, budget refusals, partial participation and the federated audit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fedrec.config import parse_config
+from fedrec.errors import FedrecConfigError
+from fedrec.federation.cohort import hosted_clients, node_count
+from fedrec.population import population_of
+from simulations.inprocess import run_inprocess
+
+from .test_inprocess import CONFIG, _assert_close, _events, _lines
+
+DP_LEVELS = {
+    "record and user level": {},
+    "record level": {"central_dp": None},
+    "user level, fixed cohort": {
+        "record_dp": None,
+        "record_epsilon_budget": None,
+        "central_dp": {"noise_multiplier": 0.5, "clipping_norm": 0.5, "sampling": "fixed"},
+    },
+    "none": {"record_dp": None, "record_epsilon_budget": None, "central_dp": None},
+}
+
+
+def _run(tmp_path, name: str, federated: dict, users_per_node: int) -> dict:
+    data = copy.deepcopy(CONFIG)
+    data["federated"].update(federated, users_per_node=users_per_node)
+    data["federated"] = {k: v for k, v in data["federated"].items() if v is not None}
+    if "record_dp" not in data["federated"]:
+        data["audit"]["exposure_noise"] = 0.0  # (its noise is a record-level release)
+    folder = tmp_path / f"{name}-{users_per_node}"
+    data["output_dir"] = str(folder)
+    run_inprocess(population_of(parse_config(data, name)), folder, progress=False)
+    return {
+        "model": torch.load(folder / "checkpoint.pt", weights_only=True)["model"],
+        "events": _events(folder),
+        "metrics": _lines(folder / "metrics.jsonl"),
+        "audit": _lines(folder / "audit.jsonl"),
+    }
+
+
+@pytest.mark.parametrize("level", DP_LEVELS)
+def test_cohort_nodes_give_the_federation_of_one_node_per_client(tmp_path, level):
+    federated = DP_LEVELS[level]
+    single = _run(tmp_path, "single", federated, 1)
+    cohort = _run(tmp_path, "cohort", federated, 4)  # 6 clients: nodes of 4 and 2
+    for key, tensor in single["model"].items():
+        assert torch.allclose(tensor, cohort["model"][key], atol=1e-5), key
+    assert cohort["events"] == single["events"]
+    assert any("dp" in str(e) for e in single["events"]) or level == "none"
+    _assert_close(cohort["metrics"], single["metrics"], "metrics")
+    _assert_close(cohort["audit"], single["audit"], "audit")
+    if level == "record and user level":  # budget refusals and partial participation happened
+        refused = sum(
+            line.get("refused", 0) + line.get("withheld", 0) for line in single["metrics"]
+        )
+        clients = [line.get("clients") for line in single["metrics"] if "clients" in line]
+        assert refused > 0 and len(set(clients)) > 1
+
+
+def test_nodes_host_contiguous_shards_and_secagg_is_refused():
+    assert node_count(10, 4) == 3
+    assert [list(hosted_clients(n, 4, 10)) for n in range(3)] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9],
+    ]
+    with pytest.raises(ValueError, match="outside"):
+        hosted_clients(3, 4, 10)
+    data = copy.deepcopy(CONFIG)
+    data["federated"].update(
+        users_per_node=4, secure_aggregation={"min_contributors": 3}, record_dp=None
+    )
+    data["federated"].pop("record_epsilon_budget")
+    with pytest.raises(FedrecConfigError, match="SecAgg"):
+        parse_config(data, "cohort.yaml")
