@@ -156,12 +156,17 @@ def synthetic_config(users: int, clients_per_round: int, rounds: int) -> dict[st
 
 
 def bench_round(
-    workdir: Path, clients_per_round: int, rounds: int, config_path: str | None = None
+    workdir: Path,
+    clients_per_round: int,
+    rounds: int,
+    config_path: str | None = None,
+    users_per_node: int = 1,
 ) -> dict[str, Any]:
     """Median seconds per round (sampling → aggregation, evaluation excluded; round 1 with
-    actor start-up excluded) of the Flower simulation and of the in-process loop, on a small
-    synthetic workload or on ``config_path``'s federation (its local training, ``rounds``
-    rounds, ``clients_per_round``)."""
+    actor start-up excluded) of the Flower simulation (``users_per_node`` clients per node:
+    cohort nodes) and of the in-process loop (one client per node), on a small synthetic
+    workload or on ``config_path``'s federation (its local training, ``rounds`` rounds,
+    ``clients_per_round``)."""
     from fedrec.config import parse_config
     from fedrec.population import population_of
     from simulations.inprocess import run_inprocess
@@ -171,7 +176,11 @@ def bench_round(
     else:
         config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
         config["federated"].update(num_rounds=rounds, clients_per_round=clients_per_round)
-    flower = _simulate(config, workdir / "flower")["history"]
+    flower_config = {
+        **config,
+        "federated": {**config["federated"], "users_per_node": users_per_node},
+    }
+    flower = _simulate(flower_config, workdir / "flower")["history"]
     torch.set_num_threads(1)
     parsed = parse_config({**config, "output_dir": str(workdir / "inprocess")})
     run_inprocess(population_of(parsed), workdir / "inprocess", eval_every=rounds, progress=False)
@@ -181,6 +190,7 @@ def bench_round(
     return {
         "config": config_path or "synthetic 1000 users, HSTU d=32, 2 local epochs",
         "clients_per_round": clients_per_round,
+        "users_per_node": users_per_node,
         "rounds": rounds,
         "flower_seconds_per_round": flower_s,
         "inprocess_seconds_per_round": bare_s,
@@ -252,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--clients-per-round", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--users-per-node", type=int, default=1, help="round: clients per Flower node (cohorts)"
+    )
     parser.add_argument("--populations", type=int, nargs="+", default=[1000, 10000, 100000])
     args = parser.parse_args(argv)
     output = Path(args.output)
@@ -263,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("audit needs --config")
         result = bench_audit(args.config, output / "audit", args.rounds, args.repeats)
     elif args.what == "round":
-        result = bench_round(output / "round", args.clients_per_round, args.rounds, args.config)
+        result = bench_round(
+            output / "round", args.clients_per_round, args.rounds, args.config, args.users_per_node
+        )
     else:
         result = bench_memory(output / "memory", args.populations, args.clients_per_round)
     result["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__}
