@@ -17,7 +17,14 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common.constant import ErrorCode
 
-from fedrec.federation.cohort import COHORT_CLIENTS, HOSTED, ROSTER_QUERY, reply_key
+from fedrec.federation.cohort import (
+    COHORT_CLIENTS,
+    HOSTED,
+    ROSTER_QUERY,
+    node_count,
+    reply_key,
+    split_key,
+)
 
 log = logging.getLogger("fedrec.server")
 
@@ -59,6 +66,16 @@ class CohortGrid:
                 continue
             for client in hosted:
                 self.virtual[len(self.virtual) + 1] = (node, int(client))
+        hosted_now = len(self.virtual)
+        if hosted_now < self.clients:
+            log.warning(
+                "the nodes so far host %d of the %d clients: the others cannot be sampled "
+                "until their nodes connect (a simulation needs ceil(clients / users_per_node) "
+                "= %d nodes)",
+                hosted_now,
+                self.clients,
+                node_count(self.clients, self.users_per_node),
+            )
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -107,8 +124,11 @@ class CohortGrid:
         if error is not None:
             reason = str(error.get("reason", "the client raised"))
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
-        suffix = f":{client}"
         content = RecordDict(
-            {k[: -len(suffix)]: v for k, v in reply.content.items() if k.endswith(suffix)}
+            {
+                name: record
+                for name, owner, record in ((*split_key(k), v) for k, v in reply.content.items())
+                if owner == client and name != "error"
+            }
         )
         return Message(content, reply_to=message)
