@@ -81,3 +81,46 @@ def test_nodes_host_contiguous_shards_and_secagg_is_refused():
     data["federated"].pop("record_epsilon_budget")
     with pytest.raises(FedrecConfigError, match="SecAgg"):
         parse_config(data, "cohort.yaml")
+
+
+def test_a_clients_error_stays_its_own_and_missing_clients_are_warned_about(caplog):
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app.message_type import MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.federation.cohort import COHORT_CLIENTS, HOSTED, reply_key
+    from server.cohort import CohortGrid
+
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 0
+
+    class Node:  # one real node (id 50) hosting clients 4 and 5 of 8
+        def get_node_ids(self) -> list[int]:
+            return [50]
+
+        def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+            replies = []
+            for m in messages:
+                config = m.content.config_records["config"]
+                if COHORT_CLIENTS not in config:  # the roster query
+                    content = RecordDict({"config": ConfigRecord({HOSTED: [4, 5]})})
+                else:
+                    content = RecordDict(
+                        {
+                            reply_key("metrics", 4): MetricRecord({"partition-id": 4}),
+                            reply_key("error", 5): ConfigRecord({"reason": "ValueError: boom"}),
+                        }
+                    )
+                replies.append(Message(content, reply_to=m))
+            return replies
+
+    grid = CohortGrid(Node(), users_per_node=2, clients=8, timeout=10)
+    virtual = grid.get_node_ids()
+    assert [grid.virtual[v] for v in virtual] == [(50, 4), (50, 5)]
+    assert "host 2 of the 8 clients" in caplog.text
+    shared = RecordDict({"config": ConfigRecord({"server-round": 1})})
+    sent = [Message(shared, dst_node_id=v, message_type=MessageType.TRAIN) for v in virtual]
+    first, second = grid.send_and_receive(sent)
+    assert first.metadata.src_node_id == virtual[0] and not first.has_error()
+    assert first.content.metric_records["metrics"]["partition-id"] == 4
+    assert second.metadata.src_node_id == virtual[1] and second.has_error()
+    assert "boom" in second.error.reason
