@@ -19,7 +19,8 @@ from fedrec.training import trainable_users
 
 from .processes import flower_processes, python, wait_for
 
-ROUNDS = 12  # enough that the kill after round 2 lands mid-run
+# Enough that the kill after round 2 lands mid-run even on a loaded machine (12 once did not).
+ROUNDS = 30
 RECORD_SIGMA, CENTRAL_SIGMA = 1.0, 0.5
 
 
