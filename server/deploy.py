@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedrec.federation.runtime import flower_binary
+from server.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 FEDERATION = "fedrec"  # the SuperLink connection's name in the flwr CLI's config.toml
@@ -28,15 +29,15 @@ class Credentials:
 
     @property
     def ca(self) -> Path:
-        return self.folder / "ca.pem"
+        return self.folder / CA_CERT
 
     @property
     def server_cert(self) -> Path:
-        return self.folder / "server.pem"
+        return self.folder / SERVER_CERT
 
     @property
     def server_key(self) -> Path:
-        return self.folder / "server.key"
+        return self.folder / SERVER_KEY
 
     def device_key(self, name: str) -> Path:
         return self.folder / "devices" / name

@@ -15,6 +15,7 @@ from fedrec.data.catalogue import ItemCatalogue
 from fedrec.federated_models import initial_federated_model
 from fedrec.population import population_of
 from server.certs import make_credentials
+from server.deploy import Credentials, superlink_command, write_flwr_settings
 
 from .processes import deploy_on_loopback, flower_processes, free_ports, python, wait_for
 from .tiny import TINY_LLM
@@ -141,24 +142,13 @@ def test_a_tls_superlink_with_supernode_auth_admits_only_registered_nodes_with_t
     binaries = Path(python()).parent
     link, *ports = free_ports(5)
     with flower_processes(tmp_path) as (env, start):
-        home = Path(env["FLWR_HOME"])
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "config.toml").write_text(
-            '[superlink]\ndefault = "tls"\n\n[superlink.tls]\n'
-            f'address = "127.0.0.1:{link}"\nroot-certificates = "{pki.ca_cert}"\n',
-            encoding="utf-8",
+        # the flwr CLI's settings where this test's FLWR_HOME is, and `fedrec server start`'s
+        # SuperLink command line
+        assert write_flwr_settings(tmp_path, f"127.0.0.1:{link}", pki.ca_cert) == Path(
+            env["FLWR_HOME"]
         )
         superlink = start(
-            [
-                str(binaries / "flower-superlink"),
-                *("--ssl-ca-certfile", str(pki.ca_cert)),
-                *("--ssl-certfile", str(pki.server_cert)),
-                *("--ssl-keyfile", str(pki.server_key)),
-                "--enable-supernode-auth",
-                "--disable-runtime-dependency-installation",
-                *("--host", "127.0.0.1", "--port", str(link)),
-                *("--database", str(tmp_path / "state.db")),
-            ],
+            superlink_command(Credentials(pki.ca_cert.parent), "127.0.0.1", link, tmp_path),
             "superlink.log",
         )
         link_log = tmp_path / "superlink.log"
