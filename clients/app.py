@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from fedrec.data.store import EventStore, client_split
 from fedrec.errors import FedrecDataError
 from fedrec.federated_models import build_federated_model
 from fedrec.federation.client import (
+    train_shard,
     evaluate_round,
     load_ledger,
     over_budget,
@@ -46,11 +48,19 @@ from fedrec.federation.client import (
     save_ledger,
     train_round,
 )
+from fedrec.federation.cohort import reply_key
 from fedrec.federation.layout import client_paths, resolve_config_path, resolve_run_dir
 from fedrec.federation.model import FederatedModel, PersonalFile
+from fedrec.federation.vectorised import why_not_vectorised
 from fedrec.privacy import PrivacyLedger
 
-app = ClientApp(mods=[cohort_mod])  # a cohort node runs a message for each client it names
+log = logging.getLogger("fedrec.client")
+
+# A cohort node runs a message for each client it names; training, when it is FedSGD, for all
+# of them in one batched computation (resolved at call time: defined below).
+app = ClientApp(
+    mods=[cohort_mod(train_shard=lambda m, c, clients: train_shard_message(m, c, clients))]
+)
 torch.set_num_threads(1)  # one CPU per virtual client was fastest on 2 cores (STACK-NOTES)
 
 
@@ -126,19 +136,7 @@ def _client(context: Context, msg: Message | None = None) -> Client:
     config, text = _config_file(resolve_config_path(context.run_config))
     run_dir = resolve_run_dir(context.run_config, config.output_dir)
     store, catalogue_path, ledger, personal = client_paths(run_dir, context.node_config)
-    if not catalogue_path.exists():
-        raise FileNotFoundError(
-            f"{catalogue_path}: no item catalogue; the server sends it with its first message to "
-            "a node (the identify query): check that the node can write there (node config "
-            "`catalogue`)"
-        )
-    catalogue = _cached_catalogue(catalogue_path)
-    expected = None if msg is None else msg.content.config_records["config"].get("catalogue-hash")
-    if expected is not None and expected != catalogue.content_hash:
-        raise ValueError(
-            f"{catalogue_path} is catalogue {catalogue.content_hash[:12]}, the server runs "
-            f"{str(expected)[:12]}: fetch the server's catalogue.json again"
-        )
+    catalogue = _checked_catalogue(catalogue_path, msg)
     data = EventStore(store)
     own = client_split(data.events(), catalogue)
     attributes = data.user_attributes()
@@ -160,6 +158,74 @@ def _client(context: Context, msg: Message | None = None) -> Client:
         personal,
         model,
     )
+
+
+def _checked_catalogue(path: Path, msg: Message | None) -> ItemCatalogue:
+    """The client's catalogue; with ``msg``, checked against the one the server runs."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no item catalogue; the server sends it with its first message to "
+            "a node (the identify query): check that the node can write there (node config "
+            "`catalogue`)"
+        )
+    catalogue = _cached_catalogue(path)
+    expected = None if msg is None else msg.content.config_records["config"].get("catalogue-hash")
+    if expected is not None and expected != catalogue.content_hash:
+        raise ValueError(
+            f"{path} is catalogue {catalogue.content_hash[:12]}, the server runs "
+            f"{str(expected)[:12]}: fetch the server's catalogue.json again"
+        )
+    return catalogue
+
+
+def train_shard_message(msg: Message, context: Context, clients: list[int]) -> RecordDict | None:
+    """A cohort node's training message for ``clients``, as one batched FedSGD computation
+    (``fedrec.federation.client.train_shard``): the records ``cohort_mod`` would have packed
+    from each client's own ``train``; None when the federation's local training is not
+    FedSGD (``cohort_mod`` then runs ``train`` for each client, and says why once)."""
+    config, text = _config_file(resolve_config_path(context.run_config))
+    run_dir = resolve_run_dir(context.run_config, config.output_dir)
+    catalogue = _checked_catalogue(client_paths(run_dir, context.node_config)[1], msg)
+    model = _process_model(config, text, run_dir, catalogue)
+    reason = why_not_vectorised(model, config.federated)
+    if reason is not None:
+        _log_once(f"cohort nodes train client by client: {reason}")
+        return None
+    packed = RecordDict()
+    splits, partitions = [], []
+    for client in clients:
+        store = client_paths(run_dir, {**context.node_config, "partition-id": client})[0]
+        try:
+            splits.append(client_split(EventStore(store).events(), catalogue).split)
+            partitions.append(client)
+        except Exception as err:  # as its own node would: an error reply for this client only
+            log.exception("client %d raised", client)
+            packed[reply_key("error", client)] = ConfigRecord(
+                {"reason": f"{type(err).__name__}: {err}"}
+            )
+    model.load_shared_state(msg.content.array_records["arrays"].to_torch_state_dict())
+    clip = msg.content.config_records["config"].get(KEY_CLIPPING_NORM)
+    replies = train_shard(
+        model,
+        splits,
+        config.federated,
+        partitions=partitions,
+        round_number=_round(msg),
+        seed=config.seed,
+        clipping_norm=None if clip is None else float(cast(float, clip)),
+    )
+    if replies is None:
+        _log_once("cohort nodes train client by client: a client holds several users")
+        return None
+    for client, reply in zip(partitions, replies, strict=True):
+        for name, record in reply_message(msg, reply).content.items():
+            packed[reply_key(name, client)] = record
+    return packed
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    log.info(message)
 
 
 @app.query("participation")

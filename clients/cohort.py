@@ -4,23 +4,45 @@ client it names, each with its own context, and packs the replies into one."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import cast
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.app.message_type import MessageType
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedrec.federation.cohort import COHORT_CLIENTS, HOSTED, hosted_clients, reply_key
 
 log = logging.getLogger("fedrec.client")
 
 
-def cohort_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Messages naming ``COHORT_CLIENTS`` run once per client, as that client's node would
-    run them (node config ``partition-id`` = the client); others pass through."""
-    config = msg.content.config_records.get("config")
-    if config is None or COHORT_CLIENTS not in config:
-        return call_next(msg, context)
-    clients = [int(c) for c in cast(list[int], config[COHORT_CLIENTS])]
+ShardTrainer = Callable[[Message, Context, list[int]], RecordDict | None]
+
+
+def cohort_mod(train_shard: ShardTrainer | None = None) -> Mod:
+    """A mod under which messages naming ``COHORT_CLIENTS`` run once per client, as that
+    client's node would run them (node config ``partition-id`` = the client); others pass
+    through. ``train_shard`` may answer a training message for all the clients at once (the
+    records the loop would pack), or return None to leave it to the loop."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        config = msg.content.config_records.get("config")
+        if config is None or COHORT_CLIENTS not in config:
+            return call_next(msg, context)
+        clients = [int(c) for c in cast(list[int], config[COHORT_CLIENTS])]
+        if train_shard is not None and msg.metadata.message_type == MessageType.TRAIN:
+            packed = train_shard(msg, context, clients)
+            if packed is not None:
+                return Message(packed, reply_to=msg)
+        return _each_client(msg, context, call_next, clients)
+
+    return mod
+
+
+def _each_client(
+    msg: Message, context: Context, call_next: ClientAppCallable, clients: list[int]
+) -> Message:
+    config = msg.content.config_records["config"]
     own = ConfigRecord({k: v for k, v in config.items() if k != COHORT_CLIENTS})
     packed = RecordDict()
     received = msg.content

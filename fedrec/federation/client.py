@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,12 @@ from fedrec.data.split import SequenceSplit
 from fedrec.evaluation import EvalConfig, evaluate
 from fedrec.federation.config import FederatedConfig
 from fedrec.federation.layout import LEGACY_LEDGER_DIR
-from fedrec.federation.model import FederatedModel, LocalResult, PersonalParameters
+from fedrec.federation.model import (
+    FederatedModel,
+    LocalResult,
+    PersonalParameters,
+    SequentialFederatedModel,
+)
 from fedrec.federation.privacy import (
     client_seed,
     event_metrics,
@@ -34,6 +40,7 @@ from fedrec.federation.privacy import (
     noise_seed,
     planned_record_event,
 )
+from fedrec.federation.vectorised import fedsgd_shard, why_not_vectorised
 from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger
 from fedrec.privacy.randomness import numpy_generator
 
@@ -151,7 +158,6 @@ def train_round(
     planned = planned_release(model, split, fed, partition, round_number)
     if over_budget(planned, fed, ledger):
         return declined_reply(fed, partition, global_state)
-    metrics = _reply_metrics(fed, partition)
     result = model.train_local(
         split,
         fed,
@@ -159,17 +165,64 @@ def train_round(
         personal,
         noise_seed(fed, seed, round_number, partition),
     )
+    if result.dp is not None and planned is not None:
+        planned = dataclasses.replace(planned, steps=result.dp.steps)
+        ledger.record(planned)
+    return _trained_reply(
+        fed, partition, result, planned, model.shared_state(), global_state, clipping_norm
+    )
+
+
+def _trained_reply(
+    fed: FederatedConfig,
+    partition: int,
+    result: LocalResult,
+    spent: PrivacyEvent | None,
+    state: dict[str, torch.Tensor],
+    global_state: dict[str, torch.Tensor],
+    clipping_norm: float | None,
+) -> ClientReply:
+    metrics = _reply_metrics(fed, partition)
     metrics["num-examples"] = reply_weight(result, fed)
     if fed.report_train_loss:
         metrics["train-loss"] = result.loss
-    if result.dp is not None and planned is not None:
-        spent = dataclasses.replace(planned, steps=result.dp.steps)
-        ledger.record(spent)
+    if result.dp is not None and spent is not None:
         metrics.update(event_metrics(spent))
-    state = model.shared_state()
     if clipping_norm is not None:
         state = clip_update(state, global_state, clipping_norm)
     return ClientReply(metrics, state)
+
+
+def train_shard(
+    model: FederatedModel,
+    splits: Sequence[SequenceSplit],
+    fed: FederatedConfig,
+    *,
+    partitions: Sequence[int],
+    round_number: int,
+    seed: int,
+    clipping_norm: float | None,
+) -> list[ClientReply] | None:
+    """``train_round`` of every client of a shard (``partitions[i]`` holding ``splits[i]``) in
+    one batched FedSGD computation (``fedrec.federation.vectorised``), the same replies; None
+    when these clients cannot train that way (the caller runs ``train_round`` for each). No
+    ledger: FedSGD without record-level DP releases nothing on the client."""
+    if why_not_vectorised(model, fed) is not None:
+        return None
+    assert isinstance(model, SequentialFederatedModel)
+    global_state = {k: v.detach().clone() for k, v in model.shared_state().items()}
+    trained = fedsgd_shard(
+        model.model,
+        splits,
+        fed.local_learning_rate,
+        [client_seed(seed, round_number, p) for p in partitions],
+    )
+    if trained is None:
+        return None
+    return [
+        _trained_reply(fed, partition, result, None, state, global_state, clipping_norm)
+        for partition, (state, result) in zip(partitions, trained, strict=True)
+    ]
 
 
 def evaluate_round(

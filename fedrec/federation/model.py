@@ -127,8 +127,12 @@ def local_train(
         )
         for _ in range(config.local_epochs)
     ]
-    positions = int(np.maximum(split.history_lengths("valid")[users] - 1, 0).sum())
-    return LocalResult(positions, float(np.mean(losses)), None)
+    return LocalResult(training_positions(split, users), float(np.mean(losses)), None)
+
+
+def training_positions(split: SequenceSplit, users: np.ndarray) -> int:
+    """The (input, next item) pairs of ``users``' training histories: a client's weight."""
+    return int(np.maximum(split.history_lengths("valid")[users] - 1, 0).sum())
 
 
 class SequentialFederatedModel:

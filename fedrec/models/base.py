@@ -97,12 +97,18 @@ class SequentialRecommender(nn.Module):
         return user @ self.item_vectors().T
 
     def position_losses(
-        self, items: torch.Tensor, timestamps: torch.Tensor, targets: torch.Tensor
+        self,
+        items: torch.Tensor,
+        timestamps: torch.Tensor,
+        targets: torch.Tensor,
+        negatives: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-item cross-entropy at every position: ``(losses [B, L], valid [B, L])``.
 
         Padding positions (target 0) get loss 0. Keeping the loss per position lets a caller
         reduce per sequence (DP-SGD needs a per-example loss) or over all positions.
+        ``negatives`` ``[B, num_negatives]`` (sampled softmax): drawn here from torch's global
+        generator when not given.
         """
         valid = targets > 0
         if self.config.loss == "full_softmax":
@@ -115,9 +121,8 @@ class SequentialRecommender(nn.Module):
         hidden = self._normalize(self.encode(items, timestamps))
         # Negatives are drawn per sequence: wider catalogue coverage per step than one shared
         # set, and each example's loss still depends on that example alone (DP-SGD needs this).
-        negatives = torch.randint(
-            1, self.num_items + 1, (items.shape[0], self.config.num_negatives), device=items.device
-        )
+        if negatives is None:
+            negatives = self.draw_negatives(items.shape[0], items.device)
         pos_vectors = self._normalize(self.item_embedding(targets))
         neg_vectors = self._normalize(self.item_embedding(negatives))
         pos_logits = (hidden * pos_vectors).sum(-1, keepdim=True)
@@ -127,6 +132,13 @@ class SequentialRecommender(nn.Module):
         logits = torch.cat([pos_logits, neg_logits], dim=-1) / self.config.temperature
         losses = torch.where(valid, -F.log_softmax(logits, dim=-1)[..., 0], 0.0)
         return losses, valid
+
+    def draw_negatives(
+        self, rows: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``[rows, num_negatives]`` uniform item ids, as ``position_losses`` draws them."""
+        shape = (rows, self.config.num_negatives)
+        return torch.randint(1, self.num_items + 1, shape, device=device, generator=generator)
 
     def loss(
         self, items: torch.Tensor, timestamps: torch.Tensor, targets: torch.Tensor

@@ -47,10 +47,10 @@ class HSTUConfig(SequentialModelConfig):
 
 def time_buckets(timestamps: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """``[B, L, L]`` bucket of ``|t_i - t_j|`` on a log scale (as the HSTU repository buckets)."""
-    gaps = (
-        (timestamps.unsqueeze(2) - timestamps.unsqueeze(1)).abs_().clamp_(min=1).to(torch.float32)
-    )
-    return (gaps.log_() / 0.301).long().clamp_(0, num_buckets)
+    # Out of place: torch.func.vmap (fedrec.federation.vectorised) has no batching rule for
+    # in-place clamp_ and falls back to a slow per-example loop.
+    gaps = (timestamps.unsqueeze(2) - timestamps.unsqueeze(1)).abs().clamp(min=1).float()
+    return (gaps.log() / 0.301).long().clamp(0, num_buckets)
 
 
 class RelativeBucketedBias(nn.Module):
