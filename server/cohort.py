@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import cast
 
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.app.message_type import MessageType
@@ -22,7 +23,6 @@ from fedrec.federation.cohort import (
     HOSTED,
     ROSTER_QUERY,
     node_count,
-    reply_key,
     split_key,
 )
 
@@ -106,29 +106,34 @@ class CohortGrid:
         replies = {
             r.metadata.src_node_id: r for r in self.grid.send_and_receive(outgoing, timeout=timeout)
         }
-        return [
-            self._split(replies[node], m)
-            for node, group in groups.items()
-            if node in replies
-            for m in group
-        ]
+        split = []
+        for node, group in groups.items():
+            if node not in replies:
+                continue
+            by_client = _by_client(replies[node])
+            split.extend(self._split(replies[node], by_client, m) for m in group)
+        return split
 
     def _client(self, message: Message) -> int:
         return self.virtual[message.metadata.dst_node_id][1]
 
-    def _split(self, reply: Message, message: Message) -> Message:
+    def _split(self, reply: Message, by_client: dict[int, RecordDict], message: Message) -> Message:
         if reply.has_error():
             return Message(reply.error, reply_to=message)
-        client = self._client(message)
-        error = reply.content.config_records.get(reply_key("error", client))
+        content = by_client.get(self._client(message), RecordDict())
+        error = content.get("error")
         if error is not None:
-            reason = str(error.get("reason", "the client raised"))
+            reason = str(cast(ConfigRecord, error).get("reason", "the client raised"))
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
-        content = RecordDict(
-            {
-                name: record
-                for name, owner, record in ((*split_key(k), v) for k, v in reply.content.items())
-                if owner == client and name != "error"
-            }
-        )
         return Message(content, reply_to=message)
+
+
+def _by_client(reply: Message) -> dict[int, RecordDict]:
+    """A node's reply as one ``RecordDict`` per client (one pass over its records)."""
+    if reply.has_error():
+        return {}
+    split: dict[int, RecordDict] = {}
+    for key, record in reply.content.items():
+        name, client = split_key(key)
+        split.setdefault(client, RecordDict())[name] = record
+    return split
