@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 # last demo (fedrec itself never deletes a ledger, so ε would otherwise carry over).
 demo: $(STAMP)
 	rm -rf runs/demo/devices
-	$(BIN)/fedrec simulate --config configs/federated-synthetic.yaml --output-dir runs/demo
+	$(BIN)/fedrec simulate --config configs/demo-private-federated.yaml --output-dir runs/demo
 
 train: $(STAMP)
 	$(BIN)/fedrec train --config configs/synthetic.yaml --output-dir runs/train

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -178,6 +178,7 @@ def simulate(
     outcome = json.loads(results.read_text(encoding="utf-8"))
     if outcome["stopped_early"]:
         typer.echo(f"stopped early: {outcome['stopped_early']}", err=True)
+    typer.echo(_summary(outcome, population.config.train.monitor))
     typer.echo(f"metrics: {run_dir / 'metrics.jsonl'}")
     typer.echo(f"results: {results}")
     if (run_dir / "audit.html").exists():
@@ -185,6 +186,21 @@ def simulate(
     typer.echo(f"privacy report: {run_dir / 'privacy.html'}")
     if outcome["failed"]:
         raise typer.Exit(1)
+
+
+def _summary(outcome: dict[str, Any], monitor: str) -> str:
+    """One line: the best-validated round's test metric against popularity, and ε so far."""
+    best, final = outcome["best_valid"], outcome["final"]
+    if best is None or final is None:
+        return "no round was evaluated"
+    popularity = outcome["baselines"]["popularity"]["test"][monitor]
+    from fedrec.federation.privacy import epsilon_text
+
+    spent = final.get("epsilon") or {}
+    return (
+        f"test {monitor} {best['test'][monitor]:.4f} (round {best['round']}, best valid) vs "
+        f"popularity {popularity:.4f}; {epsilon_text(spent).strip() if spent else 'no DP'}"
+    )
 
 
 @app.command("privacy-report")

@@ -24,7 +24,7 @@ from fedrec.audits.federated import PREFIX as AUDIT_PREFIX
 from fedrec.audits.federated import Sums, add_sums, audit_from_sums
 from fedrec.audits.report import write_audit_report
 from fedrec.data.catalogue import ItemCatalogue
-from fedrec.evaluation import EvalResult, evaluate
+from fedrec.evaluation import EvalResult, evaluate, popularity_scorer
 from fedrec.evaluation.evaluator import Scorer
 from fedrec.experiment import environment, write_json_atomic
 from fedrec.federated_models import initial_federated_model
@@ -371,6 +371,13 @@ class Federation:
         evaluated = [h for h in history if "valid" in h]
         monitor = self.config.train.monitor
         best = max(evaluated, key=lambda r: r["valid"][monitor]) if evaluated else None
+        # The yardstick a model must beat, on the same split (as fedrec train reports it).
+        popularity = evaluate(
+            popularity_scorer(self.population.split),
+            self.population.split,
+            "test",
+            self.config.evaluation,
+        )
         results = {
             "engine": self.engine,
             "model": self.config.model_name,
@@ -382,6 +389,7 @@ class Federation:
             "failed": failed,
             "final": evaluated[-1] if evaluated else None,
             "best_valid": best,
+            "baselines": {"popularity": {"test": popularity.metrics}},
             "wall_seconds": time.perf_counter() - started,
             "config": self.config.to_dict(),
             "environment": environment(),

@@ -214,17 +214,37 @@ def bench_round(
     }
 
 
-def bench_memory(workdir: Path, populations: list[int], clients_per_round: int) -> dict[str, Any]:
-    """Peak resident memory of the whole simulation (driver + Ray actors), 2 rounds each."""
+def bench_memory(
+    workdir: Path,
+    populations: list[int],
+    clients_per_round: int,
+    config_path: str | None = None,
+    users_per_node: int = 1,
+) -> dict[str, Any]:
+    """Peak resident memory of the whole simulation (driver + Ray actors), 2 rounds each, of
+    the small synthetic workload or of ``config_path``'s federation with its population set to
+    each of ``populations`` (``users_per_node`` clients per node)."""
     out = {}
     for users in populations:
-        result = _simulate(synthetic_config(users, clients_per_round, 2), workdir / f"pop-{users}")
+        if config_path is None:
+            config = synthetic_config(users, clients_per_round, 2)
+        else:
+            config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+            config["data"]["synthetic"]["num_users"] = users
+            config["federated"].update(num_rounds=2, clients_per_round=clients_per_round)
+        config["federated"]["users_per_node"] = users_per_node
+        result = _simulate(config, workdir / f"pop-{users}")
         out[str(users)] = {
             "peak_rss_mib": result["peak_rss_bytes"] / 2**20,
             "wall_seconds": result["wall"],
             "round_seconds": [h["seconds"] for h in result["history"]],
         }
-    return {"clients_per_round": clients_per_round, "populations": out}
+    return {
+        "config": config_path or "synthetic, HSTU d=32, 2 local epochs",
+        "clients_per_round": clients_per_round,
+        "users_per_node": users_per_node,
+        "populations": out,
+    }
 
 
 def bench_audit(config_path: str, workdir: Path, rounds: int, repeats: int) -> dict[str, Any]:
@@ -271,14 +291,17 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("what", choices=("dp-step", "round", "memory", "audit"))
-    parser.add_argument("--config", help="experiment YAML (audit; optional for round)")
+    parser.add_argument("--config", help="experiment YAML (audit; optional for round and memory)")
     parser.add_argument("--output", default="runs/bench-federated", help="folder for results")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--clients-per-round", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument(
-        "--users-per-node", type=int, default=1, help="round: clients per Flower node (cohorts)"
+        "--users-per-node",
+        type=int,
+        default=1,
+        help="round, memory: clients per Flower node (cohort nodes)",
     )
     parser.add_argument("--populations", type=int, nargs="+", default=[1000, 10000, 100000])
     args = parser.parse_args(argv)
@@ -295,7 +318,13 @@ def main(argv: list[str] | None = None) -> int:
             output / "round", args.clients_per_round, args.rounds, args.config, args.users_per_node
         )
     else:
-        result = bench_memory(output / "memory", args.populations, args.clients_per_round)
+        result = bench_memory(
+            output / "memory",
+            args.populations,
+            args.clients_per_round,
+            args.config,
+            args.users_per_node,
+        )
     result["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__}
     (output / f"{args.what}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(json.dumps(result, indent=2))
