@@ -40,13 +40,13 @@ from fedrec.data.store import EventStore, client_split
 from fedrec.errors import FedrecDataError
 from fedrec.federated_models import build_federated_model
 from fedrec.federation.client import (
-    train_shard,
     evaluate_round,
     load_ledger,
     over_budget,
     planned_release,
     save_ledger,
     train_round,
+    train_shard,
 )
 from fedrec.federation.cohort import reply_key
 from fedrec.federation.layout import client_paths, resolve_config_path, resolve_run_dir
@@ -223,7 +223,7 @@ def train_shard_message(msg: Message, context: Context, clients: list[int]) -> R
     return packed
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_once(message: str) -> None:
     log.info(message)
 

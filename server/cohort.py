@@ -106,7 +106,7 @@ class CohortGrid:
         replies = {
             r.metadata.src_node_id: r for r in self.grid.send_and_receive(outgoing, timeout=timeout)
         }
-        split = []
+        split: list[Message] = []
         for node, group in groups.items():
             if node not in replies:
                 continue
