@@ -41,6 +41,7 @@ from flwr.supercore.differential_privacy import (
     compute_adaptive_noise_params,
 )
 
+from fedrec.federation.arrays import record_numpy
 from fedrec.federation.config import (
     AdaptiveClippingConfig,
     CentralDPConfig,
@@ -102,7 +103,7 @@ class UserLevelDP(CohortSampler):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.keys = list(arrays.keys())
-        self.current = arrays.to_numpy_ndarrays()
+        self.current = record_numpy(arrays)
         config[KEY_CLIPPING_NORM] = self.clipping_norm
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -113,7 +114,7 @@ class UserLevelDP(CohortSampler):
         if arrays is None or list(arrays.keys()) != self.keys:
             log.warning("a reply's arrays do not match the global model's keys: dropped")
             return None
-        values = arrays.to_numpy_ndarrays()
+        values = record_numpy(arrays)
         if any(v.shape != c.shape for v, c in zip(values, self.current, strict=True)) or not all(
             np.isfinite(v).all() for v in values
         ):

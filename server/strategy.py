@@ -83,7 +83,15 @@ def build_strategy(
     seeded = fed.reproducible_noise or fed.central_dp is None
     generator = round_generator(seed if seeded else None)
     if fed.central_dp is None:
-        return CohortSampler(strategy, cohort, num_clients, "fixed", generator, client_audit)
+        return CohortSampler(
+            strategy,
+            cohort,
+            num_clients,
+            "fixed",
+            generator,
+            client_audit,
+            averages=not spec.robust,
+        )
     count_stddev, update_noise = noise_split(fed.central_dp, cohort)
     return UserLevelDP(
         strategy,

@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedrec.federation.arrays import array_numpy, record_numpy
 from server.wrapper import StrategyWrapper
 
 log = logging.getLogger("fedrec.server")
@@ -62,7 +63,7 @@ class ReplyValidator(StrategyWrapper):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.current = {k: v.numpy() for k, v in arrays.items()}
+        self.current = dict(zip(arrays.keys(), record_numpy(arrays), strict=True))
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -121,7 +122,7 @@ class ReplyValidator(StrategyWrapper):
             return "its arrays are not the global model's", 0.0, 0
         squared = 0.0
         for key, array in arrays.items():
-            value, reference = array.numpy(), self.current[key]
+            value, reference = array_numpy(array), self.current[key]
             # Kinds, not widths: FedAdam's global arrays are float64, a client's model float32.
             if value.shape != reference.shape or value.dtype.kind != reference.dtype.kind:
                 return (

@@ -277,8 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in pfl's process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="runs/bench-pfl", help="folder for results")
-    parser.add_argument("--pfl-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--pfl-result", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--pfl-worker",
+        action="store_true",
+        help="internal: run the pfl side (started by this script under --pfl-python)",
+    )
+    parser.add_argument("--pfl-result", help="internal: where the pfl side writes its JSON")
     args = parser.parse_args(argv)
 
     if args.pfl_worker:
