@@ -3,7 +3,7 @@
 federation as the reference.
 
     python simulations/privacy_utility.py --config configs/ml-100k-federated.yaml \
-        --rounds 60 --epsilons 1 3 8 --output runs/pu-ml100k
+        --rounds 60 --epsilons 1 3 8 --seeds 0 1 2 --output runs/pu-ml100k
 
 Runs on the in-process loop (simulations/inprocess.py, checked against the Flower simulation
 by tests/test_inprocess.py), because hundreds of rounds × 100–1000 clients per round through
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,23 @@ def _run(data: dict[str, Any], federated: dict[str, Any], out: Path) -> dict[str
     }
 
 
+def _table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± sd of test NDCG@10 over seeds, per kind and ε."""
+    groups: dict[tuple[str, float | None], list[float]] = {}
+    for row in rows:
+        groups.setdefault((row["kind"], row["target_epsilon"]), []).append(row["test_ndcg10"])
+    return [
+        {
+            "kind": kind,
+            "target_epsilon": eps,
+            "seeds": len(values),
+            "test_ndcg10_mean": statistics.fmean(values),
+            "test_ndcg10_sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        }
+        for (kind, eps), values in groups.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -65,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", type=float, default=1.0, help="DP-FedAvg clip norm")
     parser.add_argument("--record-sigma", type=float, default=1.0)
     parser.add_argument("--kinds", nargs="+", default=["none", "user", "day"])
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="training seeds (config seed) per row"
+    )
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -99,20 +120,24 @@ def main(argv: list[str] | None = None) -> int:
                 }
             else:
                 sigma, federated = 0.0, {}
-            name = kind if eps is None else f"{kind}-eps{eps:g}"
-            result = _run(data, federated, output / name)
-            report = result.pop("epsilon")
-            rows.append(
-                {
-                    "kind": kind,
-                    "target_epsilon": eps,
-                    "sigma": sigma,
-                    "federation_epsilon": (report["federation"] or {}).get("epsilon"),
-                    "client_epsilon_max": report["clients"]["epsilon_max"],
-                    **result,
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
+            for seed in args.seeds:
+                name = kind if eps is None else f"{kind}-eps{eps:g}"
+                result = _run({**data, "seed": seed}, federated, output / f"{name}-seed{seed}")
+                report = result.pop("epsilon")
+                rows.append(
+                    {
+                        "kind": kind,
+                        "target_epsilon": eps,
+                        "seed": seed,
+                        "sigma": sigma,
+                        "sampling": "poisson" if kind == "user" else "fixed cohort",
+                        "accountant": "opacus rdp" if kind != "none" else None,
+                        "federation_epsilon": (report["federation"] or {}).get("epsilon"),
+                        "client_epsilon_max": report["clients"]["epsilon_max"],
+                        **result,
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
             summary.write_text(
                 json.dumps(
                     {
@@ -122,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                         "rounds": args.rounds,
                         "delta_user_level": delta,
                         "rows": rows,
+                        "table": _table(rows),
                     },
                     indent=2,
                 ),
