@@ -205,15 +205,19 @@ def train_shard_message(msg: Message, context: Context, clients: list[int]) -> R
             )
     model.load_shared_state(msg.content.array_records["arrays"].to_torch_state_dict())
     clip = msg.content.config_records["config"].get(KEY_CLIPPING_NORM)
-    replies = train_shard(
-        model,
-        splits,
-        config.federated,
-        partitions=partitions,
-        round_number=_round(msg),
-        seed=config.seed,
-        clipping_norm=None if clip is None else float(cast(float, clip)),
-    )
+    try:
+        replies = train_shard(
+            model,
+            splits,
+            config.federated,
+            partitions=partitions,
+            round_number=_round(msg),
+            seed=config.seed,
+            clipping_norm=None if clip is None else float(cast(float, clip)),
+        )
+    except Exception:  # one batched pass must not fail every client of the node
+        log.exception("the batched FedSGD pass failed: this message trains client by client")
+        return None
     if replies is None:
         _log_once("cohort nodes train client by client: a client holds several users")
         return None

@@ -72,6 +72,7 @@ class CohortSampler(StrategyWrapper):
         # The wrapped strategy's aggregate is FedAvg's weighted mean of the replies (FedAvg,
         # FedAvgM, FedProx, FedAdam; not the robust rules, which need each update).
         self.averages = averages
+        self.dtypes: list[np.dtype] = []  # of the global arrays this round sent
         if not 0 < cohort <= population:
             raise ValueError(f"cohort {cohort} must lie in 1..population ({population})")
         self.cohort = cohort
@@ -110,6 +111,7 @@ class CohortSampler(StrategyWrapper):
         # Sampled first, then checked: the draw (and so the accountant's q) is the same.
         chosen = [n for n in self.sample(connected, self.sampling, self.rng) if self.may_train(n)]
         self.last_sampled = len(chosen)
+        self.dtypes = [a.dtype for a in record_numpy(arrays)]
         return self.strategy.configure_train(server_round, arrays, config, Cohort(chosen))  # type: ignore[arg-type]
 
     def aggregate_train(
@@ -131,16 +133,16 @@ class CohortSampler(StrategyWrapper):
             return self.strategy.aggregate_train(server_round, replies)
         first = cast(ArrayRecord, trained[0].content["arrays"])
         sums = [np.zeros(a.shape, dtype=np.float64) for a in record_numpy(first)]
+        # The mean keeps the global model's dtypes (a reply's float16 must not become them).
+        dtypes = self.dtypes or [a.dtype for a in record_numpy(first)]
         for reply, weight in zip(trained, weights, strict=True):
             values = record_numpy(cast(ArrayRecord, reply.content["arrays"]))
             for acc, value in zip(sums, values, strict=True):
                 acc += weight * value
         mean = ArrayRecord(
             {
-                k: Array(np.asarray(acc / total, dtype=reference.dtype))
-                for (k, reference), acc in zip(
-                    zip(first.keys(), record_numpy(first), strict=True), sums, strict=True
-                )
+                k: Array(np.asarray(acc / total, dtype=dtype))
+                for k, acc, dtype in zip(first.keys(), sums, dtypes, strict=True)
             }
         )
         metrics_of = getattr(self.strategy, "train_metrics_aggr_fn", None)
@@ -150,7 +152,9 @@ class CohortSampler(StrategyWrapper):
             dst_node_id=0,
             message_type=MessageType.TRAIN,
         )
-        arrays, _ = self.strategy.aggregate_train(server_round, [release])
+        # The failures go along, so the strategy logs them as it would have.
+        failed = [r for r in replies if r.has_error()]
+        arrays, _ = self.strategy.aggregate_train(server_round, [release, *failed])
         return arrays, metrics
 
     def configure_evaluate(

@@ -90,7 +90,7 @@ def build_strategy(
             "fixed",
             generator,
             client_audit,
-            averages=not spec.robust,
+            averages=spec.averages,
         )
     count_stddev, update_noise = noise_split(fed.central_dp, cohort)
     return UserLevelDP(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import cast
 
@@ -86,6 +87,8 @@ class ReplyValidator(StrategyWrapper):
                 rejected += 1
                 continue
             checked.append((reply, norm, weight))
+        checked, inconsistent = self._same_metric_keys(checked, server_round)
+        rejected += inconsistent
         kept = [r for r in checked if not r[0].has_error()]
         norms = [n for _, n, w in kept if w > 0]
         weights = [float(w) for _, _, w in kept if w > 0]
@@ -112,6 +115,33 @@ class ReplyValidator(StrategyWrapper):
             facts = MetricRecord({**dict(metrics), "rejected": rejected})
         return arrays, facts
 
+    @staticmethod
+    def _same_metric_keys(
+        checked: list[tuple[Message, float, int]], server_round: int
+    ) -> tuple[list[tuple[Message, float, int]], int]:
+        """The replies whose metric names are the round's most common set (Flower's strategies
+        refuse to average replies whose metrics differ), and how many were left out."""
+        names = [
+            None if r.has_error() else frozenset(r.content["metrics"].keys()) for r, _, _ in checked
+        ]
+        counts = Counter(n for n in names if n is not None)
+        if len(counts) < 2:
+            return checked, 0
+        common = counts.most_common(1)[0][0]
+        kept = []
+        for entry, name in zip(checked, names, strict=True):
+            if name is None or name == common:
+                kept.append(entry)
+            else:
+                log.warning(
+                    "round %d: reply of node %d rejected: its metrics %s are not the round's %s",
+                    server_round,
+                    entry[0].metadata.src_node_id,
+                    sorted(name),
+                    sorted(common),
+                )
+        return kept, len(checked) - len(kept)
+
     def _inspect(self, reply: Message) -> tuple[str, float, int]:
         """(what is wrong, or ""; the update's L2 norm; the reported weight)."""
         arrays = reply.content.array_records.get("arrays")
@@ -122,7 +152,11 @@ class ReplyValidator(StrategyWrapper):
             return "its arrays are not the global model's", 0.0, 0
         squared = 0.0
         for key, array in arrays.items():
-            value, reference = array_numpy(array), self.current[key]
+            try:
+                value = array_numpy(array)
+            except ValueError as err:
+                return f"{key}: {err}", 0.0, 0
+            reference = self.current[key]
             # Kinds, not widths: FedAdam's global arrays are float64, a client's model float32.
             if value.shape != reference.shape or value.dtype.kind != reference.dtype.kind:
                 return (

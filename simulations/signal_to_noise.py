@@ -12,7 +12,8 @@ takes their mean m. The server releases m + N(0, (σC / cohort)² I) over the P 
 parameters, so the noise norm is ≈ σ·C·√P / cohort, with σ solved by Opacus (RDP) for Poisson
 sampling at q = cohort / population over ``--rounds`` rounds and δ = min(1e-5, N^-1.1), as
 ``privacy_utility.py`` and the server do. A ratio ‖m‖ / noise well below 1 means a round's
-release is mostly noise; FedAdam's per-coordinate normalisation does not change that ratio.
+release is mostly noise (the server optimizer averages over rounds, so a run tolerates a
+per-round ratio somewhat below 1, not far below).
 
 This is an offline diagnostic on the simulation's whole population: the un-noised mean is
 exactly what DP keeps from the server, so no run ever logs it.

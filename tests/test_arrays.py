@@ -3,6 +3,8 @@ pre-averaging against the strategy averaging every reply itself."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -44,6 +46,22 @@ def test_a_reply_whose_declared_shape_lies_reads_as_numpy_would():
     truncated = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=data[:-4])
     with pytest.raises(ValueError):
         array_numpy(truncated)
+    # A subarray dtype whose canonical header is a void one: numpy reads void, so must we.
+    void = Array(np.zeros(3, dtype="V4")).data
+    subarray = Array(dtype="(1,)f4", shape=(3,), stype="numpy.ndarray", data=void)
+    assert array_numpy(subarray).dtype == subarray.numpy().dtype == np.dtype("V4")
+    # A header claiming 10^10 values on a 12-byte payload is refused before any allocation.
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (10**10,)}
+    )
+    huge = Array(
+        dtype="float32", shape=(3,), stype="numpy.ndarray", data=header.getvalue() + bytes(12)
+    )
+    with pytest.raises(ValueError, match="not one"):
+        array_numpy(huge)
+    with pytest.raises(ValueError, match=r"not a \.npy"):
+        array_numpy(Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"garbage"))
     record = ArrayRecord({"a": Array(np.arange(3.0)), "b": Array(np.eye(2))})
     for got, want in zip(record_numpy(record), record.to_numpy_ndarrays(), strict=True):
         assert np.array_equal(got, want)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 
 import numpy as np
 import pytest
@@ -87,7 +88,32 @@ ATTACKS = {
     ),
     "negative weight": _with(_scaled(1.0), weight=-5),
     "metrics not numbers": lambda m: _bad_metrics(m),
+    "bytes that are not an array": lambda m: _forged(m, b"garbage"),
+    "a header claiming 10^10 values": lambda m: _forged(m, _huge_header()),
+    "an extra metric": lambda m: _extra_metric(m),
 }
+
+
+def _forged(message, data: bytes):
+    out = reply(message, _arrays(_scaled(1.0)), 10)
+    arrays = dict(out.content["arrays"].items())
+    arrays["w"] = Array(dtype="float32", shape=(4, 3), stype="numpy.ndarray", data=data)
+    out.content["arrays"] = ArrayRecord(arrays)
+    return out
+
+
+def _huge_header() -> bytes:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (10**10,)}
+    )
+    return header.getvalue() + bytes(48)
+
+
+def _extra_metric(message):
+    out = reply(message, _arrays(_scaled(1.0)), 10)
+    out.content["metrics"] = MetricRecord({"num-examples": 10, "steer": 1e6})
+    return out
 
 
 def _bad_metrics(message):

@@ -120,11 +120,10 @@ def test_what_cannot_be_vectorised_says_why():
     assert "more than one SGD step" in str(why_not_vectorised(model, epochs))
     record = dataclasses.replace(FEDSGD, record_dp={"noise_multiplier": 1.0})
     assert "Opacus" in str(why_not_vectorised(model, record))
-    whole = splits[0]
-    two_users, _ = _user_splits(2)
+    shared = dataclasses.replace(FEDSGD, partitioning="hash", num_partitions=2)
+    assert "several users" in str(why_not_vectorised(model, shared))
     pair = leave_one_out(generate_synthetic(SyntheticConfig(num_users=2, num_items=40, seed=0)))
-    assert fedsgd_shard(model.model, [whole, pair], 1.0, [0, 1]) is None  # 2 users: 2 rows
-    assert len(two_users) == 2
+    assert fedsgd_shard(model.model, [splits[0], pair], 1.0, [0, 1]) is None  # 2 users: 2 rows
 
 
 CONFIG = {

@@ -4,10 +4,11 @@ Flower keeps each array as ``.npy`` bytes and ``Array.numpy()`` runs ``np.load``
 the header with ``ast.literal_eval``: ≈ 20 µs per array, so a server reading 1,000 replies of
 a 12-tensor model twice a round spent ≈ 0.5 s on headers alone (BENCHMARKS.md, population
 scale). Here the header is compared byte for byte with the one ``np.save`` writes for the
-array's declared dtype and shape (made once per dtype and shape); when they are equal the
-values are read in place, otherwise (another header, a Fortran order, a truncated payload) it
-falls back to ``Array.numpy()``. Either way the result is exactly what ``np.load`` would read,
-so a reply cannot be validated as one array and aggregated as another.
+array's declared dtype and shape (made once per dtype and shape); when they are equal and the
+dtype is a plain number the values are read in place, otherwise (another header, a Fortran
+order, a structured or subarray dtype) numpy reads it, after its header was checked against
+the payload's length. Either way the result is what ``np.load`` reads, so a reply cannot be
+validated as one array and aggregated as another.
 """
 
 from __future__ import annotations
@@ -33,20 +34,45 @@ def _header(dtype: str, shape: tuple[int, ...]) -> bytes:
 
 
 def array_numpy(array: Array) -> np.ndarray:
-    """``array.numpy()``, read in place (read-only) when its header is the canonical one."""
+    """``array.numpy()``, read in place (read-only) when its header is the canonical one for a
+    plain numeric dtype; raises ``ValueError`` for bytes that are not one whole array (checked
+    before anything is allocated, so a forged header cannot make the reader allocate more
+    than the payload holds)."""
     try:
         dtype = np.dtype(array.dtype)
         shape = tuple(int(n) for n in array.shape)
     except (TypeError, ValueError):
-        return array.numpy()
+        return _checked_load(array)
     data = array.data
+    plain = dtype.kind in "biuf" and dtype.subdtype is None and dtype == np.dtype(dtype.str)
     size = dtype.itemsize * math.prod(shape)
-    if array.stype != NUMPY or dtype.hasobject or min(shape, default=0) < 0 or size > len(data):
-        return array.numpy()
+    if array.stype != NUMPY or not plain or min(shape, default=0) < 0 or size > len(data):
+        return _checked_load(array)
     header = _header(dtype.str, shape)
     if len(data) != len(header) + size or not data.startswith(header):
-        return array.numpy()
+        return _checked_load(array)
     return np.frombuffer(data, dtype=dtype, offset=len(header)).reshape(shape)
+
+
+def _checked_load(array: Array) -> np.ndarray:
+    """``array.numpy()`` once its ``.npy`` header (numpy's own parser) says the payload holds
+    exactly one array of a dtype without objects."""
+    if array.stype != NUMPY:
+        raise ValueError(f"an array of type {array.stype!r}, not {NUMPY!r}")
+    stream = io.BytesIO(array.data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+            version, np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read(stream)
+    except (ValueError, SyntaxError, TypeError, EOFError) as err:
+        raise ValueError(f"not a .npy array: {err}") from err
+    if dtype.hasobject or min(shape, default=0) < 0:
+        raise ValueError(f"a .npy array of {dtype}{shape} is not accepted")
+    if len(array.data) - stream.tell() != dtype.itemsize * math.prod(shape):
+        raise ValueError(f"the payload is not one {dtype}{shape} array")
+    return array.numpy()
 
 
 def record_numpy(record: ArrayRecord) -> list[np.ndarray]:

@@ -15,23 +15,28 @@ from dataclasses import dataclass, field
 class StrategySpec:
     """``flower_class``: a class of ``flwr.serverapp.strategy``, or ``module:Class``;
     ``options``: its keyword argument → the ``FederatedConfig`` field that sets it;
-    ``robust``: it aggregates the individual updates robustly (Byzantine clients)."""
+    ``robust``: it aggregates the individual updates robustly (Byzantine clients);
+    ``averages``: its aggregate is FedAvg's weighted mean of the replies, which the server may
+    then take itself (``server.sampling.CohortSampler``)."""
 
     flower_class: str
     options: dict[str, str] = field(default_factory=dict)
     robust: bool = False
+    averages: bool = False
 
 
 STRATEGIES: dict[str, StrategySpec] = {
-    "fedavg": StrategySpec("FedAvg"),
+    "fedavg": StrategySpec("FedAvg", averages=True),
     "fedavgm": StrategySpec(
         "FedAvgM",
         {"server_learning_rate": "server_learning_rate", "server_momentum": "server_momentum"},
+        averages=True,
     ),
-    "fedprox": StrategySpec("FedProx", {"proximal_mu": "proximal_mu"}),
+    "fedprox": StrategySpec("FedProx", {"proximal_mu": "proximal_mu"}, averages=True),
     "fedadam": StrategySpec(
         "FedAdam",
         {"eta": "server_learning_rate", "eta_l": "local_learning_rate", "tau": "server_tau"},
+        averages=True,
     ),
     # Robust aggregation: Flower's own rules, each assuming ``malicious_clients`` hostile
     # clients among a round's replies.

@@ -42,6 +42,8 @@ def why_not_vectorised(model: FederatedModel, fed: FederatedConfig) -> str | Non
     can."""
     if not isinstance(model, SequentialFederatedModel):
         return "the LLM recommender's clients keep personal prompts trained in their own loop"
+    if fed.partitioning != "user":
+        return "a client holds several users (partitioning other than user)"
     if fed.record_dp is not None:
         return "record-level DP-SGD runs one Opacus engine per client"
     if fed.local_epochs != 1 or fed.local_optimizer != "sgd":
