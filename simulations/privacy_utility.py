@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--rounds", type=int, required=True)
     parser.add_argument("--clients-per-round", type=int)
+    parser.add_argument(
+        "--users-per-node", type=int, help="cohort nodes (vectorised FedSGD when it applies)"
+    )
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--clip", type=float, default=1.0, help="DP-FedAvg clip norm")
     parser.add_argument("--record-sigma", type=float, default=1.0)
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     data["federated"]["num_rounds"] = args.rounds
     if args.clients_per_round:
         data["federated"]["clients_per_round"] = args.clients_per_round
+    if args.users_per_node:
+        data["federated"]["users_per_node"] = args.users_per_node
     population = population_of(parse_config(data))
     num_clients = len(population.partitions)
     sampled = min(data["federated"]["clients_per_round"], num_clients)
