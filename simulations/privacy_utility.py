@@ -55,6 +55,20 @@ def _run(data: dict[str, Any], federated: dict[str, Any], out: Path) -> dict[str
     }
 
 
+def user_level_sigma(epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
+    """σ of user-level DP-FedAvg so that ``rounds`` Poisson-sampled releases reach ``epsilon``
+    at ``delta`` (Opacus RDP, as the server's ledger accounts them)."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=rounds,
+            accountant="rdp",
+        )
+    )
+
+
 def _table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean ± sd of test NDCG@10 over seeds, per kind and ε."""
     groups: dict[tuple[str, float | None], list[float]] = {}
@@ -109,13 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         for eps in [None] if kind == "none" else args.epsilons:
             if kind == "user":
                 assert eps is not None
-                sigma = get_noise_multiplier(
-                    target_epsilon=eps,
-                    target_delta=delta,
-                    sample_rate=sampled / num_clients,
-                    steps=args.rounds,
-                    accountant="rdp",
-                )
+                sigma = user_level_sigma(eps, delta, sampled / num_clients, args.rounds)
                 federated = {"central_dp": {"noise_multiplier": sigma, "clipping_norm": args.clip}}
             elif kind == "day":
                 sigma = args.record_sigma

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from opacus.accountants.utils import get_noise_multiplier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
@@ -41,6 +40,7 @@ from fedrec.federation.model import SequentialFederatedModel
 from fedrec.federation.privacy import client_seed
 from fedrec.federation.vectorised import fedsgd_shard
 from fedrec.population import population_of
+from simulations.privacy_utility import user_level_sigma
 
 
 def mean_clipped_update(
@@ -102,13 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     delta = CentralDPConfig().delta_for(clients)
     rows = []
     for eps in args.epsilons:
-        sigma = get_noise_multiplier(
-            target_epsilon=eps,
-            target_delta=delta,
-            sample_rate=cohort / clients,
-            steps=args.rounds,
-            accountant="rdp",
-        )
+        sigma = user_level_sigma(eps, delta, cohort / clients, args.rounds)
         noise = sigma * args.clip * math.sqrt(params) / cohort
         rows.append(
             {

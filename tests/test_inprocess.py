@@ -58,18 +58,18 @@ def _events(run_dir: Path) -> list[tuple]:
     return sorted(tuple(sorted(e.items())) for e in ledger["events"])
 
 
-def _assert_close(a, b, where: str = "") -> None:
+def _assert_close(a, b, where: str = "", rel: float = 1e-9) -> None:
     """Equal up to float summation order (replies arrive in any order under Flower)."""
     if isinstance(a, dict):
         assert a.keys() == b.keys(), where
         for key in a:
-            _assert_close(a[key], b[key], f"{where}.{key}")
+            _assert_close(a[key], b[key], f"{where}.{key}", rel)
     elif isinstance(a, list):
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_close(x, y, f"{where}[{i}]")
+            _assert_close(x, y, f"{where}[{i}]", rel)
     elif isinstance(a, float):
-        assert a == pytest.approx(b, rel=1e-9, abs=1e-9, nan_ok=True), where
+        assert a == pytest.approx(b, rel=rel, abs=1e-9, nan_ok=True), where
     else:
         assert a == b, where
 

@@ -28,6 +28,8 @@ from fedrec.population import population_of
 from fedrec.privacy import PrivacyLedger
 from simulations.inprocess import run_inprocess
 
+from .test_inprocess import _assert_close
+
 FEDSGD = FederatedConfig(
     partitioning="user", local_epochs=1, local_optimizer="sgd", local_learning_rate=0.5
 )
@@ -181,23 +183,8 @@ def test_a_vectorised_cohort_federation_equals_one_node_per_client(
     (single, single_lines), (cohort, cohort_lines) = runs[1], runs[10]
     for key, tensor in single.items():
         assert torch.allclose(tensor, cohort[key], atol=1e-5), key
-    _assert_near(
+    _assert_close(  # floats to 1e-6: the batched loss sums in another order
         [{k: v for k, v in line.items() if k != "seconds"} for line in cohort_lines],
         [{k: v for k, v in line.items() if k != "seconds"} for line in single_lines],
+        rel=1e-6,
     )
-
-
-def _assert_near(a, b, where: str = "") -> None:
-    """Equal, floats to 1e-6 relative (the batched loss sums in another order)."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_near(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_near(x, y, f"{where}[{i}]")
-    elif isinstance(a, float):
-        assert a == pytest.approx(b, rel=1e-6, abs=1e-9, nan_ok=True), where
-    else:
-        assert a == b, where
