@@ -16,6 +16,9 @@ Flower's runtime would cost ≈ 60 ms per client message on this machine.
 - day-level: each client runs DP-SGD with σ = ``--record-sigma`` on its days (records) at
   δ = 1e-5 and refuses to train once its own ledger would pass ε (``record_epsilon_budget``).
 - noise is private (OS entropy): two runs of a row differ; ε does not.
+- ``--holdout F`` keeps a fraction F of the users out of training and runs ``fedrec
+  privacy-audit``'s membership attack on every row (AUC of members vs held-out users, and the
+  empirical ε lower bound against the row's claimed ε).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from fedrec.config import parse_config
 from fedrec.federation import CentralDPConfig
 from fedrec.federation.layout import DEVICE_DIR
 from fedrec.population import population_of
+from fedrec.privacy_audit import run_privacy_audit
 from simulations.inprocess import run_inprocess
 
 
@@ -48,11 +52,18 @@ def _run(data: dict[str, Any], federated: dict[str, Any], out: Path) -> dict[str
     shutil.rmtree(out / DEVICE_DIR, ignore_errors=True)
     results = run_inprocess(population_of(config), out, eval_every=rounds, progress=True)
     final = results["final"]
-    return {
+    row: dict[str, Any] = {
         "test_ndcg10": final["test"]["NDCG@10"],
         "test_hr10": final["test"]["HR@10"],
         "epsilon": json.loads((out / "privacy.json").read_text()),
     }
+    if config.privacy_audit.holdout_fraction > 0:
+        membership = run_privacy_audit(out, progress=False)["membership"]
+        row["audit_auc"] = membership["auc"]
+        row["audit_auc_interval"] = membership["auc_interval"]
+        row["audit_epsilon_lower"] = membership["bound"]["empirical_epsilon_lower"]
+        row["audit_contradicts"] = membership["bound"]["contradicts"]
+    return row
 
 
 def user_level_sigma(epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
@@ -69,21 +80,30 @@ def user_level_sigma(epsilon: float, delta: float, sample_rate: float, rounds: i
     )
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def _table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± sd of test NDCG@10 over seeds, per kind and ε."""
-    groups: dict[tuple[str, float | None], list[float]] = {}
+    """Mean ± sd over seeds of test NDCG@10 (and of the audit's AUC when run), per kind and ε."""
+    groups: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["kind"], row["target_epsilon"]), []).append(row["test_ndcg10"])
-    return [
-        {
+        groups.setdefault((row["kind"], row["target_epsilon"]), []).append(row)
+    table = []
+    for (kind, eps), group in groups.items():
+        ndcg, ndcg_sd = _mean_sd([row["test_ndcg10"] for row in group])
+        entry = {
             "kind": kind,
             "target_epsilon": eps,
-            "seeds": len(values),
-            "test_ndcg10_mean": statistics.fmean(values),
-            "test_ndcg10_sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "seeds": len(group),
+            "test_ndcg10_mean": ndcg,
+            "test_ndcg10_sd": ndcg_sd,
         }
-        for (kind, eps), values in groups.items()
-    ]
+        if all("audit_auc" in row for row in group):
+            auc, auc_sd = _mean_sd([row["audit_auc"] for row in group])
+            entry |= {"audit_auc_mean": auc, "audit_auc_sd": auc_sd}
+        table.append(entry)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="training seeds (config seed) per row"
     )
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="fraction of users held out of training; > 0 runs the membership audit per row",
+    )
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -112,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         data["federated"]["clients_per_round"] = args.clients_per_round
     if args.users_per_node:
         data["federated"]["users_per_node"] = args.users_per_node
+    if args.holdout:
+        data["privacy_audit"] = {**data.get("privacy_audit", {}), "holdout_fraction": args.holdout}
     population = population_of(parse_config(data))
     num_clients = len(population.partitions)
     sampled = min(data["federated"]["clients_per_round"], num_clients)
