@@ -196,6 +196,13 @@ def parse_config(
     experiment.model_name = name
     experiment.model = model
     fed = experiment.federated
+    if experiment.llm is None and fed.record_dp is not None and model.loss == "full_softmax":
+        line = where.line("model.loss") or where.line("federated.record_dp")
+        raise FedrecConfigError(
+            f"{source}:{line}: federated.record_dp needs model.loss: sampled_softmax; the full "
+            "softmax scores every item through the item table directly, where DP-SGD's "
+            "per-example gradients cannot see it"
+        )
     if (
         experiment.llm is None
         and fed.record_dp is not None

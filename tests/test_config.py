@@ -115,6 +115,15 @@ def test_dp_records_longer_than_the_model_are_refused_at_load(tmp_path):
         load_config(path)
 
 
+def test_record_dp_with_the_full_softmax_is_refused_at_load(tmp_path):
+    path = write(
+        tmp_path,
+        "model:\n  loss: full_softmax\nfederated:\n  record_dp:\n    noise_multiplier: 1.0\n",
+    )
+    with pytest.raises(FedrecConfigError, match=r"bad.yaml:2: federated.record_dp needs .*sampled"):
+        load_config(path)
+
+
 def test_an_even_secagg_share_count_is_refused_with_the_odd_one_named(tmp_path):
     path = write(
         tmp_path,

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule, PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -23,10 +25,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedrec.data.batching import training_batch
 from fedrec.data.split import SequenceSplit
 from fedrec.models.base import SequentialRecommender
+from fedrec.privacy import grad_samplers  # noqa: F401  (registers HSTU's Opacus rules)
 from fedrec.privacy.accounting import ACCOUNTANTS
 from fedrec.privacy.randomness import torch_generator
+from fedrec.privacy.row_sparse import RowSampledTable, RowSparseDPOptimizer, hidden_from_opacus
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+GRAD_SAMPLE_MODES = ("auto", "rows", "hooks", "functorch", "ew", "ghost")
 DEFAULT_RECORD_DELTA = 1e-5
 
 
@@ -38,9 +42,13 @@ class DPSGDConfig:
     ``batch_size`` is the expected Poisson batch size. ``delta`` is a setting, not derived from
     the data (a record count would leak through it): 1e-5 by default, far below 1 / records.
     ``accountant``: Opacus' ``rdp`` or ``prv``, used for the solve and by every ledger.
-    ``grad_sample_mode``: Opacus' per-sample gradients (``hooks``, ``functorch``, ``ew``) or
+    ``grad_sample_mode``: Opacus' per-sample gradients (``hooks``, ``functorch``, ``ew``),
     ``ghost`` clipping (norms without materialising per-sample gradients; Opacus refuses it
-    for tied parameters such as HSTU's and SASRec's item table — use it for the LLM adapters).
+    for tied parameters such as HSTU's and SASRec's item table — use it for the LLM adapters),
+    or ``rows``: Opacus ``hooks`` for every layer but a sequential recommender's item table,
+    whose per-example gradients are kept as the rows each example read
+    (``fedrec.privacy.row_sparse``; the same clipped sums, 2–3× faster on HSTU). ``auto``
+    (default): ``rows`` when the model has a trainable item table, else ``hooks``.
     """
 
     noise_multiplier: float | None = None
@@ -49,7 +57,7 @@ class DPSGDConfig:
     max_grad_norm: float = 1.0
     batch_size: int = 32
     accountant: str = "rdp"
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "auto"
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -123,6 +131,29 @@ def per_example_loss(
     return losses.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
 
 
+def _item_tables(model: nn.Module) -> list[nn.Embedding]:
+    if isinstance(model, SequentialRecommender) and model.item_embedding.weight.requires_grad:
+        return [model.item_embedding]
+    return []
+
+
+def grad_sample_mode_for(model: nn.Module, mode: str) -> str:
+    """The per-example gradient engine ``mode`` means for ``model`` (resolves ``auto``)."""
+    if isinstance(model, SequentialRecommender) and model.config.loss == "full_softmax":
+        raise ValueError(
+            "DP-SGD needs model.loss: sampled_softmax; the full softmax scores every item "
+            "through the item table directly, where per-example gradients cannot see it"
+        )
+    if mode == "auto":
+        return "rows" if _item_tables(model) else "hooks"
+    if mode == "rows" and not _item_tables(model):
+        raise ValueError(
+            "dp.grad_sample_mode 'rows' needs a sequential recommender with a trainable item "
+            "table; use 'hooks' (or 'auto') for this model"
+        )
+    return mode
+
+
 def _ignore_harmless_opacus_warnings() -> None:
     # Secure RNG: Opacus means its torchcsprng mode; our noise and masks come from a generator
     # seeded from OS entropy (fedrec.privacy.randomness). The backward-hook warning fires because
@@ -161,24 +192,43 @@ def dp_train(
     loader = DataLoader(examples, batch_size=plan.batch_size, generator=generator)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer or torch.optim.Adam(trainable, lr=learning_rate)
+    mode = grad_sample_mode_for(model, config.grad_sample_mode)
+    ghost = mode == "ghost"
+    tables: list[RowSampledTable] = []
     with warnings.catch_warnings():
         _ignore_harmless_opacus_warnings()
-        engine = PrivacyEngine(accountant=config.accountant)
-        ghost = config.grad_sample_mode == "ghost"
-        # Ghost clipping wants a criterion and returns it as a third value; our losses are
-        # already per example, so the criterion is never called (see the backward below).
-        made = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=config.max_grad_norm,
-            poisson_sampling=poisson_sampling,
-            grad_sample_mode=config.grad_sample_mode,
-            noise_generator=generator,
-            **({"criterion": nn.MSELoss()} if ghost else {}),
-        )
-        private, dp_optimizer, private_loader = made[0], made[1], made[-1]
+        if mode == "rows":
+            embeddings = _item_tables(model)
+            tables = [RowSampledTable(embedding) for embedding in embeddings]
+            with hidden_from_opacus(embeddings):
+                private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            # As PrivacyEngine.make_private batches and scales (its optimizer class is fixed).
+            private_loader = DPDataLoader.from_data_loader(loader) if poisson_sampling else loader
+            if poisson_sampling:
+                private.forbid_grad_accumulation()
+            dp_optimizer: DPOptimizer = RowSparseDPOptimizer(
+                optimizer,
+                tables=tables,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=config.max_grad_norm,
+                expected_batch_size=int(len(examples) / len(loader)),
+                generator=generator,
+            )
+        else:
+            # Ghost clipping wants a criterion and returns it as a third value; our losses are
+            # already per example, so the criterion is never called (see the backward below).
+            made = PrivacyEngine(accountant=config.accountant).make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=config.max_grad_norm,
+                poisson_sampling=poisson_sampling,
+                grad_sample_mode=mode,
+                noise_generator=generator,
+                **({"criterion": nn.MSELoss()} if ghost else {}),
+            )
+            private, dp_optimizer, private_loader = made[0], made[1], made[-1]
     model.train()
     steps, losses = 0, []
     try:
@@ -206,6 +256,8 @@ def dp_train(
                     steps += 1
     finally:
         private._close()
+        for table in tables:
+            table.remove()
     return DPTrainResult(
         noise_multiplier=plan.noise_multiplier,
         sample_rate=plan.sample_rate,
