@@ -70,10 +70,11 @@ def oracle_update(model, examples, clip):
     return {name: -value / len(items) for name, value in total.items()}, factors
 
 
-# rows: the item table's per-example gradients as rows (fedrec.privacy.row_sparse, the default);
+# bookkeeping: tables as rows, linear layers by book-keeping (fedrec.privacy.bookkeeping, the
+# default for sequential recommenders);
 # hooks: Opacus' dense per-example gradients, with fedrec's rule for HSTU's relative bias;
 # functorch: Opacus' torch.func path for every layer (none of fedrec's rules).
-@pytest.mark.parametrize("mode", ["rows", "hooks", "functorch"])
+@pytest.mark.parametrize("mode", ["bookkeeping", "hooks", "functorch"])
 @pytest.mark.parametrize("name", ["hstu", "sasrec"])
 @pytest.mark.parametrize("clip", [1e6, 0.05])
 def test_dp_sgd_update_equals_the_oracle(name, clip, mode, small_split, fixed_negatives):
@@ -93,24 +94,25 @@ def test_dp_sgd_update_equals_the_oracle(name, clip, mode, small_split, fixed_ne
             torch.testing.assert_close(got[param_name], -param.grad, atol=2e-6, rtol=1e-4)
 
 
-def test_row_sparse_training_equals_opacus_dense_training_with_noise(small_split):
-    """Several Poisson steps with noise and Adam: the row-sparse engine draws the same batches
-    and noise as Opacus' dense one (same reproducible-mode seed), so the models agree."""
+@pytest.mark.parametrize("name", ["hstu", "sasrec"])
+def test_bookkeeping_training_equals_opacus_dense_training_with_noise(name, small_split):
+    """Several Poisson steps with noise and Adam: book-keeping draws the same batches and noise
+    as Opacus' dense per-example gradients (same reproducible-mode seed), so the models agree."""
     examples = user_examples(small_split, np.arange(12), max_len=10)
     trained = {}
-    for mode in ("rows", "hooks"):
-        model = tiny("hstu")
+    for mode in ("bookkeeping", "hooks"):
+        model = tiny(name)
         config = DPSGDConfig(
             noise_multiplier=0.7, max_grad_norm=0.05, batch_size=4, grad_sample_mode=mode
         )
         torch.manual_seed(1)  # the negatives
         result = dp_train(model, examples, config, epochs=2, learning_rate=1e-2, noise_seed=5)
         trained[mode] = (model.state_dict(), result.steps)
-    assert trained["rows"][1] == trained["hooks"][1] == 6
-    for name, value in trained["hooks"][0].items():
-        torch.testing.assert_close(trained["rows"][0][name], value, atol=1e-5, rtol=1e-4)
+    assert trained["bookkeeping"][1] == trained["hooks"][1] == 6
+    for key, value in trained["hooks"][0].items():
+        torch.testing.assert_close(trained["bookkeeping"][0][key], value, atol=1e-5, rtol=1e-4)
     assert not torch.equal(
-        trained["rows"][0]["item_embedding.weight"], tiny("hstu").item_embedding.weight
+        trained["bookkeeping"][0]["item_embedding.weight"], tiny(name).item_embedding.weight
     )
 
 
@@ -121,11 +123,11 @@ def test_dp_sgd_refuses_what_per_example_gradients_cannot_see(small_split):
     with pytest.raises(ValueError, match="sampled_softmax"):
         dp_train(full, examples, DPSGDConfig(noise_multiplier=1.0), epochs=1, learning_rate=0.1)
     linear = torch.nn.Linear(10, 1)
-    with pytest.raises(ValueError, match="item table"):
+    with pytest.raises(ValueError, match="sequential recommenders"):
         dp_train(
             linear,
             TensorDataset(torch.zeros(4, 10)),
-            DPSGDConfig(noise_multiplier=1.0, grad_sample_mode="rows"),
+            DPSGDConfig(noise_multiplier=1.0, grad_sample_mode="bookkeeping"),
             epochs=1,
             learning_rate=0.1,
             loss_fn=lambda model, x: model(x).squeeze(1),

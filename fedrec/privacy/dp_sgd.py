@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,10 +28,16 @@ from fedrec.data.split import SequenceSplit
 from fedrec.models.base import SequentialRecommender
 from fedrec.privacy import grad_samplers  # noqa: F401  (registers HSTU's Opacus rules)
 from fedrec.privacy.accounting import ACCOUNTANTS
+from fedrec.privacy.bookkeeping import (
+    BookkeepingDPOptimizer,
+    LinearBook,
+    RowSampledTable,
+    books_for,
+    frozen,
+)
 from fedrec.privacy.randomness import torch_generator
-from fedrec.privacy.row_sparse import RowSampledTable, RowSparseDPOptimizer, hidden_from_opacus
 
-GRAD_SAMPLE_MODES = ("auto", "rows", "hooks", "functorch", "ew", "ghost")
+GRAD_SAMPLE_MODES = ("auto", "bookkeeping", "hooks", "functorch", "ew", "ghost")
 DEFAULT_RECORD_DELTA = 1e-5
 
 
@@ -45,10 +52,10 @@ class DPSGDConfig:
     ``grad_sample_mode``: Opacus' per-sample gradients (``hooks``, ``functorch``, ``ew``),
     ``ghost`` clipping (norms without materialising per-sample gradients; Opacus refuses it
     for tied parameters such as HSTU's and SASRec's item table — use it for the LLM adapters),
-    or ``rows``: Opacus ``hooks`` for every layer but a sequential recommender's item table,
-    whose per-example gradients are kept as the rows each example read
-    (``fedrec.privacy.row_sparse``; the same clipped sums, 2–3× faster on HSTU). ``auto``
-    (default): ``rows`` when the model has a trainable item table, else ``hooks``.
+    or ``bookkeeping`` for sequential recommenders: one backward pass, embedding tables' per-example
+    gradients kept as the rows each example read and linear layers' norms by book-keeping
+    (``fedrec.privacy.bookkeeping``; the same clipped sums, faster on HSTU). ``auto``
+    (default): ``bookkeeping`` for a sequential recommender, else ``hooks``.
     """
 
     noise_multiplier: float | None = None
@@ -131,12 +138,6 @@ def per_example_loss(
     return losses.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
 
 
-def _item_tables(model: nn.Module) -> list[nn.Embedding]:
-    if isinstance(model, SequentialRecommender) and model.item_embedding.weight.requires_grad:
-        return [model.item_embedding]
-    return []
-
-
 def grad_sample_mode_for(model: nn.Module, mode: str) -> str:
     """The per-example gradient engine ``mode`` means for ``model`` (resolves ``auto``)."""
     if isinstance(model, SequentialRecommender) and model.config.loss == "full_softmax":
@@ -144,12 +145,13 @@ def grad_sample_mode_for(model: nn.Module, mode: str) -> str:
             "DP-SGD needs model.loss: sampled_softmax; the full softmax scores every item "
             "through the item table directly, where per-example gradients cannot see it"
         )
+    sequential = isinstance(model, SequentialRecommender)
     if mode == "auto":
-        return "rows" if _item_tables(model) else "hooks"
-    if mode == "rows" and not _item_tables(model):
+        return "bookkeeping" if sequential else "hooks"
+    if mode == "bookkeeping" and not sequential:
         raise ValueError(
-            "dp.grad_sample_mode 'rows' needs a sequential recommender with a trainable item "
-            "table; use 'hooks' (or 'auto') for this model"
+            "dp.grad_sample_mode 'bookkeeping' is for sequential recommenders (HSTU, SASRec); "
+            "use 'hooks' (or 'auto') for this model"
         )
     return mode
 
@@ -160,6 +162,19 @@ def _ignore_harmless_opacus_warnings() -> None:
     # the first layer's inputs are integer ids; the autocast one is about bfloat16 on CPU.
     for message in (".*[Ss]ecure RNG.*", "Full backward hook is firing", "In CPU autocast"):
         warnings.filterwarnings("ignore", message=message)
+
+
+class _BatchReads(TensorDataset):
+    """Serves a batch with one index per tensor, where PyTorch's default reads each example
+    and stacks them: 0.8 ms of a 9 ms HSTU DP-SGD step on ML-100K."""
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return [tensor[index] for tensor in self.tensors]
+
+
+def _as_read(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    return batch
 
 
 PerExampleLoss = Callable[..., torch.Tensor]  # (model, *batch tensors) -> losses [B]
@@ -189,26 +204,32 @@ def dp_train(
     """
     plan = plan_dp(len(examples), config, epochs, rounds)
     generator = torch_generator(noise_seed)
-    loader = DataLoader(examples, batch_size=plan.batch_size, generator=generator)
+    loader = DataLoader(
+        _BatchReads(*examples.tensors),
+        batch_size=plan.batch_size,
+        generator=generator,
+        collate_fn=_as_read,
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer or torch.optim.Adam(trainable, lr=learning_rate)
     mode = grad_sample_mode_for(model, config.grad_sample_mode)
     ghost = mode == "ghost"
-    tables: list[RowSampledTable] = []
+    books: list[RowSampledTable | LinearBook] = []
+    stack = ExitStack()  # book-keeping: the booked weights stay frozen until training ends
     with warnings.catch_warnings():
         _ignore_harmless_opacus_warnings()
-        if mode == "rows":
-            embeddings = _item_tables(model)
-            tables = [RowSampledTable(embedding) for embedding in embeddings]
-            with hidden_from_opacus(embeddings):
-                private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        if mode == "bookkeeping":
+            books = books_for(model)
+            booked = [p for book in books for p in book.params]
+            stack.enter_context(frozen(booked))
+            private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
             # As PrivacyEngine.make_private batches and scales (its optimizer class is fixed).
             private_loader = DPDataLoader.from_data_loader(loader) if poisson_sampling else loader
             if poisson_sampling:
                 private.forbid_grad_accumulation()
-            dp_optimizer: DPOptimizer = RowSparseDPOptimizer(
+            dp_optimizer: DPOptimizer = BookkeepingDPOptimizer(
                 optimizer,
-                tables=tables,
+                books=books,
                 noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=config.max_grad_norm,
                 expected_batch_size=int(len(examples) / len(loader)),
@@ -256,8 +277,9 @@ def dp_train(
                     steps += 1
     finally:
         private._close()
-        for table in tables:
-            table.remove()
+        for book in books:
+            book.remove()
+        stack.close()
     return DPTrainResult(
         noise_multiplier=plan.noise_multiplier,
         sample_rate=plan.sample_rate,
