@@ -261,17 +261,14 @@ class BookkeepingDPOptimizer(DPOptimizer):
             book.clear()
 
 
-def books_for(model: nn.Module) -> list[RowSampledTable | LinearBook]:
-    """A book for every embedding table and linear layer of ``model`` whose parameters all
-    train (a partly frozen layer stays with Opacus)."""
-    books: list[RowSampledTable | LinearBook] = []
+def books_for(model: nn.Module, tables: list[nn.Embedding]) -> list[RowSampledTable | LinearBook]:
+    """Row books for ``tables`` (those an example reads a small part of: a small table read
+    whole, such as positions, is cheaper per example in Opacus) and a book for every linear
+    layer of ``model`` whose parameters all train (a partly frozen one stays with Opacus)."""
+    books: list[RowSampledTable | LinearBook] = [RowSampledTable(table) for table in tables]
     for module in model.modules():
         trainable = [p.requires_grad for p in module.parameters(recurse=False)]
-        if not trainable or not all(trainable):
-            continue
-        if isinstance(module, nn.Embedding) and not module.sparse:
-            books.append(RowSampledTable(module))
-        elif type(module) is nn.Linear:
+        if type(module) is nn.Linear and trainable and all(trainable):
             books.append(LinearBook(module))
     return books
 

@@ -219,7 +219,9 @@ def dp_train(
     with warnings.catch_warnings():
         _ignore_harmless_opacus_warnings()
         if mode == "bookkeeping":
-            books = books_for(model)
+            assert isinstance(model, SequentialRecommender)
+            item_table = model.item_embedding
+            books = books_for(model, [item_table] if item_table.weight.requires_grad else [])
             booked = [p for book in books for p in book.params]
             stack.enter_context(frozen(booked))
             private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
