@@ -6,16 +6,17 @@ item table that is ``[B, V, D]`` for each of its three lookups (inputs, targets,
 9 of a 19 ms HSTU step on ML-100K; Opacus' ghost clipping avoids it but takes two backward
 passes and refuses a parameter used more than once. Here, in one backward pass:
 
-- **embedding tables** keep each example's gradient as the rows it read: the gradient of the
+- **the item table** keeps each example's gradient as the rows it read: the gradient of the
   loss with respect to a lookup's output *is* the example's gradient of those rows (its loss
   depends on its own rows alone);
 - **linear layers** keep their inputs ``a`` and output gradients ``g`` ("book-keeping", Bu et
   al. 2023): an example's weight-gradient norm is ``Σ_ts (a_t·a_s)(g_t·g_s)`` (or the
   materialised ``Σ_t g_t a_tᵀ`` when that is smaller), and the clipped sum is one matrix
   product of the clip-scaled ``g`` with ``a``;
-- every other layer (HSTU's relative bias, layer norms) stays with Opacus' per-example hooks.
+- every other layer (positions, HSTU's relative bias, layer norms) stays with Opacus'
+  per-example hooks.
 
-The tables' and linear layers' weights are frozen while training so that autograd does not also
+The table's and linear layers' weights are frozen while training so that autograd does not also
 build dense batch gradients the DP optimizer would discard. No library does this for tied
 tables in one pass, so it is written here; Poisson batches, noise and the step stay Opacus'.
 ``tests/test_dp_sgd.py`` checks it against Opacus' dense path and against gradients computed

@@ -140,12 +140,12 @@ def per_example_loss(
 
 def grad_sample_mode_for(model: nn.Module, mode: str) -> str:
     """The per-example gradient engine ``mode`` means for ``model`` (resolves ``auto``)."""
+    sequential = isinstance(model, SequentialRecommender)
     if isinstance(model, SequentialRecommender) and model.config.loss == "full_softmax":
         raise ValueError(
             "DP-SGD needs model.loss: sampled_softmax; the full softmax scores every item "
             "through the item table directly, where per-example gradients cannot see it"
         )
-    sequential = isinstance(model, SequentialRecommender)
     if mode == "auto":
         return "bookkeeping" if sequential else "hooks"
     if mode == "bookkeeping" and not sequential:
