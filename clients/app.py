@@ -39,7 +39,9 @@ from fedrec.data.split import SequenceSplit
 from fedrec.data.store import EventStore, client_split
 from fedrec.errors import FedrecDataError
 from fedrec.federated_models import build_federated_model
+from fedrec.federation.arrays import record_numpy, state_record
 from fedrec.federation.client import (
+    ClientReply,
     evaluate_round,
     load_ledger,
     over_budget,
@@ -48,9 +50,10 @@ from fedrec.federation.client import (
     train_round,
     train_shard,
 )
-from fedrec.federation.cohort import reply_key
+from fedrec.federation.cohort import COHORT_SUM, NODE_SUM, NODE_SUM_FACTS, reply_key
 from fedrec.federation.layout import client_paths, resolve_config_path, resolve_run_dir
 from fedrec.federation.model import FederatedModel, PersonalFile
+from fedrec.federation.updates import NodeSum
 from fedrec.federation.vectorised import why_not_vectorised
 from fedrec.privacy import PrivacyLedger
 
@@ -221,9 +224,33 @@ def train_shard_message(msg: Message, context: Context, clients: list[int]) -> R
     if replies is None:
         _log_once("cohort nodes train client by client: a client holds several users")
         return None
+    sent = msg.content.config_records["config"]
+    if sent.get(COHORT_SUM) and clip is not None:
+        return _summed(packed, msg, partitions, replies, float(cast(float, clip)))
     for client, reply in zip(partitions, replies, strict=True):
         for name, record in reply_message(msg, reply).content.items():
             packed[reply_key(name, client)] = record
+    return packed
+
+
+def _summed(
+    packed: RecordDict,
+    msg: Message,
+    partitions: list[int],
+    replies: list[ClientReply],
+    clipping_norm: float,
+) -> RecordDict:
+    """The node's reply under user-level DP: each client's metrics, and the sum of their
+    updates each clipped as the server clips a client's own reply."""
+    received = msg.content.array_records["arrays"]
+    keys = list(received.keys())
+    node_sum = NodeSum(record_numpy(received), clipping_norm)
+    for client, reply in zip(partitions, replies, strict=True):
+        packed[reply_key("metrics", client)] = MetricRecord(reply.metrics)
+        if reply.state is not None:
+            node_sum.add([reply.state[k].numpy() for k in keys])
+    packed[NODE_SUM] = state_record(dict(zip(keys, node_sum.total, strict=True)))
+    packed[NODE_SUM_FACTS] = MetricRecord({"count": node_sum.count})
     return packed
 
 

@@ -19,12 +19,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 import fedrec.device
 from fedrec.config import ExperimentConfig
 from fedrec.device import DeviceClient, ParticipationPolicy, key_from_passphrase
+from fedrec.federation.arrays import state_record
 from fedrec.federation.client import ClientReply
 from fedrec.federation.layout import own_folders
 
@@ -172,5 +173,5 @@ def _round(msg: Message) -> int:
 def reply_message(msg: Message, reply: ClientReply) -> Message:
     content = RecordDict({"metrics": MetricRecord(reply.metrics)})
     if reply.state is not None:
-        content["arrays"] = ArrayRecord(reply.state)
+        content["arrays"] = state_record(reply.state)
     return Message(content, reply_to=msg)

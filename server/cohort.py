@@ -6,6 +6,12 @@ one reply per client, exactly as without cohorts; only the transport changes. Th
 round to the clients of one node travel as one message naming them, and its reply is split
 back into one reply per client, so a federation of cohort nodes computes what one node per
 client computes (tested), with one Flower message per node instead of one per client.
+
+With ``node_sums`` (user-level DP) the grid asks each node for the sum of its clients' clipped
+updates: a node that sends one gives each client's reply its metrics only, and its first
+client's reply carries the node's sum (``NODE_SUM``), which ``server.dp`` adds as the sum of
+that many clipped updates. Only the simulator's own cohort nodes send sums: a deployment's
+devices are one node each and reply with their own update.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from flwr.common.constant import ErrorCode
 
 from fedrec.federation.cohort import (
     COHORT_CLIENTS,
+    COHORT_SUM,
     HOSTED,
     ROSTER_QUERY,
     node_count,
@@ -33,9 +40,12 @@ class CohortGrid:
     """Virtual node IDs 1, 2, … for the clients the real nodes of ``grid`` host (each node says
     which, once, answering a roster query); ``send_and_receive`` groups by real node."""
 
-    def __init__(self, grid, users_per_node: int, clients: int, timeout: float):  # type: ignore[no-untyped-def]
+    def __init__(  # type: ignore[no-untyped-def]
+        self, grid, users_per_node: int, clients: int, timeout: float, node_sums: bool = False
+    ):
         self.grid = grid
         self.users_per_node, self.clients, self.timeout = users_per_node, clients, timeout
+        self.node_sums = node_sums
         self.virtual: dict[int, tuple[int, int]] = {}  # virtual node ID -> (node, client)
         self.rostered: set[int] = set()
 
@@ -97,6 +107,8 @@ class CohortGrid:
                 )
             config = ConfigRecord(dict(first.content.config_records.get("config", ConfigRecord())))
             config[COHORT_CLIENTS] = [self._client(m) for m in group]
+            if self.node_sums and first.metadata.message_type == MessageType.TRAIN:
+                config[COHORT_SUM] = True
             content = RecordDict(
                 {**{k: v for k, v in first.content.items() if k != "config"}, "config": config}
             )
@@ -129,11 +141,22 @@ class CohortGrid:
 
 
 def _by_client(reply: Message) -> dict[int, RecordDict]:
-    """A node's reply as one ``RecordDict`` per client (one pass over its records)."""
+    """A node's reply as one ``RecordDict`` per client (one pass over its records); the node's
+    own records (its sum) go with its first client that did not fail."""
     if reply.has_error():
         return {}
     split: dict[int, RecordDict] = {}
+    own = RecordDict()
     for key, record in reply.content.items():
         name, client = split_key(key)
-        split.setdefault(client, RecordDict())[name] = record
+        if client is None:
+            own[name] = record
+        else:
+            split.setdefault(client, RecordDict())[name] = record
+    carrier = next((c for c in split.values() if "error" not in c), None)
+    if own and carrier is None:
+        log.warning("a node sent its sum with no client's reply: dropped")
+    elif own and carrier is not None:
+        for name, record in own.items():
+            carrier[name] = record
     return split

@@ -12,13 +12,16 @@ accountants assume Poisson sampling. This wrapper:
   Poisson (each client independently with probability q) or a fixed-size draw without
   replacement, matching the ledger's accountant;
 - re-clips every reply to ``clipping_norm`` (clients clip in their round,
-  ``fedrec.federation.client.clip_update``; a client that skips it gains nothing);
+  ``fedrec.federation.client.clip_update``; a client that skips it gains nothing); a cohort
+  node's sum of its clients' clipped updates (``server.cohort``) counts as that many updates
+  and is dropped if its norm exceeds count·C;
 - adds N(0, (σ·C)²) to the *sum* of clipped updates and divides by a public constant, the
   expected cohort, so the sensitivity is C whoever replies;
 - hands the noised mean to the wrapped strategy as its only reply, so FedAvg, FedAvgM, FedAdam
   and FedProx's server step are post-processing of a DP release;
 - with adaptive clipping (Andrew et al. 2021) moves the clipping norm towards a quantile of the
-  update norms after each round, from the noised count of updates within it. Flower's
+  update norms after each round, from the noised count of updates within it (each client's
+  ``norm-bit``: its update before its own clip, which the server never sees). Flower's
   adaptive-clipping wrappers divide that count by the number of replies (under Poisson
   sampling a private number, so the count's sensitivity is not the ½ its noise assumes) and
   draw the noise from NumPy's global generator; here the count is centred (Σ(bᵢ − ½)), noised
@@ -30,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from typing import cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -42,11 +46,13 @@ from flwr.supercore.differential_privacy import (
 )
 
 from fedrec.federation.arrays import record_numpy
+from fedrec.federation.cohort import NODE_SUM, NODE_SUM_FACTS
 from fedrec.federation.config import (
     AdaptiveClippingConfig,
     CentralDPConfig,
     clipped_count_stddev,
 )
+from fedrec.federation.updates import NORM_BIT, clipped_difference
 from server.sampling import CohortSampler, RoundGenerator
 
 log = logging.getLogger("fedrec.server")
@@ -107,10 +113,9 @@ class UserLevelDP(CohortSampler):
         config[KEY_CLIPPING_NORM] = self.clipping_norm
         return super().configure_train(server_round, arrays, config, grid)
 
-    def _clipped_update(self, reply: Message) -> tuple[list[np.ndarray], bool] | None:
-        """The reply's update clipped to C, and whether it was within C; None (and a warning)
-        if it does not fit the model."""
-        arrays = reply.content.array_records.get("arrays")
+    def _fits(self, arrays: ArrayRecord | None) -> list[np.ndarray] | None:
+        """``arrays`` as numpy when they have the global model's keys and shapes and finite
+        values; None (and a warning) otherwise."""
         if arrays is None or list(arrays.keys()) != self.keys:
             log.warning("a reply's arrays do not match the global model's keys: dropped")
             return None
@@ -120,11 +125,40 @@ class UserLevelDP(CohortSampler):
         ):
             log.warning("a reply's arrays are misshapen or not finite: dropped")
             return None
-        update = [v.astype(np.float64) - c for v, c in zip(values, self.current, strict=True)]
-        # Flower's compute_clip_model_update divides by the norm: a zero update crashes it.
-        norm = float(np.sqrt(sum(float(np.sum(u * u)) for u in update)))
-        scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
-        return [u * scale for u in update], norm <= self.clipping_norm
+        return values
+
+    def _contribution(self, reply: Message) -> tuple[list[np.ndarray], int] | None:
+        """What ``reply`` adds to the round's sum: its update clipped to C (one update), or
+        its node's sum of clipped updates (``server.cohort``), kept only when its norm is
+        within count·C, as a sum of that many clipped updates must be; None for a reply whose
+        update is in its node's sum, or one that does not fit the model."""
+        summed = reply.content.array_records.get(NODE_SUM)
+        if summed is None:
+            values = self._fits(reply.content.array_records.get("arrays"))
+            if values is None:
+                return None
+            update, _ = clipped_difference(values, self.current, self.clipping_norm)
+            return update, 1
+        total = self._fits(summed)
+        count = int(cast(int, reply.content.metric_records[NODE_SUM_FACTS]["count"]))
+        if total is None:
+            return None
+        norm = math.sqrt(sum(float(np.dot(t.ravel(), t.ravel())) for t in total))
+        if norm > count * self.clipping_norm * (1 + 1e-6):
+            log.warning(
+                "a node's sum of %d updates has norm %.4g > %d × C (%.4g): dropped",
+                count,
+                norm,
+                count,
+                self.clipping_norm,
+            )
+            return None
+        return [t.astype(np.float64) for t in total], count
+
+    def within_clip(self, reply: Message) -> bool:
+        """Adaptive clipping's bit for ``reply``: its client's ``norm-bit`` (the update before
+        the client clipped it: the server sees it clipped), read as 1 only when it is 1."""
+        return reply.content.metric_records["metrics"].get(NORM_BIT) == 1
 
     def noised_mean(self, total: list[np.ndarray], noised: bool = True) -> list[np.ndarray]:
         """(Σ clipped updates + N(0, (σC)²)) / expected cohort, per array; ``noised`` False when
@@ -168,17 +202,19 @@ class UserLevelDP(CohortSampler):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        clipped = [
-            u
-            for u in (self._clipped_update(r) for r in replies if not r.has_error())
-            if u is not None
-        ]
+        replied = [r for r in replies if not r.has_error()]
         total = [np.zeros_like(c, dtype=np.float64) for c in self.current]
-        for update, _ in clipped:
+        contributors = 0
+        for reply in replied:
+            contribution = self._contribution(reply)
+            if contribution is None:
+                continue
+            update, count = contribution
             for acc, u in zip(total, update, strict=True):
                 acc += u
-        arrays, metrics = self.release(server_round, total, len(clipped))
+            contributors += count
+        arrays, metrics = self.release(server_round, total, contributors)
         if self.adaptive is not None:
-            fraction = self.adapt_clipping_norm([within for _, within in clipped])
+            fraction = self.adapt_clipping_norm([self.within_clip(r) for r in replied])
             metrics["within-clip-fraction"] = fraction  # noised: a DP release
         return arrays, metrics

@@ -197,8 +197,13 @@ def run_federation(
         )
     if write_stores:
         population.write_stores(run_dir)
+    # Under user-level DP the server needs only the sum of clipped updates: cohort nodes may
+    # send theirs (server.cohort).
+    node_sums = fed.users_per_node > 1 and fed.central_dp is not None
     if fed.users_per_node > 1:  # the clients' messages travel one per node (server.cohort)
-        grid = CohortGrid(grid, fed.users_per_node, federation.num_clients, fed.round_timeout)
+        grid = CohortGrid(
+            grid, fed.users_per_node, federation.num_clients, fed.round_timeout, node_sums
+        )
     strategy = ReplyValidator(
         LedgerKeeper(
             inner, federation.on_replies, federation.on_evaluate if client_audit else None
@@ -209,6 +214,7 @@ def run_federation(
         max_update_norm=fed.max_update_norm,
         max_client_weight=fed.max_client_weight,
         statement_problem=functools.partial(dp_statement_problem, fed),
+        node_sums=node_sums,
     )
     secure = None
     if fed.secure_aggregation is not None:  # the config demands central_dp with it

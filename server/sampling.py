@@ -138,7 +138,7 @@ class CohortSampler(StrategyWrapper):
         for reply, weight in zip(trained, weights, strict=True):
             values = record_numpy(cast(ArrayRecord, reply.content["arrays"]))
             for acc, value in zip(sums, values, strict=True):
-                acc += weight * value
+                acc += value if weight == 1.0 else weight * value
         mean = ArrayRecord(
             {
                 k: Array(np.asarray(acc / total, dtype=dtype))

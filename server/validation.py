@@ -9,7 +9,9 @@ is not an outlier: its L2 norm is at most ``max_update_norm``, or, unset, at mos
 The server decides the weight: 1 for every client that trained when the federation does not
 weight by examples, else the client's count capped at ``max_client_weight`` (unset:
 ``weight_multiple`` (10) × the round's median count). Rejected replies are logged with their node and counted in the
-round's train metrics (``rejected``); the round goes on with the rest.
+round's train metrics (``rejected``); the round goes on with the rest. With cohort nodes under
+user-level DP (``node_sums``) a client's reply may hold metrics only, its update being in its
+node's sum, which is checked as the model's arrays here and against count·C in ``server.dp``.
 
 Written here because Flower 1.42's strategies average whatever they are given (a NaN, a
 misshapen array or a weight of 10⁹ takes the global model over) and its validation hooks are
@@ -30,6 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedrec.federation.arrays import array_numpy, record_numpy
+from fedrec.federation.cohort import NODE_SUM, NODE_SUM_FACTS
 from server.wrapper import StrategyWrapper
 
 log = logging.getLogger("fedrec.server")
@@ -47,8 +50,10 @@ class ReplyValidator(StrategyWrapper):
         norm_multiple: float = 10.0,
         weight_multiple: float = 10.0,
         statement_problem: Callable[[MetricRecord], str] | None = None,
+        node_sums: bool = False,
     ):
         super().__init__(strategy)
+        self.node_sums = node_sums  # cohort nodes send sums (server.cohort): metrics-only replies
         self.weighted = weighted
         self.check_norm = check_norm
         self.max_update_norm = max_update_norm
@@ -143,34 +148,60 @@ class ReplyValidator(StrategyWrapper):
         return kept, len(checked) - len(kept)
 
     def _inspect(self, reply: Message) -> tuple[str, float, int]:
-        """(what is wrong, or ""; the update's L2 norm; the reported weight)."""
+        """(what is wrong, or ""; the update's L2 norm; the reported weight). With node sums a
+        reply may hold metrics only (its update is in its node's sum), and one client's reply
+        per node carries that sum, checked as arrays of the model's shapes."""
         arrays = reply.content.array_records.get("arrays")
         metrics = reply.content.metric_records.get("metrics")
-        if arrays is None or metrics is None:
+        summed = reply.content.array_records.get(NODE_SUM)
+        if metrics is None or (arrays is None and not self.node_sums):
             return "no arrays or no metrics", 0.0, 0
-        if list(arrays.keys()) != list(self.current):
-            return "its arrays are not the global model's", 0.0, 0
+        if arrays is not None and summed is not None:
+            return "both its own arrays and a node's sum", 0.0, 0
+        squared = 0.0
+        if arrays is not None:
+            problem, squared = self._arrays_problem(arrays, self.current)
+        elif summed is not None:
+            zeros = {k: np.zeros_like(v, dtype=np.float64) for k, v in self.current.items()}
+            problem, _ = self._arrays_problem(summed, zeros)
+            facts = reply.content.metric_records.get(NODE_SUM_FACTS)
+            count = None if facts is None else facts.get("count")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                problem = problem or "a node's sum without a count of the updates in it"
+        else:
+            problem = ""
+        problem = problem or self.metrics_problem(metrics)
+        if problem:
+            return problem, 0.0, 0
+        return "", math.sqrt(squared), cast(int, metrics["num-examples"])
+
+    @staticmethod
+    def _arrays_problem(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> tuple[str, float]:
+        """(what is wrong with ``arrays`` as the model's, or ""; Σ (arrays − reference)²)."""
+        if list(arrays.keys()) != list(reference):
+            return "its arrays are not the global model's", 0.0
         squared = 0.0
         for key, array in arrays.items():
             try:
                 value = array_numpy(array)
             except ValueError as err:
-                return f"{key}: {err}", 0.0, 0
-            reference = self.current[key]
+                return f"{key}: {err}", 0.0
+            expected = reference[key]
             # Kinds, not widths: FedAdam's global arrays are float64, a client's model float32.
-            if value.shape != reference.shape or value.dtype.kind != reference.dtype.kind:
+            if value.shape != expected.shape or value.dtype.kind != expected.dtype.kind:
                 return (
-                    f"{key}: {value.dtype}{value.shape} is not {reference.dtype}{reference.shape}",
+                    f"{key}: {value.dtype}{value.shape} is not {expected.dtype}{expected.shape}",
                     0.0,
-                    0,
                 )
-            if not np.isfinite(value).all():
-                return f"{key}: values that are not finite", 0.0, 0
-            squared += float(np.sum((value.astype(np.float64) - reference) ** 2))
-        problem = self.metrics_problem(metrics)
-        if problem:
-            return problem, 0.0, 0
-        return "", math.sqrt(squared), cast(int, metrics["num-examples"])
+            # One pass: a value that is not finite makes the squared norm not finite.
+            difference = np.subtract(value, expected, dtype=np.float64).ravel()
+            part = float(np.dot(difference, difference))
+            if not math.isfinite(part):
+                if np.isfinite(value).all():
+                    return f"{key}: values so large that the update's norm overflows", 0.0
+                return f"{key}: values that are not finite", 0.0
+            squared += part
+        return "", squared
 
     def metrics_problem(self, metrics: MetricRecord) -> str:
         """What is wrong with a train reply's metrics (finite numbers, a weight, the DP

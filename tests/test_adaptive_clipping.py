@@ -144,3 +144,41 @@ def test_a_run_adapts_the_norm_books_the_configured_epsilon_and_keeps_the_norm_o
             state["clipping_norm"] = 0.123
     load_strategy_state(strategy, saved)
     assert isinstance(strategy, UserLevelDP) and strategy.clipping_norm == 0.123
+
+
+def _reply(state: dict[str, np.ndarray], metrics: dict):  # type: ignore[no-untyped-def]
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.app.message_type import MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.federation.arrays import state_record
+
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 0
+    content = RecordDict({"arrays": state_record(state), "metrics": MetricRecord(metrics)})
+    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def test_the_count_is_of_the_clients_bits_before_their_clip_not_of_the_clipped_updates():
+    """Clients clip before they reply, so every update the server sees is within C: the bit
+    must be the client's own (``norm-bit``, the norm before its clip). Counting the clipped
+    updates instead drove C down every round whatever the norms were."""
+    import torch
+
+    from fedrec.federation.client import clip_update
+
+    clip = 0.1
+    dp = _dp(cohort=40, count_stddev=1e-12, clip=clip)
+    dp.keys, dp.current = ["w"], [np.zeros(50, dtype=np.float32)]
+    dp.strategy = type("Echo", (), {"aggregate_train": lambda _s, _r, replies: (None, None)})()
+    big = {"w": torch.full((50,), 1.0)}  # norm ≈ 7.07: ten times as much would not fit either
+    state, norm = clip_update(big, {"w": torch.zeros(50)}, clip)
+    assert norm == pytest.approx(math.sqrt(50)) and float(state["w"].norm()) == pytest.approx(clip)
+    clipped = {"w": state["w"].numpy()}
+    replies = [_reply(clipped, {"num-examples": 1, "norm-bit": 0}) for _ in range(40)]
+    _, metrics = dp.aggregate_train(1, replies)
+    assert metrics is not None and metrics["within-clip-fraction"] == pytest.approx(0.0, abs=1e-9)
+    assert dp.clipping_norm > clip  # none within C: it grows
+    replies = [_reply(clipped, {"num-examples": 1, "norm-bit": 1}) for _ in range(40)]
+    before = dp.clipping_norm
+    dp.aggregate_train(2, replies)
+    assert dp.clipping_norm < before  # all within: it shrinks

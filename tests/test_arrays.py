@@ -7,12 +7,13 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedrec.federation.arrays import array_numpy, record_numpy
+from fedrec.federation.arrays import array_numpy, record_numpy, state_record
 from server.sampling import CohortSampler, round_generator
 
 
@@ -109,3 +110,27 @@ def test_pre_averaging_gives_the_strategy_s_own_aggregate(kind, monkeypatch):
         assert got.dtype == want.dtype
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert dict(fast_metrics) == pytest.approx(dict(plain_metrics))
+
+
+def test_state_record_writes_what_flowers_array_record_writes():
+    state = {
+        "table": torch.randn(7, 3),
+        "bias": torch.arange(5, dtype=torch.float64),
+        "scalar": torch.tensor(2.5),
+        "counts": np.arange(6, dtype=">i4").reshape(2, 3),  # another byte order
+        "empty": np.zeros((0, 4), dtype=np.float32),
+    }
+    ours = state_record(state)
+    flowers = ArrayRecord(  # Flower's np.save, array by array
+        {k: Array(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    )
+    assert list(ours.keys()) == list(flowers.keys())
+    for key in state:
+        a, b = ours[key], flowers[key]
+        assert (a.dtype, tuple(a.shape), a.stype, a.data) == (
+            b.dtype,
+            tuple(b.shape),
+            b.stype,
+            b.data,
+        )
+        assert np.array_equal(array_numpy(a), b.numpy())

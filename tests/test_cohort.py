@@ -124,3 +124,54 @@ def test_a_clients_error_stays_its_own_and_missing_clients_are_warned_about(capl
     assert first.content.metric_records["metrics"]["partition-id"] == 4
     assert second.metadata.src_node_id == virtual[1] and second.has_error()
     assert "boom" in second.error.reason
+
+
+def test_a_nodes_sum_counts_as_its_updates_and_one_past_count_times_c_is_dropped(caplog):
+    """The server adds a node's sum of clipped updates as that many updates, never more than
+    count·C of them; the validator refuses a sum without its count, or beside arrays."""
+    import numpy as np
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.app.message_type import MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.federation.arrays import state_record
+    from fedrec.federation.cohort import NODE_SUM, NODE_SUM_FACTS
+    from server.dp import UserLevelDP
+    from server.sampling import round_generator
+    from server.validation import ReplyValidator
+
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 0
+
+    def reply(total: float | None, count: int | None, arrays: bool = False) -> Message:
+        content = RecordDict({"metrics": MetricRecord({"num-examples": 1})})
+        if total is not None:
+            content[NODE_SUM] = state_record({"w": np.full(4, total / 2)})  # norm: total
+        if count is not None:
+            content[NODE_SUM_FACTS] = MetricRecord({"count": count})
+        if arrays:
+            content["arrays"] = state_record({"w": np.zeros(4, dtype=np.float32)})
+        return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+    released: list[np.ndarray] = []
+
+    class Keep:
+        def aggregate_train(self, _round, replies):  # type: ignore[no-untyped-def]
+            released.append(replies[0].content.array_records["arrays"]["w"].numpy())
+            return None, None
+
+    dp = UserLevelDP(Keep(), 0.0, 1.0, 10, 100, "fixed", round_generator(0))  # type: ignore[arg-type]
+    dp.keys, dp.current = ["w"], [np.zeros(4, dtype=np.float32)]
+    _, metrics = dp.aggregate_train(1, [reply(3.0, 3), reply(5.0, 2), reply(None, None)])
+    assert metrics is not None and metrics["dp-replies"] == 3  # the second sum: 5 > 2·C
+    assert "has norm 5 > 2 × C" in caplog.text
+    assert np.allclose(released[0], 1.5 / 10)  # (3/2 per coordinate) / the expected cohort
+
+    validator = ReplyValidator(None, weighted=False, check_norm=False, node_sums=True)  # type: ignore[arg-type]
+    validator.current = {"w": np.zeros(4, dtype=np.float32)}
+    assert validator._inspect(reply(None, None))[0] == ""  # its update is in its node's sum
+    assert validator._inspect(reply(3.0, 3))[0] == ""
+    assert "count" in validator._inspect(reply(3.0, None))[0]
+    assert "both" in validator._inspect(reply(3.0, 3, arrays=True))[0]
+    plain = ReplyValidator(None, weighted=False, check_norm=False)  # type: ignore[arg-type]
+    plain.current = validator.current
+    assert "no arrays" in plain._inspect(reply(None, None))[0]  # without node sums

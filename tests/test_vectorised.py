@@ -20,6 +20,7 @@ from fedrec.federation.client import train_round, train_shard
 from fedrec.federation.config import FederatedConfig
 from fedrec.federation.model import SequentialFederatedModel, local_train
 from fedrec.federation.privacy import client_seed
+from fedrec.federation.updates import NodeSum
 from fedrec.federation.vectorised import fedsgd_shard, why_not_vectorised
 from fedrec.models import build_model
 from fedrec.models.hstu.model import HSTUConfig
@@ -153,19 +154,37 @@ CONFIG = {
 
 @pytest.mark.parametrize(
     "central_dp",
-    [None, {"noise_multiplier": 0.8, "clipping_norm": 0.3}],
-    ids=["no DP", "user-level DP"],
+    [
+        None,
+        {"noise_multiplier": 0.8, "clipping_norm": 0.3},
+        {
+            "noise_multiplier": 0.8,
+            "clipping_norm": 0.05,
+            "sampling": "poisson",
+            "adaptive_clipping": {"target_quantile": 0.5, "learning_rate": 0.5},
+        },
+    ],
+    ids=["no DP", "user-level DP", "user-level DP, Poisson, adaptive clipping"],
 )
 def test_a_vectorised_cohort_federation_equals_one_node_per_client(
     tmp_path, monkeypatch, central_dp
 ):
+    """Under user-level DP the cohort nodes send the sums of their clients' clipped updates
+    (``fedrec.federation.updates``), and the server adds them up: the same model, to 1e-5."""
     shards: list[int] = []
+    sums: list[int] = []
 
     def counted(model, splits, *args, **kwargs):
         shards.append(len(splits))
         return fedsgd_shard(model, splits, *args, **kwargs)
 
+    def summed(self, values):
+        sums.append(1)
+        return NodeSum_add(self, values)
+
+    NodeSum_add = NodeSum.add
     monkeypatch.setattr(client_module, "fedsgd_shard", counted)
+    monkeypatch.setattr(NodeSum, "add", summed)
     runs = {}
     for users_per_node in (1, 10):
         data = copy.deepcopy(CONFIG)
@@ -180,6 +199,7 @@ def test_a_vectorised_cohort_federation_equals_one_node_per_client(
             [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()],
         )
     assert shards and max(shards) <= 10  # the cohort run trained in shards (nodes of 10)
+    assert bool(sums) == (central_dp is not None)  # under user-level DP, nodes sent sums
     (single, single_lines), (cohort, cohort_lines) = runs[1], runs[10]
     for key, tensor in single.items():
         assert torch.allclose(tensor, cohort[key], atol=1e-5), key

@@ -320,7 +320,7 @@ class DeviceClient:
         reason = self.participation(round_number)
         if reason:
             log.info("round %d: not taking part: %s", round_number, reason)
-            return declined_reply(config.federated, client, dict(state))
+            return declined_reply(config.federated, client, dict(state), clipping_norm)
         ledger = self.ledger()
         before = len(ledger.events)
         reply = train_round(

@@ -1,4 +1,4 @@
-"""Flower ``Array`` → numpy without re-parsing the ``.npy`` header of every array.
+"""Flower ``Array`` ↔ numpy without writing or re-parsing the ``.npy`` header of every array.
 
 Flower keeps each array as ``.npy`` bytes and ``Array.numpy()`` runs ``np.load``, which parses
 the header with ``ast.literal_eval``: ≈ 20 µs per array, so a server reading 1,000 replies of
@@ -9,6 +9,11 @@ dtype is a plain number the values are read in place, otherwise (another header,
 order, a structured or subarray dtype) numpy reads it, after its header was checked against
 the payload's length. Either way the result is what ``np.load`` reads, so a reply cannot be
 validated as one array and aggregated as another.
+
+The other way, ``state_record`` writes the bytes ``np.save`` would, with the header made once
+per dtype and shape, and builds each ``Array`` once: Flower's ``ArrayRecord(state_dict)`` runs
+``np.save`` per tensor and then copies every ``Array`` it made (``from_array_dict``), ≈ 0.3 ms
+per reply of the 12-tensor HSTU, paid for every client of a cohort node.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from __future__ import annotations
 import functools
 import io
 import math
+from collections.abc import Mapping
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord
 
 NUMPY = "numpy.ndarray"  # Flower's SType.NUMPY
@@ -78,3 +85,18 @@ def _checked_load(array: Array) -> np.ndarray:
 def record_numpy(record: ArrayRecord) -> list[np.ndarray]:
     """``record.to_numpy_ndarrays()`` through ``array_numpy``."""
     return [array_numpy(array) for array in record.values()]
+
+
+def state_record(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
+    """``ArrayRecord(state)`` (the same keys, dtypes, shapes and ``.npy`` bytes), built without
+    ``np.save``: the canonical header and the C-ordered values."""
+    record = ArrayRecord()
+    for key, value in state.items():
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        if not array.flags.c_contiguous:  # (np.ascontiguousarray would make a scalar 1-d)
+            array = array.copy(order="C")
+        data = _header(array.dtype.str, array.shape) + array.tobytes()
+        record[key] = Array(
+            dtype=str(array.dtype), shape=tuple(array.shape), stype=NUMPY, data=data
+        )
+    return record

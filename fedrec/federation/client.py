@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from fedrec.federation.privacy import (
     noise_seed,
     planned_record_event,
 )
+from fedrec.federation.updates import NORM_BIT
 from fedrec.federation.vectorised import fedsgd_shard, why_not_vectorised
 from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger
 from fedrec.privacy.randomness import numpy_generator
@@ -89,16 +91,19 @@ def reply_weight(result: LocalResult, fed: FederatedConfig) -> int:
 
 def clip_update(
     state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], clipping_norm: float
-) -> dict[str, torch.Tensor]:
-    """``state`` moved towards ``reference`` until ``state - reference`` has L2 norm at most
-    ``clipping_norm`` (Flower's client-side clipping; a zero update, which would make it divide
-    by zero, is within any norm)."""
+) -> tuple[dict[str, torch.Tensor], float]:
+    """(``state`` moved towards ``reference`` until ``state - reference`` has L2 norm at most
+    ``clipping_norm``, Flower's client-side clipping; the norm before). A zero update, which
+    would make Flower's clip divide by zero, is within any norm."""
     new = [t.detach().cpu().numpy().copy() for t in state.values()]
     old = [reference[k].detach().cpu().numpy() for k in state]
-    if not any(np.any(n != o) for n, o in zip(new, old, strict=True)):
-        return state
+    norm = math.sqrt(
+        sum(float(np.sum((n.astype(np.float64) - o) ** 2)) for n, o in zip(new, old, strict=True))
+    )
+    if norm == 0:
+        return state, 0.0
     compute_clip_model_update(new, old, clipping_norm)
-    return {k: torch.from_numpy(v) for k, v in zip(state, new, strict=True)}
+    return {k: torch.from_numpy(v) for k, v in zip(state, new, strict=True)}, norm
 
 
 def planned_release(
@@ -129,11 +134,16 @@ def _reply_metrics(fed: FederatedConfig, partition: int) -> dict[str, MetricValu
 
 
 def declined_reply(
-    fed: FederatedConfig, partition: int, global_state: dict[str, torch.Tensor]
+    fed: FederatedConfig,
+    partition: int,
+    global_state: dict[str, torch.Tensor],
+    clipping_norm: float | None = None,
 ) -> ClientReply:
     """A training reply that releases nothing: the global state back, ``refused`` 1."""
     metrics = _reply_metrics(fed, partition)
     metrics.update({"refused": 1, "num-examples": 0})
+    if clipping_norm is not None:
+        metrics[NORM_BIT] = 1  # a zero update is within any norm
     if fed.report_train_loss:
         metrics["train-loss"] = 0.0
     return ClientReply(metrics, global_state)
@@ -157,7 +167,7 @@ def train_round(
     global_state = {k: v.detach().clone() for k, v in model.shared_state().items()}
     planned = planned_release(model, split, fed, partition, round_number)
     if over_budget(planned, fed, ledger):
-        return declined_reply(fed, partition, global_state)
+        return declined_reply(fed, partition, global_state, clipping_norm)
     result = model.train_local(
         split,
         fed,
@@ -189,7 +199,10 @@ def _trained_reply(
     if result.dp is not None and spent is not None:
         metrics.update(event_metrics(spent))
     if clipping_norm is not None:
-        state = clip_update(state, global_state, clipping_norm)
+        state, norm = clip_update(state, global_state, clipping_norm)
+        # Adaptive clipping's bit (Andrew et al. 2021): was the update within C before the
+        # clip? The server sees only clipped updates; its count of these bits is noised.
+        metrics[NORM_BIT] = int(norm <= clipping_norm)
     return ClientReply(metrics, state)
 
 
