@@ -6,15 +6,16 @@ update).
 
     python simulations/bench_pfl.py --config configs/synthetic-100k-fedsgd.yaml --rounds 6 \
         --pfl-python /tmp/pflenv/bin/python --output runs/bench-pfl \
-        [--users N] [--clients-per-round C] [--users-per-node K]
+        [--users N] [--clients-per-round C] [--users-per-node K] [--user-dp SIGMA CLIP]
 
 Both engines read one config: ``--config`` with ``--users`` / ``--clients-per-round`` /
 ``--rounds`` applied, written to ``OUTPUT/config.yaml``. pfl: one user = one client whose
 dataset is its training row (``training_batch``: items, times, targets), one local epoch with
 the whole user dataset as the batch, ``torch.optim.SGD`` locally, ``torch.optim.Adam`` centrally
 (β = 0.9, 0.99 as Flower's FedAdam), pfl's own user sampler, ``SimulatedBackend`` in one process,
-no postprocessors (no DP, no weighting: every user weighs 1), no evaluation after the first
-iteration, on the CPU (``--pfl-device``) with ``--threads`` torch threads. fedrec:
+no postprocessors (no DP, no weighting: every user weighs 1; with ``--user-dp`` pfl's
+``CentrallyAppliedPrivacyMechanism(GaussianMechanism)``, fedrec's ``central_dp`` over a fixed
+cohort), no evaluation after the first iteration, on the CPU (``--pfl-device``) with ``--threads`` torch threads. fedrec:
 ``bench_federated.bench_round`` (the Flower simulation with cohort nodes of ``users_per_node``
 clients, and the in-process loop). Each engine's figure is the median seconds per round with
 the first round (start-up, pfl's evaluation at iteration 0) excluded. The result,
@@ -49,10 +50,22 @@ SAMPLERS = ("minimize_reuse", "random")
 
 
 def effective_config(
-    config_path: str, users: int | None, clients_per_round: int | None, rounds: int
+    config_path: str,
+    users: int | None,
+    clients_per_round: int | None,
+    rounds: int,
+    user_dp: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """``config_path``'s YAML with the command line's population, cohort and rounds."""
+    """``config_path``'s YAML with the command line's population, cohort, rounds and, with
+    ``user_dp`` (σ, C), user-level DP over a fixed cohort."""
     config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+    if user_dp is not None:
+        noise, clip = user_dp
+        config["federated"]["central_dp"] = {
+            "noise_multiplier": noise,
+            "clipping_norm": clip,
+            "sampling": "fixed",
+        }
     if users is not None:
         config["data"]["synthetic"]["num_users"] = users
     if clients_per_round is not None:
@@ -157,7 +170,15 @@ def run_pfl(
         local_learning_rate=fed.local_learning_rate,
         local_batch_size=None,  # the whole user dataset (its one row): one step per epoch
     )
-    backend = SimulatedBackend(training_data=dataset, val_data=dataset, postprocessors=[])
+    postprocessors: list[Any] = []
+    if fed.central_dp is not None:  # user-level DP: each update clipped, the sum noised
+        from pfl.privacy import CentrallyAppliedPrivacyMechanism, GaussianMechanism
+
+        mechanism = GaussianMechanism(fed.central_dp.clipping_norm, fed.central_dp.noise_multiplier)
+        postprocessors.append(CentrallyAppliedPrivacyMechanism(mechanism))
+    backend = SimulatedBackend(
+        training_data=dataset, val_data=dataset, postprocessors=postprocessors
+    )
     setup_seconds = time.perf_counter() - started
 
     class RoundTimer(TrainingProcessCallback):
@@ -211,8 +232,13 @@ def run_pfl(
             f"Adam lr {fed.server_learning_rate} betas (0.9, 0.99) eps {fed.server_tau}"
         ),
         "aggregation": "unweighted mean of model differences",
-        "dp": False,
-        "postprocessors": [],
+        "dp": fed.central_dp is not None,
+        "postprocessors": [
+            f"{type(p).__name__}(GaussianMechanism(clip {fed.central_dp.clipping_norm}, "
+            f"σ {fed.central_dp.noise_multiplier}))"
+            for p in postprocessors
+            if fed.central_dp is not None
+        ],
         "evaluation": "iteration 0 only (excluded)",
         # a check that the rounds trained: ‖final − initial‖ / ‖initial‖ > 0
         "model_moved": float((final - initial).norm() / initial.norm()),
@@ -275,6 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pfl-sampler", choices=SAMPLERS, default="minimize_reuse")
     parser.add_argument("--pfl-device", default="cpu", help="PFL_PYTORCH_DEVICE for pfl")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in pfl's process")
+    parser.add_argument(
+        "--user-dp",
+        nargs=2,
+        type=float,
+        metavar=("SIGMA", "CLIP"),
+        help="both engines with user-level DP: noise multiplier and clipping norm (fedrec's "
+        "cohort nodes then send sums of clipped updates; pfl: its central Gaussian mechanism)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="runs/bench-pfl", help="folder for results")
     parser.add_argument(
@@ -300,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be >= 2: the first round is excluded")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    config = effective_config(args.config, args.users, args.clients_per_round, args.rounds)
+    user_dp = None if args.user_dp is None else (args.user_dp[0], args.user_dp[1])
+    config = effective_config(args.config, args.users, args.clients_per_round, args.rounds, user_dp)
     config_path = output / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     fed = config["federated"]
@@ -327,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     same = fedrec_seconds.get("inprocess_same", fedrec_seconds["inprocess_per_client"])
     result = {
         "what": "seconds per round, HSTU FedSGD + server Adam, median with round 1 excluded",
+        "user_dp": None
+        if user_dp is None
+        else {"noise_multiplier": user_dp[0], "clip": user_dp[1]},
         "config": args.config,
         "users": config["data"]["synthetic"]["num_users"],
         "clients_per_round": fed["clients_per_round"],
