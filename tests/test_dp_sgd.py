@@ -5,10 +5,12 @@ import copy
 import numpy as np
 import pytest
 import torch
+from opacus import GradSampleModule
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedrec.models import build_model, model_config
-from fedrec.privacy import PrivacyLedger, epsilon
+from fedrec.privacy import PrivacyLedger, dp_sgd, epsilon
 from fedrec.privacy.dp_sgd import DPSGDConfig, dp_train, per_example_loss, user_examples
 
 
@@ -78,7 +80,10 @@ def oracle_update(model, examples, clip):
 @pytest.mark.parametrize("name", ["hstu", "sasrec"])
 @pytest.mark.parametrize("clip", [1e6, 0.05])
 def test_dp_sgd_update_equals_the_oracle(name, clip, mode, small_split, fixed_negatives):
-    model = tiny(name)
+    assert_update_equals_the_oracle(tiny(name), clip, mode, small_split)
+
+
+def assert_update_equals_the_oracle(model, clip, mode, small_split):
     examples = user_examples(small_split, np.arange(6), max_len=10)
     oracle_model = copy.deepcopy(model).train()
     expected, factors = oracle_update(oracle_model, examples, clip)
@@ -92,6 +97,31 @@ def test_dp_sgd_update_equals_the_oracle(name, clip, mode, small_split, fixed_ne
         per_example_loss(plain, *examples.tensors).mean().backward()
         for param_name, param in plain.named_parameters():
             torch.testing.assert_close(got[param_name], -param.grad, atol=2e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("without_a_rule", [None, nn.LayerNorm])
+def test_bookkeeping_leaves_only_layers_without_an_opacus_rule_to_opacus_hooks(
+    without_a_rule, small_split, fixed_negatives, monkeypatch
+):
+    """Every SASRec layer has a book, so Opacus' hooks are not attached at all; with layer norms
+    lacking Opacus' rule, they alone go to Opacus' hooks (its torch.func fallback) beside the
+    books. The clipped update equals the one-example-at-a-time oracle either way."""
+    hooked = []
+
+    class Spy(GradSampleModule):
+        def __init__(self, module, **kwargs):
+            super().__init__(module, **kwargs)
+            hooked.append(sorted(name for name, p in module.named_parameters() if p.requires_grad))
+
+    monkeypatch.setattr(dp_sgd, "GradSampleModule", Spy)
+    if without_a_rule is not None:
+        monkeypatch.delitem(GradSampleModule.GRAD_SAMPLERS, without_a_rule)
+    assert_update_equals_the_oracle(tiny("sasrec"), 0.05, "bookkeeping", small_split)
+    if without_a_rule is None:
+        assert hooked == []
+    else:
+        [names] = hooked
+        assert names and all("norm" in name for name in names), names
 
 
 @pytest.mark.parametrize("name", ["hstu", "sasrec"])

@@ -29,9 +29,8 @@ from fedrec.models.base import SequentialRecommender
 from fedrec.privacy import grad_samplers  # noqa: F401  (registers HSTU's Opacus rules)
 from fedrec.privacy.accounting import ACCOUNTANTS
 from fedrec.privacy.bookkeeping import (
+    Book,
     BookkeepingDPOptimizer,
-    LinearBook,
-    RowSampledTable,
     books_for,
     frozen,
 )
@@ -214,8 +213,8 @@ def dp_train(
     optimizer = optimizer or torch.optim.Adam(trainable, lr=learning_rate)
     mode = grad_sample_mode_for(model, config.grad_sample_mode)
     ghost = mode == "ghost"
-    books: list[RowSampledTable | LinearBook] = []
-    stack = ExitStack()  # book-keeping: the booked weights stay frozen until training ends
+    books: list[Book] = []
+    stack = ExitStack()  # Opacus' hooks come off, booked weights stay frozen, until the end
     with warnings.catch_warnings():
         _ignore_harmless_opacus_warnings()
         if mode == "bookkeeping":
@@ -224,11 +223,13 @@ def dp_train(
             books = books_for(model, [item_table] if item_table.weight.requires_grad else [])
             booked = [p for book in books for p in book.params]
             stack.enter_context(frozen(booked))
-            private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            if any(p.requires_grad for p in model.parameters()):  # layers no book covers
+                hooked = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+                if poisson_sampling:
+                    hooked.forbid_grad_accumulation()
+                stack.callback(hooked._close)
             # As PrivacyEngine.make_private batches and scales (its optimizer class is fixed).
             private_loader = DPDataLoader.from_data_loader(loader) if poisson_sampling else loader
-            if poisson_sampling:
-                private.forbid_grad_accumulation()
             dp_optimizer: DPOptimizer = BookkeepingDPOptimizer(
                 optimizer,
                 books=books,
@@ -252,6 +253,7 @@ def dp_train(
                 **({"criterion": nn.MSELoss()} if ghost else {}),
             )
             private, dp_optimizer, private_loader = made[0], made[1], made[-1]
+            stack.callback(private._close)
     model.train()
     steps, losses = 0, []
     try:
@@ -278,7 +280,6 @@ def dp_train(
                     dp_optimizer.step()
                     steps += 1
     finally:
-        private._close()
         for book in books:
             book.remove()
         stack.close()
