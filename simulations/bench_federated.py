@@ -3,6 +3,8 @@
     python simulations/bench_federated.py dp-step   # DP-SGD step vs a non-private step
     python simulations/bench_federated.py round     # Flower simulation round vs in-process loop
     python simulations/bench_federated.py memory    # peak memory vs population size
+    python simulations/bench_federated.py population-memory --config CONFIG
+                                                    # the driver's population, stage by stage
     python simulations/bench_federated.py audit --config configs/ml-100k-federated-fedadam.yaml
                                                     # a round with vs without the audit
 
@@ -248,6 +250,64 @@ def bench_memory(
     }
 
 
+def _rss_mib() -> float:
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) / 1024 for line in status.splitlines() if "VmRSS" in line)
+
+
+def _population_stages(config: dict[str, Any], folder: str) -> dict[str, Any]:
+    """In a fresh process: resident MiB added by each stage of building ``config``'s
+    population (what a simulation's driver holds), and the bytes of its arrays."""
+    import gc
+
+    from fedrec.config import load_config
+    from fedrec.population import population_of
+
+    path = Path(folder) / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    loaded = load_config(path)
+    start = _rss_mib()
+    population = population_of(loaded)
+    gc.collect()
+    data = _rss_mib()
+    groups = population.audit_context.groups
+    gc.collect()
+    audit = _rss_mib()
+    arrays = {
+        f"{owner}.{name}": value.nbytes / 2**20
+        for owner, obj in (("dataset", population.dataset), ("split", population.split))
+        for name, value in vars(obj).items()
+        if hasattr(value, "nbytes")
+    }
+    return {
+        "users": population.split.num_users,
+        "clients": len(population.partitions),
+        "events": int(population.split.offsets[-1]),
+        "mib_after_imports": start,
+        "mib_data_split_partitions": data - start,
+        "mib_audit_context": audit - data,
+        "audit_groups": sorted(groups),
+        "array_mib": arrays,
+    }
+
+
+def bench_population_memory(
+    config_path: str, populations: list[int], workdir: Path
+) -> dict[str, Any]:
+    """The driver's population at each size of ``populations``, each in a fresh process."""
+    import multiprocessing
+
+    out = {}
+    for users in populations:
+        config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+        config["data"]["synthetic"]["num_users"] = users
+        folder = workdir / f"pop-{users}"
+        folder.mkdir(parents=True, exist_ok=True)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            out[str(users)] = pool.apply(_population_stages, (config, str(folder)))
+    return {"config": config_path, "populations": out}
+
+
 def bench_audit(config_path: str, workdir: Path, rounds: int, repeats: int) -> dict[str, Any]:
     """Wall seconds per round (local training, aggregation, full-ranking evaluation every round)
     of the in-process loop with the server-side audit off and on, alternated ``repeats`` times."""
@@ -291,8 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("dp-step", "round", "memory", "audit"))
-    parser.add_argument("--config", help="experiment YAML (audit; optional for round and memory)")
+    parser.add_argument(
+        "what", choices=("dp-step", "round", "memory", "population-memory", "audit")
+    )
+    parser.add_argument(
+        "--config",
+        help="experiment YAML (audit, population-memory; optional for round and memory)",
+    )
     parser.add_argument("--output", default="runs/bench-federated", help="folder for results")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
@@ -317,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.config:
             parser.error("audit needs --config")
         result = bench_audit(args.config, output / "audit", args.rounds, args.repeats)
+    elif args.what == "population-memory":
+        if not args.config:
+            parser.error("population-memory needs --config (a synthetic population)")
+        result = bench_population_memory(args.config, args.populations, output / "population")
     elif args.what == "round":
         result = bench_round(
             output / "round", args.clients_per_round, args.rounds, args.config, args.users_per_node

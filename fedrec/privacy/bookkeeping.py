@@ -106,24 +106,26 @@ class RowSampledTable:
                     0, inverse[:, start : start + width].reshape(-1), grads.flatten(0, 1)
                 )
                 start += width
-            # The loss is the batch mean (Opacus' "mean" reduction): undo the 1/B.
-            summed *= batch
-            row = keys % rows
-            if self.padding_idx is not None:  # nn.Embedding never updates the padding row
-                summed[row == self.padding_idx] = 0.0
-            self._coalesced = (keys // rows, row, summed, batch)
+            self._coalesced = (keys // rows, keys % rows, summed, batch)
         return self._coalesced
 
     def squared_norms(self) -> torch.Tensor:
         """``[B]``: each example's squared gradient norm over the whole table."""
-        example, _, summed, batch = self._rows()
-        return summed.new_zeros(batch).index_add_(0, example, summed.pow(2).sum(dim=1))
+        example, row, summed, batch = self._rows()
+        per_row = summed.pow(2).sum(dim=1)
+        if self.padding_idx is not None:  # nn.Embedding never updates the padding row
+            per_row.masked_fill_(row == self.padding_idx, 0.0)
+        # The loss is the batch mean (Opacus' "mean" reduction): undo the 1/B.
+        return per_row.new_zeros(batch).index_add_(0, example, per_row) * batch**2
 
     def clipped_sums(self, factors: torch.Tensor) -> list[torch.Tensor]:
         """``[Σ_b factors[b] · grad_b]`` as a dense table gradient."""
-        example, row, summed, _ = self._rows()
-        scaled = summed * factors.to(summed.dtype)[example].unsqueeze(1)
-        return [torch.zeros_like(self.weight).index_add_(0, row, scaled)]
+        example, row, summed, batch = self._rows()
+        scaled = summed * (factors.to(summed.dtype) * batch)[example].unsqueeze(1)
+        table = torch.zeros_like(self.weight).index_add_(0, row, scaled)
+        if self.padding_idx is not None:
+            table[self.padding_idx] = 0.0
+        return [table]
 
 
 Kept = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -229,13 +231,13 @@ class RuleBook:
         self.clear()
 
     def samples(self) -> list[torch.Tensor]:
-        """``[B, numel]`` per parameter: each example's gradient, summed over the step's calls."""
+        """``[B, numel]`` per parameter: each example's gradient (of the batch-mean loss), summed
+        over the step's calls."""
         if self._samples is None:
             totals: dict[int, torch.Tensor] = {}
             with unfrozen(self.params):  # Opacus' rules skip a parameter that is frozen
                 for inputs, grad in self._calls:
-                    # The loss is the batch mean (Opacus' "mean" reduction): undo the 1/B.
-                    for param, sample in self.rule(self.module, inputs, grad * len(grad)).items():
+                    for param, sample in self.rule(self.module, inputs, grad).items():
                         flat = sample.flatten(1)
                         totals[id(param)] = (
                             totals[id(param)] + flat if id(param) in totals else flat
@@ -243,13 +245,20 @@ class RuleBook:
             self._samples = [totals.get(id(p), p.new_zeros(0, p.numel())) for p in self.params]
         return self._samples
 
+    # The output gradients are those of the batch mean (Opacus' "mean" reduction): the norms and
+    # sums undo the 1/B, as Opacus scales its output gradients before the rule.
+
     def squared_norms(self) -> torch.Tensor:
         parts = [sample.pow(2).sum(dim=1) for sample in self.samples() if len(sample)]
-        return torch.stack(parts).sum(dim=0) if parts else self.params[0].new_zeros(0)
+        if not parts:
+            return self.params[0].new_zeros(0)
+        return torch.stack(parts).sum(dim=0) * len(parts[0]) ** 2
 
     def clipped_sums(self, factors: torch.Tensor) -> list[torch.Tensor]:
         return [
-            (factors.to(p.dtype) @ sample).view_as(p) if len(sample) else torch.zeros_like(p)
+            ((factors.to(p.dtype) * len(sample)) @ sample).view_as(p)
+            if len(sample)
+            else torch.zeros_like(p)
             for p, sample in zip(self.params, self.samples(), strict=True)
         ]
 
