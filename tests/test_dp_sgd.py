@@ -189,6 +189,25 @@ def test_poisson_training_with_empty_batches_reports_what_the_ledger_needs(small
     assert PrivacyLedger().epsilon("client:0", 1e-5) == 0.0
 
 
+@pytest.mark.parametrize("without_a_rule", [None, nn.LayerNorm])
+def test_a_last_empty_batch_leaves_no_per_example_state_on_the_model(
+    without_a_rule, small_split, monkeypatch
+):
+    """Poisson batches ending with an empty one (noise only), every layer booked or layer norms
+    left to Opacus' hooks: the trained model carries no per-example gradients afterwards."""
+    examples = user_examples(small_split, np.arange(3), max_len=10)
+    batches = [list(examples.tensors), [t[:0] for t in examples.tensors]]
+    monkeypatch.setattr(dp_sgd.DPDataLoader, "from_data_loader", lambda loader: batches)
+    if without_a_rule is not None:
+        monkeypatch.delitem(GradSampleModule.GRAD_SAMPLERS, without_a_rule)
+    model = tiny("sasrec")
+    before = copy.deepcopy(model.state_dict())
+    config = DPSGDConfig(noise_multiplier=1.0, batch_size=1)
+    assert dp_train(model, examples, config, epochs=1, learning_rate=1e-2).steps == 2
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_target_epsilon_is_met_by_the_solved_noise(small_split):
     model = tiny("sasrec")
     examples = user_examples(small_split, np.arange(20), max_len=10)

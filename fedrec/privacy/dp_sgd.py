@@ -214,6 +214,7 @@ def dp_train(
     mode = grad_sample_mode_for(model, config.grad_sample_mode)
     ghost = mode == "ghost"
     books: list[Book] = []
+    hooked = trainable  # the parameters whose per-example gradients Opacus' hooks compute
     stack = ExitStack()  # Opacus' hooks come off, booked weights stay frozen, until the end
     with warnings.catch_warnings():
         _ignore_harmless_opacus_warnings()
@@ -223,11 +224,12 @@ def dp_train(
             books = books_for(model, [item_table] if item_table.weight.requires_grad else [])
             booked = [p for book in books for p in book.params]
             stack.enter_context(frozen(booked))
-            if any(p.requires_grad for p in model.parameters()):  # layers no book covers
-                hooked = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            hooked = [p for p in trainable if p.requires_grad]  # the layers no book covers
+            if hooked:
+                hooks = GradSampleModule(model, batch_first=True, loss_reduction="mean")
                 if poisson_sampling:
-                    hooked.forbid_grad_accumulation()
-                stack.callback(hooked._close)
+                    hooks.forbid_grad_accumulation()
+                stack.callback(hooks._close)
             # As PrivacyEngine.make_private batches and scales (its optimizer class is fixed).
             private_loader = DPDataLoader.from_data_loader(loader) if poisson_sampling else loader
             dp_optimizer: DPOptimizer = BookkeepingDPOptimizer(
@@ -274,8 +276,8 @@ def dp_train(
                     elif ghost:  # noise only
                         for param in trainable:
                             param.grad = torch.zeros_like(param)
-                    else:  # Opacus' zero-row convention: noise only
-                        for param in trainable:
+                    else:  # Opacus' zero-row convention: noise only (books hold no rows)
+                        for param in hooked:
                             param.grad_sample = param.new_zeros((0, *param.shape))  # type: ignore[attr-defined]
                     dp_optimizer.step()
                     steps += 1
