@@ -87,29 +87,35 @@ def bench_dp_step(repeats: int, steps: int, batch: int) -> dict[str, Any]:
     }
 
 
-def _tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and every descendant (Ray actors included)."""
+def _tree_memory(root: int) -> tuple[int, int]:
+    """Resident bytes of ``root`` and every descendant (Ray actors included): the sum of their
+    RSS, and of their PSS. RSS counts a shared page in every process that maps it (libtorch,
+    and Ray's object store, which the driver, the raylet and each actor map); PSS splits it
+    among them, so the PSS sum is the tree's physical memory."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            status = (entry / "status").read_text()
         except OSError:
             continue
-        pid, ppid = int(entry.name), int(stat[1])
-        children.setdefault(ppid, []).append(pid)
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                rss[pid] = int(line.split()[1]) * 1024
-    total, stack = 0, [root]
+        children.setdefault(int(stat[1]), []).append(int(entry.name))
+    rss = pss = 0
+    stack = [root]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
         stack.extend(children.get(pid, []))
-    return total
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in rollup.splitlines():
+            if line.startswith("Rss:"):
+                rss += int(line.split()[1]) * 1024
+            elif line.startswith("Pss:"):
+                pss += int(line.split()[1]) * 1024
+    return rss, pss
 
 
 def _simulate(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -129,14 +135,20 @@ def _simulate(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        peak = 0
+        peak_rss = peak_pss = 0
         while proc.poll() is None:
-            peak = max(peak, _tree_rss(proc.pid))
+            rss, pss = _tree_memory(proc.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
             time.sleep(0.5)
     if proc.returncode != 0:
         raise RuntimeError(f"simulate failed, see {workdir / 'log'}")
     history = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").open()]
-    return {"history": history, "peak_rss_bytes": peak, "wall": time.perf_counter() - started}
+    return {
+        "history": history,
+        "peak_rss_bytes": peak_rss,
+        "peak_pss_bytes": peak_pss,
+        "wall": time.perf_counter() - started,
+    }
 
 
 def synthetic_config(users: int, clients_per_round: int, rounds: int) -> dict[str, Any]:
@@ -224,9 +236,9 @@ def bench_memory(
     config_path: str | None = None,
     users_per_node: int = 1,
 ) -> dict[str, Any]:
-    """Peak resident memory of the whole simulation (driver + Ray actors), 2 rounds each, of
-    the small synthetic workload or of ``config_path``'s federation with its population set to
-    each of ``populations`` (``users_per_node`` clients per node)."""
+    """Peak resident memory (RSS and PSS sums) of the whole simulation (driver + Ray actors),
+    2 rounds each, of the small synthetic workload or of ``config_path``'s federation with its
+    population set to each of ``populations`` (``users_per_node`` clients per node)."""
     out = {}
     for users in populations:
         if config_path is None:
@@ -239,6 +251,7 @@ def bench_memory(
         result = _simulate(config, workdir / f"pop-{users}")
         out[str(users)] = {
             "peak_rss_mib": result["peak_rss_bytes"] / 2**20,
+            "peak_pss_mib": result["peak_pss_bytes"] / 2**20,
             "wall_seconds": result["wall"],
             "round_seconds": [h["seconds"] for h in result["history"]],
         }
