@@ -52,7 +52,7 @@ from fedrec.federation.config import (
     CentralDPConfig,
     clipped_count_stddev,
 )
-from fedrec.federation.updates import NORM_BIT, clipped_difference
+from fedrec.federation.updates import NORM_BIT, clipped_difference, l2_norm
 from server.sampling import CohortSampler, RoundGenerator
 
 log = logging.getLogger("fedrec.server")
@@ -143,7 +143,7 @@ class UserLevelDP(CohortSampler):
         count = int(cast(int, reply.content.metric_records[NODE_SUM_FACTS]["count"]))
         if total is None:
             return None
-        norm = math.sqrt(sum(float(np.dot(t.ravel(), t.ravel())) for t in total))
+        norm = l2_norm(total)
         if norm > count * self.clipping_norm * (1 + 1e-6):
             log.warning(
                 "a node's sum of %d updates has norm %.4g > %d × C (%.4g): dropped",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from fedrec.federation.privacy import (
     noise_seed,
     planned_record_event,
 )
-from fedrec.federation.updates import NORM_BIT
+from fedrec.federation.updates import NORM_BIT, l2_norm
 from fedrec.federation.vectorised import fedsgd_shard, why_not_vectorised
 from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger
 from fedrec.privacy.randomness import numpy_generator
@@ -97,9 +96,7 @@ def clip_update(
     would make Flower's clip divide by zero, is within any norm."""
     new = [t.detach().cpu().numpy().copy() for t in state.values()]
     old = [reference[k].detach().cpu().numpy() for k in state]
-    norm = math.sqrt(
-        sum(float(np.sum((n.astype(np.float64) - o) ** 2)) for n, o in zip(new, old, strict=True))
-    )
+    norm = l2_norm([np.subtract(n, o, dtype=np.float64) for n, o in zip(new, old, strict=True)])
     if norm == 0:
         return state, 0.0
     compute_clip_model_update(new, old, clipping_norm)

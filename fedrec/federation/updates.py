@@ -10,6 +10,7 @@ up (tested against one node per client).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,13 +20,18 @@ import numpy as np
 NORM_BIT = "norm-bit"
 
 
+def l2_norm(arrays: Sequence[np.ndarray]) -> float:
+    """The L2 norm of ``arrays`` taken together, as float64."""
+    return math.sqrt(sum(float(np.dot(a.ravel(), a.ravel())) for a in arrays))
+
+
 def clipped_difference(
     values: Sequence[np.ndarray], reference: Sequence[np.ndarray], clipping_norm: float
 ) -> tuple[list[np.ndarray], float]:
     """(``values − reference`` in float64, scaled to L2 norm at most ``clipping_norm``; the
     norm before scaling). A zero update stays zero (Flower's clip would divide by it)."""
     update = [np.subtract(v, r, dtype=np.float64) for v, r in zip(values, reference, strict=True)]
-    norm = float(np.sqrt(sum(float(np.dot(u.ravel(), u.ravel())) for u in update)))
+    norm = l2_norm(update)
     if norm > clipping_norm:
         scale = clipping_norm / norm
         for u in update:
