@@ -287,25 +287,34 @@ def identify(msg: Message, context: Context) -> Message:
     query brings the run's item catalogue, kept when this client's copy is another."""
     if device.is_device(context.node_config):
         return device.identify(msg, context)
-    sent = msg.content.config_records["config"]
-    published = str(sent.get("catalogue", ""))
-    if published:
-        config, _ = _config_file(resolve_config_path(context.run_config))
-        run_dir = resolve_run_dir(context.run_config, config.output_dir)
-        _, path, _, _ = client_paths(run_dir, context.node_config)
-        try:
-            held = _cached_catalogue(path).content_hash if path.exists() else None
-        except FedrecDataError:
-            held = None  # a damaged copy: replaced by the verified one
-        if held is None or held != sent.get("catalogue-hash"):
-            keep_catalogue(published, path)
+    _keep_published(msg.content.config_records["config"], context)
     metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+def _keep_published(sent: ConfigRecord, context: Context) -> None:
+    """Keep the catalogue the server published, unless this node holds that one already."""
+    published = str(sent.get("catalogue", ""))
+    if not published:
+        return
+    config, _ = _config_file(resolve_config_path(context.run_config))
+    run_dir = resolve_run_dir(context.run_config, config.output_dir)
+    _, path, _, _ = client_paths(run_dir, context.node_config)
+    try:
+        held = _cached_catalogue(path).content_hash if path.exists() else None
+    except FedrecDataError:
+        held = None  # a damaged copy: replaced by the verified one
+    if held is None or held != sent.get("catalogue-hash"):
+        keep_catalogue(published, path)
+
+
 @app.query("cohort")
 def cohort_roster(msg: Message, context: Context) -> Message:
-    """Which clients this node hosts, with cohort nodes (``federated.users_per_node``)."""
+    """Which clients this node hosts, with cohort nodes (``federated.users_per_node``); the
+    query brings the run's catalogue, as the identify query does to a node of one client."""
+    published = msg.content.config_records.get("published")
+    if published is not None:
+        _keep_published(published, context)
     return roster(msg, context)
 
 

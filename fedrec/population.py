@@ -104,7 +104,13 @@ def population_of(config: ExperimentConfig) -> Population:
     return Population(config, dataset, split, partitions)
 
 
-@functools.lru_cache(maxsize=2)
 def load_population(config_path: str) -> Population:
     """Load (once per process) the data and partition of a federated run."""
+    # By absolute path: `fedrec simulate` loads it by the path given, its ServerApp (in the same
+    # process) by $FEDREC_CONFIG; two keys for one file built a 10^6-user population twice.
+    return _population_at(str(Path(config_path).resolve()))
+
+
+@functools.lru_cache(maxsize=2)
+def _population_at(config_path: str) -> Population:
     return population_of(load_config(config_path))

@@ -65,7 +65,8 @@ class IdentifiedGrid:
     node says which client it runs. Either way a client id outside ``0..clients-1``, a malformed
     reply or a client another node already runs excludes the node (with a warning, once);
     ``partition_of`` is then the only source of a reply's client (the server round books
-    releases by it)."""
+    releases by it). Over a ``CohortGrid`` the nodes' rosters already say which client each
+    virtual node is, and bring them the catalogue and config: no client is asked again."""
 
     def __init__(
         self,
@@ -86,6 +87,8 @@ class IdentifiedGrid:
         self.partition_of: dict[int, int] = {}
         self.excluded: set[int] = set()
         self.failed: dict[int, int] = {}  # error replies by node: asked again, up to 3
+        if isinstance(grid, CohortGrid):
+            grid.publish(self._published(None))
 
     def get_node_ids(self) -> list[int]:
         connected = list(self.grid.get_node_ids())
@@ -109,24 +112,8 @@ class IdentifiedGrid:
                 )
             self.excluded.update(strangers)
             nodes = [n for n in nodes if n not in strangers]
-        shared = RecordDict({"config": self._published(None)})  # one payload without enrolment
-        queries = [
-            Message(
-                shared if self.enrolment is None else RecordDict({"config": self._published(n)}),
-                dst_node_id=n,
-                message_type=MessageType.QUERY,
-            )
-            for n in nodes
-        ]
         taken = set(self.partition_of.values())
-        for reply in self.grid.send_and_receive(queries, timeout=self.timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():  # e.g. a device whose app held its store: asked again later
-                self.failed[node] = self.failed.get(node, 0) + 1
-                if self.failed[node] < IDENTIFY_TRIES:
-                    log.warning("node %d could not identify itself: %s", node, reply.error.reason)
-                    continue
-            partition = None if reply.has_error() else _claimed_partition(reply)
+        for node, partition in self._claims(nodes):
             enrolled = None if self.enrolment is None else self.enrolment.get(node)
             why = ""
             if partition is None or not 0 <= partition < self.clients:
@@ -141,6 +128,30 @@ class IdentifiedGrid:
                 continue
             self.partition_of[node] = partition
             taken.add(partition)
+
+    def _claims(self, nodes: list[int]) -> Iterator[tuple[int, int | None]]:
+        """(node, the client it says it runs, None for a malformed or failed reply) of each node
+        that answered for good; one whose error may pass is left to ask again later."""
+        if isinstance(self.grid, CohortGrid):
+            yield from ((n, self.grid.client_of(n)) for n in nodes)
+            return
+        shared = RecordDict({"config": self._published(None)})  # one payload without enrolment
+        queries = [
+            Message(
+                shared if self.enrolment is None else RecordDict({"config": self._published(n)}),
+                dst_node_id=n,
+                message_type=MessageType.QUERY,
+            )
+            for n in nodes
+        ]
+        for reply in self.grid.send_and_receive(queries, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():  # e.g. a device whose app held its store: asked again later
+                self.failed[node] = self.failed.get(node, 0) + 1
+                if self.failed[node] < IDENTIFY_TRIES:
+                    log.warning("node %d could not identify itself: %s", node, reply.error.reason)
+                    continue
+            yield node, None if reply.has_error() else _claimed_partition(reply)
 
     def _published(self, node: int | None) -> ConfigRecord:
         client = -1 if self.enrolment is None or node is None else self.enrolment[node]

@@ -87,11 +87,12 @@ def bench_dp_step(repeats: int, steps: int, batch: int) -> dict[str, Any]:
     }
 
 
-def _tree_memory(root: int) -> tuple[int, int]:
+def _tree_memory(root: int) -> tuple[int, int, dict[str, int]]:
     """Resident bytes of ``root`` and every descendant (Ray actors included): the sum of their
-    RSS, and of their PSS. RSS counts a shared page in every process that maps it (libtorch,
-    and Ray's object store, which the driver, the raylet and each actor map); PSS splits it
-    among them, so the PSS sum is the tree's physical memory."""
+    RSS, and of their PSS, and the PSS of each process by name (``comm``, numbered when
+    repeated). RSS counts a shared page in every process that maps it (libtorch, and Ray's
+    object store, which the driver, the raylet and each actor map); PSS splits it among them,
+    so the PSS sum is the tree's physical memory."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -102,20 +103,25 @@ def _tree_memory(root: int) -> tuple[int, int]:
             continue
         children.setdefault(int(stat[1]), []).append(int(entry.name))
     rss = pss = 0
+    by_process: dict[str, int] = {}
     stack = [root]
     while stack:
         pid = stack.pop()
         stack.extend(children.get(pid, []))
         try:
             rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
         except OSError:
             continue
         for line in rollup.splitlines():
             if line.startswith("Rss:"):
                 rss += int(line.split()[1]) * 1024
             elif line.startswith("Pss:"):
-                pss += int(line.split()[1]) * 1024
-    return rss, pss
+                own = int(line.split()[1]) * 1024
+                pss += own
+                repeats = sum(1 for key in by_process if key.split(" #")[0] == name)
+                by_process[f"{name} #{repeats + 1}" if repeats else name] = own
+    return rss, pss, by_process
 
 
 def _simulate(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -136,9 +142,12 @@ def _simulate(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
             start_new_session=True,
         )
         peak_rss = peak_pss = 0
+        at_peak: dict[str, int] = {}
         while proc.poll() is None:
-            rss, pss = _tree_memory(proc.pid)
-            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            rss, pss, by_process = _tree_memory(proc.pid)
+            peak_rss = max(peak_rss, rss)
+            if pss > peak_pss:
+                peak_pss, at_peak = pss, by_process
             time.sleep(0.5)
     if proc.returncode != 0:
         raise RuntimeError(f"simulate failed, see {workdir / 'log'}")
@@ -147,6 +156,7 @@ def _simulate(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
         "history": history,
         "peak_rss_bytes": peak_rss,
         "peak_pss_bytes": peak_pss,
+        "pss_mib_by_process_at_peak": {k: v / 2**20 for k, v in sorted(at_peak.items())},
         "wall": time.perf_counter() - started,
     }
 
@@ -252,6 +262,7 @@ def bench_memory(
         out[str(users)] = {
             "peak_rss_mib": result["peak_rss_bytes"] / 2**20,
             "peak_pss_mib": result["peak_pss_bytes"] / 2**20,
+            "pss_mib_by_process_at_peak": result["pss_mib_by_process_at_peak"],
             "wall_seconds": result["wall"],
             "round_seconds": [h["seconds"] for h in result["history"]],
         }

@@ -126,6 +126,46 @@ def test_a_clients_error_stays_its_own_and_missing_clients_are_warned_about(capl
     assert "boom" in second.error.reason
 
 
+def test_cohort_clients_are_identified_from_the_rosters_which_bring_the_catalogue(caplog):
+    """No client is asked who it is: the rosters say it (two nodes claiming one client: the
+    second is excluded, as a node claiming a taken client is) and carry the published catalogue."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.federation.cohort import HOSTED
+    from server.cohort import CohortGrid
+    from server.rounds import IdentifiedGrid
+
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 0
+    sent: list[Message] = []
+    rosters = {50: [0, 1], 60: [1, 2]}
+
+    class Nodes:
+        def get_node_ids(self) -> list[int]:
+            return [50, 60]
+
+        def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+            sent.extend(messages)
+            return [
+                Message(
+                    RecordDict({"config": ConfigRecord({HOSTED: rosters[m.metadata.dst_node_id]})}),
+                    reply_to=m,
+                )
+                for m in messages
+            ]
+
+    catalogue = '{"content_hash": "abc"}'
+    cohorts = CohortGrid(Nodes(), users_per_node=2, clients=3, timeout=10)
+    nodes = IdentifiedGrid(cohorts, 10, 3, catalogue=catalogue, config="seed: 0")
+    identified = nodes.get_node_ids()
+    assert [nodes.partition_of[v] for v in identified] == [0, 1, 2]
+    assert "excluded from sampling: it answered a client another node runs" in caplog.text
+    assert [m.metadata.message_type for m in sent] == ["query.cohort", "query.cohort"]
+    published = sent[0].content.config_records["published"]
+    assert published["catalogue"] == catalogue and published["catalogue-hash"] == "abc"
+    assert nodes.get_node_ids() == identified and len(sent) == 2  # asked once
+
+
 def test_a_nodes_sum_counts_as_its_updates_and_one_past_count_times_c_is_dropped(caplog):
     """The server adds a node's sum of clipped updates as that many updates, never more than
     count·C of them; the validator refuses a sum without its count, or beside arrays."""

@@ -15,6 +15,34 @@ def test_drop_duplicates_keeps_the_earliest_interaction():
     assert pairs == [("i1", 2.0), ("i2", 3.0), ("i3", 4.0), ("i4", 6.0)]
 
 
+@pytest.mark.parametrize("in_order", [False, True])
+def test_block_wise_deduplication_matches_a_per_user_reference(monkeypatch, in_order):
+    """Blocks of 7 events (a user longer than a block doubles it), on data in file order and
+    on data already sorted by user and time (no sort, and a split sharing the arrays)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("fedrec.data.preprocess"), "_DEDUPE_BLOCK", 7)
+    rng = np.random.default_rng(3)
+    rows = [
+        (int(rng.integers(9)), int(rng.integers(6)), float(rng.integers(30))) for _ in range(300)
+    ]
+    rows += [(9, int(i), float(t)) for t, i in enumerate(rng.integers(12, size=40))]  # 40 events
+    if in_order:
+        rows = sorted(rows, key=lambda r: (r[0], r[2]))
+    out = preprocess(make_dataset(rows), PreprocessConfig(min_sequence_length=3))
+    split = leave_one_out(out)
+    expected = {}
+    for t, n, u, i in sorted((t, n, u, i) for n, (u, i, t) in enumerate(rows)):
+        expected.setdefault(f"u{u}", {}).setdefault(f"i{i}", (t, n))  # the earliest
+    expected = {u: sorted(items, key=items.get) for u, items in expected.items() if len(items) >= 3}
+    got = {
+        str(out.raw_user_ids[u]): [str(out.raw_item_ids[i]) for i in split.full(u)[0]]
+        for u in range(split.num_users)
+    }
+    assert got == expected
+    assert (split.items is out.item_ids) == in_order
+
+
 def test_rating_threshold_and_min_length():
     rows = [(0, i, float(i)) for i in range(5)] + [(1, i, float(i)) for i in range(5)]
     ratings = [5, 5, 5, 1, 1, 5, 5, 5, 5, 4]  # user 0, then user 1

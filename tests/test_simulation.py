@@ -232,3 +232,13 @@ def test_federated_audit_adds_client_sums_ledgers_their_noise_and_stops_on_a_bre
         own = json.loads((run_dir / "devices" / f"client-{partition}.json").read_text())
         assert [e["mechanism"] for e in own["events"]] == ["gaussian"]
     assert (run_dir / "audit.html").exists()
+
+
+def test_the_driver_loads_one_population_whatever_path_names_its_config(tmp_path, monkeypatch):
+    """`fedrec simulate` loads it by the path given and its ServerApp by $FEDREC_CONFIG (made
+    absolute): one population in the driver, not two."""
+    from fedrec.population import load_population
+
+    _tiny_config(tmp_path / "tiny.yaml", tmp_path / "run", None)
+    monkeypatch.chdir(tmp_path)
+    assert load_population("tiny.yaml") is load_population(str(tmp_path / "tiny.yaml"))

@@ -56,8 +56,9 @@ def user_groups(
         if name not in user_features:
             continue
         values = np.asarray(user_features[name]).astype(str)
-        if name == "age":
-            values = np.array([age_band(v) for v in values], dtype=object)
+        if name == "age":  # each distinct age banded once: one label object per band
+            ages, of_user = np.unique(values, return_inverse=True)
+            values = np.array([age_band(v) for v in ages.tolist()], dtype=object)[of_user]
         groups[name] = values
     groups["activity"] = activity_terciles(history_lengths)
     groups["most-active"] = most_active(history_lengths)

@@ -37,9 +37,52 @@ class PreprocessConfig:
             )
 
 
-def chronological_order(ds: InteractionDataset) -> np.ndarray:
-    """Indices sorting interactions by user, then time; ties keep file order (as RecBole does)."""
+def chronological_order(ds: InteractionDataset) -> np.ndarray | None:
+    """Indices sorting interactions by user, then time; ties keep file order (as RecBole does).
+    None when they are in that order already (the synthetic generator writes them so): at 10^7
+    events the sort's keys and result cost gigabytes a no-op need not."""
+    if in_chronological_order(ds.user_ids, ds.timestamps):
+        return None
     return np.lexsort((np.arange(ds.num_interactions), ds.timestamps, ds.user_ids))
+
+
+def in_chronological_order(users: np.ndarray, timestamps: np.ndarray) -> bool:
+    """Whether events are sorted by user, then time (chunk by chunk: no event-sized temporaries)."""
+    chunk = 1 << 20
+    for lo in range(0, max(len(users) - 1, 0), chunk):
+        u, t = users[lo : lo + chunk + 1], timestamps[lo : lo + chunk + 1]
+        step = np.diff(u)
+        if (step < 0).any() or ((step == 0) & (np.diff(t) < 0)).any():
+            return False
+    return True
+
+
+def _earliest_of_each_pair(ds: InteractionDataset, keep: np.ndarray) -> np.ndarray:
+    """Of the interactions ``keep`` marks, the earliest of each (user, item) pair. A pair never
+    spans two users, so the events are taken in chronological order a block of whole users at
+    a time: the sort's temporaries stay block-sized, not event-sized."""
+    order = chronological_order(ds)
+    positions = np.flatnonzero(keep) if order is None else order[keep[order]]
+    earliest = np.zeros_like(keep)
+    lo = 0
+    while lo < len(positions):
+        hi, size = len(positions), _DEDUPE_BLOCK
+        while lo + size < len(positions):  # end the block where a user ends
+            users = ds.user_ids[positions[lo : lo + size]]
+            changes = np.flatnonzero(users[1:] != users[:-1])
+            if len(changes):
+                hi = lo + int(changes[-1]) + 1
+                break
+            size *= 2
+        block = positions[lo:hi]
+        pair = ds.user_ids[block] * ds.num_items + ds.item_ids[block]
+        _, first = np.unique(pair, return_index=True)  # stable: the earliest of equal pairs
+        earliest[block[first]] = True
+        lo = hi
+    return earliest
+
+
+_DEDUPE_BLOCK = 1 << 20
 
 
 def preprocess(ds: InteractionDataset, config: PreprocessConfig) -> InteractionDataset:
@@ -51,12 +94,7 @@ def preprocess(ds: InteractionDataset, config: PreprocessConfig) -> InteractionD
             )
         keep &= ds.ratings >= config.rating_threshold
     if config.drop_duplicates:
-        order = chronological_order(ds)
-        order = order[keep[order]]
-        pair = ds.user_ids[order] * ds.num_items + ds.item_ids[order]
-        _, first = np.unique(pair, return_index=True)
-        keep = np.zeros_like(keep)
-        keep[order[first]] = True
+        keep = _earliest_of_each_pair(ds, keep)
     users, items = ds.user_ids, ds.item_ids
     while True:
         user_counts = np.bincount(users[keep], minlength=ds.num_users)

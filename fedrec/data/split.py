@@ -80,10 +80,11 @@ def leave_one_out(ds: InteractionDataset) -> SequenceSplit:
             "train, validation and test items (set preprocess.min_sequence_length >= 3)"
         )
     order = chronological_order(ds)
+    # Already in order: the split shares the data set's arrays (neither is written to).
     return SequenceSplit(
         num_users=ds.num_users,
         num_items=ds.num_items,
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        items=ds.item_ids[order],
-        timestamps=ds.timestamps[order],
+        items=ds.item_ids if order is None else ds.item_ids[order],
+        timestamps=ds.timestamps if order is None else ds.timestamps[order],
     )
