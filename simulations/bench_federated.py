@@ -297,12 +297,13 @@ def _population_stages(config: dict[str, Any], folder: str) -> dict[str, Any]:
     groups = population.audit_context.groups
     gc.collect()
     audit = _rss_mib()
-    arrays = {
-        f"{owner}.{name}": value.nbytes / 2**20
-        for owner, obj in (("dataset", population.dataset), ("split", population.split))
-        for name, value in vars(obj).items()
-        if hasattr(value, "nbytes")
-    }
+    arrays: dict[str, float] = {}
+    counted: set[int] = set()  # an array the split shares with the data set counts once
+    for owner, obj in (("dataset", population.dataset), ("split", population.split)):
+        for name, value in vars(obj).items():
+            if hasattr(value, "nbytes") and id(value) not in counted:
+                counted.add(id(value))
+                arrays[f"{owner}.{name}"] = value.nbytes / 2**20
     return {
         "users": population.split.num_users,
         "clients": len(population.partitions),
