@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fedrec.llm_rec.config import BackboneConfig
+from fedrec.pretrained import load_causal_lm
 from fedrec.semantic_id.retrieval import CodeVocabulary
 
 SPECIAL_TOKENS = {
@@ -109,10 +110,7 @@ def new_backbone(
 ) -> tuple[Any, Any, CodeVocabulary]:
     """(model, tokenizer, code vocabulary) before the foundation stage."""
     if base_model:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
-        model = AutoModelForCausalLM.from_pretrained(base_model)
+        model, tokenizer = load_causal_lm(base_model)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if tokenizer.bos_token is None:

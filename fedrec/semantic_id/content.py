@@ -19,6 +19,7 @@ import torch
 from fedrec.data.catalogue import DEFAULT_TEXT_COLUMNS
 from fedrec.data.dataset import InteractionDataset
 from fedrec.files import load_checkpoint
+from fedrec.pretrained import check_installed, model_source
 
 ENCODERS = ("tfidf", "hf", "collab", "hybrid")
 TEXT_COLUMNS = DEFAULT_TEXT_COLUMNS
@@ -26,8 +27,8 @@ TEXT_COLUMNS = DEFAULT_TEXT_COLUMNS
 
 @dataclass
 class ContentConfig:
-    """``dim``: output size of ``tfidf`` (SVD components). ``model``: local path or hub id for
-    ``hf``. ``checkpoint``: a trained model's ``best.pt``/``checkpoint.pt`` for ``collab``."""
+    """``dim``: output size of ``tfidf`` (SVD components). ``model``: for ``hf``, a local path,
+    hub id or GGUF file, or ``all-minilm-l6-v2`` (the packaged MiniLM, ``make pretrained``). ``checkpoint``: a trained model's ``best.pt``/``checkpoint.pt`` for ``collab``."""
 
     encoder: str = "tfidf"
     dim: int = 64
@@ -42,7 +43,11 @@ class ContentConfig:
         if self.dim < 2 or self.batch_size < 1 or self.max_length < 4:
             raise ValueError("content: dim >= 2, batch_size >= 1, max_length >= 4")
         if self.encoder == "hf" and not self.model:
-            raise ValueError("content.encoder 'hf' needs content.model (a local path or hub id)")
+            raise ValueError(
+                "content.encoder 'hf' needs content.model (a local path, hub id or GGUF file, "
+                "or all-minilm-l6-v2)"
+            )
+        check_installed(self.model)
         if self.encoder in ("collab", "hybrid") and not self.checkpoint:
             raise ValueError(f"content.encoder {self.encoder!r} needs content.checkpoint")
 
@@ -75,10 +80,12 @@ def hf_embeddings(texts: list[str], model_id: str, batch_size: int, max_length: 
     """Mean-pooled last hidden states (padding masked) of a Hugging Face model."""
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    folder, gguf = model_source(model_id)
+    extra = {"gguf_file": gguf} if gguf else {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     if tokenizer.pad_token is None:  # causal LMs often ship without one
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    model = AutoModel.from_pretrained(model_id).eval()
+    model = AutoModel.from_pretrained(folder, **extra).eval()
     out = []
     with torch.no_grad():
         for lo in range(0, len(texts), batch_size):
