@@ -51,7 +51,7 @@ lint: $(STAMP)
 test: lint $(PRETRAINED)
 	FEDREC_REQUIRE_PRETRAINED=1 $(BIN)/pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(PRETRAINED)
 	$(BIN)/pytest -q -m "not slow"
 
 bench: $(STAMP)
