@@ -96,13 +96,18 @@ def unpacked(archive: Path, name: str) -> Path:
     return target
 
 
+def from_pretrained_args(spec: str) -> tuple[str, dict[str, str]]:
+    """``(folder or hub id, keyword arguments)`` of ``from_pretrained`` for a config's model."""
+    folder, gguf = model_source(spec)
+    return folder, ({"gguf_file": gguf} if gguf else {})
+
+
 def load_causal_lm(spec: str) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of ``llm.base_model``: a packaged name, a GGUF file (dequantised by
     transformers), a folder or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, gguf = model_source(spec)
-    extra = {"gguf_file": gguf} if gguf else {}
+    folder, extra = from_pretrained_args(spec)
     return AutoModelForCausalLM.from_pretrained(folder, **extra), AutoTokenizer.from_pretrained(
         folder, **extra
     )

@@ -19,7 +19,7 @@ import torch
 from fedrec.data.catalogue import DEFAULT_TEXT_COLUMNS
 from fedrec.data.dataset import InteractionDataset
 from fedrec.files import load_checkpoint
-from fedrec.pretrained import check_installed, model_source
+from fedrec.pretrained import check_installed, from_pretrained_args
 
 ENCODERS = ("tfidf", "hf", "collab", "hybrid")
 TEXT_COLUMNS = DEFAULT_TEXT_COLUMNS
@@ -28,7 +28,8 @@ TEXT_COLUMNS = DEFAULT_TEXT_COLUMNS
 @dataclass
 class ContentConfig:
     """``dim``: output size of ``tfidf`` (SVD components). ``model``: for ``hf``, a local path,
-    hub id or GGUF file, or ``all-minilm-l6-v2`` (the packaged MiniLM, ``make pretrained``). ``checkpoint``: a trained model's ``best.pt``/``checkpoint.pt`` for ``collab``."""
+    hub id or GGUF file, or ``all-minilm-l6-v2`` (the packaged MiniLM, ``make pretrained``).
+    ``checkpoint``: a trained model's ``best.pt``/``checkpoint.pt`` for ``collab``."""
 
     encoder: str = "tfidf"
     dim: int = 64
@@ -80,8 +81,7 @@ def hf_embeddings(texts: list[str], model_id: str, batch_size: int, max_length: 
     """Mean-pooled last hidden states (padding masked) of a Hugging Face model."""
     from transformers import AutoModel, AutoTokenizer
 
-    folder, gguf = model_source(model_id)
-    extra = {"gguf_file": gguf} if gguf else {}
+    folder, extra = from_pretrained_args(model_id)
     tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     if tokenizer.pad_token is None:  # causal LMs often ship without one
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
