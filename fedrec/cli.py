@@ -405,6 +405,75 @@ def foundation(
     )
 
 
+@app.command("zero-shot")
+def zero_shot(
+    config: ConfigOption,
+    data_dir: DataDirOption = None,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Run folder; default: output_dir of the config.")
+    ] = None,
+    users: Annotated[
+        int,
+        typer.Option(
+            help="Users drawn (with the config's seed) for the full and few-shot settings; 0: "
+            "all. A pretrained model reads ~250 tokens per user: seconds each on a CPU."
+        ),
+    ] = 200,
+    few_shot: Annotated[
+        int, typer.Option(help="Events the few-shot prompt keeps (each history's last N).")
+    ] = 5,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Measure the pretrained llm.base_model recommending from titles alone, before any training.
+
+    The prompt lists the user's last llm.max_items titles, one per line; beam search
+    (llm.beam_width beams) writes the next line under a trie of the catalogue's titles that
+    leaves out what the user has seen. Full-ranking metrics on the test stage next to
+    popularity on the same users, for the full history, the last --few-shot events, and the
+    users whose test item is a cold-start item of the semantic_id section. Writes
+    RUN/zero_shot.json.
+    """
+    from fedrec.data import prepare_split
+    from fedrec.experiment import write_json_atomic
+    from fedrec.llm_rec.zero_shot import run_zero_shot
+
+    _configure_logging()
+    try:
+        experiment = _load(config, data_dir)
+        if experiment.llm is None:
+            raise ValueError(f"{config}: no llm section; see configs/ml-100k-llm-zero-shot.yaml")
+        run_dir = output_dir or Path(experiment.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dataset, split = prepare_split(experiment.data)
+        results = run_zero_shot(
+            experiment.llm,
+            experiment.semantic_id,
+            dataset,
+            split,
+            experiment.evaluation,
+            users,
+            few_shot,
+            experiment.seed,
+            progress,
+        )
+    except (FedrecConfigError, FedrecDataError, ValueError, FileNotFoundError) as err:
+        _fail(err)
+        return
+    results["config"] = experiment.to_dict()
+    write_json_atomic(results, run_dir / "zero_shot.json")
+    for name in ("full", "few_shot", "cold_start"):
+        row = results[name]
+        typer.echo(
+            f"{name} ({row['users']} users, {row['seconds_per_user']:.1f} s/user): model "
+            f"{_rounded(row['model'])} vs popularity {_rounded(row['popularity'])}"
+        )
+    typer.echo(f"results: {run_dir / 'zero_shot.json'}")
+
+
+def _rounded(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in metrics.items() if k.startswith(("HR", "NDCG"))}
+
+
 @app.command()
 def recommend(
     run: Annotated[Path, typer.Option("--run", help="Folder of a finished LLM federated run.")],

@@ -261,12 +261,13 @@ class LLMRecommender(nn.Module):
 
 def score_matrix(found: list[list[tuple[int, float]]], num_items: int) -> torch.Tensor:
     """Scores over all items from beam results: an item's log-probability where the beam
-    found it, -inf elsewhere. Under the full-ranking evaluator (history excluded, pessimistic
-    ties) the target's rank is its place among the generated items, a miss beyond them."""
+    found it (its best, when beams that ran out of live tokens repeat it with a worse score),
+    -inf elsewhere. Under the full-ranking evaluator (history excluded, pessimistic ties) the
+    target's rank is its place among the generated items, a miss beyond them."""
     scores = torch.full((len(found), num_items), -torch.inf)
     for row, items in enumerate(found):
         for item, score in items:
-            scores[row, item] = score
+            scores[row, item] = max(float(scores[row, item]), score)
     return scores
 
 

@@ -23,6 +23,7 @@ import torch
 from fedrec.data.dataset import InteractionDataset
 from fedrec.data.split import SequenceSplit
 from fedrec.evaluation import EvalConfig, evaluate
+from fedrec.evaluation.evaluator import Scorer
 from fedrec.semantic_id.content import ContentConfig, content_embeddings, item_texts
 from fedrec.semantic_id.retrieval import (
     CodeVocabulary,
@@ -136,15 +137,38 @@ def run_semantic_ids(
     return results
 
 
+def held_out_items(num_items: int, config: SemanticIdConfig) -> np.ndarray:
+    """The cold-start items: ``cold_start_share`` of the catalogue drawn with the RQ-VAE's seed,
+    so that every recommender measured on cold start (retrieval, the LLM's zero shot) holds out
+    the same items and is scored on the same users."""
+    rng = np.random.default_rng(config.rqvae.seed)
+    size = max(1, round(config.cold_start_share * num_items))
+    return np.sort(rng.choice(num_items, size=size, replace=False))
+
+
+def cold_start_users(split: SequenceSplit, cold: np.ndarray) -> np.ndarray:
+    """Users whose test item is a cold one."""
+    return np.flatnonzero(np.isin(split.targets("test"), cold))
+
+
+def cold_popularity_scorer(split: SequenceSplit, cold: np.ndarray) -> Scorer:
+    """Popularity at test time when the ``cold`` items had no interactions: they rank last."""
+    counts = split.train_item_counts().astype(np.float64)
+    counts[cold] = 0.0
+    for item in split.targets("valid"):
+        counts[item] += item not in cold  # the test history includes the validation item
+    scores = torch.from_numpy(counts)
+    return lambda batch, stage: scores.expand(len(batch), -1)
+
+
 def cold_start(
     embeddings: np.ndarray, split: SequenceSplit, config: SemanticIdConfig, progress: bool
 ) -> dict[str, Any]:
     """Hold out a random share of items from the RQ-VAE and from retrieval training; code them
     afterwards from content alone and measure HR@K on users whose test item is one of them,
     next to popularity (which, without interactions, ranks them last)."""
-    rng = np.random.default_rng(config.rqvae.seed)
     n = split.num_items
-    cold = np.sort(rng.choice(n, size=max(1, round(config.cold_start_share * n)), replace=False))
+    cold = held_out_items(n, config)
     warm = np.setdiff1d(np.arange(n), cold)
     ids, model = build_semantic_ids(embeddings[warm], config.rqvae, [], progress)
     taken: dict[tuple[int, ...], int] = defaultdict(int)
@@ -153,7 +177,7 @@ def cold_start(
     codes = np.empty((n, ids.codes.shape[1]), dtype=np.int64)
     codes[warm] = ids.codes
     codes[cold] = disambiguate(model.codes(embeddings[cold]), taken)
-    users = np.flatnonzero(np.isin(split.targets("test"), cold))
+    users = cold_start_users(split, cold)
     retriever, vocabulary, trained = _train(codes, ids.codebook_size, split, config, cold, progress)
     # The configured new-item rule and a small grid around it, all reported.
     rules = {(config.retrieval.new_item_prefix, config.retrieval.new_item_slots)}
@@ -168,18 +192,9 @@ def cold_start(
             retriever, vocabulary, split, "test", rule, users, new_items=cold
         )
         trained[f"prefix={prefix},slots={slots}"] = result["metrics"]
-    counts = split.train_item_counts().astype(np.float64)
-    counts[cold] = 0.0
-    for item in split.targets("valid"):
-        counts[item] += item not in cold  # the test history includes the validation item
-    scores = torch.from_numpy(counts)
     k = config.retrieval.top_k
     popularity = evaluate(
-        lambda batch, stage: scores.expand(len(batch), -1),
-        split,
-        "test",
-        EvalConfig(ks=(k,)),
-        users=users,
+        cold_popularity_scorer(split, cold), split, "test", EvalConfig(ks=(k,)), users=users
     ).metrics
     r = config.retrieval
     return {
