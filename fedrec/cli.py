@@ -422,6 +422,13 @@ def zero_shot(
     few_shot: Annotated[
         int, typer.Option(help="Events the few-shot prompt keeps (each history's last N).")
     ] = 5,
+    stage: Annotated[
+        str, typer.Option(help="test, or valid to choose settings (no cold start there).")
+    ] = "test",
+    length_penalty: Annotated[
+        float,
+        typer.Option(help="Beam score log p(line) / tokens^this: 0 whole line, 1 per token."),
+    ] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Measure the pretrained llm.base_model recommending from titles alone, before any training.
@@ -431,7 +438,7 @@ def zero_shot(
     leaves out what the user has seen. Full-ranking metrics on the test stage next to
     popularity on the same users, for the full history, the last --few-shot events, and the
     users whose test item is a cold-start item of the semantic_id section. Writes
-    RUN/zero_shot.json.
+    RUN/zero_shot.json (zero_shot_valid.json with --stage valid).
     """
     from fedrec.data import prepare_split
     from fedrec.experiment import write_json_atomic
@@ -442,6 +449,8 @@ def zero_shot(
         experiment = _load(config, data_dir)
         if experiment.llm is None:
             raise ValueError(f"{config}: no llm section; see configs/ml-100k-llm-zero-shot.yaml")
+        if stage not in ("valid", "test"):
+            raise ValueError(f"--stage must be valid or test, not {stage!r}")
         run_dir = output_dir or Path(experiment.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         dataset, split = prepare_split(experiment.data)
@@ -454,20 +463,23 @@ def zero_shot(
             users,
             few_shot,
             experiment.seed,
+            "valid" if stage == "valid" else "test",
+            length_penalty,
             progress,
         )
     except (FedrecConfigError, FedrecDataError, ValueError, FileNotFoundError) as err:
         _fail(err)
         return
     results["config"] = experiment.to_dict()
-    write_json_atomic(results, run_dir / "zero_shot.json")
-    for name in ("full", "few_shot", "cold_start"):
+    name = "zero_shot.json" if stage == "test" else "zero_shot_valid.json"
+    write_json_atomic(results, run_dir / name)
+    for name in ("full", "few_shot", "cold_start")[: 3 if stage == "test" else 2]:
         row = results[name]
         typer.echo(
             f"{name} ({row['users']} users, {row['seconds_per_user']:.1f} s/user): model "
             f"{_rounded(row['model'])} vs popularity {_rounded(row['popularity'])}"
         )
-    typer.echo(f"results: {run_dir / 'zero_shot.json'}")
+    typer.echo(f"results: {run_dir / name}")
 
 
 def _rounded(metrics: dict[str, float]) -> dict[str, float]:

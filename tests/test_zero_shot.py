@@ -106,6 +106,14 @@ def test_beam_search_over_all_items_equals_scoring_every_title_one_by_one():
             assert score == pytest.approx(expected[item], abs=1e-4)
         assert [s for _, s in items] == sorted((s for _, s in items), reverse=True)
     assert 2 in {item for item, _ in found[1]} and 1 not in {item for item, _ in found[1]}
+    # Length penalty 1: each line's log-probability over its token count (end included).
+    recommender.length_penalty = 1.0
+    (per_token,) = recommender.generate(histories[:1], beams=len(TITLES))
+    expected = brute_force(recommender, histories[0])
+    for item, score in per_token:
+        tokens = len(recommender.line_tokens[item]) + 1
+        assert score == pytest.approx(expected[item] / tokens, abs=1e-4)
+    recommender.length_penalty = 0.0
     # Few-shot: the prompt keeps the last event; the seen items stay excluded.
     (cut,) = recommender.generate([histories[1]], beams=len(TITLES), keep=1)
     expected = brute_force(recommender, histories[1][-1:])
@@ -149,6 +157,12 @@ def test_zero_shot_command_writes_every_setting_next_to_popularity(tmp_path):
     for name in ("full", "few_shot", "cold_start"):
         assert 0 <= out[name]["model"]["HR@10"] <= 1
         assert out[name]["model"]["HR@5"] <= out[name]["model"]["HR@10"]
+    args = ["--stage", "valid", "--length-penalty", "1", "--users", "6", "--no-progress"]
+    result = CliRunner().invoke(app, ["zero-shot", "-c", str(tmp_path / "config.yaml"), *args])
+    assert result.exit_code == 0, result.output
+    valid = json.loads((tmp_path / "run" / "zero_shot_valid.json").read_text())
+    assert (valid["stage"], valid["length_penalty"]) == ("valid", 1.0)
+    assert "cold_start" not in valid and valid["full"]["users"] == 6
 
 
 def test_zero_shot_refuses_a_model_that_was_never_pretrained(tmp_path):

@@ -107,8 +107,19 @@ class TitleTrie:
 class ZeroShotRecommender:
     """A causal LM and its tokenizer, recommending by constrained generation of titles."""
 
-    def __init__(self, model: Any, tokenizer: Any, lines: list[str], max_items: int):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        lines: list[str],
+        max_items: int,
+        length_penalty: float = 0.0,
+    ):
+        """``length_penalty``: transformers' beam score, log p(line) / tokens^penalty; 0 ranks
+        by the probability of the whole line, 1 by its mean per token (short titles such as
+        "Heat (1995)" are not favoured for their length alone)."""
         self.model, self.tokenizer, self.max_items = model, tokenizer, max_items
+        self.length_penalty = length_penalty
         newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
         if len(newline) != 1:
             raise ValueError(f"the tokenizer splits a newline into {len(newline)} tokens")
@@ -169,7 +180,7 @@ class ZeroShotRecommender:
             prefix_allowed_tokens_fn=allowed,
             return_dict_in_generate=True,
             output_scores=True,
-            length_penalty=0.0,  # scores: sums of log-probabilities
+            length_penalty=self.length_penalty,
             eos_token_id=self.end,
             pad_token_id=self.pad,
         )
@@ -216,13 +227,16 @@ def run_zero_shot(
     users: int,
     few_shot: int,
     seed: int,
+    stage: Stage = "test",
+    length_penalty: float = 0.0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The pretrained ``llm.base_model`` recommending from titles alone, on the test stage,
-    next to popularity on the same users: every history (``full``), histories cut to their last
-    ``few_shot`` events (``few_shot``) and the users whose test item is one of the semantic-ID
+    """The pretrained ``llm.base_model`` recommending from titles alone, next to popularity on
+    the same users: every history (``full``), histories cut to their last ``few_shot`` events
+    (``few_shot``) and, on the test stage, the users whose test item is one of the semantic-ID
     cold-start items (``cold_start``; popularity then ranks those items last). ``users`` > 0
     draws that many users (seeded) for the first two; cold start always takes all of its users.
+    The validation stage is where prompt settings (``length_penalty``) are chosen.
     """
     if not llm.base_model:
         raise ValueError(
@@ -236,7 +250,7 @@ def run_zero_shot(
     model.eval()
     load_seconds = time.perf_counter() - start
     lines = catalogue_lines(dataset.item_features, split.num_items)
-    recommender = ZeroShotRecommender(model, tokenizer, lines, llm.max_items)
+    recommender = ZeroShotRecommender(model, tokenizer, lines, llm.max_items, length_penalty)
     sample = np.arange(split.num_users)
     if 0 < users < split.num_users:
         sample = np.sort(np.random.default_rng(seed).choice(split.num_users, users, replace=False))
@@ -244,13 +258,20 @@ def run_zero_shot(
     settings = {
         "full": (sample, 0, popularity_scorer(split)),
         "few_shot": (sample, few_shot, popularity_scorer(split)),
-        "cold_start": (cold_start_users(split, cold), 0, cold_popularity_scorer(split, cold)),
     }
+    if stage == "test":
+        settings["cold_start"] = (
+            cold_start_users(split, cold),
+            0,
+            cold_popularity_scorer(split, cold),
+        )
     results: dict[str, Any] = {
         "base_model": llm.base_model,
         "beam_width": llm.beam_width,
         "max_items": llm.max_items,
         "few_shot_events": few_shot,
+        "stage": stage,
+        "length_penalty": length_penalty,
         "cold_items": len(cold),
         "load_seconds": load_seconds,
         "prompt_example": tokenizer.decode(recommender.prompt(split.history(0, "test")[0][-3:])),
@@ -259,12 +280,12 @@ def run_zero_shot(
         with tqdm(total=len(who), desc=f"zero-shot {name}", disable=not progress) as bar:
             start = time.perf_counter()
             scorer = recommender.scorer(split, llm.beam_width, llm.eval_batch_size, keep, bar)
-            model_metrics = evaluate(scorer, split, "test", evaluation, users=who).metrics
+            model_metrics = evaluate(scorer, split, stage, evaluation, users=who).metrics
             seconds = time.perf_counter() - start
         results[name] = {
             "users": len(who),
             "model": model_metrics,
-            "popularity": evaluate(popularity, split, "test", evaluation, users=who).metrics,
+            "popularity": evaluate(popularity, split, stage, evaluation, users=who).metrics,
             "seconds_per_user": seconds / max(1, len(who)),
         }
         log.info("zero-shot %s: %s", name, results[name])
