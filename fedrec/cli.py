@@ -429,6 +429,13 @@ def zero_shot(
         float,
         typer.Option(help="Beam score log p(line) / tokens^this: 0 whole line, 1 per token."),
     ] = 0.0,
+    baseline: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A finished HSTU/SASRec run folder (repeatable) measured on the same users "
+            "with the same few-shot cut."
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Measure the pretrained llm.base_model recommending from titles alone, before any training.
@@ -440,9 +447,15 @@ def zero_shot(
     users whose test item is a cold-start item of the semantic_id section. Writes
     RUN/zero_shot.json (zero_shot_valid.json with --stage valid).
     """
+    import functools
+
+    import torch
+
     from fedrec.data import prepare_split
     from fedrec.experiment import write_json_atomic
     from fedrec.llm_rec.zero_shot import run_zero_shot
+    from fedrec.privacy_audit import load_model, run_config
+    from fedrec.training import model_scorer
 
     _configure_logging()
     try:
@@ -454,6 +467,13 @@ def zero_shot(
         run_dir = output_dir or Path(experiment.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         dataset, split = prepare_split(experiment.data)
+        baselines = {}
+        for run in baseline or []:
+            trained_with = run_config(run)
+            trained = load_model(run, trained_with, split.num_items)
+            baselines[f"{trained_with.model_name} ({run})"] = functools.partial(
+                model_scorer, trained, device=torch.device("cpu")
+            )
         results = run_zero_shot(
             experiment.llm,
             experiment.semantic_id,
@@ -465,6 +485,7 @@ def zero_shot(
             experiment.seed,
             "valid" if stage == "valid" else "test",
             length_penalty,
+            baselines,
             progress,
         )
     except (FedrecConfigError, FedrecDataError, ValueError, FileNotFoundError) as err:
@@ -479,6 +500,8 @@ def zero_shot(
             f"{name} ({row['users']} users, {row['seconds_per_user']:.1f} s/user): model "
             f"{_rounded(row['model'])} vs popularity {_rounded(row['popularity'])}"
         )
+        for who, metrics in row.get("baselines", {}).items():
+            typer.echo(f"    {who}: {_rounded(metrics)}")
     typer.echo(f"results: {run_dir / name}")
 
 

@@ -42,7 +42,8 @@ from fedrec.privacy import attacks
 from fedrec.training import trainable_users
 
 
-def _config(run_dir: Path) -> ExperimentConfig:
+def run_config(run_dir: Path) -> ExperimentConfig:
+    """The experiment config a finished run folder was trained with."""
     if (run_dir / "config.yaml").exists():  # a central run
         source = run_dir / "config.yaml"
         return parse_config(yaml.safe_load(source.read_text("utf-8")), str(source))
@@ -155,7 +156,7 @@ def run_privacy_audit(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Both attacks on ``run_dir``; writes ``privacy_audit.json`` there and returns it."""
-    config = _config(run_dir)
+    config = run_config(run_dir)
     audit = config.privacy_audit
     if audit.holdout_fraction <= 0:
         raise FedrecDataError(

@@ -99,6 +99,17 @@ def test_leave_one_out_matches_a_per_user_reference():
         assert split.history(user, "test")[0].tolist() == split.full(user)[0][:-1].tolist()
 
 
+@pytest.mark.parametrize("stage", ["valid", "test"])
+def test_recent_keeps_each_users_last_events_and_their_targets(small_split, stage):
+    recent = small_split.recent(3, stage)
+    assert (recent.targets(stage) == small_split.targets(stage)).all()
+    for user in range(small_split.num_users):
+        items, times = small_split.history(user, stage)
+        cut_items, cut_times = recent.history(user, stage)
+        assert cut_items.tolist() == items[-3:].tolist()
+        assert cut_times.tolist() == times[-3:].tolist()
+
+
 def test_leave_one_out_needs_three_interactions():
     with pytest.raises(ValueError, match="fewer than 3"):
         leave_one_out(make_dataset([(0, 0, 0.0), (0, 1, 1.0)]))

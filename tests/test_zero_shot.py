@@ -16,6 +16,8 @@ from fedrec.config import parse_config
 from fedrec.data import prepare_split
 from fedrec.evaluation.evaluator import evaluate, popularity_scorer
 from fedrec.llm_rec.zero_shot import TitleTrie, ZeroShotRecommender, readable_title
+from fedrec.privacy_audit import load_model, run_config
+from fedrec.training import model_scorer
 
 TITLES = ["Toy Story", "Heat", "Heat", "Toy Soldiers", "Casino", "Babe", "Clueless", "Up"]
 
@@ -142,10 +144,18 @@ def test_zero_shot_command_writes_every_setting_next_to_popularity(tmp_path):
     tokenizer.save_pretrained(tmp_path / "lm")
     raw["llm"]["base_model"] = str(tmp_path / "lm")
     (tmp_path / "config.yaml").write_text(json.dumps(raw))
+    central = {k: v for k, v in raw.items() if k != "llm"}
+    central["model"] = {"name": "sasrec", "max_len": 8, "embedding_dim": 8}
+    central["train"] = {"epochs": 1}
+    (tmp_path / "central.yaml").write_text(json.dumps(central))
+    trained = tmp_path / "sasrec"
     result = CliRunner().invoke(
-        app,
-        ["zero-shot", "-c", str(tmp_path / "config.yaml"), "--users", "12", "--no-progress"],
+        app, ["train", "-c", str(tmp_path / "central.yaml"), "--output-dir", str(trained)]
     )
+    assert result.exit_code == 0, result.output
+    config = str(tmp_path / "config.yaml")
+    args = ["--users", "12", "--few-shot", "1", "--baseline", str(trained), "--no-progress"]
+    result = CliRunner().invoke(app, ["zero-shot", "-c", config, *args])
     assert result.exit_code == 0, result.output
     out = json.loads((tmp_path / "run" / "zero_shot.json").read_text())
     assert out["full"]["users"] == out["few_shot"]["users"] == 12
@@ -154,11 +164,19 @@ def test_zero_shot_command_writes_every_setting_next_to_popularity(tmp_path):
     users = np.sort(np.random.default_rng(0).choice(split.num_users, 12, replace=False))
     popularity = evaluate(popularity_scorer(split), split, "test", experiment.evaluation, users)
     assert out["full"]["popularity"] == pytest.approx(popularity.metrics)
+    # The baseline reads the same users' histories, cut to the last event for few-shot.
+    model = load_model(trained, run_config(trained), split.num_items)
+    for setting, seen_by in (("full", split), ("few_shot", split.recent(1, "test"))):
+        scorer = model_scorer(model, seen_by, torch.device("cpu"))
+        expected = evaluate(scorer, split, "test", experiment.evaluation, users).metrics
+        (measured,) = out[setting]["baselines"].values()
+        assert measured == pytest.approx(expected)
+    assert "baselines" not in out["cold_start"]
     for name in ("full", "few_shot", "cold_start"):
         assert 0 <= out[name]["model"]["HR@10"] <= 1
         assert out[name]["model"]["HR@5"] <= out[name]["model"]["HR@10"]
     args = ["--stage", "valid", "--length-penalty", "1", "--users", "6", "--no-progress"]
-    result = CliRunner().invoke(app, ["zero-shot", "-c", str(tmp_path / "config.yaml"), *args])
+    result = CliRunner().invoke(app, ["zero-shot", "-c", config, *args])
     assert result.exit_code == 0, result.output
     valid = json.loads((tmp_path / "run" / "zero_shot_valid.json").read_text())
     assert (valid["stage"], valid["length_penalty"]) == ("valid", 1.0)

@@ -64,6 +64,22 @@ class SequenceSplit:
             timestamps=self.timestamps[positions],
         )
 
+    def recent(self, events: int, stage: Stage) -> SequenceSplit:
+        """The same users and targets with each ``stage`` history cut to its last ``events``
+        events (few-shot evaluation); shorter histories stay whole."""
+        lengths = np.diff(self.offsets)
+        kept = np.minimum(lengths, events + (2 if stage == "valid" else 1))
+        ends = np.repeat(self.offsets[1:], kept)
+        within = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)
+        positions = ends - np.repeat(kept, kept) + within
+        return SequenceSplit(
+            num_users=self.num_users,
+            num_items=self.num_items,
+            offsets=np.concatenate([[0], np.cumsum(kept)]).astype(np.int64),
+            items=self.items[positions],
+            timestamps=self.timestamps[positions],
+        )
+
     def train_item_counts(self) -> np.ndarray:
         in_train = np.ones(len(self.items), dtype=bool)
         in_train[self.offsets[1:] - 1] = False

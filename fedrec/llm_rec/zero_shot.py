@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -229,6 +229,7 @@ def run_zero_shot(
     seed: int,
     stage: Stage = "test",
     length_penalty: float = 0.0,
+    baselines: Mapping[str, Callable[[SequenceSplit], Scorer]] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The pretrained ``llm.base_model`` recommending from titles alone, next to popularity on
@@ -237,6 +238,8 @@ def run_zero_shot(
     cold-start items (``cold_start``; popularity then ranks those items last). ``users`` > 0
     draws that many users (seeded) for the first two; cold start always takes all of its users.
     The validation stage is where prompt settings (``length_penalty``) are chosen.
+    ``baselines``: trained recommenders by name, each a scorer over a split, measured on the
+    same users with the same few-shot cut (not on cold start: they were trained on those items).
     """
     if not llm.base_model:
         raise ValueError(
@@ -288,5 +291,11 @@ def run_zero_shot(
             "popularity": evaluate(popularity, split, stage, evaluation, users=who).metrics,
             "seconds_per_user": seconds / max(1, len(who)),
         }
+        if name != "cold_start":
+            seen_by = split.recent(keep, stage) if keep else split
+            results[name]["baselines"] = {
+                baseline: evaluate(scorer_of(seen_by), split, stage, evaluation, users=who).metrics
+                for baseline, scorer_of in (baselines or {}).items()
+            }
         log.info("zero-shot %s: %s", name, results[name])
     return results
