@@ -492,8 +492,8 @@ def zero_shot(
         _fail(err)
         return
     results["config"] = experiment.to_dict()
-    name = "zero_shot.json" if stage == "test" else "zero_shot_valid.json"
-    write_json_atomic(results, run_dir / name)
+    written = run_dir / ("zero_shot.json" if stage == "test" else "zero_shot_valid.json")
+    write_json_atomic(results, written)
     for name in ("full", "few_shot", "cold_start")[: 3 if stage == "test" else 2]:
         row = results[name]
         typer.echo(
@@ -502,7 +502,7 @@ def zero_shot(
         )
         for who, metrics in row.get("baselines", {}).items():
             typer.echo(f"    {who}: {_rounded(metrics)}")
-    typer.echo(f"results: {run_dir / name}")
+    typer.echo(f"results: {written}")
 
 
 def _rounded(metrics: dict[str, float]) -> dict[str, float]:

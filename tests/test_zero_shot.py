@@ -157,6 +157,7 @@ def test_zero_shot_command_writes_every_setting_next_to_popularity(tmp_path):
     args = ["--users", "12", "--few-shot", "1", "--baseline", str(trained), "--no-progress"]
     result = CliRunner().invoke(app, ["zero-shot", "-c", config, *args])
     assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith(f"results: {tmp_path / 'run' / 'zero_shot.json'}")
     out = json.loads((tmp_path / "run" / "zero_shot.json").read_text())
     assert out["full"]["users"] == out["few_shot"]["users"] == 12
     assert out["cold_start"]["users"] > 0
