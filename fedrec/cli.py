@@ -494,7 +494,9 @@ def zero_shot(
     results["config"] = experiment.to_dict()
     written = run_dir / ("zero_shot.json" if stage == "test" else "zero_shot_valid.json")
     write_json_atomic(results, written)
-    for name in ("full", "few_shot", "cold_start")[: 3 if stage == "test" else 2]:
+    for name in ("full", "few_shot", "cold_start"):
+        if name not in results:
+            continue  # cold start: test stage only, with semantic_id.cold_start_share > 0
         row = results[name]
         typer.echo(
             f"{name} ({row['users']} users, {row['seconds_per_user']:.1f} s/user): model "
