@@ -234,8 +234,9 @@ def run_zero_shot(
 ) -> dict[str, Any]:
     """The pretrained ``llm.base_model`` recommending from titles alone, next to popularity on
     the same users: every history (``full``), histories cut to their last ``few_shot`` events
-    (``few_shot``) and, on the test stage with a cold-start share, the users whose test item is one of the semantic-ID
-    cold-start items (``cold_start``; popularity then ranks those items last). ``users`` > 0
+    (``few_shot``) and, on the test stage with a cold-start share, the users whose test item is
+    one of the semantic-ID cold-start items (``cold_start``; popularity then ranks those items
+    last). ``users`` > 0
     draws that many users (seeded) for the first two; cold start always takes all of its users.
     The validation stage is where prompt settings (``length_penalty``) are chosen.
     ``baselines``: trained recommenders by name, each a scorer over a split, measured on the
