@@ -203,6 +203,22 @@ def parse_config(
             "softmax scores every item through the item table directly, where DP-SGD's "
             "per-example gradients cannot see it"
         )
+    prompts = experiment.llm.prompts if experiment.llm is not None else None
+    if (
+        prompts is not None
+        and prompts.personal_tokens
+        and fed.record_dp is not None
+        and (prompts.personal_steps or prompts.personal_init != "shared")
+    ):
+        at = "llm.prompts.personal_steps" if prompts.personal_steps else "llm.prompts.personal_init"
+        line = where.line(at) or where.line("federated.record_dp")
+        raise FedrecConfigError(
+            f"{source}{f':{line}' if line else ''}: {at} trains or "
+            "starts the personal prompt from the user's data outside DP-SGD, and every later "
+            "shared update reads that prompt, so federated.record_dp would no longer bound what "
+            "the server learns; under record_dp keep personal_steps: 0 and personal_init: shared "
+            "(the prompt is then trained inside DP-SGD with the adapters)"
+        )
     if (
         experiment.llm is None
         and fed.record_dp is not None

@@ -24,7 +24,7 @@ from fedrec.audits.federated import PREFIX as AUDIT_PREFIX
 from fedrec.audits.federated import Sums, add_sums, audit_from_sums
 from fedrec.audits.report import write_audit_report
 from fedrec.data.catalogue import ItemCatalogue
-from fedrec.evaluation import EvalResult, evaluate, popularity_scorer
+from fedrec.evaluation import EvalResult, evaluate, evaluation_users, popularity_scorer
 from fedrec.evaluation.evaluator import Scorer
 from fedrec.experiment import environment, write_json_atomic
 from fedrec.federated_models import initial_federated_model
@@ -262,11 +262,20 @@ class Federation:
         if self.evaluated(round_number) or last:
             split, evaluation = self.population.split, self.config.evaluation
             scorer = self.model.scorer(split, self.device)
-            audited = self.audit is not None and self.audit.mode == "server" and round_number > 0
+            users = evaluation_users(split, evaluation)
+            # The audit reads every user's top-K: from the test evaluation unless it sampled.
+            audited = (
+                self.audit is not None
+                and self.audit.mode == "server"
+                and round_number > 0
+                and users is None
+            )
             top_n = self.audit.k if self.audit is not None and audited else 0
-            record["valid"] = evaluate(scorer, split, "valid", evaluation).metrics
-            tested = evaluate(scorer, split, "test", evaluation, top_n=top_n)
+            record["valid"] = evaluate(scorer, split, "valid", evaluation, users).metrics
+            tested = evaluate(scorer, split, "test", evaluation, users, top_n=top_n)
             record["test"] = tested.metrics
+            if users is not None:
+                record["evaluated_users"] = len(users)
             if round_number > 0:
                 audit = self._audit(scorer, round_number, tested if audited else None)
             monitor = self.config.train.monitor

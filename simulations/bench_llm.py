@@ -6,7 +6,8 @@
         seconds per local step: plain vs Opacus DP-SGD (hooks, functorch, ghost), medians and
         ratios
     python simulations/bench_llm.py personal --run runs/llm-ml100k
-        test NDCG@10 / HR@10 of the users with a personal prompt: with it vs the initial one
+        test NDCG@10 / HR@10 of the users with a personal prompt: with it vs the initial one,
+        and the paired per-user difference with a 95 % bootstrap interval
     python simulations/bench_llm.py centralized --config configs/ml-100k-llm.yaml --epochs 10
         the same adapters trained on every user's windows in one place (the reference the
         federation is compared with), and the foundation alone (epochs 0)
@@ -21,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from flwr.app import ArrayRecord
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fedrec.audits.metrics import paired_difference  # noqa: E402
 from fedrec.config import load_config  # noqa: E402
 from fedrec.evaluation import EvalConfig, evaluate  # noqa: E402
 from fedrec.federated_models import build_federated_model  # noqa: E402
@@ -147,10 +150,23 @@ def bench_personal(run_dir: Path) -> dict[str, Any]:
         for variant, rows in per_user.items()
         if rows
     }
+    rng = np.random.default_rng(0)
+    paired = {
+        metric: asdict(
+            paired_difference(
+                np.array([m[metric] for m in per_user["personal"]]),
+                np.array([m[metric] for m in per_user["initial"]]),
+                rng,
+            )
+        )
+        for metric in ("NDCG@10", "HR@10")
+        if per_user["personal"]
+    }
     return {
         "clients_with_personal_prompt": len(per_user["personal"]),
         "clients": len(population.partitions),
         "test": means,
+        "personal_minus_initial": paired,
         "seconds": time.perf_counter() - started,
     }
 

@@ -36,26 +36,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 from fedrec.config import parse_config
 from fedrec.federated_models import initial_federated_model
 from fedrec.federation import CentralDPConfig
-from fedrec.federation.model import SequentialFederatedModel
+from fedrec.federation.config import FederatedConfig
+from fedrec.federation.model import FederatedModel
 from fedrec.federation.privacy import client_seed
-from fedrec.federation.vectorised import fedsgd_shard
+from fedrec.federation.vectorised import shard_fedsgd, why_not_vectorised
 from fedrec.population import population_of
 from simulations.privacy_utility import user_level_sigma
 
 
 def mean_clipped_update(
-    model: SequentialFederatedModel,
+    model: FederatedModel,
     splits: list,
-    learning_rate: float,
+    fed: FederatedConfig,
     clip: float,
     seed: int,
 ) -> tuple[np.ndarray, list[float]]:
     """The mean of the clients' clipped FedSGD updates (flattened) and their raw norms."""
+    why_not = why_not_vectorised(model, fed)
+    assert why_not is None, f"the clients' FedSGD steps cannot be batched: {why_not}"
     global_state = {k: v.detach().clone() for k, v in model.shared_state().items()}
-    trained = fedsgd_shard(
-        model.model, splits, learning_rate, [client_seed(seed, 1, i) for i in range(len(splits))]
+    trained = shard_fedsgd(
+        model, splits, fed, [client_seed(seed, 1, i) for i in range(len(splits))]
     )
-    assert trained is not None, "every client must hold one user (partitioning: user)"
+    assert trained is not None, "every client must hold one user (and, for the LLM, one record)"
     total = torch.zeros(sum(v.numel() for v in global_state.values()), dtype=torch.float64)
     norms = []
     for state, _ in trained:
@@ -87,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     model = initial_federated_model(config, population.publish(output), output)
-    assert isinstance(model, SequentialFederatedModel), "a sequential model (HSTU, SASRec)"
     if args.model:
         model.load_shared_state(torch.load(args.model, weights_only=True))
     clients = len(population.partitions)
@@ -95,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(config.seed)
     chosen = rng.choice(clients, size=cohort, replace=False)
     splits = [population.split.subset(population.partitions[c]) for c in chosen]
-    mean, norms = mean_clipped_update(
-        model, splits, config.federated.local_learning_rate, args.clip, config.seed
-    )
+    mean, norms = mean_clipped_update(model, splits, config.federated, args.clip, config.seed)
     params = mean.size
     delta = CentralDPConfig().delta_for(clients)
     rows = []

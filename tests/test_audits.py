@@ -74,6 +74,20 @@ def test_group_gap_by_hand():
     assert (gap.ci_low, gap.ci_high) == (1.0, 1.0)  # constant groups: no resampling spread
 
 
+def test_paired_difference_keeps_pairs_together():
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0, 1, 400)  # users differ far more than the effect
+    effect = 0.02 + rng.normal(0, 0.01, 400)
+    d = m.paired_difference(base + effect, base, np.random.default_rng(0), resamples=4000)
+    sd = effect.std(ddof=1) / np.sqrt(400)  # the normal approximation of the same interval
+    assert d.mean == pytest.approx(effect.mean())
+    assert d.ci_low == pytest.approx(effect.mean() - 1.96 * sd, abs=2e-4)
+    assert d.ci_high == pytest.approx(effect.mean() + 1.96 * sd, abs=2e-4)
+    assert d.ci_low > 0 and (d.users, d.better + d.worse) == (400, 400)
+    tie = m.paired_difference(base, base, np.random.default_rng(0), resamples=100)
+    assert (tie.mean, tie.ci_low, tie.ci_high, tie.better, tie.worse) == (0, 0, 0, 0, 0)
+
+
 def test_groups_by_hand():
     assert [age_band(a) for a in ("17", "18", "24", "25", "49", "55", "56", "73", "25-34", "")] == [
         "<18", "18-24", "18-24", "25-34", "45-49", "50-55", "56+", "56+", "25-34", ""

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from fedrec.cli import app
 from fedrec.config import parse_config
+from fedrec.errors import FedrecConfigError
 from fedrec.data import prepare_split
 from fedrec.data.partition import partition_users
 from fedrec.federated_models import build_federated_model
@@ -285,6 +286,107 @@ def test_local_training_lowers_the_loss_and_keeps_the_personal_prompt_on_device(
     assert PERSONAL_KEY not in model.shared_state()
     model.model.load_personal_state(None)  # a new user: back to the initial prompt
     assert torch.equal(model.model.personal_state()[PERSONAL_KEY], before)
+
+
+def test_personal_steps_train_the_personal_prompt_alone(built, tmp_path):
+    """``personal_steps`` leaves the shared update exactly as without them (they run after it
+    and touch only the prompt) and fit the prompt to the client's records."""
+    config, _, _, folder, _ = built
+    population = _population(config)
+    split = population.split.subset(population.partitions[0])
+    examples = None
+    results = {}
+    for steps in (0, 5):
+        cfg = tiny_config(
+            foundation_dir=str(folder),
+            prompts={
+                **TINY["llm"]["prompts"],
+                "personal_steps": steps,
+                "personal_learning_rate": 0.05,
+            },
+        )
+        model = build_federated_model(cfg, population.publish(tmp_path / str(steps)), tmp_path)
+        examples = model.model.builder.records(split, np.arange(1), 5, period=None)
+        fed = dataclasses.replace(cfg.federated, local_learning_rate=0.01)
+        model.train_local(split, fed, seed=0, personal=PersonalFile(tmp_path / f"p{steps}"))
+        with torch.no_grad():
+            loss = model.model.per_example_loss(*examples.tensors).mean().item()
+        results[steps] = (model.shared_state(), model.model.personal_state()[PERSONAL_KEY], loss)
+    (shared0, prompt0, loss0), (shared5, prompt5, loss5) = results[0], results[5]
+    assert shared0.keys() == shared5.keys()
+    assert all(torch.equal(shared0[k], shared5[k]) for k in shared0)
+    assert not torch.allclose(prompt0, prompt5) and loss5 < loss0
+
+
+def test_history_init_is_the_mean_embedding_of_each_level(built):
+    config, _, split, _, _ = built
+    model = recommender(built, prompts={**TINY["llm"]["prompts"], "personal_tokens": 3})
+    items = split.train_sequence(0)[0]
+    rows = model.history_personal_state(items)[PERSONAL_KEY]
+    words = model.peft.get_input_embeddings().weight
+    codes = model.vocabulary.tokens
+    for j in range(3):  # one item at a time, the level cycling through the code
+        level = j % codes.shape[1]
+        expected = torch.stack([words[int(codes[i, level])] for i in items.tolist()]).mean(0)
+        torch.testing.assert_close(rows[j], expected)
+    assert torch.equal(
+        model.history_personal_state(items[:0])[PERSONAL_KEY], model.personal_state()[PERSONAL_KEY]
+    )
+
+
+@pytest.mark.parametrize("option", [{"personal_steps": 2}, {"personal_init": "history"}])
+def test_data_fitted_personal_prompt_refused_under_record_dp(option):
+    data = copy.deepcopy(TINY)
+    data["llm"]["prompts"].update(option)
+    data["federated"]["record_dp"] = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
+    with pytest.raises(FedrecConfigError, match="personal_steps: 0 and personal_init: shared"):
+        parse_config(data)
+
+
+def test_batched_fedsgd_shard_equals_each_client_on_its_own(built, tmp_path):
+    """The oracle of the cohort path: one batched pass gives every client the adapters its own
+    ``train_local`` (one SGD step on its one record) gives it."""
+    from fedrec.federation.vectorised import shard_fedsgd, why_not_vectorised
+
+    _, _, _, folder, _ = built
+    cfg = tiny_config(
+        foundation_dir=str(folder),
+        prompts={"scenario_tokens": 3, "scenario_rule": "weekend", "personal_tokens": 0},
+    )
+    fed = dataclasses.replace(
+        cfg.federated,
+        record_window=40,
+        local_epochs=1,
+        local_optimizer="sgd",
+        local_learning_rate=0.5,
+    )
+    population = _population(cfg)
+    model = build_federated_model(cfg, population.publish(tmp_path), tmp_path)
+    with torch.no_grad():  # LoRA's B starts at 0: move it, so that A has a gradient too
+        for name, param in model.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    assert why_not_vectorised(model, fed) is None
+    splits = [population.split.subset(population.partitions[p]) for p in range(7)]
+    start = model.shared_state()
+    batched = shard_fedsgd(model, splits, fed, list(range(7)))
+    assert batched is not None and torch.equal(
+        model.shared_state()["scenario.0"], start["scenario.0"]
+    )
+    for i, split in enumerate(splits):
+        model.load_shared_state(start)
+        alone = model.train_local(split, fed, seed=i, personal=None)
+        state, result = batched[i]
+        assert (result.num_examples, result.loss) == pytest.approx((alone.num_examples, alone.loss))
+        for key, value in model.shared_state().items():
+            torch.testing.assert_close(state[key], value, atol=1e-6, rtol=1e-5)
+        assert any(not torch.equal(state[k], start[k]) for k in start)
+    several = dataclasses.replace(fed, record_window=5)  # clients with several records
+    assert shard_fedsgd(model, splits, several, list(range(7))) is None
+    personal = build_federated_model(
+        tiny_config(foundation_dir=str(folder)), population.publish(tmp_path / "p"), tmp_path
+    )
+    assert "personal prompts" in str(why_not_vectorised(personal, fed))
 
 
 def test_inprocess_federation_and_recommend_command(built, tmp_path):

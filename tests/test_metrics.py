@@ -120,3 +120,20 @@ def test_scorer_shape_is_checked(small_split):
 def test_eval_config_validates():
     with pytest.raises(ValueError, match="ks"):
         EvalConfig(ks=(0,))
+
+
+def test_a_sampled_evaluation_is_the_full_one_restricted_to_its_users(small_split):
+    from fedrec.evaluation import evaluation_users
+
+    config = EvalConfig(ks=(5,), sample_users=7)
+    users = evaluation_users(small_split, config)
+    assert users is not None and len(set(users.tolist())) == 7 and np.all(np.diff(users) > 0)
+    assert np.array_equal(users, evaluation_users(small_split, config))  # fixed draw
+    full = evaluate(popularity_scorer(small_split), small_split, "test", config)
+    sampled = evaluate(popularity_scorer(small_split), small_split, "test", config, users)
+    assert sampled.metrics["NDCG@5"] == pytest.approx(full.per_user["NDCG@5"][users].mean())
+    every = EvalConfig(ks=(5,), sample_users=small_split.num_users)
+    assert evaluation_users(small_split, every) is None
+    assert evaluation_users(small_split, EvalConfig(ks=(5,))) is None
+    with pytest.raises(ValueError, match="sample_users"):
+        EvalConfig(sample_users=-1)

@@ -85,3 +85,69 @@ def test_config_validation():
         SyntheticConfig(min_length=10, mean_length=5)
     with pytest.raises(ValueError, match="sequential_strength"):
         SyntheticConfig(sequential_strength=1.5)
+
+
+def _recbole_catalogue(folder, items: int = 120):
+    """A RecBole folder: titles, genres of very different sizes (Drama on every other item,
+    Western on three), and interactions making item 0 the most watched."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    genres = ["Drama Romance" if i % 2 else "Comedy" for i in range(items)]
+    genres[:3] = ["Drama Western"] * 3
+    rows = [f"{i}\tFilm {i}\t{1950 + i % 50}\t{g}" for i, g in enumerate(genres)]
+    (folder / f"{folder.name}.item").write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+    watched = np.concatenate(
+        [np.zeros(200, dtype=int), np.arange(items), rng.integers(items, size=400)]
+    )
+    inter = [f"{n % 30}\t{i}\t{n}" for n, i in enumerate(watched)]
+    (folder / f"{folder.name}.inter").write_text(
+        "user_id:token\titem_id:token\ttimestamp:float\n" + "\n".join(inter) + "\n"
+    )
+
+
+def test_synthetic_users_over_a_real_catalogue(tmp_path):
+    from fedrec.data import DataConfig, load_dataset
+
+    folder = tmp_path / "cat"
+    _recbole_catalogue(folder)
+    config = SyntheticConfig(num_users=3000, mean_length=12, max_length=22, catalogue=str(folder))
+    ds = load_dataset(DataConfig(synthetic=config))
+    assert ds.num_users == 3000 and ds.num_items == 120 and ds.name == "synthetic-cat"
+    titles = dict(zip(ds.raw_item_ids, ds.item_features["title"], strict=True))
+    assert titles["7"] == "Film 7" and set(ds.item_features) == {"title", "year", "genres"}
+    counts = np.bincount(ds.item_ids, minlength=ds.num_items)
+    assert counts.argmax() == list(ds.raw_item_ids).index("0")  # the catalogue's most watched
+    # The most specific genre is primary: Western (3 items) over Drama, Romance over Drama.
+    from fedrec.data.loaders import load_recbole
+    from fedrec.data.synthetic import _catalogue_items
+
+    catalogue = load_recbole(folder)
+    items = _catalogue_items(catalogue)
+    primary = {
+        raw: items.genres[g] for raw, g in zip(catalogue.raw_item_ids, items.primary, strict=True)
+    }
+    assert [primary[str(i)] for i in (0, 1, 2, 4)] == ["Western"] * 3 + ["Comedy"]
+    assert primary["5"] == "Romance"  # Drama Romance: Romance has fewer items
+    for attribute, a, b in (("gender", "F", "M"), ("age", "18-24", "50+")):
+        column = ds.user_features[attribute]
+        mixes = []
+        for group in (a, b):
+            rows = (column == group)[ds.user_ids]
+            comedy = np.char.startswith(ds.item_features["genres"].astype(str), "Comedy")
+            mixes.append(comedy[ds.item_ids[rows]].mean())
+        assert abs(mixes[0] - mixes[1]) > 0.02  # the groups' tastes differ on real genres
+    same = load_dataset(DataConfig(synthetic=config))
+    assert np.array_equal(same.item_ids, ds.item_ids)
+
+
+def test_a_missing_catalogue_names_the_option(tmp_path):
+    from fedrec.data import DataConfig, load_dataset
+    from fedrec.errors import FedrecDataError
+
+    config = SyntheticConfig(catalogue=str(tmp_path / "nowhere"))
+    with pytest.raises(FedrecDataError, match="synthetic.catalogue"):
+        load_dataset(DataConfig(synthetic=config))

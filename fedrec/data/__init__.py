@@ -48,7 +48,15 @@ class DataConfig:
 
 
 def _synthetic(config: DataConfig) -> InteractionDataset:
-    return generate_synthetic(config.synthetic)
+    folder = config.synthetic.catalogue
+    if not folder:
+        return generate_synthetic(config.synthetic)
+    if not Path(folder).is_dir():
+        raise FedrecDataError(
+            "synthetic.catalogue: no such folder (a RecBole data set, e.g. ../shared/data/ml-100k)",
+            folder,
+        )
+    return generate_synthetic(config.synthetic, LOADERS["recbole"](folder))
 
 
 def _files(config: DataConfig) -> InteractionDataset:

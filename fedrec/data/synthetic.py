@@ -87,6 +87,12 @@ _AGE_PROBS = (0.25, 0.35, 0.25, 0.15)
 
 @dataclass
 class SyntheticConfig:
+    """The generator's options. ``catalogue``: a RecBole data set folder (``<folder>/<folder
+    name>.item`` with titles and genres, and its ``.inter``) whose real items replace the
+    generated ones — titles, genres, years, popularity from its interaction counts — under
+    synthetic users with the same group tastes; ``num_items``, ``num_genres`` and
+    ``zipf_exponent`` then do not apply. Its interactions are read for the counts only."""
+
     num_users: int = 2000
     num_items: int = 1000
     num_genres: int = 12
@@ -98,6 +104,7 @@ class SyntheticConfig:
     sequential_strength: float = 0.6
     taste_concentration: float = 5.0
     seed: int = 0
+    catalogue: str = ""
 
     def __post_init__(self) -> None:
         if self.num_users < 1 or self.num_items < 2:
@@ -123,12 +130,19 @@ def _sample_rows(cumulative: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     return np.minimum((cumulative < uniforms[:, None]).sum(axis=1), cumulative.shape[1] - 1)
 
 
-def generate_synthetic(config: SyntheticConfig) -> InteractionDataset:
-    rng = np.random.default_rng(config.seed)
-    n_users, n_items, n_genres = config.num_users, config.num_items, config.num_genres
-    genres = GENRES[:n_genres]
+@dataclass
+class _Items:
+    popularity: np.ndarray  # [items], relative
+    primary: np.ndarray  # [items], index into ``genres``
+    genres: list[str]
+    genre_prior: np.ndarray  # [genres], multiplies every user's taste
+    raw_ids: np.ndarray
+    features: dict[str, np.ndarray]
 
-    # Items: popularity, genres, titles, years.
+
+def _generated_items(config: SyntheticConfig, rng: np.random.Generator) -> _Items:
+    n_items, n_genres = config.num_items, config.num_genres
+    genres = GENRES[:n_genres]
     popularity = rng.permutation(
         np.arange(1, n_items + 1, dtype=np.float64) ** -config.zipf_exponent
     )
@@ -147,6 +161,63 @@ def generate_synthetic(config: SyntheticConfig) -> InteractionDataset:
         for p, s in zip(primary, secondary, strict=True)
     ]
     years = rng.integers(1950, 2021, size=n_items).astype(str)
+    return _Items(
+        popularity,
+        primary,
+        genres,
+        np.ones(n_genres),
+        np.array([f"i{i}" for i in range(n_items)], dtype=object),
+        {
+            "title": np.array(titles, dtype=object),
+            "genres": np.array(genre_text, dtype=object),
+            "year": years.astype(object),
+        },
+    )
+
+
+def _catalogue_items(catalogue: InteractionDataset) -> _Items:
+    """A real catalogue's items: their features as they are, popularity from the catalogue's
+    own interaction counts (+1, so that no item is unreachable), and as an item's primary genre
+    (what group tastes act on) its most specific listed one (fewest items: Film-Noir before
+    Drama). Real genres differ in size by 100×, so every taste is also weighted by its genre's
+    share of the catalogue's popularity: groups tilt the real genre mix, as the generated
+    catalogue's equal-sized genres need no weighting."""
+    listed = catalogue.item_features.get("genres")
+    if listed is None:
+        raise ValueError(
+            f"synthetic.catalogue: {catalogue.name} has no item genres (a genres/class column "
+            "in its .item file): group tastes need them"
+        )
+    of_item = [str(g).split() or ["unknown"] for g in listed]
+    sizes: dict[str, int] = {}
+    for names in of_item:
+        for name in names:
+            sizes[name] = sizes.get(name, 0) + 1
+    genres = sorted(sizes)
+    index = {g: i for i, g in enumerate(genres)}
+    primary = np.array([index[min(names, key=lambda g: (sizes[g], g))] for names in of_item])
+    popularity = np.bincount(catalogue.item_ids, minlength=catalogue.num_items) + 1.0
+    mass = np.bincount(primary, weights=popularity, minlength=len(genres))
+    return _Items(
+        popularity,
+        primary,
+        genres,
+        mass / mass.sum(),
+        catalogue.raw_item_ids,
+        dict(catalogue.item_features),
+    )
+
+
+def generate_synthetic(
+    config: SyntheticConfig, catalogue: InteractionDataset | None = None
+) -> InteractionDataset:
+    """Synthetic users and sequences; over ``catalogue``'s items (its titles, genres, years and
+    popularity) when given, else over generated items (``num_items``, ``num_genres``)."""
+    rng = np.random.default_rng(config.seed)
+    items_of = _generated_items(config, rng) if catalogue is None else _catalogue_items(catalogue)
+    n_users, n_items = config.num_users, len(items_of.popularity)
+    n_genres = len(items_of.genres)
+    popularity, primary = items_of.popularity, items_of.primary
 
     # Successors: a few popular-weighted items of the same genre, fixed per item.
     items_of_genre = [np.flatnonzero(primary == g) for g in range(n_genres)]
@@ -173,7 +244,7 @@ def generate_synthetic(config: SyntheticConfig) -> InteractionDataset:
     group = gender * len(AGE_BANDS) + age
     group_taste = rng.dirichlet(np.full(n_genres, 0.5), size=len(GENDERS) * len(AGE_BANDS))
     user_taste = rng.gamma(config.taste_concentration * group_taste[group] + 1e-3)
-    user_taste *= genre_weight[None, :] > 0
+    user_taste *= (genre_weight > 0) * items_of.genre_prior
     taste_cdf = np.cumsum(user_taste / user_taste.sum(axis=1, keepdims=True), axis=1)
 
     extra = (
@@ -218,18 +289,14 @@ def generate_synthetic(config: SyntheticConfig) -> InteractionDataset:
     )
 
     return InteractionDataset(
-        name="synthetic",
+        name="synthetic" if catalogue is None else f"synthetic-{catalogue.name}",
         user_ids=user_of.astype(np.int64),
         item_ids=items,
         timestamps=timestamps.astype(np.float64),
         ratings=None,
         raw_user_ids=np.array([f"u{u}" for u in range(n_users)], dtype=object),
-        raw_item_ids=np.array([f"i{i}" for i in range(n_items)], dtype=object),
-        item_features={
-            "title": np.array(titles, dtype=object),
-            "genres": np.array(genre_text, dtype=object),
-            "year": years.astype(object),
-        },
+        raw_item_ids=items_of.raw_ids,
+        item_features=items_of.features,
         user_features={
             "gender": np.array(GENDERS, dtype=object)[gender],
             "age": np.array(AGE_BANDS, dtype=object)[age],

@@ -4,6 +4,7 @@ from fedrec.evaluation.evaluator import (
     EvalConfig,
     EvalResult,
     evaluate,
+    evaluation_users,
     metric_names,
     popularity_scorer,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "EvalConfig",
     "EvalResult",
     "evaluate",
+    "evaluation_users",
     "metric_names",
     "popularity_scorer",
     "rank_metrics",

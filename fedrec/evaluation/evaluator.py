@@ -25,11 +25,17 @@ class EvalConfig:
     ``exclude_history``: items in the user's visible history are removed from the ranking (set
     to -inf), as RecBole and the SASRec/HSTU papers do. A target that is itself in the history
     (only possible without ``drop_duplicates``) then counts as a miss.
+
+    ``sample_users``: a federation's rounds are evaluated on this many users drawn uniformly
+    once (the same in every round and run), 0 = every user: at 10⁵ users a full evaluation of
+    the LLM recommender's beam search costs more than its training. Audits still see every
+    user.
     """
 
     ks: tuple[int, ...] = (10, 20, 50)
     exclude_history: bool = True
     batch_size: int = 512
+    sample_users: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.ks, int) or not all(
@@ -43,6 +49,17 @@ class EvalConfig:
             )
         if self.batch_size < 1:
             raise ValueError("evaluation.batch_size must be >= 1")
+        if self.sample_users < 0:
+            raise ValueError("evaluation.sample_users must be >= 0 (0: every user)")
+
+
+def evaluation_users(split: SequenceSplit, config: EvalConfig) -> np.ndarray | None:
+    """``config.sample_users`` users of ``split`` (sorted), or None for every user. The draw is
+    fixed (seed 0): it picks whom a benchmark is measured on, nothing a client keeps private."""
+    if not config.sample_users or config.sample_users >= split.num_users:
+        return None
+    rng = np.random.default_rng(0)
+    return np.sort(rng.choice(split.num_users, config.sample_users, replace=False))
 
 
 def metric_names(ks: tuple[int, ...]) -> list[str]:

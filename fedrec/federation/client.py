@@ -31,7 +31,6 @@ from fedrec.federation.model import (
     FederatedModel,
     LocalResult,
     PersonalParameters,
-    SequentialFederatedModel,
 )
 from fedrec.federation.privacy import (
     client_seed,
@@ -41,7 +40,7 @@ from fedrec.federation.privacy import (
     planned_record_event,
 )
 from fedrec.federation.updates import NORM_BIT, l2_norm
-from fedrec.federation.vectorised import fedsgd_shard, why_not_vectorised
+from fedrec.federation.vectorised import shard_fedsgd, why_not_vectorised
 from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger
 from fedrec.privacy.randomness import numpy_generator
 
@@ -219,13 +218,9 @@ def train_shard(
     ledger: FedSGD without record-level DP releases nothing on the client."""
     if why_not_vectorised(model, fed) is not None:
         return None
-    assert isinstance(model, SequentialFederatedModel)
     global_state = {k: v.detach().clone() for k, v in model.shared_state().items()}
-    trained = fedsgd_shard(
-        model.model,
-        splits,
-        fed.local_learning_rate,
-        [client_seed(seed, round_number, p) for p in partitions],
+    trained = shard_fedsgd(
+        model, splits, fed, [client_seed(seed, round_number, p) for p in partitions]
     )
     if trained is None:
         return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -37,20 +38,54 @@ from fedrec.training import trainable_users
 DEFAULT_CHUNK = 64  # users per batched pass: ≈ the fastest on 2 cores (BENCHMARKS.md)
 
 
+ShardResult = list[tuple[dict[str, torch.Tensor], LocalResult]]
+
+
+@runtime_checkable
+class ShardTrainable(Protocol):
+    """A ``FederatedModel`` (other than the sequential ones, which this module batches itself)
+    that computes a shard's FedSGD steps in one batched computation."""
+
+    def why_not_fedsgd_shard(self) -> str | None:
+        """Why this model's clients cannot, or None if they can."""
+
+    def fedsgd_shard(
+        self, splits: Sequence[SequenceSplit], fed: FederatedConfig, seeds: Sequence[int]
+    ) -> ShardResult | None:
+        """As ``fedsgd_shard`` below: each client's state after its FedSGD step and its
+        ``LocalResult``; None when some client's step is not one example's gradient."""
+
+
 def why_not_vectorised(model: FederatedModel, fed: FederatedConfig) -> str | None:
     """Why ``fed``'s clients cannot train as one batched FedSGD computation, or None if they
     can."""
-    if not isinstance(model, SequentialFederatedModel):
-        return "the LLM recommender's clients keep personal prompts trained in their own loop"
     if fed.partitioning != "user":
         return "a client holds several users (partitioning other than user)"
     if fed.record_dp is not None:
         return "record-level DP-SGD runs one Opacus engine per client"
     if fed.local_epochs != 1 or fed.local_optimizer != "sgd":
         return "local training is more than one SGD step (local_epochs 1, local_optimizer sgd)"
+    if isinstance(model, ShardTrainable):
+        return model.why_not_fedsgd_shard()
+    if not isinstance(model, SequentialFederatedModel):
+        return f"{type(model).__name__} has no batched FedSGD step"
     if model.model.config.loss != "sampled_softmax":
         return "full_softmax selects valid positions by boolean indexing, which vmap cannot batch"
     return None
+
+
+def shard_fedsgd(
+    model: FederatedModel,
+    splits: Sequence[SequenceSplit],
+    fed: FederatedConfig,
+    seeds: Sequence[int],
+) -> ShardResult | None:
+    """The batched FedSGD steps of a shard of clients, for a model ``why_not_vectorised``
+    accepts: the sequential models' here, any other's its own."""
+    if isinstance(model, ShardTrainable):
+        return model.fedsgd_shard(splits, fed, seeds)
+    assert isinstance(model, SequentialFederatedModel)
+    return fedsgd_shard(model.model, splits, fed.local_learning_rate, seeds)
 
 
 class _UserLoss(nn.Module):
@@ -79,7 +114,7 @@ def fedsgd_shard(
     learning_rate: float,
     seeds: Sequence[int],
     chunk: int = DEFAULT_CHUNK,
-) -> list[tuple[dict[str, torch.Tensor], LocalResult]] | None:
+) -> ShardResult | None:
     """Each client's state after one SGD step on its own sequence from ``model``'s weights
     (which are left as they are), and its ``LocalResult``; ``seeds[i]`` is client i's
     training seed (negatives, dropout). None when a client holds more than one trainable

@@ -8,6 +8,7 @@ from fedrec.pretrained import check_installed
 
 SCENARIO_RULES = ("none", "weekend")
 PROMPT_INITS = ("SAMPLE_VOCAB", "RANDOM")
+PERSONAL_INITS = ("shared", "history")
 
 
 @dataclass
@@ -53,16 +54,30 @@ class PromptOptions:
     """Soft prompts. ``scenario_tokens`` per scenario (shared, aggregated; the scenario of a
     request follows ``scenario_rule``: ``none`` = one domain prompt, ``weekend`` = weekday vs
     weekend of the request's last event); ``personal_tokens`` of a prompt that stays on the
-    device (0: none). ``init``: PEFT's ``PromptTuningInit`` (``SAMPLE_VOCAB`` or ``RANDOM``)."""
+    device (0: none). ``init``: PEFT's ``PromptTuningInit`` (``SAMPLE_VOCAB`` or ``RANDOM``).
+
+    What the personal prompt gets to learn with, beyond the joint step it shares with the
+    adapters: ``personal_steps`` more local epochs on it alone (adapters fixed) each time the
+    client trains, with Adam at ``personal_learning_rate``; ``personal_init``: where a new
+    user's prompt starts, ``shared`` (the initial rows every user starts from) or ``history``
+    (row j = the mean input embedding of the level-j code tokens of the user's training
+    history)."""
 
     scenario_tokens: int = 8
     scenario_rule: str = "none"
     personal_tokens: int = 4
     init: str = "SAMPLE_VOCAB"
+    personal_steps: int = 0
+    personal_learning_rate: float = 0.01
+    personal_init: str = "shared"
 
     def __post_init__(self) -> None:
         if self.scenario_tokens < 0 or self.personal_tokens < 0:
             raise ValueError("llm.prompts: token counts must be >= 0")
+        if self.personal_steps < 0 or self.personal_learning_rate <= 0:
+            raise ValueError("llm.prompts: personal_steps >= 0 and personal_learning_rate > 0")
+        if self.personal_init not in PERSONAL_INITS:
+            raise ValueError(f"llm.prompts.personal_init must be one of {PERSONAL_INITS}")
         if self.scenario_rule not in SCENARIO_RULES:
             raise ValueError(f"llm.prompts.scenario_rule must be one of {SCENARIO_RULES}")
         if self.init not in PROMPT_INITS:

@@ -65,11 +65,21 @@ class PromptBuilder:
         window: int | None,
         period: int | None = 86400,
     ) -> TensorDataset:
+        return self.tensors(self.record_rows(split, users, window, period))
+
+    def record_rows(
+        self,
+        split: SequenceSplit,
+        users: np.ndarray,
+        window: int | None,
+        period: int | None = 86400,
+    ) -> list[tuple[list[int], list[int], int]]:
         """One record per calendar ``period`` of each user's training history, cut to its first
         ``window + 1`` events (``fedrec.data.records.record_spans``, for DP: removing one event
         changes one record); with ``period=None`` consecutive chunks of ``window + 1`` events
         (no DP: every event is used); with ``window=None`` one record per user (its latest
-        ``max_items + 1`` events). Left-padded ``(input_ids, attention_mask, labels, scenario)``."""
+        ``max_items + 1`` events). ``records``: left-padded ``(input_ids, attention_mask, labels,
+        scenario)``; ``record_rows``: the rows before padding (token ids, labels, scenario)."""
         rows: list[tuple[list[int], list[int], int]] = []
         for user in users.tolist():
             items, times = split.train_sequence(int(user))
@@ -86,7 +96,7 @@ class PromptBuilder:
                     continue
                 tokens, labels = self.sequence(items[start:stop][-(self.max_items + 1) :])
                 rows.append((tokens, labels, self.scenario(times[start:stop][:-1])))
-        return self.tensors(rows)
+        return rows
 
     def tensors(self, rows: list[tuple[list[int], list[int], int]]) -> TensorDataset:
         width = max((len(r[0]) for r in rows), default=1)

@@ -8,12 +8,15 @@ import functools
 import json
 import logging
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from opacus import GradSampleModule
+from torch.utils.data import TensorDataset
 
 from fedrec.data.catalogue import ItemCatalogue
 from fedrec.data.dataset import InteractionDataset
@@ -22,6 +25,7 @@ from fedrec.evaluation.evaluator import Scorer
 from fedrec.federation.config import LOCAL_OPTIMIZERS, FederatedConfig
 from fedrec.federation.model import LocalResult, PersonalParameters
 from fedrec.federation.records import record_shape
+from fedrec.federation.vectorised import ShardResult
 from fedrec.llm_rec.config import LLMRecConfig
 from fedrec.llm_rec.foundation import (
     Foundation,
@@ -29,8 +33,8 @@ from fedrec.llm_rec.foundation import (
     load_foundation,
     run_foundation,
 )
-from fedrec.llm_rec.model import LLMRecommender, example_losses, score_matrix
-from fedrec.privacy.dp_sgd import dp_train
+from fedrec.llm_rec.model import LLMRecommender, example_losses, prompt_rows, score_matrix
+from fedrec.privacy.dp_sgd import dp_train, ignore_harmless_opacus_warnings
 from fedrec.semantic_id.pipeline import SemanticIdConfig
 from fedrec.training import trainable_users
 
@@ -134,7 +138,12 @@ class LLMFederatedModel:
         if not len(users):
             return LocalResult(0, math.nan, None)
         torch.manual_seed(seed)
-        model.load_personal_state(None if personal is None else personal.load())
+        own = None if personal is None else personal.load()
+        if own is None and model.config.prompts.personal_init == "history":
+            own = model.history_personal_state(
+                np.concatenate([split.train_sequence(int(u))[0] for u in users])
+            )
+        model.load_personal_state(own)
         shape = record_shape(fed)
         # Without DP a record's period plays no part: every event is used.
         period = shape.period if fed.record_dp is not None else None
@@ -170,14 +179,96 @@ class LLMFederatedModel:
                     optimizer.step()
                     losses.append(step_loss.mean().item())
             loss, dp = float(np.mean(losses)), None
+        if model.config.prompts.personal_steps:
+            fit_personal_prompt(model, examples, fed.local_batch_size, seed)
         model.eval()
         if personal is not None and model.personal_prompt is not None:
             personal.save(model.personal_state())
         return LocalResult(len(examples), loss, dp)
 
+    def why_not_fedsgd_shard(self) -> str | None:
+        if self.model.personal_prompt is not None:
+            return (
+                "the LLM recommender's personal prompts are trained in each client's own loop "
+                "(llm.prompts.personal_tokens: 0 batches the clients)"
+            )
+        return None
+
+    def fedsgd_shard(
+        self,
+        splits: Sequence[SequenceSplit],
+        fed: FederatedConfig,
+        seeds: Sequence[int],
+        chunk: int = 64,
+    ) -> ShardResult | None:
+        """Each client's adapters after its FedSGD step, as ``train_local`` would leave them:
+        with one record per client that step is the record's gradient, so the shard's steps
+        are per-example gradients of one batched pass (Opacus' ``GradSampleModule`` hooks, the
+        per-sample gradients DP-SGD here is tested with). None when some client has several
+        records (its step averages them: the per-client loop trains it). No randomness: the
+        adapters have no dropout, so ``seeds`` play no part."""
+        builder, window = self.model.builder, record_shape(fed).window
+        rows = []
+        for split in splits:
+            own = builder.record_rows(split, trainable_users(split), window, None)
+            if len(own) > 1:
+                return None
+            rows.append(own)
+        training = [i for i, own in enumerate(rows) if own]
+        params = self.model.shared_parameters()
+        start = {k: v.detach().clone() for k, v in params.items()}
+        results: dict[int, tuple[dict[str, torch.Tensor], LocalResult]] = {}
+        self.model.train()
+        hooks = GradSampleModule(self.model, batch_first=True, loss_reduction="sum")
+        try:
+            for lo in range(0, len(training), chunk):
+                part = training[lo : lo + chunk]
+                batch = builder.tensors([rows[i][0] for i in part]).tensors
+                losses = self.model.per_example_loss(*batch)
+                with warnings.catch_warnings():
+                    ignore_harmless_opacus_warnings()
+                    losses.sum().backward()
+                losses = losses.detach()
+                for row, i in enumerate(part):
+                    state = {
+                        k: start[k] - fed.local_learning_rate * p.grad_sample[row]  # type: ignore[attr-defined]
+                        for k, p in params.items()
+                    }
+                    results[i] = (state, LocalResult(1, float(losses[row]), None))
+                for p in params.values():
+                    p.grad, p.grad_sample = None, None  # type: ignore[attr-defined]
+        finally:
+            hooks._close()
+            self.model.eval()
+        return [
+            results.get(i, (dict(start), LocalResult(0, math.nan, None)))
+            for i in range(len(splits))
+        ]
+
     def export(self, folder: Path) -> None:
         """The global adapters in PEFT format under ``folder / "global"``."""
         self.model.save_global(folder / "global", str(self.foundation.folder / "backbone"))
+
+
+def fit_personal_prompt(
+    model: LLMRecommender, examples: TensorDataset, batch_size: int, seed: int
+) -> None:
+    """``prompts.personal_steps`` epochs of Adam on the personal prompt alone, the adapters
+    fixed: the joint step moves it as little as the shared adapters (measured: no gain from it,
+    BENCHMARKS.md), so it gets its own steps and learning rate. Only the prompt's gradient is
+    computed (``autograd.grad``), never the adapters'."""
+    if model.personal_prompt is None:
+        return
+    options = model.config.prompts
+    rows = prompt_rows(model.personal_prompt)
+    optimizer = torch.optim.Adam([rows], lr=options.personal_learning_rate)
+    generator = torch.Generator().manual_seed(seed + 1)
+    model.train()
+    for _ in range(options.personal_steps):
+        for batch in torch.randperm(len(examples), generator=generator).split(batch_size):
+            loss = model.per_example_loss(*(t[batch] for t in examples.tensors)).mean()
+            (rows.grad,) = torch.autograd.grad(loss, [rows])
+            optimizer.step()
 
 
 def new_llm_model(

@@ -93,14 +93,21 @@ class LLMRecommender(nn.Module):
     # What crosses the network, and what stays.
     def shared_state(self) -> dict[str, torch.Tensor]:
         """LoRA and scenario-prompt tensors: everything a client uploads, nothing else."""
+        return {k: v.detach().clone() for k, v in self.shared_parameters().items()}
+
+    def shared_parameters(self) -> dict[str, nn.Parameter]:
+        """``shared_state``'s keys with the parameters behind them (not copies)."""
         from peft import get_peft_model_state_dict
 
+        # PEFT names the LoRA tensors by its own key scheme and hands out state_dict views, not
+        # the parameters: match them by storage.
+        by_storage = {p.data_ptr(): p for p in self.peft.parameters() if p.requires_grad}
         state = {
-            LORA_PREFIX + k: v.detach().clone()
+            LORA_PREFIX + k: by_storage[v.data_ptr()]
             for k, v in get_peft_model_state_dict(self.peft).items()
         }
         for s, prompt in enumerate(self.scenario_prompts):
-            state[f"{SCENARIO_PREFIX}{s}"] = prompt_rows(prompt).detach().clone()
+            state[f"{SCENARIO_PREFIX}{s}"] = cast(nn.Parameter, prompt_rows(prompt))
         return state
 
     def load_shared_state(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -129,6 +136,22 @@ class LLMRecommender(nn.Module):
             return
         with torch.no_grad():
             prompt_rows(self.personal_prompt).copy_((state or self._initial_personal)[PERSONAL_KEY])
+
+    def history_personal_state(self, items: np.ndarray) -> dict[str, torch.Tensor]:
+        """A personal prompt read off a history: row j is the mean input embedding of the
+        level-(j mod levels) code tokens of ``items``, so a new user's prompt starts where their
+        items sit in the backbone's token space rather than at the rows every user shares."""
+        if self.personal_prompt is None:
+            return {}
+        if not len(items):
+            return dict(self._initial_personal)
+        codes = torch.as_tensor(self.vocabulary.tokens[items], dtype=torch.long)  # [n, levels]
+        rows = self.config.prompts.personal_tokens
+        levels = torch.arange(rows) % codes.shape[1]
+        words = self.peft.get_input_embeddings().weight.detach()
+        return {
+            PERSONAL_KEY: words[codes[:, levels]].mean(dim=0).to(prompt_rows(self.personal_prompt))
+        }
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -155,7 +155,7 @@ def grad_sample_mode_for(model: nn.Module, mode: str) -> str:
     return mode
 
 
-def _ignore_harmless_opacus_warnings() -> None:
+def ignore_harmless_opacus_warnings() -> None:
     # Secure RNG: Opacus means its torchcsprng mode; our noise and masks come from a generator
     # seeded from OS entropy (fedrec.privacy.randomness). The backward-hook warning fires because
     # the first layer's inputs are integer ids; the autocast one is about bfloat16 on CPU.
@@ -217,7 +217,7 @@ def dp_train(
     hooked = trainable  # the parameters whose per-example gradients Opacus' hooks compute
     stack = ExitStack()  # Opacus' hooks come off, booked weights stay frozen, until the end
     with warnings.catch_warnings():
-        _ignore_harmless_opacus_warnings()
+        ignore_harmless_opacus_warnings()
         if mode == "bookkeeping":
             assert isinstance(model, SequentialRecommender)
             item_table = model.item_embedding
@@ -260,7 +260,7 @@ def dp_train(
     steps, losses = 0, []
     try:
         with warnings.catch_warnings():
-            _ignore_harmless_opacus_warnings()
+            ignore_harmless_opacus_warnings()
             for _ in range(epochs):
                 for batch in private_loader:
                     dp_optimizer.zero_grad(set_to_none=True)
