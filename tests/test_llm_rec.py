@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from fedrec.cli import app
 from fedrec.config import parse_config
-from fedrec.errors import FedrecConfigError
 from fedrec.data import prepare_split
 from fedrec.data.partition import partition_users
+from fedrec.errors import FedrecConfigError
 from fedrec.federated_models import build_federated_model
 from fedrec.federation.model import PersonalFile
 from fedrec.llm_rec.foundation import item_titles, load_foundation, run_foundation
@@ -319,7 +319,7 @@ def test_personal_steps_train_the_personal_prompt_alone(built, tmp_path):
 
 
 def test_history_init_is_the_mean_embedding_of_each_level(built):
-    config, _, split, _, _ = built
+    _, _, split, _, _ = built
     model = recommender(built, prompts={**TINY["llm"]["prompts"], "personal_tokens": 3})
     items = split.train_sequence(0)[0]
     rows = model.history_personal_state(items)[PERSONAL_KEY]
@@ -387,6 +387,54 @@ def test_batched_fedsgd_shard_equals_each_client_on_its_own(built, tmp_path):
         tiny_config(foundation_dir=str(folder)), population.publish(tmp_path / "p"), tmp_path
     )
     assert "personal prompts" in str(why_not_vectorised(personal, fed))
+
+
+def test_llm_cohort_nodes_equal_one_node_per_client_under_user_level_dp(
+    built, tmp_path, monkeypatch
+):
+    """Through the federation: cohort nodes of 8 clients (one batched pass each, the node
+    sending the sum of its clients' clipped updates) give the model one node per client gives;
+    evaluation on a sample of users says how many."""
+    from fedrec.llm_rec.federated import LLMFederatedModel
+    from fedrec.population import population_of
+    from simulations.inprocess import run_inprocess
+
+    _, _, _, folder, _ = built
+    batched: list[int] = []
+    shard = LLMFederatedModel.fedsgd_shard
+
+    def counted(self, splits, *args, **kwargs):
+        result = shard(self, splits, *args, **kwargs)
+        batched.append(len(splits) if result is not None else 0)
+        return result
+
+    monkeypatch.setattr(LLMFederatedModel, "fedsgd_shard", counted)
+    models = {}
+    for users_per_node in (1, 8):
+        data = copy.deepcopy(TINY)
+        data["llm"]["foundation_dir"] = str(folder)
+        data["llm"]["prompts"]["personal_tokens"] = 0
+        data["evaluation"]["sample_users"] = 15
+        data["output_dir"] = str(tmp_path / str(users_per_node))
+        data["federated"].update(
+            users_per_node=users_per_node,
+            record_window=40,  # every user one record: the batched path takes every client
+            local_epochs=1,
+            local_optimizer="sgd",
+            local_learning_rate=1.0,
+            strategy="fedadam",
+            server_learning_rate=0.01,
+            central_dp={"noise_multiplier": 0.5, "clipping_norm": 0.1},
+            reproducible_noise=True,
+        )
+        run_dir = tmp_path / str(users_per_node)
+        run_inprocess(population_of(parse_config(data)), run_dir, progress=False)
+        models[users_per_node] = torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert lines[-1]["evaluated_users"] == 15 and lines[-1]["epsilon"]
+    assert batched and 0 not in batched and max(batched) > 1  # every shard took the batch path
+    for key, tensor in models[1].items():
+        torch.testing.assert_close(models[8][key], tensor, atol=1e-5, rtol=1e-4)
 
 
 def test_inprocess_federation_and_recommend_command(built, tmp_path):

@@ -149,5 +149,5 @@ def test_a_missing_catalogue_names_the_option(tmp_path):
     from fedrec.errors import FedrecDataError
 
     config = SyntheticConfig(catalogue=str(tmp_path / "nowhere"))
-    with pytest.raises(FedrecDataError, match="synthetic.catalogue"):
+    with pytest.raises(FedrecDataError, match=r"synthetic\.catalogue"):
         load_dataset(DataConfig(synthetic=config))
