@@ -205,7 +205,14 @@ class UserLevelDP(CohortSampler):
         replied = [r for r in replies if not r.has_error()]
         total = [np.zeros_like(c, dtype=np.float64) for c in self.current]
         contributors = 0
+        # A cohort node's clients reply with metrics only, their updates in the sum one of them
+        # carries: expected, as many as the sums hold beyond their carriers; others dropped.
+        arrayless, in_sums = 0, 0
         for reply in replied:
+            records = reply.content.array_records
+            if "arrays" not in records and NODE_SUM not in records:
+                arrayless += 1
+                continue
             contribution = self._contribution(reply)
             if contribution is None:
                 continue
@@ -213,6 +220,12 @@ class UserLevelDP(CohortSampler):
             for acc, u in zip(total, update, strict=True):
                 acc += u
             contributors += count
+            in_sums += count - 1 if NODE_SUM in records else 0
+        if arrayless > in_sums:
+            log.warning(
+                "%d replies carried no update and are in no node's sum: dropped",
+                arrayless - in_sums,
+            )
         arrays, metrics = self.release(server_round, total, contributors)
         if self.adaptive is not None:
             fraction = self.adapt_clipping_norm([self.within_clip(r) for r in replied])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -390,7 +391,7 @@ def test_batched_fedsgd_shard_equals_each_client_on_its_own(built, tmp_path):
 
 
 def test_llm_cohort_nodes_equal_one_node_per_client_under_user_level_dp(
-    built, tmp_path, monkeypatch
+    built, tmp_path, monkeypatch, caplog
 ):
     """Through the federation: cohort nodes of 8 clients (one batched pass each, the node
     sending the sum of its clients' clipped updates) give the model one node per client gives;
@@ -409,6 +410,7 @@ def test_llm_cohort_nodes_equal_one_node_per_client_under_user_level_dp(
         return result
 
     monkeypatch.setattr(LLMFederatedModel, "fedsgd_shard", counted)
+    caplog.set_level(logging.WARNING)
     models = {}
     for users_per_node in (1, 8):
         data = copy.deepcopy(TINY)
@@ -433,6 +435,8 @@ def test_llm_cohort_nodes_equal_one_node_per_client_under_user_level_dp(
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert lines[-1]["evaluated_users"] == 15 and lines[-1]["epsilon"]
     assert batched and 0 not in batched and max(batched) > 1  # every shard took the batch path
+    # The clients whose updates are in their node's sum reply with metrics only: not "dropped".
+    assert "dropped" not in caplog.text
     for key, tensor in models[1].items():
         torch.testing.assert_close(models[8][key], tensor, atol=1e-5, rtol=1e-4)
 
