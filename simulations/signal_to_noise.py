@@ -39,7 +39,7 @@ from fedrec.federation import CentralDPConfig
 from fedrec.federation.config import FederatedConfig
 from fedrec.federation.model import FederatedModel
 from fedrec.federation.privacy import client_seed
-from fedrec.federation.vectorised import shard_fedsgd, why_not_vectorised
+from fedrec.federation.vectorised import batched_fedsgd_steps, why_not_vectorised
 from fedrec.population import population_of
 from simulations.privacy_utility import user_level_sigma
 
@@ -55,7 +55,7 @@ def mean_clipped_update(
     why_not = why_not_vectorised(model, fed)
     assert why_not is None, f"the clients' FedSGD steps cannot be batched: {why_not}"
     global_state = {k: v.detach().clone() for k, v in model.shared_state().items()}
-    trained = shard_fedsgd(
+    trained = batched_fedsgd_steps(
         model, splits, fed, [client_seed(seed, 1, i) for i in range(len(splits))]
     )
     assert trained is not None, "every client must hold one user (and, for the LLM, one record)"

@@ -347,7 +347,7 @@ def test_data_fitted_personal_prompt_refused_under_record_dp(option):
 def test_batched_fedsgd_shard_equals_each_client_on_its_own(built, tmp_path):
     """The oracle of the cohort path: one batched pass gives every client the adapters its own
     ``train_local`` (one SGD step on its one record) gives it."""
-    from fedrec.federation.vectorised import shard_fedsgd, why_not_vectorised
+    from fedrec.federation.vectorised import batched_fedsgd_steps, why_not_vectorised
 
     _, _, _, folder, _ = built
     cfg = tiny_config(
@@ -370,7 +370,7 @@ def test_batched_fedsgd_shard_equals_each_client_on_its_own(built, tmp_path):
     assert why_not_vectorised(model, fed) is None
     splits = [population.split.subset(population.partitions[p]) for p in range(7)]
     start = model.shared_state()
-    batched = shard_fedsgd(model, splits, fed, list(range(7)))
+    batched = batched_fedsgd_steps(model, splits, fed, list(range(7)))
     assert batched is not None and torch.equal(
         model.shared_state()["scenario.0"], start["scenario.0"]
     )
@@ -383,7 +383,7 @@ def test_batched_fedsgd_shard_equals_each_client_on_its_own(built, tmp_path):
             torch.testing.assert_close(state[key], value, atol=1e-6, rtol=1e-5)
         assert any(not torch.equal(state[k], start[k]) for k in start)
     several = dataclasses.replace(fed, record_window=5)  # clients with several records
-    assert shard_fedsgd(model, splits, several, list(range(7))) is None
+    assert batched_fedsgd_steps(model, splits, several, list(range(7))) is None
     personal = build_federated_model(
         tiny_config(foundation_dir=str(folder)), population.publish(tmp_path / "p"), tmp_path
     )

@@ -21,7 +21,7 @@ from fedrec.federation.config import FederatedConfig
 from fedrec.federation.model import SequentialFederatedModel, local_train
 from fedrec.federation.privacy import client_seed
 from fedrec.federation.updates import NodeSum
-from fedrec.federation.vectorised import fedsgd_shard, shard_fedsgd, why_not_vectorised
+from fedrec.federation.vectorised import batched_fedsgd_steps, fedsgd_shard, why_not_vectorised
 from fedrec.models import build_model
 from fedrec.models.hstu.model import HSTUConfig
 from fedrec.models.sasrec.model import SASRecConfig
@@ -176,14 +176,14 @@ def test_a_vectorised_cohort_federation_equals_one_node_per_client(
 
     def counted(model, splits, *args, **kwargs):
         shards.append(len(splits))
-        return shard_fedsgd(model, splits, *args, **kwargs)
+        return batched_fedsgd_steps(model, splits, *args, **kwargs)
 
     def summed(self, values):
         sums.append(1)
         return NodeSum_add(self, values)
 
     NodeSum_add = NodeSum.add
-    monkeypatch.setattr(client_module, "shard_fedsgd", counted)
+    monkeypatch.setattr(client_module, "batched_fedsgd_steps", counted)
     monkeypatch.setattr(NodeSum, "add", summed)
     runs = {}
     for users_per_node in (1, 10):

@@ -40,7 +40,7 @@ from fedrec.federation.privacy import (
     planned_record_event,
 )
 from fedrec.federation.updates import NORM_BIT, l2_norm
-from fedrec.federation.vectorised import shard_fedsgd, why_not_vectorised
+from fedrec.federation.vectorised import batched_fedsgd_steps, why_not_vectorised
 from fedrec.privacy import PrivacyBudget, PrivacyEvent, PrivacyLedger
 from fedrec.privacy.randomness import numpy_generator
 
@@ -219,7 +219,7 @@ def train_shard(
     if why_not_vectorised(model, fed) is not None:
         return None
     global_state = {k: v.detach().clone() for k, v in model.shared_state().items()}
-    trained = shard_fedsgd(
+    trained = batched_fedsgd_steps(
         model, splits, fed, [client_seed(seed, round_number, p) for p in partitions]
     )
     if trained is None:

@@ -74,7 +74,7 @@ def why_not_vectorised(model: FederatedModel, fed: FederatedConfig) -> str | Non
     return None
 
 
-def shard_fedsgd(
+def batched_fedsgd_steps(
     model: FederatedModel,
     splits: Sequence[SequenceSplit],
     fed: FederatedConfig,
