@@ -8,6 +8,10 @@
     python simulations/bench_llm.py personal --run runs/llm-ml100k
         test NDCG@10 / HR@10 of the users with a personal prompt: with it vs the initial one,
         and the paired per-user difference with a 95 % bootstrap interval
+    python simulations/bench_llm.py final --run runs/ml-100k-smollm2 --baseline runs/ml-100k-hstu
+        test metrics of a finished run's global adapters on the users its rounds were evaluated
+        on (evaluation.sample_users), with every history and cut to the last --few-shot events,
+        next to popularity and the --baseline runs (HSTU/SASRec) on the same users and cuts
     python simulations/bench_llm.py centralized --config configs/ml-100k-llm.yaml --epochs 10
         the same adapters trained on every user's windows in one place (the reference the
         federation is compared with), and the foundation alone (epochs 0)
@@ -18,6 +22,7 @@ The foundation of the config must exist (`fedrec foundation -c CONFIG`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -35,7 +40,13 @@ sys.path.insert(0, str(REPO))
 
 from fedrec.audits.metrics import paired_difference  # noqa: E402
 from fedrec.config import load_config  # noqa: E402
-from fedrec.evaluation import EvalConfig, evaluate  # noqa: E402
+from fedrec.evaluation import (  # noqa: E402
+    EvalConfig,
+    evaluate,
+    evaluation_users,
+    popularity_scorer,
+)
+from fedrec.evaluation.evaluator import Scorer  # noqa: E402
 from fedrec.federated_models import build_federated_model  # noqa: E402
 from fedrec.federation.layout import client_paths  # noqa: E402
 from fedrec.federation.model import PersonalFile  # noqa: E402
@@ -43,8 +54,9 @@ from fedrec.llm_rec.federated import LLMFederatedModel  # noqa: E402
 from fedrec.llm_rec.model import example_losses  # noqa: E402
 from fedrec.population import Population, load_population  # noqa: E402
 from fedrec.privacy.dp_sgd import DPSGDConfig, dp_train  # noqa: E402
+from fedrec.privacy_audit import load_model, run_config  # noqa: E402
 from fedrec.recommend import global_model, load_run  # noqa: E402
-from fedrec.training import trainable_users  # noqa: E402
+from fedrec.training import model_scorer, trainable_users  # noqa: E402
 
 
 def _model(population: Population, run_dir: Path) -> LLMFederatedModel:
@@ -171,6 +183,40 @@ def bench_personal(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def bench_final(run_dir: Path, baselines: list[Path], few_shot: int) -> dict[str, Any]:
+    """The run's global adapters next to popularity and trained centralized models, on the same
+    users (the run's evaluation sample) and the same few-shot cut."""
+    torch.set_num_threads(2)
+    population = load_run(run_dir)
+    split, config = population.split, population.config
+    users = evaluation_users(split, config.evaluation)
+    wrapper = global_model(population, run_dir)
+    cpu = torch.device("cpu")
+    scorers: dict[str, Any] = {
+        "llm": wrapper.scorer,
+        "popularity": lambda s, _d: popularity_scorer(s),
+    }
+    for run in baselines:
+        trained_with = run_config(run)
+        trained = load_model(run, trained_with, split.num_items)
+        scorers[f"{trained_with.model_name} ({run})"] = functools.partial(model_scorer, trained)
+    result: dict[str, Any] = {
+        "run": str(run_dir),
+        "users": split.num_users if users is None else len(users),
+        "few_shot_events": few_shot,
+    }
+    for setting, seen_by in (("full", split), ("few_shot", split.recent(few_shot, "test"))):
+        rows: dict[str, Any] = {}
+        for name, scorer_of in scorers.items():
+            started = time.perf_counter()
+            scorer: Scorer = scorer_of(seen_by, cpu)
+            rows[name] = evaluate(scorer, split, "test", config.evaluation, users).metrics
+            rows[name]["seconds"] = time.perf_counter() - started
+            print(setting, name, json.dumps(rows[name]), flush=True)
+        result[setting] = rows
+    return result
+
+
 def bench_centralized(
     population: Population, epochs: int, learning_rate: float, batch: int = 32
 ) -> dict[str, Any]:
@@ -211,9 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["bytes", "dp-step", "personal", "centralized"])
+    parser.add_argument("what", choices=["bytes", "dp-step", "personal", "final", "centralized"])
     parser.add_argument("--config", help="LLM experiment YAML (bytes, dp-step)")
-    parser.add_argument("--run", type=Path, help="finished LLM run folder (personal)")
+    parser.add_argument("--run", type=Path, help="finished LLM run folder (personal, final)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        action="append",
+        default=[],
+        help="finished HSTU/SASRec run folder measured next to the LLM (final; repeatable)",
+    )
+    parser.add_argument("--few-shot", type=int, default=5, help="events kept (final)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (centralized)")
@@ -223,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.run is None:
             parser.error("personal needs --run")
         result = bench_personal(args.run)
+    elif args.what == "final":
+        if args.run is None:
+            parser.error("final needs --run")
+        result = bench_final(args.run, args.baseline, args.few_shot)
     else:
         if args.config is None:
             parser.error(f"{args.what} needs --config")

@@ -569,3 +569,24 @@ def test_prompts_with_titles_read_titles_but_predict_only_codes(built):
     _, mask, record_labels, _ = builder.records(split, np.arange(2), 5).tensors
     assert ((record_labels != -100).sum(dim=1) % levels == 0).all()
     assert ((record_labels != -100) <= mask.bool()).all()
+
+
+def test_readable_titles_are_what_a_pretrained_model_has_read():
+    from fedrec.data.catalogue import ItemCatalogue
+    from fedrec.llm_rec.foundation import catalogue_titles
+
+    catalogue = ItemCatalogue(
+        ("1", "2"), {"title": ("Ice Storm, The", "Heat"), "year": ("1997", "")}
+    )
+    assert catalogue_titles(catalogue) == ["Ice Storm, The", "Heat"]
+    assert catalogue_titles(catalogue, "readable") == ["The Ice Storm (1997)", "Heat"]
+    with pytest.raises(FedrecConfigError, match="title_style"):
+        tiny_config(title_style="pretty")
+
+
+def test_a_foundation_aligned_with_other_titles_is_refused(built):
+    _, dataset, _, folder, meta = built
+    assert meta["title_style"] == "catalogue"
+    config = tiny_config(foundation_dir=str(folder), with_titles=True, title_style="readable")
+    with pytest.raises(ValueError, match=r"llm\.title_style: catalogue"):
+        load_foundation(folder).builder(config.llm, item_titles(dataset, "readable"))

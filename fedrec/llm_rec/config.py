@@ -9,6 +9,7 @@ from fedrec.pretrained import check_installed
 SCENARIO_RULES = ("none", "weekend")
 PROMPT_INITS = ("SAMPLE_VOCAB", "RANDOM")
 PERSONAL_INITS = ("shared", "history")
+TITLE_STYLES = ("catalogue", "readable")
 
 
 @dataclass
@@ -117,7 +118,10 @@ class LLMRecConfig:
     pretrained``); empty = the ``backbone`` built here. ``semantic_ids``: an artefact folder
     written by ``fedrec semantic-ids`` (empty: codes are built from the catalogue with the
     ``semantic_id`` section). ``foundation_dir``: where the foundation stage writes (and later
-    runs read) the pretrained backbone; empty = ``<run dir>/foundation``.
+    runs read) the pretrained backbone; empty = ``<run dir>/foundation``. ``title_style``: how
+    ``with_titles`` prompts and the foundation's alignment write a title: ``catalogue`` as the
+    data has it ("Ice Storm, The"), ``readable`` as a pretrained model has read it in text ("The
+    Ice Storm (1997)": article moved to the front, year added).
     """
 
     base_model: str = ""
@@ -128,6 +132,7 @@ class LLMRecConfig:
     max_items: int = 20
     with_titles: bool = False
     title_tokens: int = 6
+    title_style: str = "catalogue"
     lora: LoraOptions = field(default_factory=LoraOptions)
     prompts: PromptOptions = field(default_factory=PromptOptions)
     beam_width: int = 20
@@ -137,5 +142,7 @@ class LLMRecConfig:
         if self.max_items < 1 or self.title_tokens < 1:
             raise ValueError("llm: max_items >= 1 and title_tokens >= 1")
         check_installed(self.base_model)
+        if self.title_style not in TITLE_STYLES:
+            raise ValueError(f"llm.title_style must be one of {TITLE_STYLES}")
         if self.beam_width < 1 or self.eval_batch_size < 1:
             raise ValueError("llm: beam_width >= 1 and eval_batch_size >= 1")

@@ -277,5 +277,5 @@ def new_llm_model(
     """The foundation in ``folder`` (loaded once per process) with fresh adapters, for the
     items of ``catalogue``."""
     foundation = _foundation(folder)
-    model = foundation.recommender(llm, catalogue_titles(catalogue), seed)
+    model = foundation.recommender(llm, catalogue_titles(catalogue, llm.title_style), seed)
     return LLMFederatedModel(model, foundation)

@@ -33,6 +33,7 @@ from fedrec.llm_rec.backbone import new_backbone, quiet_transformers
 from fedrec.llm_rec.config import LLMRecConfig
 from fedrec.llm_rec.data import IGNORE, PromptBuilder
 from fedrec.llm_rec.model import LLMRecommender
+from fedrec.llm_rec.zero_shot import catalogue_lines
 from fedrec.semantic_id.content import item_texts
 from fedrec.semantic_id.pipeline import SemanticIdConfig, catalogue_codes
 from fedrec.semantic_id.retrieval import CodeVocabulary
@@ -59,14 +60,17 @@ def semantic_ids_for(
     return catalogue_codes(dataset, semantic_id, progress=False)[0]
 
 
-def catalogue_titles(catalogue: ItemCatalogue) -> list[str]:
-    """Each item's title, else its text (title, genres, year), in index order."""
+def catalogue_titles(catalogue: ItemCatalogue, style: str = "catalogue") -> list[str]:
+    """Each item's title, else its text (title, genres, year), in index order; ``readable``
+    (``llm.title_style``): as ``zero_shot.readable_title`` writes it."""
     titles = catalogue.item_features.get("title")
+    if style == "readable":
+        return catalogue_lines(catalogue.item_features, len(catalogue.raw_item_ids))
     return list(titles) if titles is not None else catalogue.item_texts()
 
 
-def item_titles(dataset: InteractionDataset) -> list[str]:
-    return catalogue_titles(ItemCatalogue.from_dataset(dataset))
+def item_titles(dataset: InteractionDataset, style: str = "catalogue") -> list[str]:
+    return catalogue_titles(ItemCatalogue.from_dataset(dataset), style)
 
 
 @dataclass
@@ -80,6 +84,13 @@ class Foundation:
 
     def builder(self, config: LLMRecConfig, titles: list[str]) -> PromptBuilder:
         """Prompts for items titled ``titles`` (index order; ``item_titles``)."""
+        aligned = self.meta.get("title_style", "catalogue")
+        if config.title_style != aligned:
+            raise ValueError(
+                f"{self.folder}: this foundation was aligned with {aligned} titles, the run asks "
+                f"for {config.title_style}: set llm.title_style: {aligned}, or build a new "
+                "foundation (another llm.foundation_dir)"
+            )
         tokens = None
         if config.with_titles:
             tokens = [
@@ -169,7 +180,7 @@ def run_foundation(
         extra,
         seed,
     )
-    titles = item_titles(dataset)
+    titles = item_titles(dataset, config.title_style)
     rows = {
         "catalogue": _text_rows(tokenizer, texts),
         "alignment": _alignment_rows(tokenizer, vocabulary, titles, 16),
@@ -192,6 +203,7 @@ def run_foundation(
     meta = {
         "version": VERSION,
         "base_model": config.base_model or "llama built from llm.backbone",
+        "title_style": config.title_style,
         "backbone": asdict(config.backbone),
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
@@ -224,16 +236,15 @@ def _pretrain(
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.foundation.learning_rate)
     epochs = config.foundation.epochs
+    steps = epochs * sum(-(-len(d) // config.foundation.batch_size) for d in datasets)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=config.foundation.learning_rate,
-        total_steps=max(
-            1, epochs * sum(-(-len(d) // config.foundation.batch_size) for d in datasets)
-        ),
+        optimizer, max_lr=config.foundation.learning_rate, total_steps=max(1, steps)
     )
     losses = []
     model.train()
-    for _ in tqdm(range(epochs), desc="foundation", disable=not progress, leave=False):
+    # Per step, not per epoch: on a pretrained backbone one epoch takes minutes.
+    bar = tqdm(total=steps, desc="foundation", disable=not progress, leave=False)
+    for _ in range(epochs):
         batches: list[tuple[torch.Tensor, ...]] = [
             tuple(t[order] for t in d.tensors)
             for d in datasets
@@ -257,6 +268,9 @@ def _pretrain(
             optimizer.step()
             schedule.step()
             total.append(out.loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{total[-1]:.3f}", refresh=False)
         losses.append(float(np.mean(total)))
+    bar.close()
     model.eval()
     return losses
