@@ -256,6 +256,25 @@ def test_beam_search_returns_valid_items_and_greedy_matches_an_explicit_oracle(b
         assert found[row][0][1] >= greedy[row][0][1] - 1e-5  # beam never worse than greedy
 
 
+@pytest.mark.parametrize("beams", [1, 6])
+def test_beam_search_reads_each_prompt_once_and_finds_what_plain_generate_finds(
+    built, beams, monkeypatch
+):
+    """The prompt's cache is computed once and copied to the beams; transformers' own path
+    (each beam reads the whole prompt) is the oracle."""
+    from fedrec.semantic_id import retrieval
+
+    _, _, split, _, _ = built
+    model = recommender(built).eval()
+    ids, mask, _, scenario = model.builder.requests(split, np.arange(5), "test").tensors
+    found = model.generate(ids, mask, scenario, beams)
+    monkeypatch.setattr(retrieval, "prompt_cache", lambda *_a, **_k: None)
+    plain = model.generate(ids, mask, scenario, beams)
+    for ours, theirs in zip(found, plain, strict=True):
+        assert [i for i, _ in ours] == [i for i, _ in theirs]
+        assert [s for _, s in ours] == pytest.approx([s for _, s in theirs], abs=1e-4)
+
+
 def _population(config):
     dataset, split = prepare_split(config.data)
     fed = config.federated

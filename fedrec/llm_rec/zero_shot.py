@@ -32,6 +32,7 @@ from fedrec.semantic_id.pipeline import (
     cold_start_users,
     held_out_items,
 )
+from fedrec.semantic_id.retrieval import prompt_cache
 
 log = logging.getLogger("fedrec.llm_rec")
 _DEAD_BEAM = -1e8
@@ -158,21 +159,10 @@ class ZeroShotRecommender:
         def allowed(request: int, sequence: torch.Tensor) -> list[int]:
             return self.trie.allowed(tuple(sequence[width:].tolist()), pruned[request])
 
-        # transformers' beam search copies each prompt to every beam before reading it, so the
-        # prompt (most of the tokens) would be read ``beams`` times; it is read once here and its
-        # cache copied to the beams, and generate goes on from the prompt's last token.
-        cache = self.model(
-            input_ids=ids[:, :-1],
-            attention_mask=mask[:, :-1],
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, :-1],
-            use_cache=True,
-            logits_to_keep=1,
-        ).cache
-        cache.batch_repeat_interleave(beams)
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
-            cache=cache,
+            cache=prompt_cache(self.model, beams, input_ids=ids, attention_mask=mask),
             max_new_tokens=self.trie.longest,
             num_beams=beams,
             num_return_sequences=beams,
