@@ -192,12 +192,15 @@ def bench_final(run_dir: Path, baselines: list[Path], few_shot: int) -> dict[str
     users = evaluation_users(split, config.evaluation)
     wrapper = global_model(population, run_dir)
     cpu = torch.device("cpu")
+    # Popularity counts every training event in both settings, as the trained models saw them.
     scorers: dict[str, Any] = {
         "llm": wrapper.scorer,
-        "popularity": lambda s, _d: popularity_scorer(s),
+        "popularity": lambda _seen, _device: popularity_scorer(split),
     }
     for run in baselines:
         trained_with = run_config(run)
+        if trained_with.data != config.data:
+            raise ValueError(f"{run} was trained on other data than {run_dir}: {trained_with.data}")
         trained = load_model(run, trained_with, split.num_items)
         scorers[f"{trained_with.model_name} ({run})"] = functools.partial(model_scorer, trained)
     result: dict[str, Any] = {

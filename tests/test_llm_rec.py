@@ -603,9 +603,13 @@ def test_readable_titles_are_what_a_pretrained_model_has_read():
         tiny_config(title_style="pretty")
 
 
-def test_a_foundation_aligned_with_other_titles_is_refused(built):
+def test_a_foundation_aligned_with_other_titles_is_refused(built, tmp_path):
     _, dataset, _, folder, meta = built
     assert meta["title_style"] == "catalogue"
     config = tiny_config(foundation_dir=str(folder), with_titles=True, title_style="readable")
     with pytest.raises(ValueError, match=r"llm\.title_style: catalogue"):
         load_foundation(folder).builder(config.llm, item_titles(dataset, "readable"))
+    with pytest.raises(ValueError, match=r"llm\.title_style: catalogue"):
+        _population(config).publish(tmp_path)  # the server refuses before any round
+    codes_only = tiny_config(foundation_dir=str(folder), title_style="readable")
+    load_foundation(folder).builder(codes_only.llm, item_titles(dataset, "readable"))

@@ -31,12 +31,15 @@ def config(**overrides):
 
 def batch(cfg: RankerConfig, size: int, seed: int = 0) -> RankingBatch:
     g = torch.Generator().manual_seed(seed)
+
+    def values(sizes: tuple[int, ...]) -> torch.Tensor:
+        columns = [torch.randint(0, n, (size,), generator=g) for n in sizes]
+        return torch.stack(columns, dim=1) if columns else torch.zeros(size, 0, dtype=torch.long)
+
     return RankingBatch(
-        categorical=torch.stack(
-            [torch.randint(0, n, (size,), generator=g) for n in cfg.categorical_sizes], dim=1
-        ),
+        categorical=values(cfg.categorical_sizes),
         genres=(torch.rand(size, cfg.genres, generator=g) < 0.3).float(),
-        codes=torch.stack([torch.randint(0, n, (size,), generator=g) for n in cfg.code_sizes], 1),
+        codes=values(cfg.code_sizes),
         user=torch.randn(size, cfg.user_dim, generator=g),
         dense=torch.randn(size, cfg.dense, generator=g),
     )
@@ -53,9 +56,11 @@ def test_batched_logits_equal_the_equations_one_pair_at_a_time(rank):
     torch.testing.assert_close(logits, model.reference_logits(pairs), rtol=1e-5, atol=1e-5)
 
 
-def test_per_sample_gradients_equal_one_pair_at_a_time():
-    """What Opacus clips (``GradSampleModule``) is each pair's own gradient."""
-    cfg = config()
+@pytest.mark.parametrize("unused", [{}, {"categorical_sizes": (), "code_sizes": ()}])
+def test_per_sample_gradients_equal_one_pair_at_a_time(unused):
+    """What Opacus clips (``GradSampleModule``) is each pair's own gradient, also when a
+    feature group is unused (every parameter is reached by every example)."""
+    cfg = config(**unused)
     torch.manual_seed(1)
     model = MultiTaskRanker(cfg)
     pairs, labels = batch(cfg, 6, seed=2), torch.randint(0, 2, (6, 2))
@@ -71,6 +76,7 @@ def test_per_sample_gradients_equal_one_pair_at_a_time():
         model.per_example_loss(one, labels[row : row + 1]).sum().backward()
         for name, param in model.named_parameters():
             torch.testing.assert_close(per_sample[name][row], param.grad, rtol=1e-4, atol=1e-6)
+    assert set(per_sample) == {n for n, _ in model.named_parameters()}
 
 
 def test_each_task_learns_what_its_labels_depend_on():

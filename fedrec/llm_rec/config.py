@@ -143,6 +143,8 @@ class LLMRecConfig:
             raise ValueError("llm: max_items >= 1 and title_tokens >= 1")
         check_installed(self.base_model)
         if self.title_style not in TITLE_STYLES:
-            raise ValueError(f"llm.title_style must be one of {TITLE_STYLES}")
+            raise ValueError(
+                f"llm.title_style must be one of {TITLE_STYLES}, got {self.title_style!r}"
+            )
         if self.beam_width < 1 or self.eval_batch_size < 1:
             raise ValueError("llm: beam_width >= 1 and eval_batch_size >= 1")

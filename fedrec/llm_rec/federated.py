@@ -30,6 +30,7 @@ from fedrec.llm_rec.config import LLMRecConfig
 from fedrec.llm_rec.foundation import (
     Foundation,
     catalogue_titles,
+    check_title_style,
     load_foundation,
     run_foundation,
 )
@@ -68,6 +69,7 @@ def ensure_foundation(
             f"asks for {asdict(llm.backbone)}: set llm.foundation_dir to a new folder (or delete "
             "this one) to build a matching foundation"
         )
+    check_title_style(meta, llm, folder)
     return folder
 
 

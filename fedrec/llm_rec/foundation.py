@@ -62,15 +62,27 @@ def semantic_ids_for(
 
 def catalogue_titles(catalogue: ItemCatalogue, style: str = "catalogue") -> list[str]:
     """Each item's title, else its text (title, genres, year), in index order; ``readable``
-    (``llm.title_style``): as ``zero_shot.readable_title`` writes it."""
+    (``llm.title_style``): as ``zero_shot.readable_title`` writes it (items without titles:
+    their text either way)."""
     titles = catalogue.item_features.get("title")
-    if style == "readable":
+    if style == "readable" and titles is not None:
         return catalogue_lines(catalogue.item_features, len(catalogue.raw_item_ids))
     return list(titles) if titles is not None else catalogue.item_texts()
 
 
 def item_titles(dataset: InteractionDataset, style: str = "catalogue") -> list[str]:
     return catalogue_titles(ItemCatalogue.from_dataset(dataset), style)
+
+
+def check_title_style(meta: dict[str, Any], config: LLMRecConfig, folder: Path) -> None:
+    """Prompts with titles must write them as the foundation's alignment did."""
+    aligned = meta.get("title_style", "catalogue")
+    if config.with_titles and config.title_style != aligned:
+        raise ValueError(
+            f"{folder}: this foundation was aligned with {aligned} titles, the run asks for "
+            f"{config.title_style}: set llm.title_style: {aligned}, or build a new foundation "
+            "(another llm.foundation_dir)"
+        )
 
 
 @dataclass
@@ -84,13 +96,7 @@ class Foundation:
 
     def builder(self, config: LLMRecConfig, titles: list[str]) -> PromptBuilder:
         """Prompts for items titled ``titles`` (index order; ``item_titles``)."""
-        aligned = self.meta.get("title_style", "catalogue")
-        if config.title_style != aligned:
-            raise ValueError(
-                f"{self.folder}: this foundation was aligned with {aligned} titles, the run asks "
-                f"for {config.title_style}: set llm.title_style: {aligned}, or build a new "
-                "foundation (another llm.foundation_dir)"
-            )
+        check_title_style(self.meta, config, self.folder)
         tokens = None
         if config.with_titles:
             tokens = [

@@ -16,7 +16,7 @@ example at a time from the equations above; tests hold the batched path to it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -113,11 +113,14 @@ class MultiTaskRanker(nn.Module):
         super().__init__()
         self.config = config
         dim, emb = config.input_dim, config.embedding_dim
-        self.offsets = torch.tensor([0, *config.categorical_sizes]).cumsum(0)[:-1]
-        self.categorical = nn.Embedding(max(1, sum(config.categorical_sizes)), emb)
+        # A feature group the config does not use has no parameters: a parameter no example
+        # reaches would have no per-sample gradient, and Opacus refuses to clip it.
+        sizes, codes = config.categorical_sizes, config.code_sizes
+        self.offsets = torch.tensor([0, *sizes]).cumsum(0)[:-1]
+        self.categorical = nn.Embedding(sum(sizes), emb) if sizes else None
         self.genre_projection = nn.Linear(config.genres, emb) if config.genres else None
-        self.code_offsets = torch.tensor([0, *config.code_sizes]).cumsum(0)[:-1]
-        self.codes = nn.Embedding(max(1, sum(config.code_sizes)), emb)
+        self.code_offsets = torch.tensor([0, *codes]).cumsum(0)[:-1]
+        self.codes = nn.Embedding(sum(codes), emb) if codes else None
         self.cross = nn.ModuleList(
             CrossLayer(dim, config.cross_rank) for _ in range(config.cross_layers)
         )
@@ -139,12 +142,12 @@ class MultiTaskRanker(nn.Module):
         """``x_0`` ``[B, input_dim]``. Lookups are batch-shaped, so Opacus attributes them
         per example."""
         parts = []
-        if self.config.categorical_sizes:
+        if self.categorical is not None:
             index = batch.categorical + self.offsets.to(batch.categorical.device)
             parts.append(self.categorical(index).flatten(1))
         if self.genre_projection is not None:
             parts.append(self.genre_projection(batch.genres))
-        if self.config.code_sizes:
+        if self.codes is not None:
             parts.append(self.codes(batch.codes + self.code_offsets.to(batch.codes.device)).sum(1))
         return torch.cat([*parts, batch.user, batch.dense], dim=1)
 
@@ -172,10 +175,32 @@ class MultiTaskRanker(nn.Module):
     @torch.no_grad()
     def reference_logits(self, batch: RankingBatch) -> torch.Tensor:
         """The logits one pair at a time, from the module docstring's equations with explicit
-        sums (the oracle of ``forward``)."""
+        sums over the raw weights (the oracle of ``forward``: no submodule is called)."""
+
+        def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            assert isinstance(layer, nn.Linear)
+            w, b = layer.weight, layer.bias
+            return torch.stack(
+                [sum(w[i, j] * x[j] for j in range(len(x))) + b[i] for i in range(len(w))]
+            )
+
         rows = []
         for b in range(len(batch.user)):
-            x0 = self.inputs(RankingBatch(*(t[b : b + 1] for t in batch)))[0]
+            parts: list[torch.Tensor] = []
+            if self.categorical is not None:
+                start = 0
+                for field, size in enumerate(self.config.categorical_sizes):
+                    parts.append(self.categorical.weight[start + batch.categorical[b, field]])
+                    start += size
+            if self.genre_projection is not None:
+                parts.append(linear(self.genre_projection, batch.genres[b]))
+            if self.codes is not None:
+                start, code = 0, torch.zeros(self.config.embedding_dim)
+                for level, size in enumerate(self.config.code_sizes):
+                    code = code + self.codes.weight[start + batch.codes[b, level]]
+                    start += size
+                parts.append(code)
+            x0 = torch.cat([*parts, batch.user[b], batch.dense[b]])
             x = x0
             for layer in self.cross:
                 assert isinstance(layer, CrossLayer)
@@ -186,11 +211,14 @@ class MultiTaskRanker(nn.Module):
                         for i in range(len(x))
                     ]
                 )
-            outputs = [expert(x) for expert in self.experts]
+            outputs = [linear(cast(nn.Sequential, e)[0], x).clamp(min=0) for e in self.experts]
             row = []
             for gate, tower in zip(self.gates, self.towers, strict=True):
-                weights = gate(x).softmax(dim=-1)
+                scores = linear(gate, x)
+                weights = scores.exp() / scores.exp().sum()
                 mixed = sum(weights[e] * outputs[e] for e in range(len(outputs)))
-                row.append(tower(mixed)[0])
+                assert isinstance(mixed, torch.Tensor)
+                layers = cast(nn.Sequential, tower)
+                row.append(linear(layers[2], linear(layers[0], mixed).clamp(min=0))[0])
             rows.append(torch.stack(row))
         return torch.stack(rows)
