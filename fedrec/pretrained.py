@@ -108,9 +108,14 @@ def load_causal_lm(spec: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, extra = from_pretrained_args(spec)
-    return AutoModelForCausalLM.from_pretrained(folder, **extra), AutoTokenizer.from_pretrained(
-        folder, **extra
-    )
+    model = AutoModelForCausalLM.from_pretrained(folder, **extra)
+    if "gguf_file" in extra:
+        # The weights are dequantised fp32 tensors, but transformers still marks the model as
+        # GGUF-quantised and so refuses to save_pretrained it (the foundation stage must).
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model, AutoTokenizer.from_pretrained(folder, **extra)
 
 
 def check_installed(spec: str) -> None:

@@ -59,9 +59,12 @@ def test_an_archived_model_is_unpacked_once_into_the_cache(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_packaged_smollm2_loads_as_a_llama_that_knows_films():
-    """The GGUF is dequantised into a 134.5 M-parameter Llama that prefers the real sequel."""
+def test_packaged_smollm2_loads_as_a_llama_that_knows_films(tmp_path):
+    """The GGUF is dequantised into a 134.5 M-parameter Llama that prefers the real sequel, and
+    saves as a plain model (the foundation stage saves it)."""
     _require("smollm2-135m")
+    from transformers import AutoModelForCausalLM
+
     from fedrec.pretrained import load_causal_lm
 
     model, tokenizer = load_causal_lm("smollm2-135m")
@@ -78,6 +81,10 @@ def test_packaged_smollm2_loads_as_a_llama_that_knows_films():
         return float(picked.sum())
 
     assert log_prob(" The Empire Strikes Back (1980)") > log_prob(" The Wedding Singer (1998)") + 5
+    model.save_pretrained(tmp_path)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for ours, theirs in zip(model.parameters(), saved.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
 
 
 @pytest.mark.slow
