@@ -108,7 +108,7 @@ def load_causal_lm(spec: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, extra = from_pretrained_args(spec)
-    model = AutoModelForCausalLM.from_pretrained(folder, **extra)
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, **extra)
     if "gguf_file" in extra:
         # The weights are dequantised fp32 tensors, but transformers still marks the model as
         # GGUF-quantised and so refuses to save_pretrained it (the foundation stage must).
