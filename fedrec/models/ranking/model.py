@@ -84,28 +84,29 @@ class RankingBatch(NamedTuple):
 
 
 class CrossLayer(nn.Module):
-    """One DCN-v2 cross layer."""
+    """One DCN-v2 cross layer; ``rank`` > 0: ``W_l = U_l V_lᵀ``."""
 
     def __init__(self, dim: int, rank: int):
         super().__init__()
-        if rank:
-            self.down = nn.Linear(dim, rank, bias=False)
-            self.up = nn.Linear(rank, dim)
-        else:
-            self.full = nn.Linear(dim, dim)
+        self.linears = nn.ModuleList(
+            [nn.Linear(dim, rank, bias=False), nn.Linear(rank, dim)]
+            if rank
+            else [nn.Linear(dim, dim)]
+        )
 
     def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        mixed = self.up(self.down(x)) if hasattr(self, "up") else self.full(x)
+        mixed = x
+        for linear in self.linears:
+            mixed = linear(mixed)
         return x0 * mixed + x
 
     def matrix(self) -> torch.Tensor:
-        """``W_l`` as one matrix (``U_l V_lᵀ`` when low-rank), and its bias below."""
-        if hasattr(self, "up"):
-            return self.up.weight @ self.down.weight
-        return self.full.weight
+        """``W_l`` as one matrix, and (``offset``) its bias ``b_l``."""
+        weights = [cast(nn.Linear, linear).weight for linear in self.linears]
+        return weights[-1] @ weights[0] if len(weights) == 2 else weights[0]
 
     def offset(self) -> torch.Tensor:
-        return self.up.bias if hasattr(self, "up") else self.full.bias
+        return cast(nn.Linear, self.linears[-1]).bias
 
 
 class MultiTaskRanker(nn.Module):
