@@ -96,7 +96,7 @@ def unpacked(archive: Path, name: str) -> Path:
     return target
 
 
-def from_pretrained_args(spec: str) -> tuple[str, dict[str, str]]:
+def from_pretrained_args(spec: str) -> tuple[str, dict[str, Any]]:
     """``(folder or hub id, keyword arguments)`` of ``from_pretrained`` for a config's model."""
     folder, gguf = model_source(spec)
     return folder, ({"gguf_file": gguf} if gguf else {})

@@ -67,11 +67,12 @@ def training_batch(
 
 
 def history_mask_indices(
-    split: SequenceSplit, users: np.ndarray, stage: Stage
+    split: SequenceSplit, users: np.ndarray, stage: Stage | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(row, item) pairs of every item in each user's visible history, for masking scores."""
+    """(row, item) pairs of every item in each user's visible history, for masking scores;
+    ``stage`` None: the whole sequence (a split of visible histories)."""
     starts = split.offsets[users]
-    ends = split.offsets[users + 1] - (2 if stage == "valid" else 1)
+    ends = split.offsets[users + 1] - {None: 0, "valid": 2, "test": 1}[stage]
     lengths = ends - starts
     rows = np.repeat(np.arange(len(users)), lengths)
     positions = (

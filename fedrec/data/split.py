@@ -80,6 +80,21 @@ class SequenceSplit:
             timestamps=self.timestamps[positions],
         )
 
+    def visible(self, stage: Stage) -> SequenceSplit:
+        """Each user's ``stage`` history as a whole sequence, targets cut off: what a service
+        asked for recommendations at that point sees (a request's history is one of these)."""
+        kept = np.diff(self.offsets) - (2 if stage == "valid" else 1)
+        positions = np.repeat(self.offsets[:-1], kept) + (
+            np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)
+        )
+        return SequenceSplit(
+            num_users=self.num_users,
+            num_items=self.num_items,
+            offsets=np.concatenate([[0], np.cumsum(kept)]).astype(np.int64),
+            items=self.items[positions],
+            timestamps=self.timestamps[positions],
+        )
+
     def train_item_counts(self) -> np.ndarray:
         in_train = np.ones(len(self.items), dtype=bool)
         in_train[self.offsets[1:] - 1] = False
@@ -104,3 +119,11 @@ def leave_one_out(ds: InteractionDataset) -> SequenceSplit:
         items=ds.item_ids if order is None else ds.item_ids[order],
         timestamps=ds.timestamps if order is None else ds.timestamps[order],
     )
+
+
+def split_ratings(ds: InteractionDataset) -> np.ndarray | None:
+    """``ds``'s ratings in the order of ``leave_one_out(ds).items`` (None without ratings)."""
+    if ds.ratings is None:
+        return None
+    order = chronological_order(ds)
+    return ds.ratings if order is None else ds.ratings[order]

@@ -91,10 +91,13 @@ class SequentialRecommender(nn.Module):
         """Scoring vectors of items ``0..num_items-1`` (embedding rows ``1..num_items``)."""
         return self._normalize(self.item_embedding.weight[1:])
 
+    def user_vectors(self, items: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
+        """The vector that scores the next item after each (left-padded) history."""
+        return self._normalize(self.encode(items, timestamps)[:, -1])
+
     def score_all(self, items: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
         """Scores over all items for the next position after each (left-padded) history."""
-        user = self._normalize(self.encode(items, timestamps)[:, -1])
-        return user @ self.item_vectors().T
+        return self.user_vectors(items, timestamps) @ self.item_vectors().T
 
     def position_losses(
         self,

@@ -1,0 +1,110 @@
+"""The multi-task ranker inside the funnel: its scorer, its labelled examples and its training.
+
+Examples are the funnel's own candidates: a user's retrieval union at a point of their history,
+each candidate labelled *engage* (it is the item the user took next) and *like* (it is, and they
+rated it ≥ ``LIKE_RATING``). A device builds them from its own history and ratings; centrally,
+the validation position of every user does (the sequential model never trained on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fedrec.data.batching import next_item_batch
+from fedrec.data.split import SequenceSplit
+from fedrec.models.base import SequentialRecommender
+from fedrec.models.ranking import MultiTaskRanker, RankingBatch
+from fedrec.serving.features import FeatureTables
+from fedrec.serving.funnel import Candidates, RankerScorer
+
+LIKE_RATING = 4.0
+UserVectors = Callable[[SequenceSplit, np.ndarray], torch.Tensor]
+
+
+def sequential_user_vectors(model: SequentialRecommender, device: torch.device) -> UserVectors:
+    """The sequential model's user vector after each visible history (zeros when empty)."""
+
+    def vectors(visible: SequenceSplit, users: np.ndarray) -> torch.Tensor:
+        model.eval()
+        items, times = next_item_batch(visible, users, model.config.max_len)
+        with torch.no_grad():
+            out = model.user_vectors(items.to(device), times.to(device)).float().cpu()
+        empty = torch.from_numpy(np.diff(visible.offsets)[users] == 0)
+        return torch.where(empty[:, None], 0.0, out)
+
+    return vectors
+
+
+def ranker_scorer(
+    model: MultiTaskRanker, tables: FeatureTables, user_vectors: UserVectors
+) -> RankerScorer:
+    def score(
+        visible: SequenceSplit, users: np.ndarray, attributes: np.ndarray, candidates: Candidates
+    ) -> torch.Tensor:
+        model.eval()
+        batch = tables.batch(attributes, user_vectors(visible, users), candidates)
+        with torch.no_grad():
+            logits = model(batch)
+        return logits.reshape(*candidates.items.shape, -1)
+
+    return score
+
+
+def candidate_labels(
+    candidates: Candidates,
+    targets: np.ndarray,
+    target_ratings: np.ndarray | None,
+    tasks: tuple[str, ...],
+) -> np.ndarray:
+    """[B, C, tasks] 0/1 labels of each candidate (pads: 0)."""
+    engaged = candidates.items == targets[:, None]
+    if target_ratings is None and "like" in tasks:
+        raise ValueError("the like task needs ratings, and this data set has none")
+    liked = engaged & (
+        (target_ratings >= LIKE_RATING)[:, None] if target_ratings is not None else False
+    )
+    columns = {"engage": engaged, "like": liked}
+    return np.stack([columns[t] for t in tasks], axis=2).astype(np.float32)
+
+
+def flatten_examples(
+    batch: RankingBatch, labels: np.ndarray, candidates: Candidates
+) -> tuple[RankingBatch, torch.Tensor]:
+    """The real (non-pad) pairs of a batch and their labels."""
+    keep = torch.from_numpy((candidates.items >= 0).reshape(-1))
+    return RankingBatch(*(field[keep] for field in batch)), torch.from_numpy(
+        labels.reshape(-1, labels.shape[2])
+    )[keep]
+
+
+def train_ranker(
+    model: MultiTaskRanker,
+    examples: RankingBatch,
+    labels: torch.Tensor,
+    epochs: int,
+    learning_rate: float,
+    batch_size: int,
+    generator: torch.Generator,
+) -> list[float]:
+    """Adam on the mean per-example loss; returns each epoch's mean loss."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    losses = []
+    for _ in tqdm(range(epochs), desc="ranker", unit="epoch", leave=False):
+        model.train()
+        order = torch.randperm(len(labels), generator=generator)
+        total = 0.0
+        for lo in range(0, len(order), batch_size):
+            index = order[lo : lo + batch_size]
+            loss = model.per_example_loss(
+                RankingBatch(*(f[index] for f in examples)), labels[index]
+            ).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(index)
+        losses.append(total / len(order))
+    return losses
