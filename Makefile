@@ -10,7 +10,7 @@ export FLWR_HOME ?= $(CURDIR)/.flwr
 export FLWR_TELEMETRY_ENABLED = 0
 export FLWR_DISABLE_UPDATE_CHECK = 1
 
-.PHONY: demo train test test-fast lint bench clean pretrained
+.PHONY: demo train test test-fast lint bench clean pretrained protos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ test-fast: $(PRETRAINED)
 
 bench: $(STAMP)
 	$(BIN)/python simulations/bench_centralized.py --help
+
+# The gRPC service's stubs, checked in beside their .proto (tests/test_service.py checks they
+# are what this command makes of it).
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. \
+		fedrec/serving/proto/recommend.proto
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .ruff_cache .pytest_cache

@@ -618,6 +618,80 @@ def certs(
 
 
 @app.command()
+def serve(
+    bundle: Annotated[
+        Path,
+        typer.Option(
+            "--bundle",
+            help="A serving bundle (a folder with serving.json), or a folder of them: the "
+            "newest is served and newer ones are swapped in as they appear.",
+        ),
+    ],
+    certs: Annotated[
+        Path | None,
+        typer.Option(
+            "--certs", help="The folder `fedrec certs` wrote (server.pem, server.key): TLS."
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 50061,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    poll_seconds: Annotated[
+        float, typer.Option(help="How often to look for a newer bundle.")
+    ] = 10.0,
+    workers: Annotated[int, typer.Option(help="Requests served at once.")] = 8,
+    insecure: Annotated[
+        bool, typer.Option(help="Serve without TLS (local experiments only).")
+    ] = False,
+) -> None:
+    """Serve RecommendService (fedrec/serving/proto/recommend.proto) over gRPC with TLS:
+    Recommend(history, context, k), Health and ModelInfo (bundle version, ε so far). Requests
+    are validated (bad ones get INVALID_ARGUMENT) and nothing from them is stored or logged."""
+    from fedrec.serving.service import (
+        BundleWatcher,
+        Recommender,
+        RecommendServicer,
+        device_for,
+        epsilon_text,
+        newest_bundle,
+    )
+    from fedrec.serving.service import serve as start
+    from fedrec.serving.store import load_serving_bundle
+    from server.deploy import Credentials
+
+    _configure_logging()
+    if certs is None and not insecure:
+        _fail(ValueError("--certs DIR is required (make it with `fedrec certs`), or --insecure"))
+    try:
+        chosen = device_for(device)
+        path = newest_bundle(bundle)
+        servicer = RecommendServicer(Recommender(load_serving_bundle(path), chosen))
+        key_pair = None
+        if certs is not None:
+            credentials = Credentials(certs)
+            credentials.check()
+            key_pair = (credentials.server_cert.read_bytes(), credentials.server_key.read_bytes())
+        certificate, key = key_pair or (None, None)
+        server, bound = start(servicer, f"{host}:{port}", certificate, key, workers)
+    except (FedrecDataError, ValueError, OSError) as err:
+        _fail(err)
+        return
+    current = servicer.current.bundle
+    typer.echo(
+        f"serving bundle version {current.version} ({path}) on {host}:{bound} "
+        f"({'TLS' if key_pair else 'no TLS'}, {chosen}); ε so far: "
+        f"{epsilon_text(current.epsilon)}"
+    )
+    watcher = BundleWatcher(bundle, servicer, chosen, poll_seconds)
+    watcher.thread.start()
+    try:
+        server.wait_for_termination()
+    except KeyboardInterrupt:
+        watcher.stop.set()
+        server.stop(grace=5).wait()
+
+
+@app.command()
 def models() -> None:
     """List the registered models and their default options."""
     from fedrec.models import model_config, model_names

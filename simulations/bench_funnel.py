@@ -20,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,9 @@ from fedrec.data.catalogue import ItemCatalogue  # noqa: E402
 from fedrec.data.split import SequenceSplit, Stage, split_ratings  # noqa: E402
 from fedrec.evaluation import EvalConfig, evaluate  # noqa: E402
 from fedrec.evaluation.metrics import rank_metrics  # noqa: E402
-from fedrec.models.ranking import ranker_class  # noqa: E402
+from fedrec.models.ranking import RankingBatch, ranker_class  # noqa: E402
 from fedrec.privacy_audit import load_model, run_config  # noqa: E402
+from fedrec.serving.bundle import ModelBundle  # noqa: E402
 from fedrec.serving.features import USER_ATTRIBUTES, FeatureTables  # noqa: E402
 from fedrec.serving.funnel import Funnel, FunnelConfig, recall_at_n  # noqa: E402
 from fedrec.serving.ranker import (  # noqa: E402
@@ -46,6 +48,7 @@ from fedrec.serving.ranker import (  # noqa: E402
     train_ranker,
 )
 from fedrec.serving.sources import popularity_source, sequential_source  # noqa: E402
+from fedrec.serving.store import write_serving_bundle  # noqa: E402
 from fedrec.training import model_scorer  # noqa: E402
 
 
@@ -87,10 +90,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="ranker seeds")
     parser.add_argument("--retrieve-n", type=int, default=100, help="items per source")
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument(
+        "--positions",
+        type=int,
+        default=1,
+        help="ranker examples from each user's last P positions before the test item (1: the "
+        "validation item only; more reach into what the sequential model trained on)",
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--like-weight", type=float, default=0.5)
     parser.add_argument("--output", type=Path, help="write the report here (JSON)")
+    parser.add_argument(
+        "--bundle-out",
+        type=Path,
+        help="write a serving bundle (the run's model, the last seed's ranker, the funnel) "
+        "into this new folder, for `fedrec serve --bundle`",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.perf_counter()
@@ -127,7 +143,12 @@ def main() -> None:
     def target_ratings(stage: Stage) -> np.ndarray | None:
         return None if ratings is None else ratings[split.offsets[1:] - cut[stage]]
 
-    report: dict[str, Any] = {"run": str(args.run), "retrieve_n": args.retrieve_n}
+    report: dict[str, Any] = {
+        "run": str(args.run),
+        "retrieve_n": args.retrieve_n,
+        "positions": args.positions,
+        "epochs": args.epochs,
+    }
     eval_config = EvalConfig(ks=(10,))
     hstu = evaluate(model_scorer(model, split, device), split, "test", eval_config).metrics
     report["hstu_alone"] = {k: hstu[k] for k in ("NDCG@10", "HR@10")}
@@ -144,23 +165,30 @@ def main() -> None:
     report["recall_at_n"] = recall
     print(json.dumps(report, indent=1), flush=True)
 
-    # The ranker's examples: the validation position of every user.
+    # The ranker's examples: each user's validation position and, with --positions P, the
+    # P - 1 positions before it. One set of examples for every seed.
     user_vectors = sequential_user_vectors(model, device)
-    train_candidates = plain.retrieve(views["valid"], np.arange(split.num_users))
+    tasks = ("like", "engage")
+    users = np.arange(split.num_users)
+    parts = []
+    for drop in range(2, 2 + args.positions):
+        visible = split.without_last(drop)
+        keep = users[np.diff(split.offsets) > drop]
+        candidates = plain.retrieve(visible, keep)
+        at = split.offsets[keep + 1] - drop
+        liked = None if ratings is None else ratings[at]
+        labels = candidate_labels(candidates, split.items[at], liked, tasks)
+        batch = tables.batch(attributes[keep], user_vectors(visible, keep), candidates)
+        parts.append(flatten_examples(batch, labels, candidates))
+    examples = RankingBatch(*(torch.cat(f) for f in zip(*(b for b, _ in parts), strict=True)))
+    flat_labels = torch.cat([labels for _, labels in parts])
     test_candidates = plain_result.candidates
     runs = []
     for seed in args.seeds:
         torch.manual_seed(seed)
         ranker = ranker_class("mmoe-dcn")(
-            tables.ranker_config(user_vectors(views["valid"], np.arange(1)).shape[1], 2)
+            tables.ranker_config(model.config.embedding_dim, 2, tasks=tasks)
         )
-        labels = candidate_labels(
-            train_candidates, stage_targets["valid"], target_ratings("valid"), ranker.config.tasks
-        )
-        batch = tables.batch(
-            attributes, user_vectors(views["valid"], np.arange(split.num_users)), train_candidates
-        )
-        examples, flat_labels = flatten_examples(batch, labels, train_candidates)
         losses = train_ranker(
             ranker,
             examples,
@@ -213,6 +241,24 @@ def main() -> None:
     print(json.dumps(report["summary"], indent=1))
     if args.output:
         args.output.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    if args.bundle_out:
+        model_bundle = ModelBundle(
+            0,
+            (args.run / "config.yaml").read_text("utf-8"),
+            catalogue.to_text(),
+            catalogue.content_hash,
+            model.state_dict(),
+        )
+        digest = write_serving_bundle(
+            args.bundle_out,
+            model_bundle,
+            config.model_name,
+            asdict(config.model),
+            ranker,
+            tables.vocabularies,
+            funnel.config,
+        )
+        print(f"serving bundle {digest[:12]} in {args.bundle_out}")
 
 
 if __name__ == "__main__":

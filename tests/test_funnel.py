@@ -65,6 +65,41 @@ def test_merge_keeps_each_item_once_at_its_first_source_and_cold_users_get_one_s
     assert (merged.source[1, :3] == 1).all()
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_merge_equals_a_loop_over_users_and_entries(seed):
+    rng = np.random.default_rng(seed)
+    batch, widths = 6, (5, 4, 7)
+    proposals = []
+    for width in widths:
+        items = rng.integers(-1, 12, size=(batch, width))
+        for row in items:  # a source proposes each item at most once
+            seen: set[int] = set()
+            for j, item in enumerate(row):
+                row[j] = -1 if item in seen else item
+                seen.add(int(item))
+        proposals.append((items, rng.normal(size=(batch, width)).astype(np.float32)))
+    cold = rng.random(batch) < 0.3
+    merged = merge_sources(proposals, cold, cold_source=2)
+    for row in range(batch):
+        slot: dict[int, int] = {}
+        first: dict[int, int] = {}
+        for s, (items, values) in enumerate(proposals):
+            if cold[row] and s != 2:
+                continue
+            for item, value in zip(items[row].tolist(), values[row].tolist(), strict=True):
+                if item < 0:
+                    continue
+                at = slot.setdefault(item, len(slot))
+                assert merged.items[row, at] == item
+                assert merged.found[row, at, s] and merged.scores[row, at, s] == np.float32(value)
+                first.setdefault(item, s)
+        assert all(merged.source[row, slot[i]] == first[i] for i in slot)
+        assert (merged.items[row, len(slot) :] == -1).all()
+        assert merged.found[row].sum() == sum(
+            int((p[0][row] >= 0).sum()) for s, p in enumerate(proposals) if not cold[row] or s == 2
+        )
+
+
 def _toy(small_split, seed=0):
     visible = with_a_cold_user(small_split.visible("test"))
     rng = np.random.default_rng(seed)

@@ -83,7 +83,11 @@ class SequenceSplit:
     def visible(self, stage: Stage) -> SequenceSplit:
         """Each user's ``stage`` history as a whole sequence, targets cut off: what a service
         asked for recommendations at that point sees (a request's history is one of these)."""
-        kept = np.diff(self.offsets) - (2 if stage == "valid" else 1)
+        return self.without_last(2 if stage == "valid" else 1)
+
+    def without_last(self, events: int) -> SequenceSplit:
+        """Each sequence without its last ``events`` events (none left for shorter ones)."""
+        kept = np.maximum(np.diff(self.offsets) - events, 0)
         positions = np.repeat(self.offsets[:-1], kept) + (
             np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)
         )

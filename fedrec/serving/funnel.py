@@ -96,27 +96,42 @@ def merge_sources(
     proposals: list[tuple[np.ndarray, np.ndarray]], cold: np.ndarray, cold_source: int
 ) -> Candidates:
     """The union of each user's proposals, first source first; ``cold`` users keep only
-    ``cold_source``'s."""
+    ``cold_source``'s. Vectorised (a Python loop over users × candidates cost more than the
+    ranker): a stable sort by item groups each row's repeats, the group's first entry in
+    source order becomes the candidate, and every entry writes its source's score to it."""
     batch, n_sources = len(cold), len(proposals)
-    width = sum(items.shape[1] for items, _ in proposals)
-    items = np.full((batch, width), -1, dtype=np.int64)
-    source = np.full((batch, width), -1, dtype=np.int64)
-    scores = np.zeros((batch, width, n_sources), dtype=np.float32)
-    found = np.zeros((batch, width, n_sources), dtype=bool)
-    for row in range(batch):
-        slot: dict[int, int] = {}
-        for s, (proposed, score) in enumerate(proposals):
-            if cold[row] and s != cold_source:
-                continue
-            for item, value in zip(proposed[row].tolist(), score[row].tolist(), strict=True):
-                if item < 0:
-                    continue
-                at = slot.setdefault(item, len(slot))
-                if source[row, at] < 0:
-                    items[row, at], source[row, at] = item, s
-                scores[row, at, s], found[row, at, s] = value, True
-    used = max(1, int((items >= 0).sum(axis=1).max(initial=0)))
-    return Candidates(items[:, :used], source[:, :used], scores[:, :used], found[:, :used])
+    items = np.concatenate([p[0] for p in proposals], axis=1).astype(np.int64)
+    values = np.concatenate([p[1] for p in proposals], axis=1)
+    source = np.repeat(np.arange(n_sources), [p[0].shape[1] for p in proposals])
+    source = np.broadcast_to(source, items.shape)
+    valid = (items >= 0) & (~cold[:, None] | (source == cold_source))
+    width = items.shape[1]
+    key = np.where(valid, items, np.iinfo(np.int64).max)
+    order = np.argsort(key, axis=1, kind="stable")
+    ordered = np.take_along_axis(key, order, 1)
+    starts = np.ones(ordered.shape, dtype=bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    # The first (in source order) entry of each item's group; stable sort: the group's head.
+    head_at = np.maximum.accumulate(np.where(starts, np.arange(width), 0), axis=1)
+    head = np.take_along_axis(order, head_at, 1)  # per sorted entry: its group's head entry
+    is_head = np.zeros(items.shape, dtype=bool)
+    np.put_along_axis(is_head, order, starts & (ordered != np.iinfo(np.int64).max), 1)
+    column = np.cumsum(is_head, axis=1) - 1  # a head's column among the candidates
+    used = max(1, int(is_head.sum(axis=1).max(initial=0)))
+    rows = np.broadcast_to(np.arange(batch)[:, None], items.shape)
+    out_items = np.full((batch, used), -1, dtype=np.int64)
+    out_source = np.full((batch, used), -1, dtype=np.int64)
+    out_items[rows[is_head], column[is_head]] = items[is_head]
+    out_source[rows[is_head], column[is_head]] = source[is_head]
+    scores = np.zeros((batch, used, n_sources), dtype=np.float32)
+    found = np.zeros((batch, used, n_sources), dtype=bool)
+    entry_valid = np.take_along_axis(valid, order, 1)
+    target = np.take_along_axis(column, head, 1)[entry_valid]
+    entry_rows, entry = rows[entry_valid], order[entry_valid]
+    entry_source = source[entry_rows, entry]
+    scores[entry_rows, target, entry_source] = values[entry_rows, entry]
+    found[entry_rows, target, entry_source] = True
+    return Candidates(out_items, out_source, scores, found)
 
 
 def fused_scores(

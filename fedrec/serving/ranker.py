@@ -47,8 +47,9 @@ def ranker_scorer(
     ) -> torch.Tensor:
         model.eval()
         batch = tables.batch(attributes, user_vectors(visible, users), candidates)
+        device = next(model.parameters()).device
         with torch.no_grad():
-            logits = model(batch)
+            logits = model(RankingBatch(*(field.to(device) for field in batch))).cpu()
         return logits.reshape(*candidates.items.shape, -1)
 
     return score
@@ -105,6 +106,6 @@ def train_ranker(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(index)
+            total += loss.item() * len(index)
         losses.append(total / len(order))
     return losses

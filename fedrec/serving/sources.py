@@ -21,12 +21,14 @@ def top_n_source(score: FullScorer, n: int) -> Source:
     """The ``n`` best items of a full scorer, the user's history masked out."""
 
     def propose(visible: SequenceSplit, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scores = score(visible, users).detach().to(torch.float32).cpu().clone()
+        scores = score(visible, users).detach().to(torch.float32).clone()
         rows, cols = history_mask_indices(visible, users, None)
-        scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
+        device = scores.device  # masked and cut where they were computed (CUDA or CPU)
+        scores[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = -torch.inf
         top = torch.topk(scores, k=min(n, scores.shape[1]), dim=1)
         items = torch.where(top.values > -torch.inf, top.indices, -1)
-        return items.numpy(), top.values.clamp(min=torch.finfo(torch.float32).min).numpy()
+        values = top.values.clamp(min=torch.finfo(torch.float32).min)
+        return items.cpu().numpy(), values.cpu().numpy()
 
     return propose
 

@@ -1,0 +1,276 @@
+"""``RecommendService`` over gRPC: the funnel of the newest serving bundle, behind TLS.
+
+- Every request is validated before any model runs; a bad one is ``INVALID_ARGUMENT`` with a
+  message naming what to fix, and never reaches the funnel.
+- The service stores nothing from requests: a history lives in the handler's locals for the
+  length of the call, and nothing about it is logged.
+- Bundles are swapped atomically: a request reads the current ``Recommender`` once, at its
+  start, and finishes on it; a new bundle is loaded and verified aside, then published by one
+  reference assignment. No request sees a half-loaded bundle or is dropped by a swap.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from fedrec.data.split import SequenceSplit
+from fedrec.errors import FedrecDataError
+from fedrec.serving.features import USER_ATTRIBUTES
+from fedrec.serving.funnel import Funnel, FunnelConfig, FunnelResult
+from fedrec.serving.proto import recommend_pb2 as pb
+from fedrec.serving.proto import recommend_pb2_grpc as pb_grpc
+from fedrec.serving.ranker import ranker_scorer, sequential_user_vectors
+from fedrec.serving.sources import popularity_source, sequential_source
+from fedrec.serving.store import MANIFEST, ServingBundle, load_serving_bundle, popularity_counts
+
+log = logging.getLogger(__name__)
+
+# 100x the longest ML-1M history: longer is a broken client (or an attack on latency).
+MAX_HISTORY = 10_000
+
+
+class BadRequest(ValueError):
+    """A request the service refuses (gRPC INVALID_ARGUMENT)."""
+
+
+class Recommender:
+    """One bundle's funnel on one device (CUDA or CPU), answering batches of users."""
+
+    def __init__(self, bundle: ServingBundle, device: torch.device):
+        self.bundle, self.device = bundle, device
+        config = bundle.funnel
+        if config.rerank:
+            raise FedrecDataError(
+                f"funnel.rerank {config.rerank!r}: the service does not re-rank yet; "
+                "set funnel.rerank: '' in the bundle's funnel settings",
+                MANIFEST,
+            )
+        model = bundle.sequential.to(device)
+        n = config.retrieve_n
+        sources = {
+            bundle.model_name: sequential_source(model, n, device),
+            "popularity": popularity_source(popularity_counts(bundle.catalogue), n),
+        }
+        # The funnel always keeps its widest list; a request's k cuts it.
+        self.max_k = n
+        widest = FunnelConfig(**{**vars(config), "k": self.max_k})
+        scorer = None
+        if bundle.ranker is not None:
+            scorer = ranker_scorer(
+                bundle.ranker.to(device), bundle.tables, sequential_user_vectors(model, device)
+            )
+        tasks = bundle.ranker.config.tasks if bundle.ranker is not None else ()
+        try:
+            self.funnel = Funnel(widest, sources, scorer, tasks)
+        except ValueError as err:
+            raise FedrecDataError(f"the bundle's funnel cannot run: {err}", MANIFEST) from None
+        self.index = bundle.catalogue.index
+        self.titles = bundle.catalogue.item_features.get("title", ())
+
+    def parse(self, request: Any) -> tuple[np.ndarray, np.ndarray, dict[str, str], int]:
+        """(items, timestamps, context, k) of a request, or ``BadRequest`` saying why not."""
+        if not 1 <= request.k <= self.max_k:
+            raise BadRequest(f"k must lie in 1..{self.max_k}, got {request.k}")
+        if not request.history:
+            raise BadRequest(
+                "history is empty: send the user's events (oldest first); a user with none "
+                "has nothing to personalise"
+            )
+        if len(request.history) > MAX_HISTORY:
+            raise BadRequest(
+                f"history has {len(request.history)} events, at most {MAX_HISTORY} are "
+                "accepted: send the most recent ones"
+            )
+        unknown = sorted({e.item for e in request.history if e.item not in self.index})
+        if unknown:
+            shown = ", ".join(repr(u) for u in unknown[:5])
+            raise BadRequest(
+                f"{len(unknown)} unknown item(s) in history: {shown} (ids of catalogue "
+                f"{self.bundle.catalogue.content_hash[:12]})"
+            )
+        times = np.fromiter((e.timestamp for e in request.history), dtype=np.int64)
+        if (times < 0).any() or (np.diff(times) < 0).any():
+            raise BadRequest("history timestamps must be >= 0 and non-decreasing (oldest first)")
+        context = dict(request.context)
+        for key in context:
+            if key not in USER_ATTRIBUTES:
+                close = difflib.get_close_matches(key, USER_ATTRIBUTES, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise BadRequest(
+                    f"unknown context key {key!r}{hint}; known: {', '.join(USER_ATTRIBUTES)}"
+                )
+        items = np.fromiter((self.index[e.item] for e in request.history), dtype=np.int64)
+        return items, times, context, int(request.k)
+
+    def recommend(
+        self,
+        histories: Sequence[tuple[np.ndarray, np.ndarray]],
+        contexts: Sequence[Mapping[str, str]],
+    ) -> FunnelResult:
+        """The funnel's widest list for each (items, timestamps) history."""
+        lengths = np.array([len(items) for items, _ in histories], dtype=np.int64)
+        visible = SequenceSplit(
+            num_users=len(histories),
+            num_items=self.bundle.catalogue.num_items,
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            items=np.concatenate([items for items, _ in histories]),
+            timestamps=np.concatenate([times for _, times in histories]).astype(np.float64),
+        )
+        attributes = self.bundle.tables.attributes(contexts)
+        return self.funnel(visible, np.arange(len(histories)), attributes)
+
+
+class RecommendServicer(pb_grpc.RecommendServiceServicer):
+    def __init__(self, recommender: Recommender):
+        self.current = recommender
+
+    def swap(self, recommender: Recommender) -> None:
+        """Publish a new bundle's recommender (one assignment: requests in flight finish on
+        the old one)."""
+        self.current = recommender
+
+    def Recommend(self, request: Any, context: grpc.ServicerContext) -> Any:
+        recommender = self.current  # read once: a swap mid-request does not affect it
+        try:
+            items, times, user, k = recommender.parse(request)
+        except BadRequest as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        result = recommender.recommend([(items, times)], [user])
+        raw = recommender.bundle.catalogue.raw_item_ids
+        titles = recommender.titles
+        reply = pb.RecommendReply(
+            bundle_version=recommender.bundle.version, bundle_hash=recommender.bundle.content_hash
+        )
+        for item, score, stage in zip(
+            result.items[0, :k].tolist(),
+            result.scores[0, :k].tolist(),
+            result.stages[0, :k],
+            strict=True,
+        ):
+            if item >= 0:
+                reply.items.add(
+                    item=raw[item],
+                    score=score,
+                    stage=str(stage),
+                    title=titles[item] if titles else "",
+                )
+        return reply
+
+    def Health(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return pb.HealthReply(status="SERVING")
+
+    def ModelInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
+        bundle = self.current.bundle
+        return pb.ModelInfoReply(
+            bundle_version=bundle.version,
+            bundle_hash=bundle.content_hash,
+            epsilon=bundle.epsilon,
+            delta=bundle.delta,
+            stages=[*bundle.funnel.sources, *(["ranker"] if bundle.funnel.rank else [])],
+            part_hashes=bundle.part_hashes,
+        )
+
+
+def newest_bundle(folder: Path) -> Path:
+    """``folder`` itself if it is a serving bundle, else its sub-folder of the highest version
+    whose manifest exists (bundles being written have none yet)."""
+    if (folder / MANIFEST).exists():
+        return folder
+    found = (
+        sorted((p for p in folder.iterdir() if (p / MANIFEST).exists()), key=lambda p: _version(p))
+        if folder.is_dir()
+        else []
+    )
+    if not found:
+        raise FedrecDataError(
+            f"no serving bundle here (no {MANIFEST} in it or its folders)", folder
+        )
+    return found[-1]
+
+
+def _version(bundle: Path) -> int:
+    try:
+        return int(json.loads((bundle / MANIFEST).read_text("utf-8"))["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+class BundleWatcher:
+    """Polls a folder of bundles and swaps in a newer verified one; a bundle that fails to
+    load is logged and skipped (the service keeps serving the one it has)."""
+
+    def __init__(
+        self, folder: Path, servicer: RecommendServicer, device: torch.device, seconds: float
+    ):
+        self.folder, self.servicer, self.device, self.seconds = folder, servicer, device, seconds
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="bundle-watcher", daemon=True)
+
+    def check(self) -> bool:
+        """Swap in the newest bundle if it is newer; True if it did."""
+        path = newest_bundle(self.folder)
+        current = self.servicer.current.bundle
+        if _version(path) <= current.version:
+            return False
+        try:
+            recommender = Recommender(load_serving_bundle(path), self.device)
+        except FedrecDataError as err:
+            log.error("bundle %s not swapped in: %s", path, err)
+            return False
+        self.servicer.swap(recommender)
+        log.info("serving bundle version %d (%s)", recommender.bundle.version, path)
+        return True
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.seconds):
+            try:
+                self.check()
+            except FedrecDataError as err:
+                log.error("%s", err)
+
+
+def serve(
+    servicer: RecommendServicer,
+    address: str,
+    certificate: bytes | None,
+    key: bytes | None,
+    workers: int = 8,
+) -> tuple[grpc.Server, int]:
+    """Start the service on ``address`` (``host:port``, port 0: any free one); TLS unless
+    ``certificate`` is None (tests of the insecure path only). Returns the server and port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    pb_grpc.add_RecommendServiceServicer_to_server(servicer, server)
+    if certificate is None or key is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, certificate)]))
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    return server, port
+
+
+def device_for(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but this machine has no CUDA device: use cpu or auto")
+    return device
+
+
+def epsilon_text(epsilon: float) -> str:
+    return "none claimed" if math.isinf(epsilon) else f"{epsilon:.3g}"

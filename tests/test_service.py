@@ -1,0 +1,248 @@
+"""The gRPC RecommendService end to end over TLS on 127.0.0.1: answers equal the funnel's, every
+bad request is INVALID_ARGUMENT and the server keeps serving, a bundle swap under load drops
+nothing, altered bundles are refused, and the checked-in stubs are what `make protos` makes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from fedrec.data import SyntheticConfig, generate_synthetic, leave_one_out
+from fedrec.data.catalogue import ItemCatalogue
+from fedrec.errors import FedrecDataError
+from fedrec.models.ranking import ranker_class
+from fedrec.models.registry import build_model, model_config
+from fedrec.serving.bundle import ModelBundle
+from fedrec.serving.features import USER_ATTRIBUTES, FeatureTables
+from fedrec.serving.funnel import FunnelConfig
+from fedrec.serving.proto import recommend_pb2 as pb
+from fedrec.serving.proto import recommend_pb2_grpc as pb_grpc
+from fedrec.serving.service import (
+    MAX_HISTORY,
+    BundleWatcher,
+    Recommender,
+    RecommendServicer,
+    serve,
+)
+from fedrec.serving.store import MODEL_PART, load_serving_bundle, write_serving_bundle
+from server.certs import make_credentials
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = dict(max_len=20, embedding_dim=8, num_blocks=1, num_heads=2, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def data():
+    dataset = generate_synthetic(
+        SyntheticConfig(num_users=40, num_items=60, mean_length=12, max_length=30, seed=5)
+    )
+    return dataset, leave_one_out(dataset)
+
+
+def write_bundle(folder: Path, data, version: int, seed: int = 0) -> str:
+    dataset, split = data
+    torch.manual_seed(seed)
+    model = build_model("hstu", split.num_items, model_config("hstu", MODEL))
+    catalogue = ItemCatalogue.from_dataset(dataset, popularity=split.train_item_counts())
+    users = {a: dataset.user_features.get(a, np.array([])).tolist() for a in USER_ATTRIBUTES}
+    tables = FeatureTables.build(catalogue, users)
+    ranker = ranker_class("mmoe-dcn")(tables.ranker_config(user_dim=8, sources=2, experts=2))
+    bundle = ModelBundle(
+        version, "model: hstu\n", catalogue.to_text(), catalogue.content_hash, model.state_dict()
+    )
+    funnel = FunnelConfig(sources=("hstu", "popularity"), retrieve_n=20)
+    return write_serving_bundle(
+        folder, bundle, "hstu", MODEL, ranker, tables.vocabularies, funnel, epsilon=3.5, delta=1e-5
+    )
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, data):
+    root = tmp_path_factory.mktemp("service")
+    write_bundle(root / "bundles" / "v1", data, version=1)
+    certs = make_credentials(root / "certs", ["127.0.0.1"], [])
+    servicer = RecommendServicer(
+        Recommender(load_serving_bundle(root / "bundles" / "v1"), torch.device("cpu"))
+    )
+    server, port = serve(
+        servicer, "127.0.0.1:0", certs.server_cert.read_bytes(), certs.server_key.read_bytes()
+    )
+    channel = grpc.secure_channel(
+        f"127.0.0.1:{port}", grpc.ssl_channel_credentials(certs.ca_cert.read_bytes())
+    )
+    yield servicer, pb_grpc.RecommendServiceStub(channel), root, port
+    channel.close()
+    server.stop(None)
+
+
+def request_of(data, user: int, k: int = 5, **context) -> pb.RecommendRequest:
+    dataset, split = data
+    items, times = split.full(user)
+    raw = dataset.raw_item_ids
+    return pb.RecommendRequest(
+        history=[
+            pb.Event(item=str(raw[i]), timestamp=int(t)) for i, t in zip(items, times, strict=True)
+        ],
+        context=context,
+        k=k,
+    )
+
+
+def test_recommend_over_tls_equals_the_funnel(service, data):
+    servicer, stub, _, _ = service
+    dataset, split = data
+    reply = stub.Recommend(request_of(data, 3, k=7, gender="F", age="25-34"), timeout=30)
+    assert len(reply.items) == 7 and reply.bundle_version == 1
+    items, times = split.full(3)
+    expected = servicer.current.recommend(
+        [(items, times.astype(np.int64))], [{"gender": "F", "age": "25-34"}]
+    )
+    assert [r.item for r in reply.items] == [
+        str(dataset.raw_item_ids[i]) for i in expected.items[0, :7]
+    ]
+    np.testing.assert_allclose([r.score for r in reply.items], expected.scores[0, :7], rtol=1e-6)
+    assert {r.stage for r in reply.items} == {"ranker"}
+    assert not {r.item for r in reply.items} & {str(dataset.raw_item_ids[i]) for i in items}
+    assert stub.Health(pb.HealthRequest(), timeout=10).status == "SERVING"
+    info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
+    assert info.bundle_version == 1 and info.epsilon == pytest.approx(3.5)
+    assert (
+        set(info.part_hashes) >= {MODEL_PART}
+        and info.bundle_hash == servicer.current.bundle.content_hash
+    )
+
+
+def test_without_tls_the_service_does_not_answer(service):
+    _, _, _, port = service
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.RecommendServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as failure:
+            stub.Health(pb.HealthRequest(), timeout=5)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def bad_requests(data):
+    good = request_of(data, 0)
+    events = list(good.history)
+    return {
+        "unknown items": (
+            pb.RecommendRequest(
+                history=[*events, pb.Event(item="no-such-film", timestamp=10**10)], k=5
+            ),
+            "unknown item",
+        ),
+        "empty history": (pb.RecommendRequest(history=[], k=5), "empty"),
+        "10^5 events": (
+            pb.RecommendRequest(history=[events[0]] * 100_000, k=5),
+            f"at most {MAX_HISTORY}",
+        ),
+        "k = 0": (pb.RecommendRequest(history=events, k=0), "k must lie"),
+        "k too large": (pb.RecommendRequest(history=events, k=10_000), "k must lie"),
+        "time goes back": (
+            pb.RecommendRequest(history=[*events, pb.Event(item=events[0].item, timestamp=0)], k=5),
+            "non-decreasing",
+        ),
+        "unknown context": (
+            pb.RecommendRequest(history=events, k=5, context={"gendre": "F"}),
+            "did you mean 'gender'",
+        ),
+    }
+
+
+BAD_CASES = (
+    "unknown items",
+    "empty history",
+    "10^5 events",
+    "k = 0",
+    "k too large",
+    "time goes back",
+    "unknown context",
+)
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_each_bad_request_is_invalid_argument_and_the_server_keeps_serving(service, data, case):
+    _, stub, _, _ = service
+    request, message = bad_requests(data)[case]
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.Recommend(request, timeout=30)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in failure.value.details()
+    assert len(stub.Recommend(request_of(data, 1), timeout=30).items) == 5
+
+
+def test_a_bundle_swap_under_load_drops_no_request(service, data):
+    servicer, stub, root, _ = service
+    watcher = BundleWatcher(root / "bundles", servicer, torch.device("cpu"), seconds=0.05)
+    failures, versions, stop = [], [], threading.Event()
+
+    def client(user: int) -> None:
+        while not stop.is_set():
+            try:
+                versions.append(stub.Recommend(request_of(data, user), timeout=30).bundle_version)
+            except grpc.RpcError as err:  # pragma: no cover - the assertion below reports it
+                failures.append(err)
+
+    threads = [threading.Thread(target=client, args=(u,)) for u in range(4)]
+    for thread in threads:
+        thread.start()
+    write_bundle(root / "bundles" / "v2", data, version=2, seed=1)
+    watcher.thread.start()
+    deadline = threading.Event()
+    for _ in range(200):
+        if servicer.current.bundle.version == 2 and versions.count(2) > 8:
+            break
+        deadline.wait(0.05)
+    stop.set()
+    watcher.stop.set()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    assert 1 in versions and 2 in versions and versions.count(2) > 8
+    assert stub.ModelInfo(pb.ModelInfoRequest(), timeout=10).bundle_version == 2
+
+
+def test_an_altered_or_unfinished_bundle_is_refused(tmp_path, data):
+    write_bundle(tmp_path / "b", data, version=1)
+    part = tmp_path / "b" / MODEL_PART
+    part.write_bytes(part.read_bytes()[:-1] + b"\0")
+    with pytest.raises(FedrecDataError, match="does not match its hash"):
+        load_serving_bundle(tmp_path / "b")
+    manifest = tmp_path / "b" / "serving.json"
+    body = json.loads(manifest.read_text())
+    body["privacy"]["epsilon"] = 0.1  # under-reporting ε
+    manifest.write_text(json.dumps(body))
+    with pytest.raises(FedrecDataError, match="content_hash"):
+        load_serving_bundle(tmp_path / "b")
+    manifest.unlink()
+    with pytest.raises(FedrecDataError, match="still being written"):
+        load_serving_bundle(tmp_path / "b")
+
+
+def test_the_checked_in_stubs_are_what_make_protos_makes(tmp_path):
+    proto = Path("fedrec/serving/proto/recommend.proto")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I.",
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            str(proto),
+        ],
+        cwd=REPO,
+        check=True,
+    )
+    for name in ("recommend_pb2.py", "recommend_pb2_grpc.py", "recommend_pb2.pyi"):
+        made = (tmp_path / proto.parent / name).read_text()
+        assert made == (REPO / proto.parent / name).read_text(), f"{name}: run `make protos`"
