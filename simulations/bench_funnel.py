@@ -16,6 +16,7 @@ user has not seen is a candidate of HSTU and popularity; the funnel's answer is 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -26,17 +27,25 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
+from flwr.server.strategy.aggregate import aggregate
+from flwr.supercore.differential_privacy import compute_clip_model_update
+from tqdm.auto import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fedrec.config import load_config  # noqa: E402
 from fedrec.data import prepare_split  # noqa: E402
 from fedrec.data.catalogue import ItemCatalogue  # noqa: E402
 from fedrec.data.split import SequenceSplit, Stage, split_ratings  # noqa: E402
 from fedrec.evaluation import EvalConfig, evaluate  # noqa: E402
 from fedrec.evaluation.metrics import rank_metrics  # noqa: E402
-from fedrec.models.ranking import RankingBatch, ranker_class  # noqa: E402
+from fedrec.models.ranking import MultiTaskRanker, RankingBatch, ranker_class  # noqa: E402
+from fedrec.privacy.accounting import epsilon_without_replacement  # noqa: E402
+from fedrec.privacy.randomness import numpy_generator  # noqa: E402
 from fedrec.privacy_audit import load_model, run_config  # noqa: E402
+from fedrec.semantic_id.pipeline import catalogue_codes, train_generative_retrieval  # noqa: E402
 from fedrec.serving.bundle import ModelBundle  # noqa: E402
 from fedrec.serving.features import USER_ATTRIBUTES, FeatureTables  # noqa: E402
 from fedrec.serving.funnel import Funnel, FunnelConfig, recall_at_n  # noqa: E402
@@ -47,7 +56,12 @@ from fedrec.serving.ranker import (  # noqa: E402
     sequential_user_vectors,
     train_ranker,
 )
-from fedrec.serving.sources import popularity_source, sequential_source  # noqa: E402
+from fedrec.serving.sources import (  # noqa: E402
+    SequentialEncoder,
+    generative_source,
+    popularity_source,
+    sequential_source,
+)
 from fedrec.serving.store import write_serving_bundle  # noqa: E402
 from fedrec.training import model_scorer  # noqa: E402
 
@@ -82,6 +96,95 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     )
 
 
+def fedavg_ranker(
+    model: MultiTaskRanker,
+    examples: RankingBatch,
+    labels: torch.Tensor,
+    owner: np.ndarray,
+    rounds: int,
+    cohort: int,
+    local_epochs: int,
+    local_learning_rate: float,
+    clip: float,
+    noise_multiplier: float,
+    seed: int,
+    delta: float = 1e-5,
+) -> dict[str, Any]:
+    """FedAvg of ``model`` over users, each a device holding only its own candidates and
+    labels: ``cohort`` users a round (drawn without replacement), each ``local_epochs`` of SGD
+    from the global weights (batches of 64), averaged by Flower's ``aggregate`` weighted by
+    examples. ``noise_multiplier`` > 0: DP-FedAvg as the server's DP wrapper runs it: each
+    update clipped to ``clip`` (Flower's ``compute_clip_model_update``), the unweighted mean
+    plus N(0, (σ·clip / cohort)²) from private randomness, and the user-level ε of the rounds
+    (fixed-size cohorts without replacement, replace-one) from fedrec's accountant. A simulation
+    of the rounds in one process: the ranker is not yet a FederatedModel of the Flower apps."""
+    order = np.argsort(owner, kind="stable")
+    users, starts = np.unique(owner[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    cohort = min(cohort, len(users))
+    sampler = np.random.default_rng(seed)
+    noise = numpy_generator(None)  # the server's noise: never from a config seed
+    local = copy.deepcopy(model)
+    shuffle = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(rounds), desc="federated ranker", unit="round", leave=False):
+        current = [p.detach().numpy().copy() for p in model.parameters()]
+        replies, round_loss = [], []
+        for u in sampler.choice(len(users), cohort, replace=False):
+            index = torch.from_numpy(order[starts[u] : ends[u]])
+            with torch.no_grad():
+                for target, value in zip(local.parameters(), current, strict=True):
+                    target.copy_(torch.from_numpy(value))
+            optimizer = torch.optim.SGD(local.parameters(), lr=local_learning_rate)
+            local.train()
+            for _ in range(local_epochs):
+                shuffled = index[torch.randperm(len(index), generator=shuffle)]
+                for lo in range(0, len(shuffled), 64):
+                    batch = shuffled[lo : lo + 64]
+                    loss = local.per_example_loss(
+                        RankingBatch(*(f[batch] for f in examples)), labels[batch]
+                    ).mean()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    round_loss.append(loss.item())
+            new = [p.detach().numpy().copy() for p in local.parameters()]
+            if noise_multiplier > 0:
+                compute_clip_model_update(new, current, clip)
+            replies.append((new, len(index)))
+        if noise_multiplier > 0:
+            mean = [
+                c
+                + (
+                    sum(n[i] - c for n, _ in replies)
+                    + noise.normal(0, noise_multiplier * clip, c.shape)
+                )
+                / cohort
+                for i, c in enumerate(current)
+            ]
+        else:
+            mean = aggregate(replies)
+        with torch.no_grad():
+            for target, value in zip(model.parameters(), mean, strict=True):
+                target.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+        losses.append(float(np.mean(round_loss)))
+    model.eval()
+    facts: dict[str, Any] = {
+        "rounds": rounds,
+        "cohort": cohort,
+        "users": len(users),
+        "losses": losses,
+    }
+    if noise_multiplier > 0:
+        # Replacing one user moves the sum of clipped updates by up to 2·clip: σ halves
+        # (as fedrec.federation.privacy accounts fixed-size cohorts).
+        facts["epsilon"] = epsilon_without_replacement(
+            [(noise_multiplier / 2, cohort, len(users), rounds)], delta
+        )
+        facts["delta"] = delta
+    return facts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -89,6 +192,20 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a finished HSTU/SASRec run folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="ranker seeds")
     parser.add_argument("--retrieve-n", type=int, default=100, help="items per source")
+    parser.add_argument(
+        "--semantic-ids",
+        type=Path,
+        help="an experiment YAML whose semantic_id section makes the codes and trains the "
+        "generative retrieval model on the run's split: adds the semantic-ID beam source and "
+        "the code feature (e.g. configs/ml-100k-semantic-ids.yaml; minutes)",
+    )
+    parser.add_argument(
+        "--ranker-option",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="ranker settings (RankerConfig), e.g. cross_rank=16 expert_dim=32",
+    )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument(
         "--positions",
@@ -100,6 +217,20 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--like-weight", type=float, default=0.5)
+    parser.add_argument(
+        "--federated",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="NOISE",
+        help="also train the ranker by FedAvg over users, once per noise multiplier (0: no DP; "
+        "> 0: DP-FedAvg with --clip, user-level ε reported)",
+    )
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--cohort", type=int, default=100, help="users per round")
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--local-learning-rate", type=float, default=0.05)
+    parser.add_argument("--clip", type=float, default=1.0, help="update norm bound (DP only)")
     parser.add_argument("--output", type=Path, help="write the report here (JSON)")
     parser.add_argument(
         "--bundle-out",
@@ -109,6 +240,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(2)
+    ranker_options = {
+        name: yaml.safe_load(value)
+        for name, value in (option.split("=", 1) for option in args.ranker_option)
+    }
     started = time.perf_counter()
 
     config = run_config(args.run)
@@ -116,7 +251,20 @@ def main() -> None:
     model = load_model(args.run, config, split.num_items)
     device = torch.device("cpu")
     counts = split.train_item_counts()
-    catalogue = ItemCatalogue.from_dataset(dataset, popularity=counts)
+    extra_sources = {}
+    codes = None
+    if args.semantic_ids:
+        semantic = load_config(args.semantic_ids).semantic_id
+        ids, _ = catalogue_codes(dataset, semantic)
+        retriever, vocabulary, facts = train_generative_retrieval(
+            ids.codes, ids.codebook_size, split, semantic, None, True
+        )
+        codes = ids.codes
+        extra_sources["semantic_id"] = generative_source(
+            retriever, vocabulary, semantic.retrieval, args.retrieve_n
+        )
+        print(f"semantic IDs: {ids.report}; retrieval trained in {facts['train_seconds']:.0f} s")
+    catalogue = ItemCatalogue.from_dataset(dataset, popularity=counts, codes=codes)
     tables = FeatureTables.build(
         catalogue, {a: dataset.user_features.get(a, np.array([])).tolist() for a in USER_ATTRIBUTES}
     )
@@ -131,11 +279,13 @@ def main() -> None:
         ]
     )
     ratings = split_ratings(dataset)
+    encoder = SequentialEncoder(model, device)
     sources = {
-        "hstu": sequential_source(model, args.retrieve_n, device),
+        "hstu": sequential_source(encoder, args.retrieve_n),
+        **extra_sources,
         "popularity": popularity_source(counts, args.retrieve_n),
     }
-    retrieval = FunnelConfig(sources=("hstu", "popularity"), retrieve_n=args.retrieve_n, rank=False)
+    retrieval = FunnelConfig(sources=tuple(sources), retrieve_n=args.retrieve_n, rank=False)
     views = {stage: split.visible(stage) for stage in ("valid", "test")}
     stage_targets: dict[Stage, np.ndarray] = {s: split.targets(s) for s in ("valid", "test")}
     cut = {"valid": 2, "test": 1}
@@ -145,6 +295,8 @@ def main() -> None:
 
     report: dict[str, Any] = {
         "run": str(args.run),
+        "sources": list(retrieval.sources),
+        "ranker_options": ranker_options,
         "retrieve_n": args.retrieve_n,
         "positions": args.positions,
         "epochs": args.epochs,
@@ -167,10 +319,10 @@ def main() -> None:
 
     # The ranker's examples: each user's validation position and, with --positions P, the
     # P - 1 positions before it. One set of examples for every seed.
-    user_vectors = sequential_user_vectors(model, device)
+    user_vectors = sequential_user_vectors(encoder)
     tasks = ("like", "engage")
     users = np.arange(split.num_users)
-    parts = []
+    parts, owners = [], []
     for drop in range(2, 2 + args.positions):
         visible = split.without_last(drop)
         keep = users[np.diff(split.offsets) > drop]
@@ -180,15 +332,41 @@ def main() -> None:
         labels = candidate_labels(candidates, split.items[at], liked, tasks)
         batch = tables.batch(attributes[keep], user_vectors(visible, keep), candidates)
         parts.append(flatten_examples(batch, labels, candidates))
+        owners.append(np.repeat(keep, (candidates.items >= 0).sum(axis=1)))
     examples = RankingBatch(*(torch.cat(f) for f in zip(*(b for b, _ in parts), strict=True)))
     flat_labels = torch.cat([labels for _, labels in parts])
+    owner = np.concatenate(owners)
     test_candidates = plain_result.candidates
+    ranker_config = tables.ranker_config(
+        model.config.embedding_dim, len(sources), tasks=tasks, **ranker_options
+    )
+    funnel_config = FunnelConfig(
+        sources=retrieval.sources,
+        retrieve_n=args.retrieve_n,
+        task_weights={"engage": 1.0, "like": args.like_weight},
+    )
+    test_labels = candidate_labels(
+        test_candidates, stage_targets["test"], target_ratings("test"), tasks
+    )
+    real = test_candidates.items >= 0
+
+    def assess(ranker: MultiTaskRanker) -> dict[str, Any]:
+        scorer = ranker_scorer(ranker, tables, user_vectors)
+        funnel = Funnel(funnel_config, sources, scorer, tasks)
+        metrics, _ = funnel_metrics(funnel, views["test"], attributes, stage_targets["test"])
+        logits = scorer(views["test"], users, attributes, test_candidates).numpy()
+        task_auc = {
+            task: auc(logits[..., t][real], test_labels[..., t][real])
+            for t, task in enumerate(tasks)
+        }
+        return {"test": metrics, "auc": task_auc}
+
     runs = []
+    ranker = None
     for seed in args.seeds:
         torch.manual_seed(seed)
-        ranker = ranker_class("mmoe-dcn")(
-            tables.ranker_config(model.config.embedding_dim, 2, tasks=tasks)
-        )
+        ranker = ranker_class("mmoe-dcn")(ranker_config)
+        started_training = time.perf_counter()
         losses = train_ranker(
             ranker,
             examples,
@@ -198,41 +376,33 @@ def main() -> None:
             args.batch_size,
             torch.Generator().manual_seed(seed),
         )
-        scorer = ranker_scorer(ranker, tables, user_vectors)
-        funnel = Funnel(
-            FunnelConfig(
-                sources=retrieval.sources,
-                retrieve_n=args.retrieve_n,
-                task_weights={"engage": 1.0, "like": args.like_weight},
-            ),
-            sources,
-            scorer,
-            ranker.config.tasks,
-        )
-        metrics, _ = funnel_metrics(funnel, views["test"], attributes, stage_targets["test"])
-        logits = scorer(
-            views["test"], np.arange(split.num_users), attributes, test_candidates
-        ).numpy()
-        test_labels = candidate_labels(
-            test_candidates, stage_targets["test"], target_ratings("test"), ranker.config.tasks
-        )
-        real = test_candidates.items >= 0
-        task_auc = {
-            task: auc(logits[..., t][real], test_labels[..., t][real])
-            for t, task in enumerate(ranker.config.tasks)
-        }
-        runs.append(
-            {
-                "seed": seed,
-                "test": metrics,
-                "auc": task_auc,
+        run = {
+            "seed": seed,
+            "central": {
+                **assess(ranker),
                 "losses": losses,
-                "examples": len(flat_labels),
-            }
-        )
-        print(json.dumps(runs[-1]), flush=True)
+                "seconds": time.perf_counter() - started_training,
+            },
+            "examples": len(flat_labels),
+        }
+        print(json.dumps(run), flush=True)
+        for noise in args.federated:
+            torch.manual_seed(seed)
+            federated = ranker_class("mmoe-dcn")(ranker_config)
+            started_training = time.perf_counter()
+            facts = fedavg_ranker(
+                federated, examples, flat_labels, owner, args.rounds, args.cohort,
+                args.local_epochs, args.local_learning_rate, args.clip, noise, seed,
+            )  # fmt: skip
+            facts["seconds"] = time.perf_counter() - started_training
+            run[f"federated_noise_{noise:g}"] = {**assess(federated), **facts}
+            print(
+                json.dumps({f"federated_noise_{noise:g}": run[f"federated_noise_{noise:g}"]}),
+                flush=True,
+            )
+        runs.append(run)
     report["funnel_with_ranker"] = runs
-    ndcg = [r["test"]["NDCG@10"] for r in runs]
+    ndcg = [r["central"]["test"]["NDCG@10"] for r in runs]
     report["summary"] = {
         "funnel_ndcg_median": statistics.median(ndcg),
         "ratio_to_hstu": statistics.median(ndcg) / report["hstu_alone"]["NDCG@10"],
@@ -256,7 +426,7 @@ def main() -> None:
             asdict(config.model),
             ranker,
             tables.vocabularies,
-            funnel.config,
+            funnel_config,
         )
         print(f"serving bundle {digest[:12]} in {args.bundle_out}")
 

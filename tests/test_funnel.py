@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedrec.data.batching import next_item_batch
 from fedrec.data.catalogue import ItemCatalogue
 from fedrec.data.split import SequenceSplit
 from fedrec.evaluation import EvalConfig, evaluate
@@ -23,7 +24,12 @@ from fedrec.serving.funnel import (
     reference_funnel,
 )
 from fedrec.serving.ranker import candidate_labels, ranker_scorer, sequential_user_vectors
-from fedrec.serving.sources import popularity_source, sequential_source, top_n_source
+from fedrec.serving.sources import (
+    SequentialEncoder,
+    popularity_source,
+    sequential_source,
+    top_n_source,
+)
 from fedrec.training import model_scorer
 
 
@@ -152,7 +158,7 @@ def test_the_first_stage_alone_is_the_sequential_models_full_ranking(small_split
     )
     config = FunnelConfig(sources=("hstu", "popularity"), retrieve_n=10, rank=False, k=10)
     sources = {
-        "hstu": sequential_source(model, 10, cpu),
+        "hstu": sequential_source(SequentialEncoder(model, cpu), 10),
         "popularity": popularity_source(small_split.train_item_counts(), 10),
     }
     users = np.arange(small_split.num_users)
@@ -161,6 +167,23 @@ def test_the_first_stage_alone_is_the_sequential_models_full_ranking(small_split
     recall = recall_at_n(result.candidates, small_split.targets("test"))
     assert recall["source:0"] == pytest.approx(full.metrics["HR@10"])
     assert recall["union"] >= recall["source:0"]
+
+
+@pytest.mark.parametrize("name", ["hstu", "sasrec"])
+def test_encoding_groups_of_similar_length_equals_padding_every_history_to_max_len(
+    small_split, name
+):
+    torch.manual_seed(0)
+    params = dict(max_len=12, embedding_dim=8, num_blocks=2, num_heads=2, dropout=0.0)
+    model = build_model(name, small_split.num_items, model_config(name, params)).eval()
+    visible = small_split.visible("test")
+    users = np.random.default_rng(0).permutation(visible.num_users)
+    lengths = np.diff(visible.offsets)[users]
+    assert lengths.min() < 6 and lengths.max() > 12  # short ones, and ones cut by max_len
+    grouped = SequentialEncoder(model, torch.device("cpu"), group=4)(visible, users)
+    with torch.no_grad():
+        whole = model.user_vectors(*next_item_batch(visible, users, 12))
+    torch.testing.assert_close(grouped, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_a_reranker_reorders_and_names_its_stage(small_split):
@@ -236,7 +259,8 @@ def test_user_vectors_of_empty_histories_are_zero(small_split):
     params = dict(max_len=20, embedding_dim=8, num_blocks=1, num_heads=2, dropout=0.0)
     model = build_model("hstu", small_split.num_items, model_config("hstu", params))
     visible = with_a_cold_user(small_split.visible("test"))
-    vectors = sequential_user_vectors(model, torch.device("cpu"))(visible, np.arange(3))
+    encoder = SequentialEncoder(model, torch.device("cpu"))
+    vectors = sequential_user_vectors(encoder)(visible, np.arange(3))
     assert (vectors[0] == 0).all() and vectors[1].abs().sum() > 0
 
 

@@ -71,7 +71,7 @@ def prefix_examples(
     }
 
 
-def _train(
+def train_generative_retrieval(
     codes: np.ndarray,
     codebook_size: int,
     split: SequenceSplit,
@@ -126,7 +126,7 @@ def run_semantic_ids(
         "prefix_examples": prefix_examples(ids, titles, config.examples),
     }
     log.info("codes: %s", ids.report)
-    model, vocabulary, retrieval = _train(
+    model, vocabulary, retrieval = train_generative_retrieval(
         ids.codes, ids.codebook_size, split, config, None, progress
     )
     for stage in ("valid", "test"):
@@ -178,7 +178,9 @@ def cold_start(
     codes[warm] = ids.codes
     codes[cold] = disambiguate(model.codes(embeddings[cold]), taken)
     users = cold_start_users(split, cold)
-    retriever, vocabulary, trained = _train(codes, ids.codebook_size, split, config, cold, progress)
+    retriever, vocabulary, trained = train_generative_retrieval(
+        codes, ids.codebook_size, split, config, cold, progress
+    )
     # The configured new-item rule and a small grid around it, all reported.
     rules = {(config.retrieval.new_item_prefix, config.retrieval.new_item_slots)}
     rules |= {(p, n) for p in (1, 2) for n in (0, 1, 3)}

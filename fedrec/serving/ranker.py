@@ -14,25 +14,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedrec.data.batching import next_item_batch
 from fedrec.data.split import SequenceSplit
-from fedrec.models.base import SequentialRecommender
 from fedrec.models.ranking import MultiTaskRanker, RankingBatch
 from fedrec.serving.features import FeatureTables
 from fedrec.serving.funnel import Candidates, RankerScorer
+from fedrec.serving.sources import SequentialEncoder
 
 LIKE_RATING = 4.0
 UserVectors = Callable[[SequenceSplit, np.ndarray], torch.Tensor]
 
 
-def sequential_user_vectors(model: SequentialRecommender, device: torch.device) -> UserVectors:
+def sequential_user_vectors(encoder: SequentialEncoder) -> UserVectors:
     """The sequential model's user vector after each visible history (zeros when empty)."""
 
     def vectors(visible: SequenceSplit, users: np.ndarray) -> torch.Tensor:
-        model.eval()
-        items, times = next_item_batch(visible, users, model.config.max_len)
-        with torch.no_grad():
-            out = model.user_vectors(items.to(device), times.to(device)).float().cpu()
+        out = encoder(visible, users).float().cpu()
         empty = torch.from_numpy(np.diff(visible.offsets)[users] == 0)
         return torch.where(empty[:, None], 0.0, out)
 
@@ -45,7 +41,8 @@ def ranker_scorer(
     def score(
         visible: SequenceSplit, users: np.ndarray, attributes: np.ndarray, candidates: Candidates
     ) -> torch.Tensor:
-        model.eval()
+        if model.training:
+            model.eval()
         batch = tables.batch(attributes, user_vectors(visible, users), candidates)
         device = next(model.parameters()).device
         with torch.no_grad():

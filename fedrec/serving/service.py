@@ -32,7 +32,7 @@ from fedrec.serving.funnel import Funnel, FunnelConfig, FunnelResult
 from fedrec.serving.proto import recommend_pb2 as pb
 from fedrec.serving.proto import recommend_pb2_grpc as pb_grpc
 from fedrec.serving.ranker import ranker_scorer, sequential_user_vectors
-from fedrec.serving.sources import popularity_source, sequential_source
+from fedrec.serving.sources import SequentialEncoder, popularity_source, sequential_source
 from fedrec.serving.store import MANIFEST, ServingBundle, load_serving_bundle, popularity_counts
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,9 @@ class Recommender:
             )
         model = bundle.sequential.to(device)
         n = config.retrieve_n
+        encoder = SequentialEncoder(model, device)
         sources = {
-            bundle.model_name: sequential_source(model, n, device),
+            bundle.model_name: sequential_source(encoder, n),
             "popularity": popularity_source(popularity_counts(bundle.catalogue), n),
         }
         # The funnel always keeps its widest list; a request's k cuts it.
@@ -69,7 +70,7 @@ class Recommender:
         scorer = None
         if bundle.ranker is not None:
             scorer = ranker_scorer(
-                bundle.ranker.to(device), bundle.tables, sequential_user_vectors(model, device)
+                bundle.ranker.to(device), bundle.tables, sequential_user_vectors(encoder)
             )
         tasks = bundle.ranker.config.tasks if bundle.ranker is not None else ()
         try:
@@ -93,14 +94,16 @@ class Recommender:
                 f"history has {len(request.history)} events, at most {MAX_HISTORY} are "
                 "accepted: send the most recent ones"
             )
-        unknown = sorted({e.item for e in request.history if e.item not in self.index})
-        if unknown:
+        events = [(event.item, event.timestamp) for event in request.history]  # one pass
+        items = np.array([self.index.get(item, -1) for item, _ in events], dtype=np.int64)
+        if (items < 0).any():
+            unknown = sorted({events[i][0] for i in np.flatnonzero(items < 0).tolist()})
             shown = ", ".join(repr(u) for u in unknown[:5])
             raise BadRequest(
                 f"{len(unknown)} unknown item(s) in history: {shown} (ids of catalogue "
                 f"{self.bundle.catalogue.content_hash[:12]})"
             )
-        times = np.fromiter((e.timestamp for e in request.history), dtype=np.int64)
+        times = np.array([stamp for _, stamp in events], dtype=np.int64)
         if (times < 0).any() or (np.diff(times) < 0).any():
             raise BadRequest("history timestamps must be >= 0 and non-decreasing (oldest first)")
         context = dict(request.context)
@@ -111,7 +114,6 @@ class Recommender:
                 raise BadRequest(
                     f"unknown context key {key!r}{hint}; known: {', '.join(USER_ATTRIBUTES)}"
                 )
-        items = np.fromiter((self.index[e.item] for e in request.history), dtype=np.int64)
         return items, times, context, int(request.k)
 
     def recommend(
