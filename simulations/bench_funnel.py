@@ -135,19 +135,17 @@ def fedavg_ranker(
             with torch.no_grad():
                 for target, value in zip(local.parameters(), current, strict=True):
                     target.copy_(torch.from_numpy(value))
-            optimizer = torch.optim.SGD(local.parameters(), lr=local_learning_rate)
-            local.train()
-            for _ in range(local_epochs):
-                shuffled = index[torch.randperm(len(index), generator=shuffle)]
-                for lo in range(0, len(shuffled), 64):
-                    batch = shuffled[lo : lo + 64]
-                    loss = local.per_example_loss(
-                        RankingBatch(*(f[batch] for f in examples)), labels[batch]
-                    ).mean()
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    round_loss.append(loss.item())
+            round_loss += train_ranker(
+                local,
+                RankingBatch(*(f[index] for f in examples)),
+                labels[index],
+                local_epochs,
+                local_learning_rate,
+                64,
+                shuffle,
+                torch.optim.SGD,
+                progress=False,
+            )
             new = [p.detach().numpy().copy() for p in local.parameters()]
             if noise_multiplier > 0:
                 compute_clip_model_update(new, current, clip)
@@ -231,6 +229,11 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--local-learning-rate", type=float, default=0.05)
     parser.add_argument("--clip", type=float, default=1.0, help="update norm bound (DP only)")
+    parser.add_argument(
+        "--retrieval-only",
+        action="store_true",
+        help="stop after HSTU alone, the funnel without a ranker and each source's recall",
+    )
     parser.add_argument("--output", type=Path, help="write the report here (JSON)")
     parser.add_argument(
         "--bundle-out",
@@ -316,6 +319,10 @@ def main() -> None:
     }
     report["recall_at_n"] = recall
     print(json.dumps(report, indent=1), flush=True)
+    if args.retrieval_only:
+        if args.output:
+            args.output.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        return
 
     # The ranker's examples: each user's validation position and, with --positions P, the
     # P - 1 positions before it. One set of examples for every seed.

@@ -4,6 +4,7 @@ import pytest
 from fedrec.data import leave_one_out, preprocess
 from fedrec.data.batching import history_batch, history_mask_indices, training_batch
 from fedrec.data.preprocess import PreprocessConfig
+from fedrec.data.split import split_ratings
 
 from .conftest import make_dataset
 
@@ -108,6 +109,30 @@ def test_recent_keeps_each_users_last_events_and_their_targets(small_split, stag
         cut_items, cut_times = recent.history(user, stage)
         assert cut_items.tolist() == items[-3:].tolist()
         assert cut_times.tolist() == times[-3:].tolist()
+
+
+@pytest.mark.parametrize("events", [0, 2, 5, 50])
+def test_without_last_drops_each_users_last_events(small_split, events):
+    cut = small_split.without_last(events)
+    for user in range(small_split.num_users):
+        items, times = small_split.full(user)
+        assert cut.full(user)[0].tolist() == items[: max(len(items) - events, 0)].tolist()
+        assert cut.full(user)[1].tolist() == times[: max(len(items) - events, 0)].tolist()
+
+
+def test_split_ratings_follow_the_split_order():
+    rows = [(1, 5, 3.0), (0, 2, 9.0), (0, 1, 1.0), (1, 4, 1.0), (0, 3, 5.0), (1, 0, 2.0)]
+    rated = {(u, i): 10.0 * u + i for u, i, _ in rows}
+    ds = make_dataset(rows, ratings=[rated[(u, i)] for u, i, _ in rows])
+    split = leave_one_out(ds)
+    ratings = split_ratings(ds)
+    for user in range(split.num_users):
+        lo, hi = split.offsets[user], split.offsets[user + 1]
+        items = split.items[lo:hi]
+        raw_user = int(str(ds.raw_user_ids[user])[1:])
+        expected = [rated[(raw_user, int(str(ds.raw_item_ids[i])[1:]))] for i in items]
+        assert ratings[lo:hi].tolist() == expected
+    assert split_ratings(make_dataset(rows)) is None
 
 
 def test_leave_one_out_needs_three_interactions():

@@ -67,18 +67,8 @@ class SequenceSplit:
     def recent(self, events: int, stage: Stage) -> SequenceSplit:
         """The same users and targets with each ``stage`` history cut to its last ``events``
         events (few-shot evaluation); shorter histories stay whole."""
-        lengths = np.diff(self.offsets)
-        kept = np.minimum(lengths, events + (2 if stage == "valid" else 1))
-        ends = np.repeat(self.offsets[1:], kept)
-        within = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)
-        positions = ends - np.repeat(kept, kept) + within
-        return SequenceSplit(
-            num_users=self.num_users,
-            num_items=self.num_items,
-            offsets=np.concatenate([[0], np.cumsum(kept)]).astype(np.int64),
-            items=self.items[positions],
-            timestamps=self.timestamps[positions],
-        )
+        kept = np.minimum(np.diff(self.offsets), events + (2 if stage == "valid" else 1))
+        return self._windows(self.offsets[1:] - kept, kept)
 
     def visible(self, stage: Stage) -> SequenceSplit:
         """Each user's ``stage`` history as a whole sequence, targets cut off: what a service
@@ -88,9 +78,12 @@ class SequenceSplit:
     def without_last(self, events: int) -> SequenceSplit:
         """Each sequence without its last ``events`` events (none left for shorter ones)."""
         kept = np.maximum(np.diff(self.offsets) - events, 0)
-        positions = np.repeat(self.offsets[:-1], kept) + (
-            np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)
-        )
+        return self._windows(self.offsets[:-1], kept)
+
+    def _windows(self, starts: np.ndarray, kept: np.ndarray) -> SequenceSplit:
+        """The same users, each with its ``kept[u]`` events from position ``starts[u]``."""
+        within = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)
+        positions = np.repeat(starts, kept) + within
         return SequenceSplit(
             num_users=self.num_users,
             num_items=self.num_items,

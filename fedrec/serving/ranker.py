@@ -87,11 +87,14 @@ def train_ranker(
     learning_rate: float,
     batch_size: int,
     generator: torch.Generator,
+    optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
+    progress: bool = True,
 ) -> list[float]:
-    """Adam on the mean per-example loss; returns each epoch's mean loss."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    """``optimizer_class`` (Adam; a federated client: SGD) on the mean per-example loss;
+    returns each epoch's mean loss."""
+    optimizer = optimizer_class(model.parameters(), lr=learning_rate)
     losses = []
-    for _ in tqdm(range(epochs), desc="ranker", unit="epoch", leave=False):
+    for _ in tqdm(range(epochs), desc="ranker", unit="epoch", leave=False, disable=not progress):
         model.train()
         order = torch.randperm(len(labels), generator=generator)
         total = 0.0
