@@ -87,7 +87,7 @@ def train_ranker(
     learning_rate: float,
     batch_size: int,
     generator: torch.Generator,
-    optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
+    optimizer_class: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
     progress: bool = True,
 ) -> list[float]:
     """``optimizer_class`` (Adam; a federated client: SGD) on the mean per-example loss;
