@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from fedrec.audits.metrics import genre_matrix, long_tail_items
+from fedrec.audits.rerank import RERANKERS
 from fedrec.data.batching import next_item_batch
 from fedrec.data.catalogue import ItemCatalogue
 from fedrec.data.split import SequenceSplit
@@ -19,6 +21,7 @@ from fedrec.serving.funnel import (
     RERANK_STAGE,
     Funnel,
     FunnelConfig,
+    audit_reranker,
     merge_sources,
     recall_at_n,
     reference_funnel,
@@ -189,7 +192,7 @@ def test_encoding_groups_of_similar_length_equals_padding_every_history_to_max_l
 def test_a_reranker_reorders_and_names_its_stage(small_split):
     visible, sources = _toy(small_split)
     config = FunnelConfig(
-        sources=("a", "popularity"), retrieve_n=6, rank=False, rerank="reverse", k=4
+        sources=("a", "popularity"), retrieve_n=6, rank=False, rerank="calibrated", k=4
     )
     funnel = Funnel(config, sources, reranker=lambda v, u, items, scores: items[:, ::-1].copy())
     users = np.arange(3)
@@ -201,6 +204,40 @@ def test_a_reranker_reorders_and_names_its_stage(small_split):
     width = (full.items[1] >= 0).sum()
     assert result.items[1].tolist() == full.items[1, :width][::-1][:4].tolist()
     assert RERANK_STAGE in set(result.stages[1])
+
+
+@pytest.mark.parametrize("method", ["calibrated", "long-tail"])
+def test_the_funnels_reranking_is_the_audits_on_the_same_histories(small_split, method):
+    rng = np.random.default_rng(0)
+    names = np.array(["Drama", "Comedy", "Horror", "Western"])
+    genres = [
+        " ".join(rng.choice(names, size=rng.integers(1, 3), replace=False))
+        for _ in range(small_split.num_items)
+    ]
+    counts = small_split.train_item_counts()
+    catalogue = ItemCatalogue(
+        raw_item_ids=tuple(f"i{i}" for i in range(small_split.num_items)),
+        item_features={"genres": tuple(genres)},
+        popularity=tuple(int(c) for c in counts),
+    )
+    config = FunnelConfig(
+        sources=("popularity",), retrieve_n=20, rank=False, rerank=method, rerank_lambda=0.7, k=5
+    )
+    visible = small_split.visible("test")
+    users = np.arange(small_split.num_users)
+    random_scores = table_source(rng.normal(size=(len(users), small_split.num_items)), 20)
+    plain = Funnel(
+        FunnelConfig(sources=("popularity",), retrieve_n=20, rank=False, k=20),
+        {"popularity": random_scores},  # lists that mix head and tail, and genres
+    )
+    listed = plain(visible, users, np.zeros((len(users), 0)))
+    got = audit_reranker(config, catalogue)(visible, users, listed.items, listed.scores)
+    table = genre_matrix(np.array(genres))[0] if method == "calibrated" else long_tail_items(counts)
+    expected = RERANKERS[method](small_split, table, 5, 0.7)(
+        users, "test", listed.items, listed.scores
+    )
+    np.testing.assert_array_equal(got, expected)
+    assert (got != listed.items).any()  # it did reorder
 
 
 def catalogue_and_tables():
@@ -273,6 +310,8 @@ def test_user_vectors_of_empty_histories_are_zero(small_split):
         ({"k": 0}, ">= 1"),
         ({"retrieve_n": 2, "sources": ("popularity",), "k": 3}, "exceeds"),
         ({"task_weights": {"engage": -1.0}}, "non-negative"),
+        ({"rerank": "fair"}, "one of"),
+        ({"rerank": "calibrated", "rerank_lambda": 2.0}, "rerank_lambda"),
     ],
 )
 def test_bad_funnel_settings_are_refused(options, message):

@@ -48,7 +48,7 @@ def data():
     return dataset, leave_one_out(dataset)
 
 
-def write_bundle(folder: Path, data, version: int, seed: int = 0) -> str:
+def write_bundle(folder: Path, data, version: int, seed: int = 0, rerank: str = "") -> str:
     dataset, split = data
     torch.manual_seed(seed)
     model = build_model("hstu", split.num_items, model_config("hstu", MODEL))
@@ -59,7 +59,9 @@ def write_bundle(folder: Path, data, version: int, seed: int = 0) -> str:
     bundle = ModelBundle(
         version, "model: hstu\n", catalogue.to_text(), catalogue.content_hash, model.state_dict()
     )
-    funnel = FunnelConfig(sources=("hstu", "popularity"), retrieve_n=20)
+    funnel = FunnelConfig(
+        sources=("hstu", "popularity"), retrieve_n=20, rerank=rerank, rerank_lambda=0.9
+    )
     return write_serving_bundle(
         folder, bundle, "hstu", MODEL, ranker, tables.vocabularies, funnel, epsilon=3.5, delta=1e-5
     )
@@ -209,6 +211,16 @@ def test_a_bundle_swap_under_load_drops_no_request(service, data):
     assert not failures
     assert 1 in versions and 2 in versions and versions.count(2) > 8
     assert stub.ModelInfo(pb.ModelInfoRequest(), timeout=10).bundle_version == 2
+
+
+@pytest.mark.parametrize("method", ["calibrated", "long-tail"])
+def test_a_bundle_that_asks_for_reranking_gets_it(tmp_path, data, method):
+    write_bundle(tmp_path / "b", data, version=1, rerank=method)
+    recommender = Recommender(load_serving_bundle(tmp_path / "b"), torch.device("cpu"))
+    _, split = data
+    histories = [(split.full(u)[0], split.full(u)[1].astype(np.int64)) for u in range(10)]
+    result = recommender.recommend(histories, [{}] * 10)
+    assert "rerank" in set(result.stages[:, :10].ravel())
 
 
 def test_an_altered_or_unfinished_bundle_is_refused(tmp_path, data):

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
-from fedrec.data.split import SequenceSplit, Stage
+from fedrec.data.split import Stage
 from fedrec.evaluation.evaluator import Reranker
+
+
+class Histories(Protocol):
+    """What a re-ranker reads of the users: the history each had before ``stage``'s target
+    (a ``SequenceSplit``, or the serving funnel's visible histories)."""
+
+    def history(self, user: int, stage: Stage) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def _normalised(scores: np.ndarray) -> np.ndarray:
@@ -82,7 +90,7 @@ def _long_tail_list(
 
 
 def calibrated_reranker(
-    split: SequenceSplit, genres: np.ndarray, k: int, lam: float, alpha: float = 0.01
+    split: Histories, genres: np.ndarray, k: int, lam: float, alpha: float = 0.01
 ) -> Reranker:
     """Steck, "Calibrated recommendations" (RecSys 2018): maximise
     (1 − λ)·Σ score − λ·KL(p || q̃) over the list, p the genre distribution of the user's
@@ -104,7 +112,7 @@ def calibrated_reranker(
 
 
 def long_tail_reranker(
-    split: SequenceSplit, tail: np.ndarray, k: int, lam: float, personalised: bool = False
+    split: Histories, tail: np.ndarray, k: int, lam: float, personalised: bool = False
 ) -> Reranker:
     """xQuAD over {head, tail} (Abdollahpouri, Burke, Mobasher, FLAIRS 2019), smooth variant:
     maximise (1 − λ)·score(i) + λ·Σ_c P(c|u)·[i ∈ c]·(1 − share of c already in the list).

@@ -25,7 +25,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from fedrec.data.split import SequenceSplit
+from fedrec.audits.metrics import genre_matrix, long_tail_items
+from fedrec.audits.rerank import RERANKERS
+from fedrec.data.catalogue import ItemCatalogue
+from fedrec.data.split import SequenceSplit, Stage
 
 # A source: (visible histories, users) -> (items [B, N] with -1 where it found fewer, scores).
 Source = Callable[[SequenceSplit, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -44,7 +47,8 @@ class FunnelConfig:
     """``sources``: names of the retrieval sources, in priority order; ``retrieve_n``: items
     each source proposes; ``rank``: order the union by the ranker (otherwise by the first
     source's score); ``task_weights``: weight of each ranker task in the fused score;
-    ``rerank``: re-ranker name ('' for none); ``k``: items returned."""
+    ``rerank``: the audit's re-ranker by name ('' for none) and ``rerank_lambda`` its λ;
+    ``k``: items returned."""
 
     sources: tuple[str, ...] = ("hstu", "semantic_id", "popularity")
     retrieve_n: int = 100
@@ -52,6 +56,7 @@ class FunnelConfig:
     rank: bool = True
     task_weights: dict[str, float] = field(default_factory=lambda: {"engage": 1.0, "like": 0.5})
     rerank: str = ""
+    rerank_lambda: float = 0.5
     k: int = 10
 
     def __post_init__(self) -> None:
@@ -70,6 +75,12 @@ class FunnelConfig:
                 f"funnel.k {self.k} exceeds the candidates "
                 f"(retrieve_n {self.retrieve_n} × {len(self.sources)} sources)"
             )
+        if self.rerank and self.rerank not in RERANKERS:
+            raise ValueError(
+                f"funnel.rerank {self.rerank!r}: one of {sorted(RERANKERS)}, or '' for none"
+            )
+        if not 0 <= self.rerank_lambda <= 1:
+            raise ValueError("funnel.rerank_lambda must lie in [0, 1]")
         if any(w < 0 for w in self.task_weights.values()) or not any(self.task_weights.values()):
             raise ValueError("funnel.task_weights: non-negative, at least one positive")
 
@@ -265,3 +276,39 @@ def recall_at_n(candidates: Candidates, targets: np.ndarray) -> dict[str, float]
     for s in range(candidates.found.shape[2]):
         report[f"source:{s}"] = float((hit & candidates.found[..., s]).any(axis=1).mean())
     return report
+
+
+class VisibleHistories:
+    """Visible histories as the audit's re-rankers read a split: the whole sequence is the
+    history before the next item, whatever the stage."""
+
+    def __init__(self, visible: SequenceSplit):
+        self.visible = visible
+
+    def history(self, user: int, stage: Stage) -> tuple[np.ndarray, np.ndarray]:
+        return self.visible.full(user)
+
+
+def audit_reranker(config: FunnelConfig, catalogue: ItemCatalogue) -> ListReranker:
+    """The audit's re-ranker named by ``config.rerank`` over the fused list: calibration to the
+    genres of the user's history (the catalogue's genres), or long-tail exposure (the tail of
+    the catalogue's popularity, as the audit draws it)."""
+    method = config.rerank
+    if method == "calibrated":
+        genres = catalogue.item_features.get("genres")
+        if genres is None:
+            raise ValueError("calibrated re-ranking needs item genres, and the catalogue has none")
+        table = genre_matrix(np.asarray(genres))[0]
+    else:
+        if catalogue.popularity is None:
+            raise ValueError(f"{method} re-ranking needs the catalogue's popularity")
+        table = long_tail_items(np.asarray(catalogue.popularity))
+
+    def rerank(
+        visible: SequenceSplit, users: np.ndarray, items: np.ndarray, scores: np.ndarray
+    ) -> np.ndarray:
+        make = RERANKERS[method]
+        reorder = make(VisibleHistories(visible), table, config.k, config.rerank_lambda)
+        return reorder(users, "test", items, scores)
+
+    return rerank

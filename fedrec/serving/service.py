@@ -28,7 +28,7 @@ import torch
 from fedrec.data.split import SequenceSplit
 from fedrec.errors import FedrecDataError
 from fedrec.serving.features import USER_ATTRIBUTES
-from fedrec.serving.funnel import Funnel, FunnelConfig, FunnelResult
+from fedrec.serving.funnel import Funnel, FunnelConfig, FunnelResult, audit_reranker
 from fedrec.serving.proto import recommend_pb2 as pb
 from fedrec.serving.proto import recommend_pb2_grpc as pb_grpc
 from fedrec.serving.ranker import ranker_scorer, sequential_user_vectors
@@ -51,12 +51,6 @@ class Recommender:
     def __init__(self, bundle: ServingBundle, device: torch.device):
         self.bundle, self.device = bundle, device
         config = bundle.funnel
-        if config.rerank:
-            raise FedrecDataError(
-                f"funnel.rerank {config.rerank!r}: the service does not re-rank yet; "
-                "set funnel.rerank: '' in the bundle's funnel settings",
-                MANIFEST,
-            )
         model = bundle.sequential.to(device)
         n = config.retrieve_n
         encoder = SequentialEncoder(model, device)
@@ -74,7 +68,9 @@ class Recommender:
             )
         tasks = bundle.ranker.config.tasks if bundle.ranker is not None else ()
         try:
-            self.funnel = Funnel(widest, sources, scorer, tasks)
+            # The re-ranker orders the bundle's first k; the rest follows in fused order.
+            reranker = audit_reranker(config, bundle.catalogue) if config.rerank else None
+            self.funnel = Funnel(widest, sources, scorer, tasks, reranker)
         except ValueError as err:
             raise FedrecDataError(f"the bundle's funnel cannot run: {err}", MANIFEST) from None
         self.index = bundle.catalogue.index
