@@ -680,7 +680,7 @@ def serve(
     typer.echo(
         f"serving bundle version {current.version} ({path}) on {host}:{bound} "
         f"({'TLS' if key_pair else 'no TLS'}, {chosen}); ε so far: "
-        f"{epsilon_text(current.epsilon)}"
+        f"{epsilon_text(current)}"
     )
     watcher = BundleWatcher(bundle, servicer, chosen, poll_seconds)
     watcher.thread.start()

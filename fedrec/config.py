@@ -25,6 +25,7 @@ from fedrec.federation.config import FederatedConfig
 from fedrec.llm_rec.config import LLMRecConfig
 from fedrec.models import SequentialModelConfig, model_config, model_names
 from fedrec.semantic_id.pipeline import SemanticIdConfig
+from fedrec.serving.store import ServingConfig
 from fedrec.training import TrainConfig
 
 
@@ -46,6 +47,7 @@ class ExperimentConfig:
     semantic_id: SemanticIdConfig = field(default_factory=SemanticIdConfig)
     privacy_audit: MembershipConfig = field(default_factory=MembershipConfig)
     llm: LLMRecConfig | None = None
+    serving: ServingConfig | None = None
     seed: int = 0
     output_dir: str = "runs"
 
@@ -231,6 +233,21 @@ def parse_config(
             f"model.max_len {model.max_len}: every DP-SGD record (a user-day of up to "
             "record_window events) would fail in the model; set record_window <= max_len"
         )
+    serving = experiment.serving
+    if serving is not None:
+        line = where.line("serving.funnel.sources") or where.line("serving")
+        at = f"{source}{f':{line}' if line else ''}: serving"
+        if experiment.llm is not None:
+            raise FedrecConfigError(
+                f"{at}: the funnel serves sequential models; this run trains the LLM "
+                "recommender (remove the serving section, or use `fedrec recommend`)"
+            )
+        served = {name, "popularity"}
+        if not set(serving.funnel.sources) <= served:
+            raise FedrecConfigError(
+                f"{at}.funnel.sources {list(serving.funnel.sources)}: a federation's bundle "
+                f"serves {sorted(served)} (model.name and popularity)"
+            )
     return experiment
 
 

@@ -10,6 +10,7 @@ each node is (``IdentifiedGrid``) to sample by client, not by Flower's random no
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -30,6 +31,7 @@ from fedrec.federation.privacy import dp_statement_problem
 from fedrec.llm_rec.federated import foundation_folder
 from fedrec.population import Population
 from fedrec.serving.bundle import ModelBundle, foundation_digest
+from fedrec.serving.store import SERVING_DIR, publish_round
 from server.cohort import CohortGrid
 from server.dp import UserLevelDP
 from server.federation import Federation
@@ -268,10 +270,24 @@ def run_federation(
         }
         return ConfigRecord({**dict(sent), **hashed})
 
+    def publish(version: int) -> None:
+        """The round's model bundle and, with ``serving``, its serving bundle (the ledger's ε
+        at that round)."""
+        bundle(version).publish(run_dir)
+        if config.serving is not None:
+            publish_round(
+                run_dir / SERVING_DIR,
+                bundle(version),
+                config.model_name,
+                dataclasses.asdict(config.model),
+                config.serving,
+                federation.epsilons(),
+            )
+
     stopped, published_version = "", federation.rounds_done
     if federation.rounds_done == 0:
         federation.end_round(0, arrays, 0.0, last=False)
-    bundle(federation.rounds_done).publish(run_dir)  # (again on resume: a kill may have lost it)
+    publish(federation.rounds_done)  # (again on resume: a kill may have lost it)
     for round_number in _rounds(federation.rounds_done + 1, fed.num_rounds, progress):
         if not federation.may_start(round_number):
             stopped = f"round {round_number} would exceed the federation's ε budget"
@@ -301,7 +317,7 @@ def run_federation(
             )
         seconds = time.perf_counter() - round_started  # sampling to aggregation
         reason = federation.end_round(round_number, arrays, seconds, last, train_metrics)
-        bundle(round_number).publish(run_dir)
+        publish(round_number)
         published_version = round_number
         if reason:
             stopped = reason

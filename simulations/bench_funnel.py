@@ -350,6 +350,7 @@ def main() -> None:
     funnel_config = FunnelConfig(
         sources=retrieval.sources,
         retrieve_n=args.retrieve_n,
+        rank=True,
         task_weights={"engage": 1.0, "like": args.like_weight},
     )
     test_labels = candidate_labels(

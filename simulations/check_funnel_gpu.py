@@ -51,7 +51,7 @@ def synthetic_bundle(folder: Path) -> SequenceSplit:
     tables = FeatureTables.build(catalogue, users)
     ranker = ranker_class("mmoe-dcn")(tables.ranker_config(32, 2))
     bundle = ModelBundle(0, "", catalogue.to_text(), catalogue.content_hash, model.state_dict())
-    funnel = FunnelConfig(sources=("hstu", "popularity"), retrieve_n=100)
+    funnel = FunnelConfig(sources=("hstu", "popularity"), retrieve_n=100, rank=True)
     write_serving_bundle(folder, bundle, "hstu", options, ranker, tables.vocabularies, funnel)
     return split
 

@@ -25,6 +25,8 @@ from fedrec.federated_models import initial_federated_model
 from fedrec.federation.layout import CATALOGUE_FILE
 from fedrec.privacy import PrivacyLedger
 from fedrec.serving.bundle import BUNDLE_DIR, BUNDLE_FILE, ModelBundle
+from fedrec.serving.service import newest_bundle
+from fedrec.serving.store import SERVING_DIR, load_serving_bundle
 
 from .processes import Deployment, flower_processes, wait_for
 
@@ -83,6 +85,12 @@ def test_three_devices_run_three_rounds_through_tls_and_supernode_auth(tmp_path)
             (deployment.run_dir / BUNDLE_DIR / BUNDLE_FILE).read_bytes(), "latest.bundle"
         )
         assert final.version == 3
+        # the serving bundle of round 3: the same model, the ledger's ε at that round
+        served = load_serving_bundle(newest_bundle(deployment.run_dir / SERVING_DIR))
+        assert served.version == 3 and served.epsilon[2].startswith("record-level")
+        assert served.epsilon[0] == pytest.approx(results["final"]["epsilon"]["client_max"])
+        state = served.sequential.state_dict()
+        assert all(torch.equal(state[k], final.state[k]) for k in final.state)
         catalogue = ItemCatalogue.load(deployment.run_dir / CATALOGUE_FILE)
         config = load_config(deployment.config)
         initial = initial_federated_model(config, catalogue, deployment.run_dir).shared_state()

@@ -324,5 +324,6 @@ def test_a_funnel_refuses_missing_stages():
         Funnel(FunnelConfig(sources=("popularity",), rank=False), {})
     with pytest.raises(ValueError, match="no ranker"):
         Funnel(
-            FunnelConfig(sources=("popularity",)), {"popularity": popularity_source(np.ones(3), 2)}
+            FunnelConfig(sources=("popularity",), rank=True),
+            {"popularity": popularity_source(np.ones(3), 2)},
         )

@@ -60,10 +60,21 @@ def write_bundle(folder: Path, data, version: int, seed: int = 0, rerank: str = 
         version, "model: hstu\n", catalogue.to_text(), catalogue.content_hash, model.state_dict()
     )
     funnel = FunnelConfig(
-        sources=("hstu", "popularity"), retrieve_n=20, rerank=rerank, rerank_lambda=0.9
+        sources=("hstu", "popularity"),
+        retrieve_n=20,
+        rank=True,
+        rerank=rerank,
+        rerank_lambda=0.9,
     )
     return write_serving_bundle(
-        folder, bundle, "hstu", MODEL, ranker, tables.vocabularies, funnel, epsilon=3.5, delta=1e-5
+        folder,
+        bundle,
+        "hstu",
+        MODEL,
+        ranker,
+        tables.vocabularies,
+        funnel,
+        {"client_max": 3.5, "client_max_delta": 1e-5},
     )
 
 
@@ -117,6 +128,7 @@ def test_recommend_over_tls_equals_the_funnel(service, data):
     assert stub.Health(pb.HealthRequest(), timeout=10).status == "SERVING"
     info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
     assert info.bundle_version == 1 and info.epsilon == pytest.approx(3.5)
+    assert info.delta == pytest.approx(1e-5) and info.epsilon_scope.startswith("record-level")
     assert (
         set(info.part_hashes) >= {MODEL_PART}
         and info.bundle_hash == servicer.current.bundle.content_hash
@@ -231,7 +243,7 @@ def test_an_altered_or_unfinished_bundle_is_refused(tmp_path, data):
         load_serving_bundle(tmp_path / "b")
     manifest = tmp_path / "b" / "serving.json"
     body = json.loads(manifest.read_text())
-    body["privacy"]["epsilon"] = 0.1  # under-reporting ε
+    body["privacy"]["client_max"] = 0.1  # under-reporting ε
     manifest.write_text(json.dumps(body))
     with pytest.raises(FedrecDataError, match="content_hash"):
         load_serving_bundle(tmp_path / "b")

@@ -45,15 +45,15 @@ RERANK_STAGE = "rerank"
 @dataclass
 class FunnelConfig:
     """``sources``: names of the retrieval sources, in priority order; ``retrieve_n``: items
-    each source proposes; ``rank``: order the union by the ranker (otherwise by the first
-    source's score); ``task_weights``: weight of each ranker task in the fused score;
+    each source proposes; ``rank``: order the union by the ranker (off: each source's list
+    in turn, the first source's first); ``task_weights``: weight of each ranker task in the fused score;
     ``rerank``: the audit's re-ranker by name ('' for none) and ``rerank_lambda`` its λ;
     ``k``: items returned."""
 
     sources: tuple[str, ...] = ("hstu", "semantic_id", "popularity")
     retrieve_n: int = 100
     cold_start_source: str = "popularity"
-    rank: bool = True
+    rank: bool = False
     task_weights: dict[str, float] = field(default_factory=lambda: {"engage": 1.0, "like": 0.5})
     rerank: str = ""
     rerank_lambda: float = 0.5

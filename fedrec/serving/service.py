@@ -171,11 +171,13 @@ class RecommendServicer(pb_grpc.RecommendServiceServicer):
 
     def ModelInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
         bundle = self.current.bundle
+        epsilon, delta, scope = bundle.epsilon
         return pb.ModelInfoReply(
             bundle_version=bundle.version,
             bundle_hash=bundle.content_hash,
-            epsilon=bundle.epsilon,
-            delta=bundle.delta,
+            epsilon=epsilon,
+            delta=delta,
+            epsilon_scope=scope,
             stages=[*bundle.funnel.sources, *(["ranker"] if bundle.funnel.rank else [])],
             part_hashes=bundle.part_hashes,
         )
@@ -270,5 +272,6 @@ def device_for(name: str) -> torch.device:
     return device
 
 
-def epsilon_text(epsilon: float) -> str:
-    return "none claimed" if math.isinf(epsilon) else f"{epsilon:.3g}"
+def epsilon_text(bundle: ServingBundle) -> str:
+    epsilon, delta, scope = bundle.epsilon
+    return scope if math.isinf(epsilon) else f"{epsilon:.3g} (δ {delta:.1e}), {scope}"

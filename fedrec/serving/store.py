@@ -19,7 +19,9 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +41,42 @@ from fedrec.serving.funnel import FunnelConfig
 
 SERVING_FORMAT = "fedrec-serving/1"
 MANIFEST, MODEL_PART, RANKER_PART = "serving.json", "model.bundle", "ranker.safetensors"
+SERVING_DIR = "serving"  # RUN/serving/v<round>/: a federation's bundles
+
+
+# The ε a bundle states first, from a federation's ``epsilons_so_far``: user-level when the
+# federation has it, else the most any client spent at record level.
+PRIVACY_SCOPES = (
+    ("federation", "user-level (the federation)"),
+    ("client_max", "record-level (the most any client spent)"),
+)
+
+
+@dataclass
+class ServingConfig:
+    """A federation writes a serving bundle after every round (``RUN/serving/v<round>/``, the
+    ``keep`` newest kept), which ``fedrec serve --bundle RUN/serving`` swaps in as it appears.
+    It holds the round's sequential model and the ledger's ε at that round; the federation
+    trains no ranker, so its ``funnel`` ranks by retrieval (``rank: false``)."""
+
+    funnel: FunnelConfig = field(default_factory=lambda: FunnelConfig(("hstu", "popularity")))
+    keep: int = 3
+
+    def __post_init__(self) -> None:
+        if self.keep < 1:
+            raise ValueError("serving.keep must be >= 1 (the newest bundle is always kept)")
+        if self.funnel.rank:
+            raise ValueError(
+                "serving.funnel.rank: the federation trains no ranker; set rank: false "
+                "(a ranked bundle: simulations/bench_funnel.py --bundle-out)"
+            )
 
 
 @dataclass
 class ServingBundle:
-    """What the funnel runs, loaded and verified. ``epsilon`` is ∞ when the run claims no DP."""
+    """What the funnel runs, loaded and verified. ``privacy``: the ledger's ε (and δ) at the
+    bundle's round, as ``fedrec.federation.privacy.epsilons_so_far`` names them; empty when the
+    run claims no DP."""
 
     version: int
     content_hash: str
@@ -54,8 +87,15 @@ class ServingBundle:
     ranker: MultiTaskRanker | None
     tables: FeatureTables
     funnel: FunnelConfig
-    epsilon: float
-    delta: float
+    privacy: dict[str, float]
+
+    @property
+    def epsilon(self) -> tuple[float, float, str]:
+        """(ε, δ, what it bounds) to state first; (∞, 0, "no DP claimed") without one."""
+        for key, scope in PRIVACY_SCOPES:
+            if key in self.privacy:
+                return self.privacy[key], self.privacy.get(f"{key}_delta", 0.0), scope
+        return math.inf, 0.0, "no DP claimed"
 
 
 def write_serving_bundle(
@@ -66,8 +106,7 @@ def write_serving_bundle(
     ranker: MultiTaskRanker | None,
     vocabularies: tuple[tuple[str, ...], ...],
     funnel: FunnelConfig,
-    epsilon: float = math.inf,
-    delta: float = 0.0,
+    privacy: Mapping[str, float] | None = None,
 ) -> str:
     """Write a serving bundle into the new folder ``folder``; returns its content hash. The
     manifest goes last, so a folder without one is an unfinished write."""
@@ -86,7 +125,8 @@ def write_serving_bundle(
         "ranker": None if ranker is None else _ranker_json(ranker.config),
         "vocabularies": [list(v) for v in vocabularies],
         "funnel": asdict(funnel),
-        "privacy": {"epsilon": None if math.isinf(epsilon) else epsilon, "delta": delta},
+        # ∞ (a noiseless release) as null: the manifest stays strict JSON.
+        "privacy": {k: None if math.isinf(v) else v for k, v in (privacy or {}).items()},
     }
     manifest["content_hash"] = _manifest_hash(manifest)
     tmp = folder / f"{MANIFEST}.tmp"
@@ -125,9 +165,9 @@ def load_serving_bundle(folder: Path) -> ServingBundle:
         spec["name"], catalogue.num_items, model_config(spec["name"], spec["options"])
     )
     sequential.load_state_dict(model_bundle.state)
-    vocabularies = {
-        a: v[1:] for a, v in zip(USER_ATTRIBUTES, manifest["vocabularies"], strict=True)
-    }
+    # A bundle without a ranker has no user features: no vocabularies.
+    listed = manifest["vocabularies"] or [[""]] * len(USER_ATTRIBUTES)
+    vocabularies = {a: v[1:] for a, v in zip(USER_ATTRIBUTES, listed, strict=True)}
     tables = FeatureTables.build(catalogue, vocabularies)
     ranker = None
     if manifest["ranker"] is not None:
@@ -140,7 +180,6 @@ def load_serving_bundle(folder: Path) -> ServingBundle:
                 f"ranker weights do not fit ({err})", folder / RANKER_PART
             ) from None
         ranker.eval()
-    privacy = manifest["privacy"]
     return ServingBundle(
         version=int(manifest["version"]),
         content_hash=str(manifest["content_hash"]),
@@ -151,9 +190,34 @@ def load_serving_bundle(folder: Path) -> ServingBundle:
         ranker=ranker,
         tables=tables,
         funnel=FunnelConfig(**manifest["funnel"]),
-        epsilon=math.inf if privacy["epsilon"] is None else float(privacy["epsilon"]),
-        delta=float(privacy["delta"]),
+        privacy={k: math.inf if v is None else float(v) for k, v in manifest["privacy"].items()},
     )
+
+
+def publish_round(
+    root: Path,
+    model_bundle: ModelBundle,
+    model_name: str,
+    model_options: dict[str, Any],
+    config: ServingConfig,
+    privacy: Mapping[str, float],
+) -> Path:
+    """The federation's serving bundle of ``model_bundle``'s round in ``root/v<round>/``
+    (written aside and renamed into place: a reader sees all of it or none), then only the
+    ``config.keep`` newest versions are kept."""
+    target = root / f"v{model_bundle.version:06d}"
+    aside = root / f".{target.name}.partial"
+    shutil.rmtree(aside, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    write_serving_bundle(
+        aside, model_bundle, model_name, model_options, None, (), config.funnel, privacy
+    )
+    shutil.rmtree(target, ignore_errors=True)  # a resumed run publishes its round again
+    os.replace(aside, target)
+    versions = sorted(p for p in root.glob("v[0-9]*") if p.is_dir())
+    for old in versions[: -config.keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def popularity_counts(catalogue: ItemCatalogue) -> np.ndarray:

@@ -68,7 +68,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoReply(_message.Message):
-    __slots__ = ("bundle_version", "bundle_hash", "epsilon", "delta", "stages", "part_hashes")
+    __slots__ = ("bundle_version", "bundle_hash", "epsilon", "delta", "stages", "part_hashes", "epsilon_scope")
     class PartHashesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -82,10 +82,12 @@ class ModelInfoReply(_message.Message):
     DELTA_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     PART_HASHES_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_SCOPE_FIELD_NUMBER: _ClassVar[int]
     bundle_version: int
     bundle_hash: str
     epsilon: float
     delta: float
     stages: _containers.RepeatedScalarFieldContainer[str]
     part_hashes: _containers.ScalarMap[str, str]
-    def __init__(self, bundle_version: _Optional[int] = ..., bundle_hash: _Optional[str] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., stages: _Optional[_Iterable[str]] = ..., part_hashes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    epsilon_scope: str
+    def __init__(self, bundle_version: _Optional[int] = ..., bundle_hash: _Optional[str] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., stages: _Optional[_Iterable[str]] = ..., part_hashes: _Optional[_Mapping[str, str]] = ..., epsilon_scope: _Optional[str] = ...) -> None: ...
