@@ -122,8 +122,11 @@ def fedavg_ranker(
     users, starts = np.unique(owner[order], return_index=True)
     ends = np.append(starts[1:], len(order))
     cohort = min(cohort, len(users))
-    sampler = np.random.default_rng(seed)
-    noise = numpy_generator(None)  # the server's noise: never from a config seed
+    # Under DP the cohorts must be secret for the sampling to amplify privacy: both the
+    # cohort draws and the noise come from private randomness, never from --seeds.
+    private = noise_multiplier > 0
+    sampler = numpy_generator(None if private else seed)
+    noise = numpy_generator(None)
     local = copy.deepcopy(model)
     shuffle = torch.Generator().manual_seed(seed)
     losses = []
@@ -167,13 +170,10 @@ def fedavg_ranker(
                 target.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
         losses.append(float(np.mean(round_loss)))
     model.eval()
-    facts: dict[str, Any] = {
-        "rounds": rounds,
-        "cohort": cohort,
-        "users": len(users),
-        "losses": losses,
-    }
-    if noise_multiplier > 0:
+    facts: dict[str, Any] = {"rounds": rounds, "cohort": cohort, "users": len(users)}
+    if not private:  # the clients' losses are outside ε: reported only without DP
+        facts["losses"] = losses
+    if private:
         # Replacing one user moves the sum of clipped updates by up to 2·clip: σ halves
         # (as fedrec.federation.privacy accounts fixed-size cohorts).
         facts["epsilon"] = epsilon_without_replacement(
@@ -242,6 +242,11 @@ def main() -> None:
         "into this new folder, for `fedrec serve --bundle`",
     )
     args = parser.parse_args()
+    if args.bundle_out and args.semantic_ids:
+        parser.error(
+            "--bundle-out with --semantic-ids: the service has no semantic-ID source yet "
+            "(its beams cost about 0.1 s a user); write the bundle from a run without it"
+        )
     torch.set_num_threads(2)
     ranker_options = {
         name: yaml.safe_load(value)
@@ -284,7 +289,7 @@ def main() -> None:
     ratings = split_ratings(dataset)
     encoder = SequentialEncoder(model, device)
     sources = {
-        "hstu": sequential_source(encoder, args.retrieve_n),
+        config.model_name: sequential_source(encoder, args.retrieve_n),
         **extra_sources,
         "popularity": popularity_source(counts, args.retrieve_n),
     }

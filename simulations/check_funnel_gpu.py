@@ -65,10 +65,17 @@ def timed(recommender: Recommender, histories: list, batch: int) -> tuple[Funnel
     if recommender.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
+    width = max(r.items.shape[1] for r in results)  # a batch with fewer candidates is narrower
+
+    def padded(arrays: list[np.ndarray], fill: object) -> np.ndarray:
+        return np.concatenate(
+            [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill) for a in arrays]
+        )
+
     merged = FunnelResult(
-        np.concatenate([r.items for r in results]),
-        np.concatenate([r.scores for r in results]),
-        np.concatenate([r.stages for r in results]),
+        padded([r.items for r in results], -1),
+        padded([r.scores for r in results], -np.inf),
+        padded([r.stages for r in results], ""),
         results[0].candidates,
     )
     return merged, seconds

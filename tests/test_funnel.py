@@ -194,7 +194,15 @@ def test_a_reranker_reorders_and_names_its_stage(small_split):
     config = FunnelConfig(
         sources=("a", "popularity"), retrieve_n=6, rank=False, rerank="calibrated", k=4
     )
-    funnel = Funnel(config, sources, reranker=lambda v, u, items, scores: items[:, ::-1].copy())
+
+    def reverse(visible, users, items, scores):  # the listed items reversed, pads last
+        out = items.copy()
+        for row in out:
+            listed = row[row >= 0]
+            row[: len(listed)] = listed[::-1]
+        return out
+
+    funnel = Funnel(config, sources, reranker=reverse)
     users = np.arange(3)
     plain = Funnel(
         FunnelConfig(sources=("a", "popularity"), retrieve_n=6, rank=False, k=12), sources

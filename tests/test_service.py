@@ -4,6 +4,7 @@ nothing, altered bundles are refused, and the checked-in stubs are what `make pr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -33,7 +34,12 @@ from fedrec.serving.service import (
     RecommendServicer,
     serve,
 )
-from fedrec.serving.store import MODEL_PART, load_serving_bundle, write_serving_bundle
+from fedrec.serving.store import (
+    MODEL_PART,
+    _manifest_hash,
+    load_serving_bundle,
+    write_serving_bundle,
+)
 from server.certs import make_credentials
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,9 +84,9 @@ def write_bundle(folder: Path, data, version: int, seed: int = 0, rerank: str = 
     )
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory, data):
-    root = tmp_path_factory.mktemp("service")
+@contextlib.contextmanager
+def running_service(root: Path, data):
+    """A TLS service on a free port of 127.0.0.1 serving ``root/bundles/v1``."""
     write_bundle(root / "bundles" / "v1", data, version=1)
     certs = make_credentials(root / "certs", ["127.0.0.1"], [])
     servicer = RecommendServicer(
@@ -92,9 +98,17 @@ def service(tmp_path_factory, data):
     channel = grpc.secure_channel(
         f"127.0.0.1:{port}", grpc.ssl_channel_credentials(certs.ca_cert.read_bytes())
     )
-    yield servicer, pb_grpc.RecommendServiceStub(channel), root, port
-    channel.close()
-    server.stop(None)
+    try:
+        yield servicer, pb_grpc.RecommendServiceStub(channel), root, port
+    finally:
+        channel.close()
+        server.stop(None)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, data):
+    with running_service(tmp_path_factory.mktemp("service"), data) as running:
+        yield running
 
 
 def request_of(data, user: int, k: int = 5, **context) -> pb.RecommendRequest:
@@ -163,7 +177,13 @@ def bad_requests(data):
         "k too large": (pb.RecommendRequest(history=events, k=10_000), "k must lie"),
         "time goes back": (
             pb.RecommendRequest(history=[*events, pb.Event(item=events[0].item, timestamp=0)], k=5),
-            "non-decreasing",
+            "not decrease",
+        ),
+        "time beyond 2^53": (
+            pb.RecommendRequest(
+                history=[*events, pb.Event(item=events[0].item, timestamp=2**60)], k=5
+            ),
+            "must lie in 0..",
         ),
         "unknown context": (
             pb.RecommendRequest(history=events, k=5, context={"gendre": "F"}),
@@ -179,6 +199,7 @@ BAD_CASES = (
     "k = 0",
     "k too large",
     "time goes back",
+    "time beyond 2^53",
     "unknown context",
 )
 
@@ -194,8 +215,12 @@ def test_each_bad_request_is_invalid_argument_and_the_server_keeps_serving(servi
     assert len(stub.Recommend(request_of(data, 1), timeout=30).items) == 5
 
 
-def test_a_bundle_swap_under_load_drops_no_request(service, data):
-    servicer, stub, root, _ = service
+def test_a_bundle_swap_under_load_drops_no_request(tmp_path, data):
+    with running_service(tmp_path, data) as (servicer, stub, root, _):
+        swap_under_load(servicer, stub, root, data)
+
+
+def swap_under_load(servicer, stub, root: Path, data) -> None:
     watcher = BundleWatcher(root / "bundles", servicer, torch.device("cpu"), seconds=0.05)
     failures, versions, stop = [], [], threading.Event()
 
@@ -233,6 +258,40 @@ def test_a_bundle_that_asks_for_reranking_gets_it(tmp_path, data, method):
     histories = [(split.full(u)[0], split.full(u)[1].astype(np.int64)) for u in range(10)]
     result = recommender.recommend(histories, [{}] * 10)
     assert "rerank" in set(result.stages[:, :10].ravel())
+
+
+def test_the_watcher_skips_bad_and_unfinished_bundles_and_keeps_serving(tmp_path, data):
+    root = tmp_path / "bundles"
+    write_bundle(root / "v1", data, version=1)
+    servicer = RecommendServicer(Recommender(load_serving_bundle(root / "v1"), torch.device("cpu")))
+    watcher = BundleWatcher(root, servicer, torch.device("cpu"), seconds=60)
+    write_bundle(root / "v2", data, version=2)
+    part = root / "v2" / MODEL_PART
+    part.write_bytes(part.read_bytes()[:-1] + b"\1")  # corrupt
+    write_bundle(root / ".v000003.partial", data, version=3)  # being published
+    assert not watcher.check() and servicer.current.bundle.version == 1
+    assert not watcher.check()  # a failed version is not reloaded at every poll
+    write_bundle(root / "v4", data, version=4)
+    assert watcher.check() and servicer.current.bundle.version == 4
+
+
+def test_a_manifest_that_hashes_right_but_does_not_build_is_refused(tmp_path, data):
+    write_bundle(tmp_path / "b", data, version=1)
+    manifest = tmp_path / "b" / "serving.json"
+    body = json.loads(manifest.read_text())
+    del body["vocabularies"]
+    body["content_hash"] = _manifest_hash(body)
+    manifest.write_text(json.dumps(body))
+    with pytest.raises(FedrecDataError, match="does not build"):
+        load_serving_bundle(tmp_path / "b")
+
+
+def test_a_call_keeps_nothing_of_its_histories(tmp_path, data):
+    write_bundle(tmp_path / "b", data, version=1)
+    recommender = Recommender(load_serving_bundle(tmp_path / "b"), torch.device("cpu"))
+    _, split = data
+    recommender.recommend([(split.full(0)[0], split.full(0)[1].astype(np.int64))], [{}])
+    assert getattr(recommender.encoder._memo, "last", None) is None
 
 
 def test_an_altered_or_unfinished_bundle_is_refused(tmp_path, data):

@@ -221,11 +221,22 @@ class Funnel:
         scores = np.take_along_axis(fused, order, 1)
         stages = np.take_along_axis(stage_of, order, 1)
         if self.reranker is not None and self.config.rerank:
-            reordered = self.reranker(visible, users, items, scores)
+            # Unranked, sources score on different scales (cosines, counts): the re-ranker
+            # reads the list's order instead, as the relevance it trades against.
+            listed = scores if self.config.rank else -np.arange(items.shape[1], dtype=float)
+            relevance = np.where(items >= 0, listed, -np.inf)
+            reordered = self.reranker(visible, users, items, relevance)
             for row in range(len(users)):
-                score_of = dict(zip(items[row].tolist(), scores[row].tolist(), strict=True))
-                scores[row] = [score_of.get(item, -np.inf) for item in reordered[row].tolist()]
-            stages = np.where(reordered != items, RERANK_STAGE, stages)
+                before = items[row].tolist()
+                at = {item: place for place, item in enumerate(before)}
+                after = [at.get(item, -1) for item in reordered[row].tolist()]
+                scores[row] = [scores[row][a] if a >= 0 else -np.inf for a in after]
+                old_stages = stages[row].copy()
+                # An item the re-ranker moved up was placed by it; one pushed down was not.
+                stages[row] = [
+                    RERANK_STAGE if a > place else old_stages[a] if a >= 0 else ""
+                    for place, a in enumerate(after)
+                ]
             items = reordered
         k = min(self.config.k, items.shape[1])
         return FunnelResult(items[:, :k], scores[:, :k], stages[:, :k], candidates)

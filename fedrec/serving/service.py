@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import logging
@@ -37,8 +38,10 @@ from fedrec.serving.store import MANIFEST, ServingBundle, load_serving_bundle, p
 
 log = logging.getLogger(__name__)
 
-# 100x the longest ML-1M history: longer is a broken client (or an attack on latency).
+# About 4x the longest ML-1M history (2,314): longer is a broken client or an attack on
+# latency. Timestamps beyond 2^53 would not survive the float64 the models read them as.
 MAX_HISTORY = 10_000
+MAX_TIMESTAMP = 2**53
 
 
 class BadRequest(ValueError):
@@ -51,9 +54,10 @@ class Recommender:
     def __init__(self, bundle: ServingBundle, device: torch.device):
         self.bundle, self.device = bundle, device
         config = bundle.funnel
-        model = bundle.sequential.to(device)
+        # Copies: two recommenders of one bundle (CPU and CUDA) never move each other's models.
+        model = copy.deepcopy(bundle.sequential).to(device)
         n = config.retrieve_n
-        encoder = SequentialEncoder(model, device)
+        self.encoder = encoder = SequentialEncoder(model, device)
         sources = {
             bundle.model_name: sequential_source(encoder, n),
             "popularity": popularity_source(popularity_counts(bundle.catalogue), n),
@@ -64,7 +68,9 @@ class Recommender:
         scorer = None
         if bundle.ranker is not None:
             scorer = ranker_scorer(
-                bundle.ranker.to(device), bundle.tables, sequential_user_vectors(encoder)
+                copy.deepcopy(bundle.ranker).to(device),
+                bundle.tables,
+                sequential_user_vectors(encoder),
             )
         tasks = bundle.ranker.config.tasks if bundle.ranker is not None else ()
         try:
@@ -100,8 +106,11 @@ class Recommender:
                 f"{self.bundle.catalogue.content_hash[:12]})"
             )
         times = np.array([stamp for _, stamp in events], dtype=np.int64)
-        if (times < 0).any() or (np.diff(times) < 0).any():
-            raise BadRequest("history timestamps must be >= 0 and non-decreasing (oldest first)")
+        if (times < 0).any() or (times > MAX_TIMESTAMP).any() or (np.diff(times) < 0).any():
+            raise BadRequest(
+                f"history timestamps must lie in 0..{MAX_TIMESTAMP} (seconds) and not decrease "
+                "(oldest first)"
+            )
         context = dict(request.context)
         for key in context:
             if key not in USER_ATTRIBUTES:
@@ -127,7 +136,10 @@ class Recommender:
             timestamps=np.concatenate([times for _, times in histories]).astype(np.float64),
         )
         attributes = self.bundle.tables.attributes(contexts)
-        return self.funnel(visible, np.arange(len(histories)), attributes)
+        try:
+            return self.funnel(visible, np.arange(len(histories)), attributes)
+        finally:
+            self.encoder.forget()  # the service keeps nothing of a request past its call
 
 
 class RecommendServicer(pb_grpc.RecommendServiceServicer):
@@ -178,7 +190,11 @@ class RecommendServicer(pb_grpc.RecommendServiceServicer):
             epsilon=epsilon,
             delta=delta,
             epsilon_scope=scope,
-            stages=[*bundle.funnel.sources, *(["ranker"] if bundle.funnel.rank else [])],
+            stages=[
+                *bundle.funnel.sources,
+                *(["ranker"] if bundle.funnel.rank else []),
+                *(["rerank"] if bundle.funnel.rerank else []),
+            ],
             part_hashes=bundle.part_hashes,
         )
 
@@ -188,8 +204,12 @@ def newest_bundle(folder: Path) -> Path:
     whose manifest exists (bundles being written have none yet)."""
     if (folder / MANIFEST).exists():
         return folder
+    # Only v<round> folders: one being published is written aside (a dot-named folder).
     found = (
-        sorted((p for p in folder.iterdir() if (p / MANIFEST).exists()), key=lambda p: _version(p))
+        sorted(
+            (p for p in folder.glob("v[0-9]*") if p.is_dir() and (p / MANIFEST).exists()),
+            key=_version,
+        )
         if folder.is_dir()
         else []
     )
@@ -216,18 +236,21 @@ class BundleWatcher:
     ):
         self.folder, self.servicer, self.device, self.seconds = folder, servicer, device, seconds
         self.stop = threading.Event()
+        self.failed = -1  # the newest version that failed to load
         self.thread = threading.Thread(target=self._run, name="bundle-watcher", daemon=True)
 
     def check(self) -> bool:
-        """Swap in the newest bundle if it is newer; True if it did."""
+        """Swap in the newest bundle if it is newer; True if it did. A bundle that fails to
+        load or build is logged once and skipped until a newer one appears."""
         path = newest_bundle(self.folder)
-        current = self.servicer.current.bundle
-        if _version(path) <= current.version:
+        version = _version(path)
+        if version <= max(self.servicer.current.bundle.version, self.failed):
             return False
         try:
             recommender = Recommender(load_serving_bundle(path), self.device)
-        except FedrecDataError as err:
-            log.error("bundle %s not swapped in: %s", path, err)
+        except Exception as err:  # whatever it is, keep serving the current one
+            self.failed = version
+            log.error("bundle %s not swapped in (%s): %s", path, type(err).__name__, err)
             return False
         self.servicer.swap(recommender)
         log.info("serving bundle version %d (%s)", recommender.bundle.version, path)
@@ -237,8 +260,8 @@ class BundleWatcher:
         while not self.stop.wait(self.seconds):
             try:
                 self.check()
-            except FedrecDataError as err:
-                log.error("%s", err)
+            except Exception as err:  # the watcher must outlive any one poll
+                log.error("bundle watcher: %s: %s", type(err).__name__, err)
 
 
 def serve(

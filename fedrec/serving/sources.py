@@ -47,7 +47,7 @@ class SequentialEncoder:
 
     def __call__(self, visible: SequenceSplit, users: np.ndarray) -> torch.Tensor:
         """``[len(users), dim]`` on ``device``."""
-        key = users.tobytes()
+        key = (users.dtype.str, users.shape, users.tobytes())
         memo = getattr(self._memo, "last", None)
         if memo is not None and memo[0] is visible and memo[1] == key:
             return memo[2]
@@ -70,6 +70,10 @@ class SequentialEncoder:
                 vectors[torch.from_numpy(chosen).to(self.device)] = out
         self._memo.last = (visible, key, vectors)  # holds ``visible``: its id stays unique
         return vectors
+
+    def forget(self) -> None:
+        """Drop this thread's memo (a service call's histories end with the call)."""
+        self._memo.last = None
 
 
 def sequential_source(encoder: SequentialEncoder, n: int) -> Source:

@@ -10,7 +10,9 @@ and the manifest also carries the funnel's settings, the user-attribute vocabula
 public schema of the ranker's user features) and the ledger's (ε, δ) snapshot at that round.
 ``content_hash`` is a digest of the manifest's canonical JSON, so one string names the whole
 bundle. Loading verifies every part against its hash before anything is built from it: a
-service never serves a half-written or altered bundle.
+service never serves a corrupt, truncated or half-written bundle. The hashes are integrity,
+not authenticity: whoever can write the bundle folder can write a consistent bundle (the
+folder is the aggregator's own; signing bundles is not done).
 """
 
 from __future__ import annotations
@@ -159,6 +161,21 @@ def load_serving_bundle(folder: Path) -> ServingBundle:
                 "this part does not match its hash in serving.json", folder / name
             )
     model_bundle = ModelBundle.from_bytes(parts[MODEL_PART], folder / MODEL_PART)
+    try:
+        return _build(manifest, parts, model_bundle, folder)
+    except FedrecDataError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as err:
+        # A manifest that hashes right but does not build (written by another version, or
+        # by hand): refused like a corrupt one, never a crash of whoever loads it.
+        raise FedrecDataError(
+            f"the bundle does not build ({type(err).__name__}: {err})", path
+        ) from None
+
+
+def _build(
+    manifest: dict[str, Any], parts: dict[str, bytes], model_bundle: ModelBundle, folder: Path
+) -> ServingBundle:
     catalogue = ItemCatalogue.from_text(model_bundle.catalogue, folder / MODEL_PART)
     spec = manifest["model"]
     sequential = build_model(
@@ -171,14 +188,8 @@ def load_serving_bundle(folder: Path) -> ServingBundle:
     tables = FeatureTables.build(catalogue, vocabularies)
     ranker = None
     if manifest["ranker"] is not None:
-        config = RankerConfig(**manifest["ranker"])
-        ranker = ranker_class("mmoe-dcn")(config)
-        try:
-            ranker.load_state_dict(load_tensors(parts[RANKER_PART]))
-        except (SafetensorError, RuntimeError) as err:
-            raise FedrecDataError(
-                f"ranker weights do not fit ({err})", folder / RANKER_PART
-            ) from None
+        ranker = ranker_class("mmoe-dcn")(RankerConfig(**manifest["ranker"]))
+        ranker.load_state_dict(load_tensors(parts[RANKER_PART]))
         ranker.eval()
     return ServingBundle(
         version=int(manifest["version"]),
