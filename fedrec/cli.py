@@ -640,6 +640,13 @@ def serve(
         float, typer.Option(help="How often to look for a newer bundle.")
     ] = 10.0,
     workers: Annotated[int, typer.Option(help="Requests served at once.")] = 8,
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            help="Requests that arrive while the funnel runs form its next batch, up to this "
+            "many (1: each request alone, on its own thread)."
+        ),
+    ] = 64,
     insecure: Annotated[
         bool, typer.Option(help="Serve without TLS (local experiments only).")
     ] = False,
@@ -648,6 +655,7 @@ def serve(
     Recommend(history, context, k), Health and ModelInfo (bundle version, ε so far). Requests
     are validated (bad ones get INVALID_ARGUMENT) and nothing from them is stored or logged."""
     from fedrec.serving.service import (
+        Batcher,
         BundleWatcher,
         Recommender,
         RecommendServicer,
@@ -665,7 +673,10 @@ def serve(
     try:
         chosen = device_for(device)
         path = newest_bundle(bundle)
-        servicer = RecommendServicer(Recommender(load_serving_bundle(path), chosen))
+        if max_batch < 1:
+            raise ValueError("--max-batch must be >= 1")
+        batcher = Batcher(max_batch) if max_batch > 1 else None
+        servicer = RecommendServicer(Recommender(load_serving_bundle(path), chosen), batcher)
         key_pair = None
         if certs is not None:
             credentials = Credentials(certs)

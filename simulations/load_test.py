@@ -124,6 +124,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--batch", type=int, default=256, help="users per batched call")
     parser.add_argument("--port", type=int, default=50071)
+    parser.add_argument(
+        "--max-batch", type=int, default=64, help="the server's --max-batch (1: no batching)"
+    )
     parser.add_argument("--output", type=Path, help="write the report here (JSON)")
     args = parser.parse_args()
 
@@ -140,7 +143,11 @@ def main() -> None:
         context={"age": "30", "gender": "M", "occupation": "engineer"},
         k=10,
     )
-    report: dict[str, Any] = {"heavy_user_events": int(lengths.max()), "levels": []}
+    report: dict[str, Any] = {
+        "heavy_user_events": int(lengths.max()),
+        "max_batch": args.max_batch,
+        "levels": [],
+    }
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -158,6 +165,7 @@ def main() -> None:
                 "--device", "cpu",
                 "--poll-seconds", "0.5",
                 "--workers", str(max(args.concurrency)),
+                "--max-batch", str(args.max_batch),
             ],
             env=env,
         )  # fmt: skip

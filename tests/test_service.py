@@ -24,11 +24,12 @@ from fedrec.models.ranking import ranker_class
 from fedrec.models.registry import build_model, model_config
 from fedrec.serving.bundle import ModelBundle
 from fedrec.serving.features import USER_ATTRIBUTES, FeatureTables
-from fedrec.serving.funnel import FunnelConfig
+from fedrec.serving.funnel import FunnelConfig, FunnelResult
 from fedrec.serving.proto import recommend_pb2 as pb
 from fedrec.serving.proto import recommend_pb2_grpc as pb_grpc
 from fedrec.serving.service import (
     MAX_HISTORY,
+    Batcher,
     BundleWatcher,
     Recommender,
     RecommendServicer,
@@ -85,12 +86,13 @@ def write_bundle(folder: Path, data, version: int, seed: int = 0, rerank: str = 
 
 
 @contextlib.contextmanager
-def running_service(root: Path, data):
+def running_service(root: Path, data, batched: bool = True):
     """A TLS service on a free port of 127.0.0.1 serving ``root/bundles/v1``."""
     write_bundle(root / "bundles" / "v1", data, version=1)
     certs = make_credentials(root / "certs", ["127.0.0.1"], [])
     servicer = RecommendServicer(
-        Recommender(load_serving_bundle(root / "bundles" / "v1"), torch.device("cpu"))
+        Recommender(load_serving_bundle(root / "bundles" / "v1"), torch.device("cpu")),
+        Batcher(16) if batched else None,
     )
     server, port = serve(
         servicer, "127.0.0.1:0", certs.server_cert.read_bytes(), certs.server_key.read_bytes()
@@ -216,7 +218,7 @@ def test_each_bad_request_is_invalid_argument_and_the_server_keeps_serving(servi
 
 
 def test_a_bundle_swap_under_load_drops_no_request(tmp_path, data):
-    with running_service(tmp_path, data) as (servicer, stub, root, _):
+    with running_service(tmp_path, data, batched=False) as (servicer, stub, root, _):
         swap_under_load(servicer, stub, root, data)
 
 
@@ -258,6 +260,40 @@ def test_a_bundle_that_asks_for_reranking_gets_it(tmp_path, data, method):
     histories = [(split.full(u)[0], split.full(u)[1].astype(np.int64)) for u in range(10)]
     result = recommender.recommend(histories, [{}] * 10)
     assert "rerank" in set(result.stages[:, :10].ravel())
+
+
+def test_requests_that_wait_form_one_batch_and_each_gets_its_own_answer():
+    release, sizes = threading.Event(), []
+
+    class Echo:  # a recommender whose answer is each history's first item
+        def recommend(self, histories, contexts):
+            sizes.append(len(histories))
+            release.wait(10)  # the first batch holds the batcher while the rest queue
+            first = np.array([[h[0][0]] for h in histories])
+            return FunnelResult(first, first * 1.0, first.astype(object), None)
+
+    batcher, echo, other = Batcher(max_batch=8), Echo(), Echo()
+    answers: dict[int, int] = {}
+
+    def ask(n: int, recommender) -> None:
+        items, _, _ = batcher.run(recommender, (np.array([n]), np.array([0])), {})
+        answers[n] = int(items[0])
+
+    first = threading.Thread(target=ask, args=(0, echo))
+    first.start()
+    while not sizes:
+        threading.Event().wait(0.01)
+    rest = [threading.Thread(target=ask, args=(n, echo if n < 8 else other)) for n in range(1, 11)]
+    for queued, thread in enumerate(rest, start=1):
+        thread.start()
+        while batcher.queue.qsize() < queued:  # queued in order 1, 2, ..., 10
+            threading.Event().wait(0.005)
+    release.set()
+    for thread in [first, *rest]:
+        thread.join(10)
+    assert answers == {n: n for n in range(11)}
+    # 1 alone, then 8 taken at once (split by recommender: 7 + 1), then the last 2
+    assert sizes[0] == 1 and sum(sizes) == 11 and max(sizes[1:]) == 7 and len(sizes) == 4
 
 
 def test_the_watcher_skips_bad_and_unfinished_bundles_and_keeps_serving(tmp_path, data):

@@ -16,9 +16,11 @@ import difflib
 import json
 import logging
 import math
+import queue
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent import futures
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -142,9 +144,77 @@ class Recommender:
             self.encoder.forget()  # the service keeps nothing of a request past its call
 
 
+# One user's answer: (items, scores, stages), each the funnel's widest row.
+Answer = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass
+class _Pending:
+    recommender: Recommender
+    history: tuple[np.ndarray, np.ndarray]
+    context: dict[str, str]
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: Answer | None = None
+    error: BaseException | None = None
+
+
+class Batcher:
+    """Runs the funnel for concurrent requests as batches, on one thread: requests that
+    arrive while a batch runs form the next one (up to ``max_batch``). There is no timer, so
+    a request alone runs at once; under load the model's cost is shared (one encoder pass,
+    one ranker pass per batch) and the models never run on many threads at once, which on a
+    few cores only makes every request slower. Requests validated against different bundles
+    (a swap between them) run in separate batches."""
+
+    def __init__(self, max_batch: int = 64):
+        self.max_batch = max_batch
+        self.queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        self.batches = 0
+        threading.Thread(target=self._loop, name="funnel-batcher", daemon=True).start()
+
+    def run(
+        self,
+        recommender: Recommender,
+        history: tuple[np.ndarray, np.ndarray],
+        context: dict[str, str],
+    ) -> Answer:
+        pending = _Pending(recommender, history, context)
+        self.queue.put(pending)
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.answer is not None
+        return pending.answer
+
+    def _loop(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            for recommender in {id(p.recommender): p.recommender for p in batch}.values():
+                group = [p for p in batch if p.recommender is recommender]
+                self.batches += 1
+                try:
+                    result = recommender.recommend(
+                        [p.history for p in group], [p.context for p in group]
+                    )
+                    for row, pending in enumerate(group):
+                        pending.answer = (result.items[row], result.scores[row], result.stages[row])
+                except Exception as err:  # the callers raise it; the loop goes on
+                    for pending in group:
+                        pending.error = err
+                finally:
+                    for pending in group:
+                        pending.done.set()
+
+
 class RecommendServicer(pb_grpc.RecommendServiceServicer):
-    def __init__(self, recommender: Recommender):
+    def __init__(self, recommender: Recommender, batcher: Batcher | None = None):
         self.current = recommender
+        self.batcher = batcher
 
     def swap(self, recommender: Recommender) -> None:
         """Publish a new bundle's recommender (one assignment: requests in flight finish on
@@ -157,17 +227,18 @@ class RecommendServicer(pb_grpc.RecommendServiceServicer):
             items, times, user, k = recommender.parse(request)
         except BadRequest as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        result = recommender.recommend([(items, times)], [user])
+        if self.batcher is not None:
+            ranked, scores, stages = self.batcher.run(recommender, (items, times), user)
+        else:
+            result = recommender.recommend([(items, times)], [user])
+            ranked, scores, stages = result.items[0], result.scores[0], result.stages[0]
         raw = recommender.bundle.catalogue.raw_item_ids
         titles = recommender.titles
         reply = pb.RecommendReply(
             bundle_version=recommender.bundle.version, bundle_hash=recommender.bundle.content_hash
         )
         for item, score, stage in zip(
-            result.items[0, :k].tolist(),
-            result.scores[0, :k].tolist(),
-            result.stages[0, :k],
-            strict=True,
+            ranked[:k].tolist(), scores[:k].tolist(), stages[:k], strict=True
         ):
             if item >= 0:
                 reply.items.add(
