@@ -332,3 +332,22 @@ def test_new_items_take_their_slots_next_to_generated_items_sharing_the_prefix()
     assert _top_k(found, set(), new, vocabulary, config) == [0, 3, 2]  # one slot only
     assert _top_k(found, {3}, new, vocabulary, config) == [0, 2, 4]  # seen items never listed
     assert _top_k(found, set(), {}, vocabulary, config) == [0, 2, 1]
+
+
+def test_the_funnels_semantic_id_source_is_the_beam_search_without_seen_items(coded, data):
+    from fedrec.serving.sources import generative_source
+
+    _, split = data
+    _, ids, _ = coded
+    vocabulary = CodeVocabulary(ids.codes, ids.codebook_size, ids.extra_size + 4)
+    model = build_model(vocabulary, SMALL_GPT).eval()
+    visible = split.visible("test")
+    users = np.arange(6)
+    items, scores = generative_source(model, vocabulary, SMALL_GPT, n=6, batch=4)(visible, users)
+    beams = generate_items(model, vocabulary, [visible.full(u)[0] for u in users], SMALL_GPT, 6)
+    for row, user in enumerate(users):
+        seen = set(visible.full(user)[0].tolist())
+        kept = [(i, s) for i, s in beams[row] if i not in seen]
+        assert items[row, : len(kept)].tolist() == [i for i, _ in kept]
+        np.testing.assert_allclose(scores[row, : len(kept)], [s for _, s in kept], rtol=1e-5)
+        assert (items[row, len(kept) :] == -1).all()
