@@ -57,7 +57,9 @@ def test_a_federation_publishes_a_serving_bundle_each_round(tmp_path):
     items, times = np.arange(1, 6), np.arange(5) * 100
     result = recommender.recommend([(items, times)], [{}])
     with torch.no_grad():
-        scores = bundle.sequential.score_all(torch.tensor([items + 1]), torch.tensor([times]))[0]
+        scores = bundle.sequential.score_all(
+            torch.from_numpy(items + 1)[None], torch.from_numpy(times)[None]
+        )[0]
     scores[items] = -torch.inf
     assert result.items[0, :10].tolist() == torch.topk(scores, 10).indices.tolist()
     assert set(result.stages[0, :10]) == {"hstu"}
