@@ -366,7 +366,10 @@ def main() -> None:
     def assess(ranker: MultiTaskRanker) -> dict[str, Any]:
         scorer = ranker_scorer(ranker, tables, user_vectors)
         funnel = Funnel(funnel_config, sources, scorer, tasks)
-        metrics, _ = funnel_metrics(funnel, views["test"], attributes, stage_targets["test"])
+        try:
+            metrics, _ = funnel_metrics(funnel, views["test"], attributes, stage_targets["test"])
+        except ValueError as err:  # a diverged ranker (NaN scores): no figures
+            return {"failed": str(err)}
         logits = scorer(views["test"], users, attributes, test_candidates).numpy()
         task_auc = {
             task: auc(logits[..., t][real], test_labels[..., t][real])

@@ -151,6 +151,18 @@ def test_funnel_equals_the_reference_one_user_at_a_time(small_split, rank):
         assert not history & set(result.items[user].tolist())
 
 
+def test_a_ranker_that_scores_nan_is_an_error_not_a_list(small_split):
+    visible, sources = _toy(small_split)
+    config = FunnelConfig(sources=("a", "popularity"), retrieve_n=5, rank=True)
+
+    def broken(visible, users, attributes, candidates):
+        return torch.full((*candidates.items.shape, 2), float("nan"))
+
+    funnel = Funnel(config, sources, broken, ("like", "engage"))
+    with pytest.raises(ValueError, match="NaN"):
+        funnel(visible, np.arange(3), np.zeros((3, 0)))
+
+
 def test_the_first_stage_alone_is_the_sequential_models_full_ranking(small_split):
     torch.manual_seed(0)
     params = dict(max_len=20, embedding_dim=8, num_blocks=1, num_heads=2, dropout=0.0)

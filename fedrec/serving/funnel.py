@@ -204,6 +204,8 @@ class Funnel:
             with torch.no_grad():
                 logits = self.ranker(visible, users, attributes, candidates)
             fused = fused_scores(logits.float(), self.tasks, self.config.task_weights).numpy()
+            if np.isnan(fused[~pad]).any():  # a broken ranker: no list is better than noise
+                raise ValueError("the ranker scored some candidates NaN")
             fused = np.where(pad, -np.inf, fused)
             order = np.argsort(-fused, axis=1, kind="stable")
             stage_of = np.full(candidates.items.shape, RANKER_STAGE, dtype=object)
