@@ -5,9 +5,10 @@
 - HSTU alone (full ranking, the run's own model), and the funnel without a ranker (must equal
   it when HSTU is the first source: the funnel's reference check at scale);
 - recall@N of each retrieval source and of their union, on the test targets;
-- the multi-task ranker trained on every user's validation position (candidates from the
-  funnel's retrieval; the sequential model never trained on that position), its AUC per task
-  on the test candidates, and the funnel's test NDCG@10 / HR@10 with it, per ranker seed.
+- the multi-task ranker trained on the funnel's candidates at each user's last --positions
+  positions before the test item (the validation item and those before it; never the test
+  item), its AUC per task on the test candidates, and the funnel's test NDCG@10 / HR@10 with
+  it, per ranker seed; with --federated, the same ranker trained by FedAvg over users.
 
 Popularity is the training counts (what the catalogue publishes). Full ranking: every item the
 user has not seen is a candidate of HSTU and popularity; the funnel's answer is its top-K.

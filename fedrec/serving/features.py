@@ -57,7 +57,7 @@ class FeatureTables:
             genres[item, [names.index(g) for g in row.split()]] = 1.0
         codes = np.asarray(catalogue.codes or [()] * catalogue.num_items, dtype=np.int64)
         codes = codes.reshape(catalogue.num_items, -1)
-        counts = np.asarray(catalogue.popularity or [0] * catalogue.num_items, dtype=np.float64)
+        counts = popularity_counts(catalogue)
         return cls(
             vocabularies=tuple(
                 ("", *sorted({_value(a, v) for v in user_values.get(a, ())} - {""}))
@@ -123,6 +123,11 @@ class FeatureTables:
             user=user_vectors.float().repeat_interleave(c, dim=0),
             dense=torch.from_numpy(dense.reshape(b * c, -1)),
         )
+
+
+def popularity_counts(catalogue: ItemCatalogue) -> np.ndarray:
+    """The catalogue's published interaction counts (zeros when it publishes none)."""
+    return np.asarray(catalogue.popularity or [0] * catalogue.num_items, dtype=np.float64)
 
 
 def _value(attribute: str, value: str) -> str:

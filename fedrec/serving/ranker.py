@@ -3,7 +3,8 @@
 Examples are the funnel's own candidates: a user's retrieval union at a point of their history,
 each candidate labelled *engage* (it is the item the user took next) and *like* (it is, and they
 rated it ≥ ``LIKE_RATING``). A device builds them from its own history and ratings; centrally,
-the validation position of every user does (the sequential model never trained on it).
+each user's last positions before the test item do (``simulations/bench_funnel.py
+--positions``), the test item never.
 """
 
 from __future__ import annotations

@@ -30,13 +30,13 @@ import torch
 
 from fedrec.data.split import SequenceSplit
 from fedrec.errors import FedrecDataError
-from fedrec.serving.features import USER_ATTRIBUTES
+from fedrec.serving.features import USER_ATTRIBUTES, popularity_counts
 from fedrec.serving.funnel import Funnel, FunnelConfig, FunnelResult, audit_reranker
 from fedrec.serving.proto import recommend_pb2 as pb
 from fedrec.serving.proto import recommend_pb2_grpc as pb_grpc
 from fedrec.serving.ranker import ranker_scorer, sequential_user_vectors
 from fedrec.serving.sources import SequentialEncoder, popularity_source, sequential_source
-from fedrec.serving.store import MANIFEST, ServingBundle, load_serving_bundle, popularity_counts
+from fedrec.serving.store import MANIFEST, ServingBundle, load_serving_bundle
 
 log = logging.getLogger(__name__)
 

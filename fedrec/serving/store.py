@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -229,10 +228,6 @@ def publish_round(
     for old in versions[: -config.keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
-
-
-def popularity_counts(catalogue: ItemCatalogue) -> np.ndarray:
-    return np.asarray(catalogue.popularity or [0] * catalogue.num_items, dtype=np.float64)
 
 
 def _ranker_json(config: RankerConfig) -> dict[str, Any]:
