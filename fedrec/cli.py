@@ -644,9 +644,12 @@ def serve(
         int,
         typer.Option(
             help="Requests that arrive while the funnel runs form its next batch, up to this "
-            "many (1: each request alone, on its own thread)."
+            "many (1: each request alone). One thread runs the models."
         ),
     ] = 64,
+    threads: Annotated[
+        int, typer.Option(help="CPU threads of the model thread (torch intra-op).")
+    ] = 1,
     insecure: Annotated[
         bool, typer.Option(help="Serve without TLS (local experiments only).")
     ] = False,
@@ -671,12 +674,13 @@ def serve(
     if certs is None and not insecure:
         _fail(ValueError("--certs DIR is required (make it with `fedrec certs`), or --insecure"))
     try:
+        if max_batch < 1 or threads < 1:
+            raise ValueError("--max-batch and --threads must be >= 1")
         chosen = device_for(device)
         path = newest_bundle(bundle)
-        if max_batch < 1:
-            raise ValueError("--max-batch must be >= 1")
-        batcher = Batcher(max_batch) if max_batch > 1 else None
-        servicer = RecommendServicer(Recommender(load_serving_bundle(path), chosen), batcher)
+        servicer = RecommendServicer(
+            Recommender(load_serving_bundle(path), chosen), Batcher(max_batch, threads)
+        )
         key_pair = None
         if certs is not None:
             credentials = Credentials(certs)

@@ -310,6 +310,11 @@ def test_ranker_scores_the_funnels_candidates_and_labels_follow_the_target():
     )
     alone = scorer(None, np.arange(1), attributes[1:], single)
     torch.testing.assert_close(alone[0, 0], logits[1, 0])
+    # Scoring in chunks of pairs (the cache-sized passes) is the same as one pass.
+    chunked = ranker_scorer(
+        ranker, tables, lambda visible, users: torch.ones(len(users), 3), chunk=3
+    )(None, np.arange(2), attributes, candidates)
+    torch.testing.assert_close(chunked, logits)
 
 
 def test_user_vectors_of_empty_histories_are_zero(small_split):

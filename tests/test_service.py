@@ -263,16 +263,17 @@ def test_a_bundle_that_asks_for_reranking_gets_it(tmp_path, data, method):
 
 
 def test_requests_that_wait_form_one_batch_and_each_gets_its_own_answer():
-    release, sizes = threading.Event(), []
+    release, sizes, threads = threading.Event(), [], set()
 
     class Echo:  # a recommender whose answer is each history's first item
         def recommend(self, histories, contexts):
             sizes.append(len(histories))
+            threads.add((threading.get_ident(), torch.get_num_threads()))
             release.wait(10)  # the first batch holds the batcher while the rest queue
             first = np.array([[h[0][0]] for h in histories])
             return FunnelResult(first, first * 1.0, first.astype(object), None)
 
-    batcher, echo, other = Batcher(max_batch=8), Echo(), Echo()
+    batcher, echo, other = Batcher(max_batch=8, threads=1), Echo(), Echo()
     answers: dict[int, int] = {}
 
     def ask(n: int, recommender) -> None:
@@ -294,6 +295,8 @@ def test_requests_that_wait_form_one_batch_and_each_gets_its_own_answer():
     assert answers == {n: n for n in range(11)}
     # 1 alone, then 8 taken at once (split by recommender: 7 + 1), then the last 2
     assert sizes[0] == 1 and sum(sizes) == 11 and max(sizes[1:]) == 7 and len(sizes) == 4
+    # One thread ran every batch, with the torch threads it was given.
+    assert len(threads) == 1 and next(iter(threads))[1] == 1
 
 
 def test_the_watcher_skips_bad_and_unfinished_bundles_and_keeps_serving(tmp_path, data):
@@ -381,6 +384,10 @@ def test_serve_refuses_to_start_without_tls_or_a_bundle(tmp_path):
         app, ["serve", "--bundle", str(tmp_path / "none"), "--certs", str(tmp_path / "certs")]
     )
     assert result.exit_code == 2 and "no serving bundle here" in result.output
+    result = runner.invoke(
+        app, ["serve", "--bundle", str(tmp_path), "--insecure", "--threads", "0"]
+    )
+    assert result.exit_code == 2 and "--threads must be >= 1" in result.output
 
 
 @pytest.mark.slow

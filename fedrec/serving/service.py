@@ -166,8 +166,8 @@ class Batcher:
     few cores only makes every request slower. Requests validated against different bundles
     (a swap between them) run in separate batches."""
 
-    def __init__(self, max_batch: int = 64):
-        self.max_batch = max_batch
+    def __init__(self, max_batch: int = 64, threads: int = 1):
+        self.max_batch, self.threads = max_batch, threads
         self.queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self.batches = 0
         threading.Thread(target=self._loop, name="funnel-batcher", daemon=True).start()
@@ -187,6 +187,9 @@ class Batcher:
         return pending.answer
 
     def _loop(self) -> None:
+        # Per thread (OpenMP): the model thread's own intra-op threads. Two on this
+        # thread made a lone request 2x slower than one (BENCHMARKS.md, issue 18).
+        torch.set_num_threads(self.threads)
         while True:
             batch = [self.queue.get()]
             while len(batch) < self.max_batch:
