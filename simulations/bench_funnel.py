@@ -58,12 +58,13 @@ from fedrec.serving.ranker import (  # noqa: E402
     train_ranker,
 )
 from fedrec.serving.sources import (  # noqa: E402
+    SEMANTIC_ID_SOURCE,
     SequentialEncoder,
     generative_source,
     popularity_source,
     sequential_source,
 )
-from fedrec.serving.store import write_serving_bundle  # noqa: E402
+from fedrec.serving.store import GenerativeRetriever, write_serving_bundle  # noqa: E402
 from fedrec.training import model_scorer  # noqa: E402
 
 
@@ -110,11 +111,13 @@ def fedavg_ranker(
     noise_multiplier: float,
     seed: int,
     delta: float = 1e-5,
+    final_learning_rate: float | None = None,
 ) -> dict[str, Any]:
     """FedAvg of ``model`` over users, each a device holding only its own candidates and
     labels: ``cohort`` users a round (drawn without replacement), each ``local_epochs`` of SGD
     from the global weights (batches of 64), averaged by Flower's ``aggregate`` weighted by
-    examples. ``noise_multiplier`` > 0: DP-FedAvg as the server's DP wrapper runs it: each
+    examples; with ``final_learning_rate`` the local rate decays geometrically to it over the
+    rounds (a public schedule: no privacy cost). ``noise_multiplier`` > 0: DP-FedAvg as the server's DP wrapper runs it: each
     update clipped to ``clip`` (Flower's ``compute_clip_model_update``), the unweighted mean
     plus N(0, (σ·clip / cohort)²) from private randomness, and the user-level ε of the rounds
     (fixed-size cohorts without replacement, replace-one) from fedrec's accountant. A simulation
@@ -131,7 +134,9 @@ def fedavg_ranker(
     local = copy.deepcopy(model)
     shuffle = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in tqdm(range(rounds), desc="federated ranker", unit="round", leave=False):
+    decay = (final_learning_rate or local_learning_rate) / local_learning_rate
+    for r in tqdm(range(rounds), desc="federated ranker", unit="round", leave=False):
+        learning_rate = local_learning_rate * decay ** (r / max(rounds - 1, 1))
         current = [p.detach().numpy().copy() for p in model.parameters()]
         replies, round_loss = [], []
         for u in sampler.choice(len(users), cohort, replace=False):
@@ -144,7 +149,7 @@ def fedavg_ranker(
                 RankingBatch(*(f[index] for f in examples)),
                 labels[index],
                 local_epochs,
-                local_learning_rate,
+                learning_rate,
                 64,
                 shuffle,
                 torch.optim.SGD,
@@ -171,7 +176,12 @@ def fedavg_ranker(
                 target.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
         losses.append(float(np.mean(round_loss)))
     model.eval()
-    facts: dict[str, Any] = {"rounds": rounds, "cohort": cohort, "users": len(users)}
+    facts: dict[str, Any] = {
+        "rounds": rounds,
+        "cohort": cohort,
+        "users": len(users),
+        "local_learning_rates": [local_learning_rate, local_learning_rate * decay],
+    }
     if not private:  # the clients' losses are outside ε: reported only without DP
         facts["losses"] = losses
     if private:
@@ -229,6 +239,11 @@ def main() -> None:
     parser.add_argument("--cohort", type=int, default=100, help="users per round")
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--local-learning-rate", type=float, default=0.05)
+    parser.add_argument(
+        "--final-local-learning-rate",
+        type=float,
+        help="decay the local rate geometrically to this by the last round (default: constant)",
+    )
     parser.add_argument("--clip", type=float, default=1.0, help="update norm bound (DP only)")
     parser.add_argument(
         "--retrieval-only",
@@ -243,11 +258,6 @@ def main() -> None:
         "into this new folder, for `fedrec serve --bundle`",
     )
     args = parser.parse_args()
-    if args.bundle_out and args.semantic_ids:
-        parser.error(
-            "--bundle-out with --semantic-ids: the service has no semantic-ID source yet "
-            "(its beams cost about 0.1 s a user); write the bundle from a run without it"
-        )
     torch.set_num_threads(2)
     ranker_options = {
         name: yaml.safe_load(value)
@@ -261,7 +271,7 @@ def main() -> None:
     device = torch.device("cpu")
     counts = split.train_item_counts()
     extra_sources = {}
-    codes = None
+    codes, generative = None, None
     if args.semantic_ids:
         semantic = load_config(args.semantic_ids).semantic_id
         ids, _ = catalogue_codes(dataset, semantic)
@@ -269,7 +279,8 @@ def main() -> None:
             ids.codes, ids.codebook_size, split, semantic, None, True
         )
         codes = ids.codes
-        extra_sources["semantic_id"] = generative_source(
+        generative = GenerativeRetriever(retriever, vocabulary, semantic.retrieval)
+        extra_sources[SEMANTIC_ID_SOURCE] = generative_source(
             retriever, vocabulary, semantic.retrieval, args.retrieve_n
         )
         print(f"semantic IDs: {ids.report}; retrieval trained in {facts['train_seconds']:.0f} s")
@@ -410,6 +421,7 @@ def main() -> None:
             facts = fedavg_ranker(
                 federated, examples, flat_labels, owner, args.rounds, args.cohort,
                 args.local_epochs, args.local_learning_rate, args.clip, noise, seed,
+                final_learning_rate=args.final_local_learning_rate,
             )  # fmt: skip
             facts["seconds"] = time.perf_counter() - started_training
             run[f"federated_noise_{noise:g}"] = {**assess(federated), **facts}
@@ -444,6 +456,7 @@ def main() -> None:
             ranker,
             tables.vocabularies,
             funnel_config,
+            retriever=generative,
         )
         print(f"serving bundle {digest[:12]} in {args.bundle_out}")
 

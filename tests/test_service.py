@@ -22,6 +22,8 @@ from fedrec.data.catalogue import ItemCatalogue
 from fedrec.errors import FedrecDataError
 from fedrec.models.ranking import ranker_class
 from fedrec.models.registry import build_model, model_config
+from fedrec.semantic_id.retrieval import CodeVocabulary, RetrievalConfig
+from fedrec.semantic_id.retrieval import build_model as build_retrieval_model
 from fedrec.serving.bundle import ModelBundle
 from fedrec.serving.features import USER_ATTRIBUTES, FeatureTables
 from fedrec.serving.funnel import FunnelConfig, FunnelResult
@@ -35,8 +37,11 @@ from fedrec.serving.service import (
     RecommendServicer,
     serve,
 )
+from fedrec.serving.sources import SEMANTIC_ID_SOURCE, generative_source
 from fedrec.serving.store import (
+    MANIFEST,
     MODEL_PART,
+    GenerativeRetriever,
     _manifest_hash,
     load_serving_bundle,
     write_serving_bundle,
@@ -425,3 +430,76 @@ def test_fedrec_serve_answers_over_tls_and_swaps_in_a_new_bundle(tmp_path, data)
     # Nothing from the requests reached the log: it holds the start and the swap, no more.
     lines = [line for line in output.splitlines() if line.strip()]
     assert lines and all("serving bundle version" in line for line in lines), lines
+
+
+def semantic_bundle(folder: Path, data, codes: np.ndarray) -> GenerativeRetriever:
+    """A bundle of HSTU, the semantic-ID model (untrained: any code is likely) and popularity;
+    returns the semantic-ID model as it was written."""
+    dataset, split = data
+    torch.manual_seed(0)
+    model = build_model("hstu", split.num_items, model_config("hstu", MODEL))
+    catalogue = ItemCatalogue.from_dataset(
+        dataset, popularity=split.train_item_counts(), codes=codes
+    )
+    vocabulary = CodeVocabulary(codes, codebook_size=8, extra_vocab=8)
+    config = RetrievalConfig(
+        max_items=6, embedding_dim=16, num_layers=1, num_heads=2, beam_width=10, top_k=10
+    )
+    retriever = GenerativeRetriever(
+        build_retrieval_model(vocabulary, config).eval(), vocabulary, config
+    )
+    funnel = FunnelConfig(sources=("hstu", SEMANTIC_ID_SOURCE, "popularity"), retrieve_n=10)
+    bundle = ModelBundle(
+        1, "model: hstu\n", catalogue.to_text(), catalogue.content_hash, model.state_dict()
+    )
+    write_serving_bundle(folder, bundle, "hstu", MODEL, None, (), funnel, retriever=retriever)
+    return retriever
+
+
+def test_the_semantic_id_model_travels_in_the_bundle_and_serves_its_beams(tmp_path, data):
+    _, split = data
+    # 60 items, two levels of 8 codes: unique codes, each level used.
+    codes = np.stack([np.arange(60) // 8, np.arange(60) % 8], axis=1)
+    written = semantic_bundle(tmp_path / "b", data, codes)
+    loaded = load_serving_bundle(tmp_path / "b")
+    assert loaded.retriever is not None and "retrieval.safetensors" in loaded.part_hashes
+    before, after = written.model.state_dict(), loaded.retriever.model.state_dict()
+    assert before.keys() == after.keys()  # the tied output layer is rebuilt, not stored
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0)
+    np.testing.assert_array_equal(loaded.retriever.vocabulary.tokens, written.vocabulary.tokens)
+
+    # The service's semantic-ID candidates are the written model's beams, seen items dropped.
+    recommender = Recommender(loaded, torch.device("cpu"))
+    users = np.arange(4)
+    visible = split.visible("test")
+    histories = [(visible.full(int(u))[0], visible.full(int(u))[1].astype(np.int64)) for u in users]
+    result = recommender.recommend(histories, [{}] * len(users))
+    expected, _ = generative_source(written.model, written.vocabulary, written.config, 10)(
+        visible, users
+    )
+    for row in range(len(users)):
+        got = result.candidates.items[row][result.candidates.found[row, :, 1]]
+        assert set(got.tolist()) == set(expected[row][expected[row] >= 0].tolist())
+        assert not set(got.tolist()) & set(histories[row][0].tolist())
+    assert (result.candidates.source == 1).any()  # some only the semantic-ID model proposed
+
+
+def test_a_semantic_id_model_that_does_not_fit_its_bundle_is_refused(tmp_path, data):
+    codes = np.stack([np.arange(60) // 8, np.arange(60) % 8], axis=1)
+    retriever = semantic_bundle(tmp_path / "ok", data, codes)
+    catalogue = ItemCatalogue.from_dataset(data[0], codes=codes[::-1].copy())
+    bundle = ModelBundle(1, "", catalogue.to_text(), catalogue.content_hash, {})
+    with pytest.raises(ValueError, match="not the catalogue's codes"):
+        write_serving_bundle(
+            tmp_path / "bad", bundle, "hstu", MODEL, None, (), FunnelConfig(), retriever=retriever
+        )
+    assert not (tmp_path / "bad").exists()
+    # A manifest whose semantic-ID settings do not fit the stored tensors (re-hashed, as a
+    # bundle written by another version would be) does not build.
+    manifest = json.loads((tmp_path / "ok" / MANIFEST).read_text("utf-8"))
+    manifest["semantic_id"]["retrieval"]["embedding_dim"] = 32
+    manifest["content_hash"] = _manifest_hash(manifest)
+    (tmp_path / "ok" / MANIFEST).write_text(json.dumps(manifest), "utf-8")
+    with pytest.raises(FedrecDataError, match="does not build"):
+        load_serving_bundle(tmp_path / "ok")

@@ -68,6 +68,7 @@ class CodeVocabulary:
             raise ValueError(
                 f"extra level needs {codes[:, -1].max() + 1} tokens, has {extra_vocab}"
             )
+        self.codebook_size, self.extra_vocab = codebook_size, extra_vocab
         self.levels = codes.shape[1]
         self.offsets = first_token + codebook_size * np.arange(self.levels)
         self.size = first_token + codebook_size * (self.levels - 1) + extra_vocab
@@ -177,7 +178,14 @@ def generate_items(
     first; ``beams = 1`` is constrained greedy decoding."""
     beams = beams or config.beam_width
     ids, mask = _left_padded([vocabulary.history_tokens(h, config.max_items) for h in histories])
-    return constrained_search(model, vocabulary, beams, PAD, input_ids=ids, attention_mask=mask)
+    return constrained_search(
+        model,
+        vocabulary,
+        beams,
+        PAD,
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
+    )
 
 
 def prompt_cache(model: Any, beams: int, **inputs: torch.Tensor) -> Any:

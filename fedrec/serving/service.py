@@ -35,7 +35,13 @@ from fedrec.serving.funnel import Funnel, FunnelConfig, FunnelResult, audit_rera
 from fedrec.serving.proto import recommend_pb2 as pb
 from fedrec.serving.proto import recommend_pb2_grpc as pb_grpc
 from fedrec.serving.ranker import ranker_scorer, sequential_user_vectors
-from fedrec.serving.sources import SequentialEncoder, popularity_source, sequential_source
+from fedrec.serving.sources import (
+    SEMANTIC_ID_SOURCE,
+    SequentialEncoder,
+    generative_source,
+    popularity_source,
+    sequential_source,
+)
 from fedrec.serving.store import MANIFEST, ServingBundle, load_serving_bundle
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,11 @@ class Recommender:
             bundle.model_name: sequential_source(encoder, n),
             "popularity": popularity_source(popularity_counts(bundle.catalogue), n),
         }
+        if bundle.retriever is not None:
+            retriever = bundle.retriever
+            sources[SEMANTIC_ID_SOURCE] = generative_source(
+                copy.deepcopy(retriever.model).to(device), retriever.vocabulary, retriever.config, n
+            )
         # The funnel always keeps its widest list; a request's k cuts it.
         self.max_k = n
         widest = FunnelConfig(**{**vars(config), "k": self.max_k})

@@ -16,6 +16,8 @@ from fedrec.models.base import SequentialRecommender
 from fedrec.semantic_id.retrieval import CodeVocabulary, RetrievalConfig, generate_items
 from fedrec.serving.funnel import Source
 
+# The funnel's name of ``generative_source`` (``FunnelConfig.sources``).
+SEMANTIC_ID_SOURCE = "semantic_id"
 # Full scores: (visible histories, users) -> [B, num_items].
 FullScorer = Callable[[SequenceSplit, np.ndarray], torch.Tensor]
 

@@ -5,6 +5,9 @@ A serving bundle is a folder of parts, each a file hashed (SHA-256) in ``serving
 - ``model.bundle``: the round's ``ModelBundle`` (the global sequential model, the experiment
   config and the catalogue with its semantic-ID codes and popularity; it verifies itself);
 - ``ranker.safetensors``: the multi-task ranker's weights (its config is in the manifest);
+- ``retrieval.safetensors``: the semantic-ID model, generative retrieval over the catalogue's
+  codes (its config and vocabulary sizes are in the manifest; a tied output layer is not
+  stored twice);
 
 and the manifest also carries the funnel's settings, the user-attribute vocabularies (the
 public schema of the ranker's user features) and the ledger's (ε, δ) snapshot at that round.
@@ -27,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -36,12 +41,16 @@ from fedrec.errors import FedrecDataError
 from fedrec.models.base import SequentialRecommender
 from fedrec.models.ranking import MultiTaskRanker, RankerConfig, ranker_class
 from fedrec.models.registry import build_model, model_config
+from fedrec.semantic_id.retrieval import CodeVocabulary, RetrievalConfig
+from fedrec.semantic_id.retrieval import build_model as build_retrieval_model
 from fedrec.serving.bundle import ModelBundle
 from fedrec.serving.features import USER_ATTRIBUTES, FeatureTables
 from fedrec.serving.funnel import FunnelConfig
 
 SERVING_FORMAT = "fedrec-serving/1"
 MANIFEST, MODEL_PART, RANKER_PART = "serving.json", "model.bundle", "ranker.safetensors"
+RETRIEVAL_PART = "retrieval.safetensors"
+TIED_OUTPUT = "lm_head.weight"  # transformers' output layer, tied to the input embedding
 SERVING_DIR = "serving"  # RUN/serving/v<round>/: a federation's bundles
 
 
@@ -74,6 +83,15 @@ class ServingConfig:
 
 
 @dataclass
+class GenerativeRetriever:
+    """The semantic-ID model: a transformers causal LM over the catalogue's code tokens."""
+
+    model: Any
+    vocabulary: CodeVocabulary
+    config: RetrievalConfig
+
+
+@dataclass
 class ServingBundle:
     """What the funnel runs, loaded and verified. ``privacy``: the ledger's ε (and δ) at the
     bundle's round, as ``fedrec.federation.privacy.epsilons_so_far`` names them; empty when the
@@ -89,6 +107,7 @@ class ServingBundle:
     tables: FeatureTables
     funnel: FunnelConfig
     privacy: dict[str, float]
+    retriever: GenerativeRetriever | None = None
 
     @property
     def epsilon(self) -> tuple[float, float, str]:
@@ -108,14 +127,27 @@ def write_serving_bundle(
     vocabularies: tuple[tuple[str, ...], ...],
     funnel: FunnelConfig,
     privacy: Mapping[str, float] | None = None,
+    retriever: GenerativeRetriever | None = None,
 ) -> str:
     """Write a serving bundle into the new folder ``folder``; returns its content hash. The
-    manifest goes last, so a folder without one is an unfinished write."""
+    manifest goes last, so a folder without one is an unfinished write. ``retriever``'s codes
+    must be the catalogue's."""
+    if retriever is not None:
+        codes = ItemCatalogue.from_text(model_bundle.catalogue, folder / MODEL_PART).codes
+        vocabulary = retriever.vocabulary
+        if not codes or not np.array_equal(
+            np.asarray(codes) + vocabulary.offsets, vocabulary.tokens
+        ):
+            raise ValueError("the semantic-ID model's codes are not the catalogue's codes")
     folder.mkdir(parents=True, exist_ok=False)
     parts = {MODEL_PART: model_bundle.to_bytes()}
     if ranker is not None:
-        state = {k: v.detach().cpu().contiguous() for k, v in ranker.state_dict().items()}
-        parts[RANKER_PART] = save_tensors(state)
+        parts[RANKER_PART] = save_tensors(_plain(ranker.state_dict()))
+    if retriever is not None:
+        state = retriever.model.state_dict()
+        if retriever.model.config.tie_word_embeddings:
+            state.pop(TIED_OUTPUT, None)  # the input embedding's own tensor
+        parts[RETRIEVAL_PART] = save_tensors(_plain(state))
     for name, data in parts.items():
         (folder / name).write_bytes(data)
     manifest: dict[str, Any] = {
@@ -126,6 +158,13 @@ def write_serving_bundle(
         "ranker": None if ranker is None else _ranker_json(ranker.config),
         "vocabularies": [list(v) for v in vocabularies],
         "funnel": asdict(funnel),
+        "semantic_id": None
+        if retriever is None
+        else {
+            "codebook_size": retriever.vocabulary.codebook_size,
+            "extra_vocab": retriever.vocabulary.extra_vocab,
+            "retrieval": asdict(retriever.config),
+        },
         # ∞ (a noiseless release) as null: the manifest stays strict JSON.
         "privacy": {k: None if math.isinf(v) else v for k, v in (privacy or {}).items()},
     }
@@ -190,6 +229,9 @@ def _build(
         ranker = ranker_class("mmoe-dcn")(RankerConfig(**manifest["ranker"]))
         ranker.load_state_dict(load_tensors(parts[RANKER_PART]))
         ranker.eval()
+    retriever = None
+    if manifest.get("semantic_id") is not None:  # absent from bundles older than the field
+        retriever = _retriever(manifest["semantic_id"], parts[RETRIEVAL_PART], catalogue)
     return ServingBundle(
         version=int(manifest["version"]),
         content_hash=str(manifest["content_hash"]),
@@ -201,7 +243,34 @@ def _build(
         tables=tables,
         funnel=FunnelConfig(**manifest["funnel"]),
         privacy={k: math.inf if v is None else float(v) for k, v in manifest["privacy"].items()},
+        retriever=retriever,
     )
+
+
+def _retriever(spec: dict[str, Any], data: bytes, catalogue: ItemCatalogue) -> GenerativeRetriever:
+    if not catalogue.codes:
+        raise ValueError("the bundle has a semantic-ID model, but its catalogue has no codes")
+    vocabulary = CodeVocabulary(
+        np.asarray(catalogue.codes, dtype=np.int64),
+        int(spec["codebook_size"]),
+        int(spec["extra_vocab"]),
+    )
+    config = RetrievalConfig(**spec["retrieval"])
+    with torch.random.fork_rng(devices=[]):  # it seeds its initial weights: not our RNG
+        model = build_retrieval_model(vocabulary, config)
+    missing, unexpected = model.load_state_dict(load_tensors(data), strict=False)
+    tied = {TIED_OUTPUT} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(
+            f"the semantic-ID model's tensors do not fit its config (missing "
+            f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    model.tie_weights()
+    return GenerativeRetriever(model.eval(), vocabulary, config)
+
+
+def _plain(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def publish_round(
