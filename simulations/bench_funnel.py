@@ -111,17 +111,22 @@ def fedavg_ranker(
     noise_multiplier: float,
     seed: int,
     delta: float = 1e-5,
-    final_learning_rate: float | None = None,
+    server_optimizer: str = "sgd",
+    server_learning_rate: float = 1.0,
+    server_momentum: float = 0.0,
 ) -> dict[str, Any]:
     """FedAvg of ``model`` over users, each a device holding only its own candidates and
     labels: ``cohort`` users a round (drawn without replacement), each ``local_epochs`` of SGD
     from the global weights (batches of 64), averaged by Flower's ``aggregate`` weighted by
-    examples; with ``final_learning_rate`` the local rate decays geometrically to it over the
-    rounds (a public schedule: no privacy cost). ``noise_multiplier`` > 0: DP-FedAvg as the server's DP wrapper runs it: each
-    update clipped to ``clip`` (Flower's ``compute_clip_model_update``), the unweighted mean
-    plus N(0, (σ·clip / cohort)²) from private randomness, and the user-level ε of the rounds
-    (fixed-size cohorts without replacement, replace-one) from fedrec's accountant. A simulation
-    of the rounds in one process: the ranker is not yet a FederatedModel of the Flower apps."""
+    examples. The server applies the mean update through ``server_optimizer`` with the update's
+    negative as the gradient (Reddi et al., "Adaptive Federated Optimization"): SGD at rate 1
+    is FedAvg, with ``server_momentum`` FedAvgM, ``adam`` FedAdam (as Flower's FedAvgM and
+    FedAdam strategies update; post-processing, so no privacy cost). ``noise_multiplier`` > 0:
+    DP-FedAvg as the server's DP wrapper runs it: each update clipped to ``clip`` (Flower's
+    ``compute_clip_model_update``), the unweighted mean plus N(0, (σ·clip / cohort)²) from
+    private randomness, and the user-level ε of the rounds (fixed-size cohorts without
+    replacement, replace-one) from fedrec's accountant. A simulation of the rounds in one
+    process: the ranker is not yet a FederatedModel of the Flower apps."""
     order = np.argsort(owner, kind="stable")
     users, starts = np.unique(owner[order], return_index=True)
     ends = np.append(starts[1:], len(order))
@@ -134,9 +139,12 @@ def fedavg_ranker(
     local = copy.deepcopy(model)
     shuffle = torch.Generator().manual_seed(seed)
     losses = []
-    decay = (final_learning_rate or local_learning_rate) / local_learning_rate
-    for r in tqdm(range(rounds), desc="federated ranker", unit="round", leave=False):
-        learning_rate = local_learning_rate * decay ** (r / max(rounds - 1, 1))
+    server = (
+        torch.optim.Adam(model.parameters(), lr=server_learning_rate, eps=1e-3)
+        if server_optimizer == "adam"
+        else torch.optim.SGD(model.parameters(), lr=server_learning_rate, momentum=server_momentum)
+    )
+    for _ in tqdm(range(rounds), desc="federated ranker", unit="round", leave=False):
         current = [p.detach().numpy().copy() for p in model.parameters()]
         replies, round_loss = [], []
         for u in sampler.choice(len(users), cohort, replace=False):
@@ -149,7 +157,7 @@ def fedavg_ranker(
                 RankingBatch(*(f[index] for f in examples)),
                 labels[index],
                 local_epochs,
-                learning_rate,
+                local_learning_rate,
                 64,
                 shuffle,
                 torch.optim.SGD,
@@ -173,14 +181,15 @@ def fedavg_ranker(
             mean = aggregate(replies)
         with torch.no_grad():
             for target, value in zip(model.parameters(), mean, strict=True):
-                target.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+                target.grad = target - torch.from_numpy(np.asarray(value, dtype=np.float32))
+        server.step()
         losses.append(float(np.mean(round_loss)))
     model.eval()
     facts: dict[str, Any] = {
         "rounds": rounds,
         "cohort": cohort,
         "users": len(users),
-        "local_learning_rates": [local_learning_rate, local_learning_rate * decay],
+        "server": [server_optimizer, server_learning_rate, server_momentum],
     }
     if not private:  # the clients' losses are outside ε: reported only without DP
         facts["losses"] = losses
@@ -240,10 +249,14 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--local-learning-rate", type=float, default=0.05)
     parser.add_argument(
-        "--final-local-learning-rate",
-        type=float,
-        help="decay the local rate geometrically to this by the last round (default: constant)",
+        "--server-optimizer",
+        choices=("sgd", "adam"),
+        default="sgd",
+        help="how the server applies the mean update: sgd (rate 1, no momentum: FedAvg; "
+        "with --server-momentum: FedAvgM) or adam (FedAdam)",
     )
+    parser.add_argument("--server-learning-rate", type=float, default=1.0)
+    parser.add_argument("--server-momentum", type=float, default=0.0)
     parser.add_argument("--clip", type=float, default=1.0, help="update norm bound (DP only)")
     parser.add_argument(
         "--retrieval-only",
@@ -421,7 +434,9 @@ def main() -> None:
             facts = fedavg_ranker(
                 federated, examples, flat_labels, owner, args.rounds, args.cohort,
                 args.local_epochs, args.local_learning_rate, args.clip, noise, seed,
-                final_learning_rate=args.final_local_learning_rate,
+                server_optimizer=args.server_optimizer,
+                server_learning_rate=args.server_learning_rate,
+                server_momentum=args.server_momentum,
             )  # fmt: skip
             facts["seconds"] = time.perf_counter() - started_training
             run[f"federated_noise_{noise:g}"] = {**assess(federated), **facts}

@@ -10,6 +10,8 @@ by itself after --seconds.
   requests per second;
 - a bundle swap under load: while 8 clients run, a new bundle version is published into the
   served folder; every reply must succeed, and replies must move to the new version;
+- RecommendMany: every user's test history, --batch users a call, from --many-clients
+  concurrent clients: users per second through the service;
 - batched inference in process (no gRPC): users per second with --batch users per call, over
   every user's test history (the median of --repeats passes after one to warm up).
 
@@ -68,10 +70,16 @@ def republish(source: Path, target: Path, version: int) -> None:
         bundle.ranker,
         bundle.tables.vocabularies,
         bundle.funnel,
+        bundle.privacy,
+        retriever=bundle.retriever,
     )
 
 
-def clients(stub: Any, request: Any, count: int, seconds: float) -> dict[str, Any]:
+def clients(
+    stub: Any, requests: list[Any], count: int, seconds: float, many: bool = False
+) -> dict[str, Any]:
+    """``count`` client threads, each sending ``requests`` in turn (RecommendMany calls when
+    ``many``) until ``seconds`` have passed."""
     latencies: list[float] = []
     versions: list[int] = []
     failures: list[str] = []
@@ -79,11 +87,16 @@ def clients(stub: Any, request: Any, count: int, seconds: float) -> dict[str, An
     deadline = time.perf_counter() + seconds
 
     def run() -> None:
-        mine, seen = [], []
+        mine: list[float] = []
+        seen: list[int] = []
         while time.perf_counter() < deadline:
+            request = requests[len(mine) % len(requests)]
             start = time.perf_counter()
             try:
-                reply = stub.Recommend(request, timeout=30)
+                if many:
+                    reply = stub.RecommendMany(request, timeout=60).replies[0]
+                else:
+                    reply = stub.Recommend(request, timeout=30)
             except grpc.RpcError as err:
                 with lock:
                     failures.append(f"{err.code()}: {err.details()}")
@@ -102,16 +115,34 @@ def clients(stub: Any, request: Any, count: int, seconds: float) -> dict[str, An
         thread.join()
     wall = time.perf_counter() - started
     ms = np.array(latencies) * 1000
+    users = len(requests[0].requests) if many else 1
     return {
         "clients": count,
+        "users_per_call": users,
         "requests": len(latencies),
         "failures": failures[:5],
         "failed": len(failures),
         "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
         "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
         "requests_per_s": len(latencies) / wall,
+        "users_per_s": len(latencies) * users / wall,
         "versions": sorted(set(versions)),
     }
+
+
+def many_requests(dataset: Any, split: Any, batch: int) -> list[Any]:
+    """Every user's test history (no context), ``batch`` users to a RecommendMany call."""
+    visible, raw = split.visible("test"), dataset.raw_item_ids
+    requests = []
+    for user in range(split.num_users):
+        items, times = visible.full(user)
+        pairs = zip(items.tolist(), times.tolist(), strict=True)
+        history = [pb.Event(item=str(raw[i]), timestamp=int(t)) for i, t in pairs]
+        requests.append(pb.RecommendRequest(history=history, k=10))
+    return [
+        pb.RecommendManyRequest(requests=requests[lo : lo + batch])
+        for lo in range(0, len(requests), batch)
+    ]
 
 
 def main() -> None:
@@ -122,7 +153,16 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="the run whose data to replay")
     parser.add_argument("--seconds", type=float, default=10.0, help="per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--batch", type=int, default=256, help="users per batched call")
+    parser.add_argument(
+        "--batch", type=int, default=256, help="users per batched call (in process and over gRPC)"
+    )
+    parser.add_argument(
+        "--many-clients",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="concurrent clients of RecommendMany (--batch users a call)",
+    )
     parser.add_argument("--port", type=int, default=50071)
     parser.add_argument(
         "--max-batch", type=int, default=64, help="the server's --max-batch (1: no batching)"
@@ -181,7 +221,7 @@ def main() -> None:
             stub = pb_grpc.RecommendServiceStub(channel)
             stub.Recommend(request, timeout=60)  # warm up
             for count in args.concurrency:
-                level = clients(stub, request, count, args.seconds)
+                level = clients(stub, [request], count, args.seconds)
                 report["levels"].append(level)
                 print(json.dumps(level), flush=True)
             # The swap: a new version appears in the served folder while 8 clients run.
@@ -191,10 +231,17 @@ def main() -> None:
                 (root / "bundles" / "v0000", root / "bundles" / "v0001", 1),
             )
             timer.start()
-            swap = clients(stub, request, 8, args.seconds)
+            swap = clients(stub, [request], 8, args.seconds)
             timer.join()
             report["swap"] = swap
             print(json.dumps({"swap": swap}), flush=True)
+            report["many"] = []
+            for count in args.many_clients:
+                level = clients(
+                    stub, many_requests(dataset, split, args.batch), count, args.seconds, True
+                )
+                report["many"].append(level)
+                print(json.dumps({"many": level}), flush=True)
             channel.close()
         finally:
             server.terminate()
@@ -204,7 +251,7 @@ def main() -> None:
     recommender = Recommender(bundle, torch.device("cpu"))
     visible = split.visible("test")
     users = np.arange(split.num_users)
-    contexts = [{} for _ in users]
+    contexts: list[dict[str, str]] = [{} for _ in users]
     histories = [(visible.full(int(u))[0], visible.full(int(u))[1].astype(np.int64)) for u in users]
     passes = []
     for _ in range(args.repeats + 1):  # the first pass warms up and is not counted

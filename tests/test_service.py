@@ -222,6 +222,73 @@ def test_each_bad_request_is_invalid_argument_and_the_server_keeps_serving(servi
     assert len(stub.Recommend(request_of(data, 1), timeout=30).items) == 5
 
 
+def test_recommend_many_answers_each_user_as_recommend_does(service, data):
+    _, stub, _, _ = service
+    users = [0, 5, 2, 9]
+    requests = [request_of(data, u, k=3 + u % 4, gender="M") for u in users]
+    many = stub.RecommendMany(pb.RecommendManyRequest(requests=requests), timeout=30)
+    assert len(many.replies) == len(users)
+    for request, reply in zip(requests, many.replies, strict=True):
+        alone = stub.Recommend(request, timeout=30)
+        assert [r.item for r in reply.items] == [r.item for r in alone.items]
+        np.testing.assert_allclose(
+            [r.score for r in reply.items], [r.score for r in alone.items], rtol=1e-5
+        )
+        assert len(reply.items) == request.k and reply.bundle_version == 1
+
+
+@pytest.mark.parametrize("case", ["unknown items", "empty history", "k = 0"])
+def test_one_bad_request_makes_recommend_many_invalid_naming_it(service, data, case):
+    _, stub, _, _ = service
+    request, message = bad_requests(data)[case]
+    batch = pb.RecommendManyRequest(requests=[request_of(data, 1), request, request_of(data, 2)])
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.RecommendMany(batch, timeout=30)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        failure.value.details().startswith("requests[1]: ") and message in failure.value.details()
+    )
+    for wrong in ([], [request_of(data, 1)] * 1025):
+        with pytest.raises(grpc.RpcError) as failure:
+            stub.RecommendMany(pb.RecommendManyRequest(requests=wrong), timeout=30)
+        assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "1..1024 requests" in failure.value.details()
+
+
+def test_calls_of_many_users_batch_up_to_max_batch_users():
+    release, sizes = threading.Event(), []
+
+    class Echo:
+        def recommend(self, histories, contexts):
+            sizes.append(len(histories))
+            release.wait(10)
+            first = np.array([[h[0][0]] for h in histories])
+            return FunnelResult(first, first * 1.0, first.astype(object), None)
+
+    batcher, echo = Batcher(max_batch=8), Echo()
+    answers: dict[int, list[int]] = {}
+
+    def ask(call: int, users: list[int]) -> None:
+        got = batcher.run(echo, [(np.array([u]), np.array([0])) for u in users], [{}] * len(users))
+        answers[call] = [int(items[0]) for items, _, _ in got]
+
+    calls = {0: [0], 1: [1, 2, 3], 2: list(range(4, 11)), 3: [11]}
+    threads = [threading.Thread(target=ask, args=(c, u)) for c, u in calls.items()]
+    threads[0].start()
+    while not sizes:
+        threading.Event().wait(0.01)
+    for queued, thread in enumerate(threads[1:], start=1):
+        thread.start()
+        while batcher.queue.qsize() < queued:
+            threading.Event().wait(0.005)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert answers == calls
+    # 1 alone; 3 (the 7 after them would make 10 > 8: they open the next batch); 7 + 1.
+    assert sizes == [1, 3, 8]
+
+
 def test_a_bundle_swap_under_load_drops_no_request(tmp_path, data):
     with running_service(tmp_path, data, batched=False) as (servicer, stub, root, _):
         swap_under_load(servicer, stub, root, data)
@@ -282,7 +349,7 @@ def test_requests_that_wait_form_one_batch_and_each_gets_its_own_answer():
     answers: dict[int, int] = {}
 
     def ask(n: int, recommender) -> None:
-        items, _, _ = batcher.run(recommender, (np.array([n]), np.array([0])), {})
+        ((items, _, _),) = batcher.run(recommender, [(np.array([n]), np.array([0]))], [{}])
         answers[n] = int(items[0])
 
     first = threading.Thread(target=ask, args=(0, echo))

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 # About 4x the longest ML-1M history (2,314): longer is a broken client or an attack on
 # latency. Timestamps beyond 2^53 would not survive the float64 the models read them as.
 MAX_HISTORY = 10_000
+MAX_REQUESTS = 1_024  # users in one RecommendMany call
 MAX_TIMESTAMP = 2**53
 
 
@@ -95,7 +96,7 @@ class Recommender:
         self.index = bundle.catalogue.index
         self.titles = bundle.catalogue.item_features.get("title", ())
 
-    def parse(self, request: Any) -> tuple[np.ndarray, np.ndarray, dict[str, str], int]:
+    def parse(self, request: Any) -> Parsed:
         """(items, timestamps, context, k) of a request, or ``BadRequest`` saying why not."""
         if not 1 <= request.k <= self.max_k:
             raise BadRequest(f"k must lie in 1..{self.max_k}, got {request.k}")
@@ -157,66 +158,88 @@ class Recommender:
 
 # One user's answer: (items, scores, stages), each the funnel's widest row.
 Answer = tuple[np.ndarray, np.ndarray, np.ndarray]
+# A parsed request: (items, timestamps, context, k).
+Parsed = tuple[np.ndarray, np.ndarray, dict[str, str], int]
+
+
+def answers_of(result: FunnelResult) -> list[Answer]:
+    return [(result.items[r], result.scores[r], result.stages[r]) for r in range(len(result.items))]
 
 
 @dataclass
 class _Pending:
     recommender: Recommender
-    history: tuple[np.ndarray, np.ndarray]
-    context: dict[str, str]
+    histories: list[tuple[np.ndarray, np.ndarray]]
+    contexts: list[dict[str, str]]
     done: threading.Event = field(default_factory=threading.Event)
-    answer: Answer | None = None
+    answers: list[Answer] = field(default_factory=list)
     error: BaseException | None = None
 
 
 class Batcher:
     """Runs the funnel for concurrent requests as batches, on one thread: requests that
-    arrive while a batch runs form the next one (up to ``max_batch``). There is no timer, so
-    a request alone runs at once; under load the model's cost is shared (one encoder pass,
-    one ranker pass per batch) and the models never run on many threads at once, which on a
-    few cores only makes every request slower. Requests validated against different bundles
-    (a swap between them) run in separate batches."""
+    arrive while a batch runs form the next one (up to ``max_batch`` users; a call with more
+    users runs alone). There is no timer, so a request alone runs at once; under load the
+    model's cost is shared (one encoder pass, one ranker pass per batch) and the models never
+    run on many threads at once, which on a few cores only makes every request slower.
+    Requests validated against different bundles (a swap between them) run in separate
+    batches."""
 
     def __init__(self, max_batch: int = 64, threads: int = 1):
         self.max_batch, self.threads = max_batch, threads
         self.queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self.batches = 0
+        self._carried: _Pending | None = None  # taken from the queue, too big for the batch
         threading.Thread(target=self._loop, name="funnel-batcher", daemon=True).start()
 
     def run(
         self,
         recommender: Recommender,
-        history: tuple[np.ndarray, np.ndarray],
-        context: dict[str, str],
-    ) -> Answer:
-        pending = _Pending(recommender, history, context)
+        histories: list[tuple[np.ndarray, np.ndarray]],
+        contexts: list[dict[str, str]],
+    ) -> list[Answer]:
+        pending = _Pending(recommender, histories, contexts)
         self.queue.put(pending)
         pending.done.wait()
         if pending.error is not None:
             raise pending.error
-        assert pending.answer is not None
-        return pending.answer
+        return pending.answers
+
+    def _next_batch(self) -> list[_Pending]:
+        batch = [self._carried or self.queue.get()]
+        self._carried = None
+        users = len(batch[0].histories)
+        while users < self.max_batch:
+            try:
+                pending = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if users + len(pending.histories) > self.max_batch:
+                self._carried = pending  # first in the next batch
+                break
+            batch.append(pending)
+            users += len(pending.histories)
+        return batch
 
     def _loop(self) -> None:
         # Per thread (OpenMP): the model thread's own intra-op threads. Two on this
         # thread made a lone request 2x slower than one (BENCHMARKS.md, issue 18).
         torch.set_num_threads(self.threads)
         while True:
-            batch = [self.queue.get()]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
+            batch = self._next_batch()
             for recommender in {id(p.recommender): p.recommender for p in batch}.values():
                 group = [p for p in batch if p.recommender is recommender]
                 self.batches += 1
                 try:
-                    result = recommender.recommend(
-                        [p.history for p in group], [p.context for p in group]
+                    answers = answers_of(
+                        recommender.recommend(
+                            [h for p in group for h in p.histories],
+                            [c for p in group for c in p.contexts],
+                        )
                     )
-                    for row, pending in enumerate(group):
-                        pending.answer = (result.items[row], result.scores[row], result.stages[row])
+                    for pending in group:
+                        pending.answers = answers[: len(pending.histories)]
+                        answers = answers[len(pending.histories) :]
                 except Exception as err:  # the callers raise it; the loop goes on
                     for pending in group:
                         pending.error = err
@@ -238,14 +261,42 @@ class RecommendServicer(pb_grpc.RecommendServiceServicer):
     def Recommend(self, request: Any, context: grpc.ServicerContext) -> Any:
         recommender = self.current  # read once: a swap mid-request does not affect it
         try:
-            items, times, user, k = recommender.parse(request)
+            parsed = recommender.parse(request)
         except BadRequest as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return self._reply(recommender, parsed[3], self._answers(recommender, [parsed])[0])
+
+    def RecommendMany(self, request: Any, context: grpc.ServicerContext) -> Any:
+        recommender = self.current
+        if not 1 <= len(request.requests) <= MAX_REQUESTS:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"send 1..{MAX_REQUESTS} requests per call, got {len(request.requests)}",
+            )
+        parsed = []
+        for index, one in enumerate(request.requests):
+            try:
+                parsed.append(recommender.parse(one))
+            except BadRequest as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requests[{index}]: {err}")
+        answers = self._answers(recommender, parsed)
+        return pb.RecommendManyReply(
+            replies=[
+                self._reply(recommender, k, answer)
+                for (_, _, _, k), answer in zip(parsed, answers, strict=True)
+            ]
+        )
+
+    def _answers(self, recommender: Recommender, parsed: list[Parsed]) -> list[Answer]:
+        histories = [(items, times) for items, times, _, _ in parsed]
+        contexts = [user for _, _, user, _ in parsed]
         if self.batcher is not None:
-            ranked, scores, stages = self.batcher.run(recommender, (items, times), user)
-        else:
-            result = recommender.recommend([(items, times)], [user])
-            ranked, scores, stages = result.items[0], result.scores[0], result.stages[0]
+            return self.batcher.run(recommender, histories, contexts)
+        return answers_of(recommender.recommend(histories, contexts))
+
+    @staticmethod
+    def _reply(recommender: Recommender, k: int, answer: Answer) -> Any:
+        ranked, scores, stages = answer
         raw = recommender.bundle.catalogue.raw_item_ids
         titles = recommender.titles
         reply = pb.RecommendReply(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$fedrec/serving/proto/recommend.proto\x12\x11\x66\x65\x64rec.serving.v1\"(\n\x05\x45vent\x12\x0c\n\x04item\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\"\xbb\x01\n\x10RecommendRequest\x12)\n\x07history\x18\x01 \x03(\x0b\x32\x18.fedrec.serving.v1.Event\x12\x41\n\x07\x63ontext\x18\x02 \x03(\x0b\x32\x30.fedrec.serving.v1.RecommendRequest.ContextEntry\x12\t\n\x01k\x18\x03 \x01(\x05\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x0eRecommendation\x12\x0c\n\x04item\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05stage\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\"o\n\x0eRecommendReply\x12\x30\n\x05items\x18\x01 \x03(\x0b\x32!.fedrec.serving.v1.Recommendation\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\x03\x12\x13\n\x0b\x62undle_hash\x18\x03 \x01(\t\"\x0f\n\rHealthRequest\"\x1d\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xff\x01\n\x0eModelInfoReply\x12\x16\n\x0e\x62undle_version\x18\x01 \x01(\x03\x12\x13\n\x0b\x62undle_hash\x18\x02 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\x12\x0e\n\x06stages\x18\x05 \x03(\t\x12\x46\n\x0bpart_hashes\x18\x06 \x03(\x0b\x32\x31.fedrec.serving.v1.ModelInfoReply.PartHashesEntry\x12\x15\n\repsilon_scope\x18\x07 \x01(\t\x1a\x31\n\x0fPartHashesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x88\x02\n\x10RecommendService\x12S\n\tRecommend\x12#.fedrec.serving.v1.RecommendRequest\x1a!.fedrec.serving.v1.RecommendReply\x12J\n\x06Health\x12 .fedrec.serving.v1.HealthRequest\x1a\x1e.fedrec.serving.v1.HealthReply\x12S\n\tModelInfo\x12#.fedrec.serving.v1.ModelInfoRequest\x1a!.fedrec.serving.v1.ModelInfoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$fedrec/serving/proto/recommend.proto\x12\x11\x66\x65\x64rec.serving.v1\"(\n\x05\x45vent\x12\x0c\n\x04item\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\"\xbb\x01\n\x10RecommendRequest\x12)\n\x07history\x18\x01 \x03(\x0b\x32\x18.fedrec.serving.v1.Event\x12\x41\n\x07\x63ontext\x18\x02 \x03(\x0b\x32\x30.fedrec.serving.v1.RecommendRequest.ContextEntry\x12\t\n\x01k\x18\x03 \x01(\x05\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x0eRecommendation\x12\x0c\n\x04item\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05stage\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\"o\n\x0eRecommendReply\x12\x30\n\x05items\x18\x01 \x03(\x0b\x32!.fedrec.serving.v1.Recommendation\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\x03\x12\x13\n\x0b\x62undle_hash\x18\x03 \x01(\t\"M\n\x14RecommendManyRequest\x12\x35\n\x08requests\x18\x01 \x03(\x0b\x32#.fedrec.serving.v1.RecommendRequest\"H\n\x12RecommendManyReply\x12\x32\n\x07replies\x18\x01 \x03(\x0b\x32!.fedrec.serving.v1.RecommendReply\"\x0f\n\rHealthRequest\"\x1d\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xff\x01\n\x0eModelInfoReply\x12\x16\n\x0e\x62undle_version\x18\x01 \x01(\x03\x12\x13\n\x0b\x62undle_hash\x18\x02 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\x12\x0e\n\x06stages\x18\x05 \x03(\t\x12\x46\n\x0bpart_hashes\x18\x06 \x03(\x0b\x32\x31.fedrec.serving.v1.ModelInfoReply.PartHashesEntry\x12\x15\n\repsilon_scope\x18\x07 \x01(\t\x1a\x31\n\x0fPartHashesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xe9\x02\n\x10RecommendService\x12S\n\tRecommend\x12#.fedrec.serving.v1.RecommendRequest\x1a!.fedrec.serving.v1.RecommendReply\x12_\n\rRecommendMany\x12\'.fedrec.serving.v1.RecommendManyRequest\x1a%.fedrec.serving.v1.RecommendManyReply\x12J\n\x06Health\x12 .fedrec.serving.v1.HealthRequest\x1a\x1e.fedrec.serving.v1.HealthReply\x12S\n\tModelInfo\x12#.fedrec.serving.v1.ModelInfoRequest\x1a!.fedrec.serving.v1.ModelInfoReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,16 +45,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECOMMENDATION']._serialized_end=366
   _globals['_RECOMMENDREPLY']._serialized_start=368
   _globals['_RECOMMENDREPLY']._serialized_end=479
-  _globals['_HEALTHREQUEST']._serialized_start=481
-  _globals['_HEALTHREQUEST']._serialized_end=496
-  _globals['_HEALTHREPLY']._serialized_start=498
-  _globals['_HEALTHREPLY']._serialized_end=527
-  _globals['_MODELINFOREQUEST']._serialized_start=529
-  _globals['_MODELINFOREQUEST']._serialized_end=547
-  _globals['_MODELINFOREPLY']._serialized_start=550
-  _globals['_MODELINFOREPLY']._serialized_end=805
-  _globals['_MODELINFOREPLY_PARTHASHESENTRY']._serialized_start=756
-  _globals['_MODELINFOREPLY_PARTHASHESENTRY']._serialized_end=805
-  _globals['_RECOMMENDSERVICE']._serialized_start=808
-  _globals['_RECOMMENDSERVICE']._serialized_end=1072
+  _globals['_RECOMMENDMANYREQUEST']._serialized_start=481
+  _globals['_RECOMMENDMANYREQUEST']._serialized_end=558
+  _globals['_RECOMMENDMANYREPLY']._serialized_start=560
+  _globals['_RECOMMENDMANYREPLY']._serialized_end=632
+  _globals['_HEALTHREQUEST']._serialized_start=634
+  _globals['_HEALTHREQUEST']._serialized_end=649
+  _globals['_HEALTHREPLY']._serialized_start=651
+  _globals['_HEALTHREPLY']._serialized_end=680
+  _globals['_MODELINFOREQUEST']._serialized_start=682
+  _globals['_MODELINFOREQUEST']._serialized_end=700
+  _globals['_MODELINFOREPLY']._serialized_start=703
+  _globals['_MODELINFOREPLY']._serialized_end=958
+  _globals['_MODELINFOREPLY_PARTHASHESENTRY']._serialized_start=909
+  _globals['_MODELINFOREPLY_PARTHASHESENTRY']._serialized_end=958
+  _globals['_RECOMMENDSERVICE']._serialized_start=961
+  _globals['_RECOMMENDSERVICE']._serialized_end=1322
 # @@protoc_insertion_point(module_scope)

@@ -53,6 +53,18 @@ class RecommendReply(_message.Message):
     bundle_hash: str
     def __init__(self, items: _Optional[_Iterable[_Union[Recommendation, _Mapping]]] = ..., bundle_version: _Optional[int] = ..., bundle_hash: _Optional[str] = ...) -> None: ...
 
+class RecommendManyRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RecommendRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RecommendRequest, _Mapping]]] = ...) -> None: ...
+
+class RecommendManyReply(_message.Message):
+    __slots__ = ("replies",)
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    replies: _containers.RepeatedCompositeFieldContainer[RecommendReply]
+    def __init__(self, replies: _Optional[_Iterable[_Union[RecommendReply, _Mapping]]] = ...) -> None: ...
+
 class HealthRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -39,6 +39,11 @@ class RecommendServiceStub:
                 request_serializer=fedrec_dot_serving_dot_proto_dot_recommend__pb2.RecommendRequest.SerializeToString,
                 response_deserializer=fedrec_dot_serving_dot_proto_dot_recommend__pb2.RecommendReply.FromString,
                 _registered_method=True)
+        self.RecommendMany = channel.unary_unary(
+                '/fedrec.serving.v1.RecommendService/RecommendMany',
+                request_serializer=fedrec_dot_serving_dot_proto_dot_recommend__pb2.RecommendManyRequest.SerializeToString,
+                response_deserializer=fedrec_dot_serving_dot_proto_dot_recommend__pb2.RecommendManyReply.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/fedrec.serving.v1.RecommendService/Health',
                 request_serializer=fedrec_dot_serving_dot_proto_dot_recommend__pb2.HealthRequest.SerializeToString,
@@ -63,6 +68,14 @@ class RecommendServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecommendMany(self, request, context):
+        """Many users in one call (up to 1,024), answered in order as Recommend would answer each;
+        one bad request makes the whole call INVALID_ARGUMENT, naming its index.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Health(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -82,6 +95,11 @@ def add_RecommendServiceServicer_to_server(servicer, server):
                     servicer.Recommend,
                     request_deserializer=fedrec_dot_serving_dot_proto_dot_recommend__pb2.RecommendRequest.FromString,
                     response_serializer=fedrec_dot_serving_dot_proto_dot_recommend__pb2.RecommendReply.SerializeToString,
+            ),
+            'RecommendMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecommendMany,
+                    request_deserializer=fedrec_dot_serving_dot_proto_dot_recommend__pb2.RecommendManyRequest.FromString,
+                    response_serializer=fedrec_dot_serving_dot_proto_dot_recommend__pb2.RecommendManyReply.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -121,6 +139,33 @@ class RecommendService:
             '/fedrec.serving.v1.RecommendService/Recommend',
             fedrec_dot_serving_dot_proto_dot_recommend__pb2.RecommendRequest.SerializeToString,
             fedrec_dot_serving_dot_proto_dot_recommend__pb2.RecommendReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecommendMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedrec.serving.v1.RecommendService/RecommendMany',
+            fedrec_dot_serving_dot_proto_dot_recommend__pb2.RecommendManyRequest.SerializeToString,
+            fedrec_dot_serving_dot_proto_dot_recommend__pb2.RecommendManyReply.FromString,
             options,
             channel_credentials,
             insecure,
