@@ -107,6 +107,26 @@ def test_hstu_encode_matches_reference_composition():
         torch.testing.assert_close(got[row][valid], h[valid], rtol=1e-5, atol=1e-5)
 
 
+def test_hstu_last_query_path_equals_the_last_position_of_encode():
+    model = tiny("hstu", num_blocks=3)
+    items, times = random_history()
+    last = model.encode(items, times, last_only=True)
+    assert last.shape == (3, 1, 8)
+    torch.testing.assert_close(last[:, 0], model.encode(items, times)[:, -1], rtol=1e-6, atol=1e-6)
+    layer = model.layers[0]
+    x = torch.randn(3, 12, 8, generator=torch.Generator().manual_seed(1))
+    buckets, mask = time_buckets(times, model.num_time_buckets), attention_mask(items).float()
+    torch.testing.assert_close(
+        layer(x, buckets, mask, last_only=True),
+        layer(x, buckets, mask)[:, -1:],
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    torch.testing.assert_close(
+        model.user_vectors(items, times), model._normalize(model.encode(items, times)[:, -1])
+    )
+
+
 @pytest.mark.parametrize("name", ["hstu", "sasrec"])
 def test_changing_a_later_item_never_changes_an_earlier_output(name):
     model = tiny(name)

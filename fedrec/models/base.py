@@ -91,9 +91,13 @@ class SequentialRecommender(nn.Module):
         """Scoring vectors of items ``0..num_items-1`` (embedding rows ``1..num_items``)."""
         return self._normalize(self.item_embedding.weight[1:])
 
+    def encode_last(self, items: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
+        """``[B, D]``: ``encode``'s last position (a model may skip computing the others)."""
+        return self.encode(items, timestamps)[:, -1]
+
     def user_vectors(self, items: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
         """The vector that scores the next item after each (left-padded) history."""
-        return self._normalize(self.encode(items, timestamps)[:, -1])
+        return self._normalize(self.encode_last(items, timestamps))
 
     def score_all(self, items: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
         """Scores over all items for the next position after each (left-padded) history."""

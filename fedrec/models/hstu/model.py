@@ -70,9 +70,11 @@ class RelativeBucketedBias(nn.Module):
         nn.init.trunc_normal_(self.time_weights, std=0.02, a=-0.04, b=0.04)
 
     def forward(self, buckets: torch.Tensor) -> torch.Tensor:
-        length = buckets.shape[-1]
+        """``buckets`` ``[B, Q, L]``: the rows of the last ``Q`` of ``L`` queries (all of them,
+        or the last alone); the bias has the same shape."""
+        queries, length = buckets.shape[-2:]
         steps = torch.arange(length, device=buckets.device)
-        relative = steps[None, :] - steps[:, None] + self.max_len - 1
+        relative = steps[None, :] - steps[length - queries :, None] + self.max_len - 1
         return self.position_weights[relative] + self.time_weights[buckets]
 
 
@@ -94,17 +96,25 @@ class HSTULayer(nn.Module):
         self.relative_bias = RelativeBucketedBias(config.max_len, config.num_time_buckets)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, buckets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, buckets: torch.Tensor, mask: torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
+        """``[B, L, D]``; ``last_only``: the last position's output alone, ``[B, 1, D]`` (its
+        keys and values still read every position; the other queries are not computed)."""
         batch, length, dim = x.shape
         projected = F.silu(self.uvqk(F.layer_norm(x, (dim,), eps=1e-6)))
         hl, ha = self.heads * self.linear_dim, self.heads * self.attention_dim
         u, v, q, k = torch.split(projected, [hl, hl, ha, ha], dim=-1)
-        q = q.view(batch, length, self.heads, self.attention_dim)
+        if last_only:
+            x, u, q, mask = x[:, -1:], u[:, -1:], q[:, -1:], mask[:, -1:]
+        queries = q.shape[1]
+        q = q.view(batch, queries, self.heads, self.attention_dim)
         k = k.view(batch, length, self.heads, self.attention_dim)
         v = v.view(batch, length, self.heads, self.linear_dim)
-        scores = torch.einsum("bihd,bjhd->bhij", q, k) + self.relative_bias(buckets).unsqueeze(1)
+        bias = self.relative_bias(buckets[:, -1:] if last_only else buckets).unsqueeze(1)
+        scores = torch.einsum("bihd,bjhd->bhij", q, k) + bias
         weights = F.silu(scores) / self.max_len * mask.unsqueeze(1)
-        attended = torch.einsum("bhij,bjhd->bihd", weights, v).reshape(batch, length, hl)
+        attended = torch.einsum("bhij,bjhd->bihd", weights, v).reshape(batch, queries, hl)
         gated = F.layer_norm(attended, (hl,), eps=1e-6) * u
         return x + self.output(self.dropout(gated))
 
@@ -118,11 +128,19 @@ class HSTU(SequentialRecommender):
         self.layers = nn.ModuleList(HSTULayer(config) for _ in range(config.num_blocks))
         self.num_time_buckets = config.num_time_buckets
 
-    def encode(self, items: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
+    def encode(
+        self, items: torch.Tensor, timestamps: torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
+        """``[B, L, D]``; ``last_only``: ``[B, 1, D]``, the last position, whose last layer
+        computes that one query (the inference path of ``user_vectors``; tested equal)."""
         mask = attention_mask(items).to(self.item_embedding.weight.dtype)
         x = self.embed_inputs(items)
         keep = (items > 0).unsqueeze(-1)
         buckets = time_buckets(timestamps, self.num_time_buckets)
-        for layer in self.layers:
-            x = layer(x, buckets, mask) * keep
+        for index, layer in enumerate(self.layers):
+            final = last_only and index == len(self.layers) - 1
+            x = layer(x, buckets, mask, final) * (keep[:, -1:] if final else keep)
         return x
+
+    def encode_last(self, items: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
+        return self.encode(items, timestamps, last_only=True)[:, -1]
