@@ -655,8 +655,9 @@ def serve(
     ] = False,
 ) -> None:
     """Serve RecommendService (fedrec/serving/proto/recommend.proto) over gRPC with TLS:
-    Recommend(history, context, k), Health and ModelInfo (bundle version, ε so far). Requests
-    are validated (bad ones get INVALID_ARGUMENT) and nothing from them is stored or logged."""
+    Recommend(history, context, k), RecommendMany (up to 1,024 users a call), Health and
+    ModelInfo (bundle version, ε so far). Requests are validated (bad ones get
+    INVALID_ARGUMENT) and nothing from them is stored or logged."""
     from fedrec.serving.service import (
         Batcher,
         BundleWatcher,
