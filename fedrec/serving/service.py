@@ -49,8 +49,13 @@ log = logging.getLogger(__name__)
 # About 4x the longest ML-1M history (2,314): longer is a broken client or an attack on
 # latency. Timestamps beyond 2^53 would not survive the float64 the models read them as.
 MAX_HISTORY = 10_000
-MAX_REQUESTS = 1_024  # users in one RecommendMany call
 MAX_TIMESTAMP = 2**53
+MAX_REQUESTS = 1_024  # users in one RecommendMany call
+
+# One user's answer: (items, scores, stages), each the funnel's widest row.
+Answer = tuple[np.ndarray, np.ndarray, np.ndarray]
+# A parsed request: (items, timestamps, context, k).
+Parsed = tuple[np.ndarray, np.ndarray, dict[str, str], int]
 
 
 class BadRequest(ValueError):
@@ -154,12 +159,6 @@ class Recommender:
             return self.funnel(visible, np.arange(len(histories)), attributes)
         finally:
             self.encoder.forget()  # the service keeps nothing of a request past its call
-
-
-# One user's answer: (items, scores, stages), each the funnel's widest row.
-Answer = tuple[np.ndarray, np.ndarray, np.ndarray]
-# A parsed request: (items, timestamps, context, k).
-Parsed = tuple[np.ndarray, np.ndarray, dict[str, str], int]
 
 
 def answers_of(result: FunnelResult) -> list[Answer]:
