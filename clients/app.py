@@ -74,7 +74,6 @@ class Client:
     config: ExperimentConfig
     partition: int
     split: SequenceSplit
-    groups: dict[str, np.ndarray]
     catalogue: ItemCatalogue
     ledger_path: Path
     personal_path: Path
@@ -141,13 +140,7 @@ def _client(context: Context, msg: Message | None = None) -> Client:
     store, catalogue_path, ledger, personal = client_paths(run_dir, context.node_config)
     catalogue = _checked_catalogue(catalogue_path, msg)
     data = EventStore(store)
-    own = client_split(data.events(), catalogue)
-    attributes = data.user_attributes()
-    names = sorted({name for user in own.users for name in attributes.get(user, {})})
-    groups = {
-        name: np.array([attributes.get(u, {}).get(name, "") for u in own.users], dtype=object)
-        for name in names
-    }
+    own = client_split(data.events(), catalogue, data.user_attributes())
     model = _process_model(config, text, run_dir, catalogue)
     if msg is not None:
         model.load_shared_state(msg.content.array_records["arrays"].to_torch_state_dict())
@@ -155,7 +148,6 @@ def _client(context: Context, msg: Message | None = None) -> Client:
         config,
         int(context.node_config["partition-id"]),
         own.split,
-        groups,
         catalogue,
         ledger,
         personal,
@@ -368,7 +360,7 @@ def evaluate_on_device(msg: Message, context: Context) -> Message:
         context_ = AuditContext.from_parts(
             client.split,
             audit,
-            client.groups,
+            client.split.user_features,
             np.asarray(catalogue.popularity, dtype=np.int64),
             _column(catalogue, "genres"),
         )

@@ -9,9 +9,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:  # the commands import fedrec lazily: `--help` stays fast
+    from fedrec.device.client import Event
 
 app = typer.Typer(
     help="A device: its encrypted store (events, ledger, model bundle) and joining a deployment.",
@@ -86,7 +89,9 @@ def import_events(
     passphrase_env: PassphraseOption = None,
     events: Annotated[
         Path | None,
-        typer.Option(help="A CSV of item,timestamp[,kind] rows (a header row is skipped)."),
+        typer.Option(
+            help="A CSV of item,timestamp[,kind[,rating]] rows (a header row is skipped)."
+        ),
     ] = None,
     config: Annotated[
         Path | None, typer.Option(help="With --user: the experiment config whose data holds it.")
@@ -96,34 +101,47 @@ def import_events(
     ] = None,
 ) -> None:
     """Record past events in one transaction: from a CSV, or one user's history of a data set
-    (a device that starts with what its user already did)."""
+    with their ratings and attributes (a device that starts with what its user already did)."""
     from fedrec.config import load_config
     from fedrec.data import load_dataset
-    from fedrec.device.client import dataset_history
+    from fedrec.device.client import dataset_attributes, dataset_history
 
     try:
+        attributes = None
+        rows: list[Event]
         if events is not None:
             rows = _csv_events(events)
         elif config is not None and user is not None:
-            rows = dataset_history(load_dataset(load_config(config).data), user)
+            dataset = load_dataset(load_config(config).data)
+            rows = dataset_history(dataset, user)
+            attributes = dataset_attributes(dataset, user)
         else:
             raise typer.BadParameter("give --events, or --config and --user")
         with _open(store, key_file, passphrase_env) as device:
             known = device.record_many(rows)
+            if attributes:
+                device.set_attributes(attributes)
         typer.echo(f"recorded {len(rows)} events ({len(rows) - sum(known)} of unknown items)")
     except (ValueError, OSError) as err:
         _fail(err)
 
 
-def _csv_events(path: Path) -> list[tuple[str, int, str]]:
-    rows: list[tuple[str, int, str]] = []
+def _csv_events(path: Path) -> list[Event]:
+    rows: list[Event] = []
     with path.open(newline="", encoding="utf-8") as handle:
         for line, row in enumerate(csv.reader(handle), start=1):
             if line == 1 and (len(row) < 2 or not row[1].strip().isdigit()):
                 continue  # a header
             if len(row) < 2 or not row[1].strip().isdigit():
-                raise ValueError(f"{path}:{line}: expected item,timestamp[,kind], got {row}")
-            rows.append((row[0].strip(), int(row[1]), row[2].strip() if len(row) > 2 else "view"))
+                raise ValueError(
+                    f"{path}:{line}: expected item,timestamp[,kind[,rating]], got {row}"
+                )
+            kind = row[2].strip() if len(row) > 2 and row[2].strip() else "view"
+            try:
+                rating = float(row[3]) if len(row) > 3 and row[3].strip() else None
+            except ValueError:
+                raise ValueError(f"{path}:{line}: rating {row[3]!r} is not a number") from None
+            rows.append((row[0].strip(), int(row[1]), kind, rating))
     return rows
 
 
@@ -243,8 +261,18 @@ def join(
     ] = None,
     foundation: Annotated[
         Path | None,
-        typer.Option(help="The LLM recommender's foundation folder (a copy of the server's)."),
+        typer.Option(
+            help="The frozen public folder the federation builds on (a copy of the server's): "
+            "the LLM recommender's foundation, or a ranker federation's retrieval bundle."
+        ),
     ] = None,
+    allow_without_dp: Annotated[
+        bool,
+        typer.Option(
+            help="Train also when the federation sets no record-level DP (the ranker's): the "
+            "update then has no ε bound against the server."
+        ),
+    ] = False,
 ) -> None:
     """Join the federation: a Flower SuperNode over TLS, authenticated by --auth-key, whose
     ClientApp reads only this store. Runs until stopped (Ctrl-C)."""
@@ -259,6 +287,8 @@ def join(
         node_config["only-when"] = only_when
     if foundation is not None:
         node_config["foundation"] = str(foundation.resolve())
+    if allow_without_dp:
+        node_config["allow-without-dp"] = True
     try:
         with _open(store, key_file, passphrase_env):
             pass  # the key opens the store before anything starts

@@ -5,9 +5,11 @@ Everything is read from and kept in that store through ``fedrec.device.DeviceCli
 server's config and catalogue (sent with the first query, with the client this device's
 authenticated key is enrolled as), the events, the ledger and the latest model bundle. The
 node reads no other file of the run but, for the LLM recommender, its public foundation folder
-(node config ``foundation``), checked against the digest the bundle names. Node config
-``min-events``, ``epsilon-budget`` and ``only-when`` (a command that exits 0 when the device
-may train, e.g. ``on_ac_power``) make its participation policy.
+(node config ``foundation``), or for a ranker federation its retrieval bundle there, checked
+against the digest the bundle names. Node config ``min-events``, ``epsilon-budget``,
+``only-when`` (a command that exits 0 when the device may train, e.g. ``on_ac_power``) and
+``allow-without-dp`` (train when the federation sets no record-level DP) make its participation
+policy.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def _policy(node_config: Mapping[str, Any]) -> ParticipationPolicy:
         min_events=int(cast(int, node_config.get("min-events", ParticipationPolicy.min_events))),
         epsilon_budget=None if budget is None else float(cast(float, budget)),
         condition=condition,
+        allow_without_dp=bool(node_config.get("allow-without-dp", False)),
     )
 
 

@@ -25,6 +25,7 @@ from fedrec.federation.config import FederatedConfig
 from fedrec.llm_rec.config import LLMRecConfig
 from fedrec.models import SequentialModelConfig, model_config, model_names
 from fedrec.semantic_id.pipeline import SemanticIdConfig
+from fedrec.serving.federated import RankingConfig
 from fedrec.serving.store import ServingConfig
 from fedrec.training import TrainConfig
 
@@ -35,7 +36,8 @@ class ExperimentConfig:
     ``audit`` (the per-round bias and fairness audit) are read by ``fedrec simulate`` only;
     ``semantic_id`` by ``fedrec semantic-ids``; ``privacy_audit`` holds users out of training
     and plants canaries for ``fedrec privacy-audit``. With an ``llm`` section the federation trains
-    the LLM recommender's adapters instead of ``model``."""
+    the LLM recommender's adapters instead of ``model``; with a ``ranking`` section, the funnel's
+    ranker over a frozen retrieval bundle."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model_name: str = "hstu"
@@ -47,6 +49,7 @@ class ExperimentConfig:
     semantic_id: SemanticIdConfig = field(default_factory=SemanticIdConfig)
     privacy_audit: MembershipConfig = field(default_factory=MembershipConfig)
     llm: LLMRecConfig | None = None
+    ranking: RankingConfig | None = None
     serving: ServingConfig | None = None
     seed: int = 0
     output_dir: str = "runs"
@@ -69,8 +72,11 @@ class ExperimentConfig:
     @property
     def federated_model_kind(self) -> str:
         """What a federation of this config trains (``fedrec.federated_models``): the LLM
-        recommender's adapters with an ``llm`` section, else the sequential ``model``."""
-        return "llm" if self.llm is not None else "sequential"
+        recommender's adapters with an ``llm`` section, the funnel's ranker with a ``ranking``
+        section, else the sequential ``model``."""
+        if self.llm is not None:
+            return "llm"
+        return "ranking" if self.ranking is not None else "sequential"
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -198,7 +204,20 @@ def parse_config(
     experiment.model_name = name
     experiment.model = model
     fed = experiment.federated
-    if experiment.llm is None and fed.record_dp is not None and model.loss == "full_softmax":
+    if experiment.ranking is not None:
+        line = where.line("ranking")
+        at = f"{source}{f':{line}' if line else ''}: ranking"
+        if experiment.llm is not None:
+            raise FedrecConfigError(
+                f"{at}: a federation trains one model: remove the llm or the ranking section"
+            )
+        if fed.record_dp is not None:
+            raise FedrecConfigError(
+                f"{at}: federated.record_dp is not available for the ranker (its records are "
+                "not defined); remove record_dp and use user-level DP (federated.central_dp)"
+            )
+    sequential = experiment.llm is None and experiment.ranking is None
+    if sequential and fed.record_dp is not None and model.loss == "full_softmax":
         line = where.line("model.loss") or where.line("federated.record_dp")
         raise FedrecConfigError(
             f"{source}:{line}: federated.record_dp needs model.loss: sampled_softmax; the full "
@@ -222,7 +241,7 @@ def parse_config(
             "(the prompt is then trained inside DP-SGD with the adapters)"
         )
     if (
-        experiment.llm is None
+        sequential
         and fed.record_dp is not None
         and fed.partitioning == "user"
         and fed.record_window > model.max_len
@@ -242,8 +261,14 @@ def parse_config(
                 f"{at}: the funnel serves sequential models; this run trains the LLM "
                 "recommender (remove the serving section, or use `fedrec recommend`)"
             )
+        if serving.funnel.rank and experiment.ranking is None:
+            line = where.line("serving.funnel.rank") or line
+            raise FedrecConfigError(
+                f"{source}{f':{line}' if line else ''}: serving.funnel.rank: this federation "
+                "trains no ranker; set rank: false, or federate the ranker (a ranking section)"
+            )
         served = {name, "popularity"}
-        if not set(serving.funnel.sources) <= served:
+        if experiment.ranking is None and not set(serving.funnel.sources) <= served:
             raise FedrecConfigError(
                 f"{at}.funnel.sources {list(serving.funnel.sources)}: a federation's bundle "
                 f"serves {sorted(served)} (model.name and popularity)"

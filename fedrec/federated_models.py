@@ -14,6 +14,7 @@ from fedrec.data.catalogue import ItemCatalogue
 from fedrec.federation.model import FederatedModel, SequentialFederatedModel
 from fedrec.llm_rec.federated import foundation_folder, new_llm_model
 from fedrec.models import build_model
+from fedrec.serving.federated import ranking_model
 from fedrec.training import seed_everything
 
 FederatedModelBuilder = Callable[[ExperimentConfig, ItemCatalogue, Path], FederatedModel]
@@ -33,9 +34,16 @@ def _llm(config: ExperimentConfig, catalogue: ItemCatalogue, run_dir: Path) -> F
     return new_llm_model(config.llm, catalogue, config.seed, foundation_folder(config.llm, run_dir))
 
 
+def _ranking(config: ExperimentConfig, catalogue: ItemCatalogue, run_dir: Path) -> FederatedModel:
+    """Its retrieval bundle must exist on the node (``ranking.retrieval``)."""
+    assert config.ranking is not None
+    return ranking_model(config.ranking, catalogue)
+
+
 FEDERATED_MODEL_KINDS: dict[str, FederatedModelBuilder] = {
     "sequential": _sequential,
     "llm": _llm,
+    "ranking": _ranking,
 }
 
 

@@ -31,6 +31,7 @@ from fedrec.federation.privacy import dp_statement_problem
 from fedrec.llm_rec.federated import foundation_folder
 from fedrec.population import Population
 from fedrec.serving.bundle import ModelBundle, foundation_digest
+from fedrec.serving.federated import RankingFederatedModel, publish_ranked_round
 from fedrec.serving.store import SERVING_DIR, publish_round
 from server.cohort import CohortGrid
 from server.dp import UserLevelDP
@@ -252,8 +253,14 @@ def run_federation(
     )
     arrays = ArrayRecord(federation.model.shared_state())
 
+    # The frozen public folder the federation builds on, named in every bundle: the LLM
+    # recommender's foundation, or a ranker federation's retrieval bundle.
     foundation = (
-        "" if config.llm is None else foundation_digest(foundation_folder(config.llm, run_dir))
+        foundation_digest(foundation_folder(config.llm, run_dir))
+        if config.llm is not None
+        else foundation_digest(Path(config.ranking.retrieval))
+        if config.ranking is not None
+        else ""
     )
 
     def bundle(version: int) -> ModelBundle:
@@ -274,7 +281,16 @@ def run_federation(
         """The round's model bundle and, with ``serving``, its serving bundle (the ledger's ε
         at that round)."""
         bundle(version).publish(run_dir)
-        if config.serving is not None:
+        if config.serving is not None and isinstance(federation.model, RankingFederatedModel):
+            publish_ranked_round(
+                run_dir / SERVING_DIR,
+                federation.model,
+                version,
+                arrays.to_torch_state_dict(),
+                config.serving,
+                federation.epsilons(),
+            )
+        elif config.serving is not None:
             publish_round(
                 run_dir / SERVING_DIR,
                 bundle(version),

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from fedrec.config import load_config  # noqa: E402
 from fedrec.data import prepare_split  # noqa: E402
 from fedrec.data.catalogue import ItemCatalogue  # noqa: E402
-from fedrec.data.split import SequenceSplit, Stage, split_ratings  # noqa: E402
+from fedrec.data.split import SequenceSplit, Stage  # noqa: E402
 from fedrec.evaluation import EvalConfig, evaluate  # noqa: E402
 from fedrec.evaluation.metrics import rank_metrics  # noqa: E402
 from fedrec.models.ranking import MultiTaskRanker, RankingBatch, ranker_class  # noqa: E402
@@ -52,7 +52,7 @@ from fedrec.serving.features import USER_ATTRIBUTES, FeatureTables  # noqa: E402
 from fedrec.serving.funnel import Funnel, FunnelConfig, recall_at_n  # noqa: E402
 from fedrec.serving.ranker import (  # noqa: E402
     candidate_labels,
-    flatten_examples,
+    ranker_examples,
     ranker_scorer,
     sequential_user_vectors,
     train_ranker,
@@ -311,7 +311,7 @@ def main() -> None:
             for u in range(split.num_users)
         ]
     )
-    ratings = split_ratings(dataset)
+    ratings = split.ratings
     encoder = SequentialEncoder(model, device)
     sources = {
         config.model_name: sequential_source(encoder, args.retrieve_n),
@@ -359,20 +359,11 @@ def main() -> None:
     user_vectors = sequential_user_vectors(encoder)
     tasks = ("like", "engage")
     users = np.arange(split.num_users)
-    parts, owners = [], []
-    for drop in range(2, 2 + args.positions):
-        visible = split.without_last(drop)
-        keep = users[np.diff(split.offsets) > drop]
-        candidates = plain.retrieve(visible, keep)
-        at = split.offsets[keep + 1] - drop
-        liked = None if ratings is None else ratings[at]
-        labels = candidate_labels(candidates, split.items[at], liked, tasks)
-        batch = tables.batch(attributes[keep], user_vectors(visible, keep), candidates)
-        parts.append(flatten_examples(batch, labels, candidates))
-        owners.append(np.repeat(keep, (candidates.items >= 0).sum(axis=1)))
-    examples = RankingBatch(*(torch.cat(f) for f in zip(*(b for b, _ in parts), strict=True)))
-    flat_labels = torch.cat([labels for _, labels in parts])
-    owner = np.concatenate(owners)
+    labelled = ranker_examples(
+        plain, tables, user_vectors, split, attributes, range(2, 2 + args.positions), tasks
+    )
+    assert labelled is not None  # every user has a validation position
+    examples, flat_labels, owner = labelled
     test_candidates = plain_result.candidates
     ranker_config = tables.ranker_config(
         model.config.embedding_dim, len(sources), tasks=tasks, **ranker_options

@@ -114,7 +114,7 @@ def test_three_devices_run_three_rounds_through_tls_and_supernode_auth(tmp_path)
             raw = b"".join(p.read_bytes() for p in deployment.devices[i].iterdir() if p.is_file())
             titles = dataset.item_features["title"]
             index = {str(r): n for n, r in enumerate(dataset.raw_item_ids.tolist())}
-            for item, timestamp, _ in dataset_history(dataset, user)[:20]:
+            for item, timestamp, *_ in dataset_history(dataset, user)[:20]:
                 assert str(timestamp).encode() not in raw
                 assert titles[index[item]].encode() not in raw
 

@@ -4,7 +4,6 @@ import pytest
 from fedrec.data import leave_one_out, preprocess
 from fedrec.data.batching import history_batch, history_mask_indices, training_batch
 from fedrec.data.preprocess import PreprocessConfig
-from fedrec.data.split import split_ratings
 
 from .conftest import make_dataset
 
@@ -120,19 +119,24 @@ def test_without_last_drops_each_users_last_events(small_split, events):
         assert cut.full(user)[1].tolist() == times[: max(len(items) - events, 0)].tolist()
 
 
-def test_split_ratings_follow_the_split_order():
+def test_split_ratings_follow_the_split_order_through_subsets_and_windows():
     rows = [(1, 5, 3.0), (0, 2, 9.0), (0, 1, 1.0), (1, 4, 1.0), (0, 3, 5.0), (1, 0, 2.0)]
     rated = {(u, i): 10.0 * u + i for u, i, _ in rows}
     ds = make_dataset(rows, ratings=[rated[(u, i)] for u, i, _ in rows])
     split = leave_one_out(ds)
-    ratings = split_ratings(ds)
-    for user in range(split.num_users):
-        lo, hi = split.offsets[user], split.offsets[user + 1]
-        items = split.items[lo:hi]
-        raw_user = int(str(ds.raw_user_ids[user])[1:])
-        expected = [rated[(raw_user, int(str(ds.raw_item_ids[i])[1:]))] for i in items]
-        assert ratings[lo:hi].tolist() == expected
-    assert split_ratings(make_dataset(rows)) is None
+
+    def expected(view, user: int, raw_user: int) -> list[float]:
+        items = view.full(user)[0]
+        return [rated[(raw_user, int(str(ds.raw_item_ids[i])[1:]))] for i in items]
+
+    raw = [int(str(ds.raw_user_ids[u])[1:]) for u in range(split.num_users)]
+    for view, users in ((split, range(split.num_users)), (split.without_last(1), range(2))):
+        for user in users:
+            lo, hi = view.offsets[user], view.offsets[user + 1]
+            assert view.ratings[lo:hi].tolist() == expected(view, user, raw[user])
+    one = split.subset(np.array([1]))
+    assert one.ratings.tolist() == expected(one, 0, raw[1])
+    assert leave_one_out(make_dataset(rows)).ratings is None
 
 
 def test_leave_one_out_needs_three_interactions():

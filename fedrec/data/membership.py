@@ -9,7 +9,7 @@ items stay real, so they add a little noise to the run's accuracy figures.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -57,8 +57,11 @@ def plant_canaries(split: SequenceSplit, config: MembershipConfig, seed: int) ->
     if config.canaries == 0:
         return split
     items = split.items.copy()
+    ratings = None if split.ratings is None else split.ratings.copy()
     for user in canary_users(split.num_users, config, seed):
         start = int(split.offsets[user])
         canary = random_sequences(split, int(user), 1, np.random.default_rng([seed, int(user)]))
         items[start : start + canary.shape[1]] = canary[0]
-    return SequenceSplit(split.num_users, split.num_items, split.offsets, items, split.timestamps)
+        if ratings is not None:  # a canary is a sequence of items, never rated
+            ratings[start : start + canary.shape[1]] = np.nan
+    return replace(split, items=items, ratings=ratings)

@@ -7,7 +7,7 @@ sequences, so 10⁵ users cost a few arrays, not 10⁵ Python lists.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -25,6 +25,11 @@ class SequenceSplit:
     offsets: np.ndarray  # [num_users + 1]
     items: np.ndarray  # all sequences, concatenated in time order
     timestamps: np.ndarray
+    # Each event's rating (NaN: none given), or None when the data has no ratings.
+    ratings: np.ndarray | None = None
+    # Each user's attributes (name -> [num_users] of str, "" unknown): what the ranker reads of
+    # the user, held like the events (on a device, only its own users').
+    user_features: dict[str, np.ndarray] = field(default_factory=dict)
 
     def full(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.offsets[user], self.offsets[user + 1]
@@ -62,6 +67,8 @@ class SequenceSplit:
             offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
             items=self.items[positions],
             timestamps=self.timestamps[positions],
+            ratings=None if self.ratings is None else self.ratings[positions],
+            user_features={k: v[users] for k, v in self.user_features.items()},
         )
 
     def recent(self, events: int, stage: Stage) -> SequenceSplit:
@@ -90,6 +97,8 @@ class SequenceSplit:
             offsets=np.concatenate([[0], np.cumsum(kept)]).astype(np.int64),
             items=self.items[positions],
             timestamps=self.timestamps[positions],
+            ratings=None if self.ratings is None else self.ratings[positions],
+            user_features=self.user_features,
         )
 
     def train_item_counts(self) -> np.ndarray:
@@ -109,18 +118,16 @@ def leave_one_out(ds: InteractionDataset) -> SequenceSplit:
         )
     order = chronological_order(ds)
     # Already in order: the split shares the data set's arrays (neither is written to).
+    ratings = None if ds.ratings is None else np.asarray(ds.ratings, dtype=np.float64)
     return SequenceSplit(
         num_users=ds.num_users,
         num_items=ds.num_items,
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         items=ds.item_ids if order is None else ds.item_ids[order],
         timestamps=ds.timestamps if order is None else ds.timestamps[order],
+        ratings=ratings if order is None or ratings is None else ratings[order],
+        user_features={
+            name: np.asarray(values).astype(str).astype(object)
+            for name, values in ds.user_features.items()
+        },
     )
-
-
-def split_ratings(ds: InteractionDataset) -> np.ndarray | None:
-    """``ds``'s ratings in the order of ``leave_one_out(ds).items`` (None without ratings)."""
-    if ds.ratings is None:
-        return None
-    order = chronological_order(ds)
-    return ds.ratings if order is None else ds.ratings[order]

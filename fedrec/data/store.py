@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,11 +31,13 @@ MIN_EVENTS = 3  # leave-one-out needs a training, a validation and a test item
 
 @dataclass(eq=False)
 class RawEvents:
-    """Events in raw ids, as a device records them; normalised to str / int64 arrays."""
+    """Events in raw ids, as a device records them; normalised to str / int64 arrays.
+    ``ratings``: each event's rating (NaN where none was given), or None."""
 
     users: np.ndarray
     items: np.ndarray
     timestamps: np.ndarray
+    ratings: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.users = np.array([str(u) for u in np.asarray(self.users).ravel()], dtype=object)
@@ -45,8 +47,10 @@ class RawEvents:
             # Truncating would create ties and could reorder a user's events.
             raise ValueError("timestamps must be whole numbers (e.g. seconds)")
         self.timestamps = times.astype(np.int64)
+        if self.ratings is not None:
+            self.ratings = np.asarray(self.ratings, dtype=np.float64).ravel()
         n = len(self.users)
-        for name in ("items", "timestamps"):
+        for name in ("items", "timestamps", *(("ratings",) if self.ratings is not None else ())):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} rows, expected {n}")
 
@@ -63,8 +67,9 @@ class ClientData(Protocol):
 
 
 class EventStore:
-    """A folder holding one client's events (``events.json``) and user attributes
-    (``users.json``), readable by its owner only since both are personal data."""
+    """A folder holding one client's events (``events.json``; a ``ratings`` column when the
+    events have ratings, null for an unrated one) and user attributes (``users.json``),
+    readable by its owner only since both are personal data."""
 
     EVENTS = "events.json"
     USERS = "users.json"
@@ -86,6 +91,11 @@ class EventStore:
                 "users": events.users.tolist(),
                 "items": events.items.tolist(),
                 "timestamps": events.timestamps.tolist(),
+                **(
+                    {}
+                    if events.ratings is None
+                    else {"ratings": [None if np.isnan(r) else r for r in events.ratings.tolist()]}
+                ),
             },
         )
         _write_private(
@@ -102,8 +112,25 @@ class EventStore:
         columns = [document.get(k) for k in ("users", "items", "timestamps")]
         if not all(isinstance(c, list) for c in columns):
             raise FedrecDataError("events need list columns users, items, timestamps", path)
+        ratings = document.get("ratings")
+        if ratings is not None and not (
+            isinstance(ratings, list)
+            and all(
+                r is None or (isinstance(r, int | float) and not isinstance(r, bool))
+                for r in ratings
+            )
+        ):
+            raise FedrecDataError("ratings must be a list of numbers (null: unrated)", path)
         try:
-            return RawEvents(*(np.asarray(c) for c in columns))
+            users, items, timestamps = (np.asarray(c) for c in columns)
+            return RawEvents(
+                users,
+                items,
+                timestamps,
+                None
+                if ratings is None
+                else np.array([np.nan if r is None else r for r in ratings], dtype=np.float64),
+            )
         except (TypeError, ValueError) as err:
             raise FedrecDataError(f"malformed events ({err})", path) from err
 
@@ -155,8 +182,14 @@ class ClientSplit:
     dropped_users: tuple[str, ...]  # users left with fewer than MIN_EVENTS known events
 
 
-def client_split(events: RawEvents, catalogue: ItemCatalogue) -> ClientSplit:
-    """Split a client's own events as ``leave_one_out`` splits the population's.
+def client_split(
+    events: RawEvents,
+    catalogue: ItemCatalogue,
+    attributes: Mapping[str, Mapping[str, str]] | None = None,
+) -> ClientSplit:
+    """Split a client's own events as ``leave_one_out`` splits the population's; the split
+    carries the events' ratings and, with ``attributes`` (raw user id -> {name: value}), each
+    user's attributes (missing ones "").
 
     Unknown items are skipped, not fatal: a device may have seen items newer than the
     catalogue revision it holds, and one stale item must not stop it from training.
@@ -193,8 +226,15 @@ def client_split(events: RawEvents, catalogue: ItemCatalogue) -> ClientSplit:
         items=items[order].astype(np.int64),
         # float64, as leave_one_out gives: the same model inputs on a device and in simulation
         timestamps=times[order].astype(np.float64),
+        ratings=None if events.ratings is None else events.ratings[known][order],
     )
     users = tuple(str(u) for u in raw_users[kept].tolist())
+    if attributes:
+        names = sorted({name for user in users for name in attributes.get(user, {})})
+        split.user_features = {
+            name: np.array([attributes.get(u, {}).get(name, "") for u in users], dtype=object)
+            for name in names
+        }
     return ClientSplit(split=split, users=users, skipped_events=skipped, dropped_users=dropped)
 
 
@@ -218,4 +258,5 @@ def partition_events(
         users=np.repeat(dataset.raw_user_ids[users], np.diff(part.offsets)),
         items=dataset.raw_item_ids[part.items],
         timestamps=part.timestamps,
+        ratings=part.ratings,
     )

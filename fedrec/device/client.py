@@ -7,12 +7,14 @@ user's rights. The federation's ClientApp (``clients.app``, on a SuperNode start
 ``fedrec device join``) calls ``accept_enrolment``, ``train_round`` and ``evaluate_round``.
 
 What the store holds (all sealed, ``fedrec.device.store``): the events (rows of ``event``, in
-raw item ids: an item the catalogue lacks is kept and reported, and used once a catalogue
-revision lists it), the privacy ledger and enrolment, the experiment config and item catalogue
-the server published, the latest model bundle and the user's personal parameters (the LLM
-recommender's personal prompt). The LLM recommender also needs its frozen foundation, public
-and large, which the device holds as a folder (``foundation``) fetched apart from the rounds;
-the bundle names its digest and the device uses no other.
+raw item ids, with the user's rating when they gave one: an item the catalogue lacks is kept and
+reported, and used once a catalogue revision lists it), the user's attributes
+(``set_attributes``: what the ranker reads), the privacy ledger and enrolment, the experiment
+config and item catalogue the server published, the latest model bundle and the user's personal
+parameters (the LLM recommender's personal prompt). The LLM recommender also needs its frozen
+foundation, and a federation of the funnel's ranker its frozen retrieval bundle: public and
+large, the device holds it as a folder (``foundation``) fetched apart from the rounds; the
+bundle names its digest and the device uses no other.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from fedrec.config import ExperimentConfig, parse_config
 from fedrec.data.batching import next_item_batch
 from fedrec.data.catalogue import ItemCatalogue
 from fedrec.data.dataset import InteractionDataset
+from fedrec.data.split import SequenceSplit
 from fedrec.data.store import MIN_EVENTS, RawEvents, client_split
 from fedrec.device.store import EncryptedStore
 from fedrec.errors import FedrecDataError
@@ -54,12 +57,17 @@ from fedrec.llm_rec.federated import LLMFederatedModel, new_llm_model
 from fedrec.llm_rec.model import LLMRecommender
 from fedrec.privacy import PrivacyLedger
 from fedrec.serving.bundle import ModelBundle, bundle_hash, foundation_digest
+from fedrec.serving.federated import ranking_model
+from fedrec.serving.store import MANIFEST
 
 log = logging.getLogger("fedrec.device")
 
 EVENT, LEDGER, ENROLMENT, UNPROTECTED = "event", "ledger", "enrolment", "unprotected-rounds"
 CONFIG, CATALOGUE, BUNDLE, PERSONAL = "config", "catalogue", "bundle", "personal"
+ATTRIBUTES = "attributes"
 USER = "device-user"  # a device holds one user; the split's users are named by this
+# (item id, timestamp, kind) or (item id, timestamp, kind, rating or None)
+Event = tuple[str, int, str] | tuple[str, int, str, float | None]
 
 
 @dataclass(frozen=True)
@@ -139,24 +147,32 @@ class DeviceClient:
         self._cache = _Cache()
 
     # --- the user's events --------------------------------------------------------------
-    def record(self, item_id: str, timestamp: int, kind: str = "view") -> bool:
-        """Keep one event; returns whether the catalogue knows the item (an unknown one is
-        kept, reported by ``unknown_items``, and used once a catalogue lists it)."""
-        return self.record_many([(item_id, timestamp, kind)])[0]
+    def record(
+        self, item_id: str, timestamp: int, kind: str = "view", rating: float | None = None
+    ) -> bool:
+        """Keep one event (``rating``: the user's rating of the item, if they gave one: the
+        ranker's *like* label); returns whether the catalogue knows the item (an unknown one
+        is kept, reported by ``unknown_items``, and used once a catalogue lists it)."""
+        return self.record_many([(item_id, timestamp, kind, rating)])[0]
 
-    def record_many(self, events: list[tuple[str, int, str]]) -> list[bool]:
-        """Keep several events in one transaction (all or none)."""
+    def record_many(self, events: list[Event]) -> list[bool]:
+        """Keep several events, (item, timestamp, kind[, rating]), in one transaction (all
+        or none)."""
         rows = []
-        for item, timestamp, kind in events:
+        for item, timestamp, kind, *rated in events:
             if not isinstance(timestamp, int | np.integer) or isinstance(timestamp, bool):
                 raise TypeError(f"timestamp must be whole seconds, got {timestamp!r}")
-            rows.append(
-                json.dumps({"item": str(item), "t": int(timestamp), "kind": str(kind)}).encode()
-            )
+            row: dict[str, Any] = {"item": str(item), "t": int(timestamp), "kind": str(kind)}
+            rating = rated[0] if rated else None
+            if rating is not None:
+                if not isinstance(rating, int | float | np.number) or not np.isfinite(rating):
+                    raise TypeError(f"rating must be a finite number or None, got {rating!r}")
+                row["rating"] = float(rating)
+            rows.append(json.dumps(row).encode())
         self.store.add(EVENT, rows)
         self._cache.events = None
         index = self._catalogue_index()
-        known = [index is not None and str(item) in index for item, _, _ in events]
+        known = [index is not None and str(event[0]) in index for event in events]
         unknown = len(known) - sum(known)
         if index is not None and unknown:  # (no item ids in a log: they are the user's)
             log.warning("%d event(s) of items not in the catalogue: kept, not yet used", unknown)
@@ -165,12 +181,28 @@ class DeviceClient:
     def events(self) -> RawEvents:
         if self._cache.events is None:
             rows = [json.loads(r) for r in self.store.rows(EVENT)]
+            rated = any("rating" in r for r in rows)
             self._cache.events = RawEvents(
                 np.array([USER] * len(rows), dtype=object),
                 np.array([r["item"] for r in rows], dtype=object),
                 np.array([r["t"] for r in rows], dtype=np.int64),
+                np.array([r.get("rating", np.nan) for r in rows]) if rated else None,
             )
         return self._cache.events
+
+    def set_attributes(self, attributes: Mapping[str, str]) -> None:
+        """The user's own attributes (age, gender, occupation), which the ranker reads on this
+        device; they never leave it, and ``forget`` deletes them."""
+        values = {str(k): str(v) for k, v in attributes.items()}
+        self.store.put(ATTRIBUTES, json.dumps(values).encode())
+
+    def attributes(self) -> dict[str, str]:
+        held = self.store.get(ATTRIBUTES)
+        return {} if held is None else dict(json.loads(held))
+
+    def _split(self, catalogue: ItemCatalogue) -> SequenceSplit:
+        """The user's known events as a split, with their ratings and attributes."""
+        return client_split(self.events(), catalogue, {USER: self.attributes()}).split
 
     def unknown_items(self) -> dict[str, int]:
         """Items recorded that the held catalogue does not list, with their event counts (all
@@ -243,7 +275,7 @@ class DeviceClient:
         """The top ``k`` items the user has not seen, from the latest global model: on this
         device, without the network."""
         model, catalogue = self._model()
-        split = client_split(self.events(), catalogue).split
+        split = self._split(catalogue)
         if split.num_users == 0:
             raise ValueError(
                 f"no history to recommend from: record at least {MIN_EVENTS} events of "
@@ -277,7 +309,7 @@ class DeviceClient:
     def participation(self, round_number: int) -> str:
         """Why this device sits this training round out ("" when it takes part)."""
         config, catalogue = self.config(), self.catalogue()
-        split = client_split(self.events(), catalogue).split
+        split = self._split(catalogue)
         known = int(split.offsets[-1]) if split.num_users else 0
         if known < self.policy.min_events:
             return f"{known} known events, fewer than the policy's {self.policy.min_events}"
@@ -325,7 +357,7 @@ class DeviceClient:
         before = len(ledger.events)
         reply = train_round(
             model,
-            client_split(self.events(), catalogue).split,
+            self._split(catalogue),
             config.federated,
             partition=client,
             round_number=round_number,
@@ -351,7 +383,7 @@ class DeviceClient:
         model.load_shared_state(state)
         return evaluate_round(
             model,
-            client_split(self.events(), catalogue).split,
+            self._split(catalogue),
             config.federated,
             partition=self._client(),
             round_number=round_number,
@@ -387,7 +419,7 @@ class DeviceClient:
             )
         if not events and not unprotected:
             lines.append("This device has not released anything yet: ε spent is 0.")
-        else:
+        elif events:  # (only updates without DP: no ε to state)
             delta = events[-1].delta
             spent = ledger.epsilon(events[-1].party, delta)
             rounds = sorted({e.round for e in events})
@@ -415,6 +447,7 @@ class DeviceClient:
         personal = self.personal.load()
         return {
             "events": [json.loads(r) for r in self.store.rows(EVENT)],
+            "attributes": self.attributes(),
             "unknown_items": self.unknown_items() if self.store.get(CATALOGUE) else {},
             "personal_parameters": None
             if personal is None
@@ -431,10 +464,11 @@ class DeviceClient:
         }
 
     def forget(self, new_key: bytes | None = None) -> None:
-        """Delete the user's events and personal parameters and the key they were sealed with;
-        the ledger and enrolment stay (spent ε is not refunded). With ``new_key`` (keep it, and
-        only it, in the keystore) no earlier copy of the store opens with the key kept."""
-        self.store.shred(kinds=(EVENT,), names=(PERSONAL,), new_key=new_key)
+        """Delete the user's events, attributes and personal parameters and the key they were
+        sealed with; the ledger and enrolment stay (spent ε is not refunded). With ``new_key``
+        (keep it, and only it, in the keystore) no earlier copy of the store opens with the key
+        kept."""
+        self.store.shred(kinds=(EVENT,), names=(PERSONAL, ATTRIBUTES), new_key=new_key)
         self._cache = _Cache()
 
     def close(self) -> None:
@@ -478,20 +512,30 @@ class DeviceClient:
         return None if self.store.get(CATALOGUE) is None else self.catalogue().index
 
     def _federated(self, config: ExperimentConfig, catalogue: ItemCatalogue) -> FederatedModel:
-        if config.llm is None:
+        if config.llm is None and config.ranking is None:
             return build_federated_model(config, catalogue, self.store.folder)
         self._foundation_hash(config)  # a foundation is there
         assert self.foundation is not None
+        if config.ranking is not None:  # the device's own copy of the retrieval bundle
+            return ranking_model(replace(config.ranking, retrieval=str(self.foundation)), catalogue)
+        assert config.llm is not None
         return new_llm_model(config.llm, catalogue, config.seed, self.foundation)
 
     def _foundation_hash(self, config: ExperimentConfig) -> str:
-        """The digest of the foundation folder the device holds ("" for a sequential model)."""
-        if config.llm is None:
+        """The digest of the frozen public folder the federation builds on, as the device holds
+        it: the LLM recommender's foundation, or a ranker federation's retrieval bundle ("" for
+        a sequential model)."""
+        if config.llm is None and config.ranking is None:
             return ""
-        if self.foundation is None or not (self.foundation / "foundation.json").is_file():
+        what, marker = (
+            ("an LLM recommender federation needs its foundation", "foundation.json")
+            if config.llm is not None
+            else ("a ranker federation needs its retrieval bundle", MANIFEST)
+        )
+        if self.foundation is None or not (self.foundation / marker).is_file():
             raise FedrecDataError(
-                f"an LLM recommender federation needs its foundation on the device (node config "
-                f"`foundation`, `fedrec device join --foundation DIR`); got {self.foundation}",
+                f"{what} on the device (node config `foundation`, `fedrec device join "
+                f"--foundation DIR`); got {self.foundation}",
                 self.store.folder,
             )
         key = self._foundation_files()
@@ -518,6 +562,12 @@ class DeviceClient:
                     self.store.folder,
                 )
             config = parse_config(yaml.safe_load(bundle.config) or {}, "bundle", bundle.config)
+            if config.ranking is not None:
+                raise FedrecDataError(
+                    "this federation trains the funnel's ranker: its recommendations come from "
+                    "the service (`fedrec serve --bundle RUN/serving`), not from the device",
+                    self.store.folder,
+                )
             if self._foundation_hash(config) != bundle.foundation_hash:
                 raise FedrecDataError(
                     f"the model bundle was made with foundation {bundle.foundation_hash[:12]}, "
@@ -532,18 +582,35 @@ class DeviceClient:
         return self._cache.model[1], catalogue
 
 
-def dataset_history(dataset: InteractionDataset, raw_user: str) -> list[tuple[str, int, str]]:
-    """One user's events in a data set, in raw ids, as their device would have recorded them
-    (``fedrec device import``: a device that starts with the user's past history)."""
+def dataset_history(dataset: InteractionDataset, raw_user: str) -> list[Event]:
+    """One user's events in a data set, in raw ids, with their ratings when the data set has
+    them, as their device would have recorded them (``fedrec device import``: a device that
+    starts with the user's past history)."""
+    rows = _user_rows(dataset, raw_user)
+    rows = rows[np.argsort(dataset.timestamps[rows], kind="stable")]
+    ratings = dataset.ratings
+    return [
+        (
+            str(dataset.raw_item_ids[dataset.item_ids[r]]),
+            int(dataset.timestamps[r]),
+            "rating",
+            None if ratings is None else float(ratings[r]),
+        )
+        for r in rows.tolist()
+    ]
+
+
+def dataset_attributes(dataset: InteractionDataset, raw_user: str) -> dict[str, str]:
+    """One user's attributes in a data set (what ``set_attributes`` keeps on their device)."""
+    row = dataset.user_ids[_user_rows(dataset, raw_user)[0]]
+    return {name: str(values[row]) for name, values in dataset.user_features.items()}
+
+
+def _user_rows(dataset: InteractionDataset, raw_user: str) -> np.ndarray:
     users = {str(u): i for i, u in enumerate(dataset.raw_user_ids.tolist())}
     if str(raw_user) not in users:
         raise ValueError(f"user {raw_user!r} is not in {dataset.name or 'the data set'}")
-    rows = np.flatnonzero(dataset.user_ids == users[str(raw_user)])
-    rows = rows[np.argsort(dataset.timestamps[rows], kind="stable")]
-    return [
-        (str(dataset.raw_item_ids[dataset.item_ids[r]]), int(dataset.timestamps[r]), "rating")
-        for r in rows.tolist()
-    ]
+    return np.flatnonzero(dataset.user_ids == users[str(raw_user)])
 
 
 def _digest(data: bytes) -> str:

@@ -9,7 +9,7 @@ each user's last positions before the test item do (``simulations/bench_funnel.p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from fedrec.data.split import SequenceSplit
 from fedrec.models.ranking import MultiTaskRanker, RankingBatch
 from fedrec.serving.features import FeatureTables
-from fedrec.serving.funnel import Candidates, RankerScorer
+from fedrec.serving.funnel import Candidates, Funnel, RankerScorer
 from fedrec.serving.sources import SequentialEncoder
 
 LIKE_RATING = 4.0
@@ -87,6 +87,40 @@ def flatten_examples(
     return RankingBatch(*(field[keep] for field in batch)), torch.from_numpy(
         labels.reshape(-1, labels.shape[2])
     )[keep]
+
+
+def ranker_examples(
+    funnel: Funnel,
+    tables: FeatureTables,
+    user_vectors: UserVectors,
+    split: SequenceSplit,
+    attributes: np.ndarray,
+    drops: Iterable[int],
+    tasks: tuple[str, ...],
+) -> tuple[RankingBatch, torch.Tensor, np.ndarray] | None:
+    """The labelled pairs of ``split``'s users at each position ``drop`` events before the end
+    of their sequence: the funnel's candidates from the history before that position, labelled
+    by the item at it (and its rating). Returns (examples, labels [pairs, tasks], the user of
+    each pair), or None without any: users with no history before a position have no examples
+    at it."""
+    users = np.arange(split.num_users)
+    parts, owners = [], []
+    for drop in drops:
+        keep = users[np.diff(split.offsets) > drop]
+        if not len(keep):
+            continue
+        visible = split.without_last(drop)
+        candidates = funnel.retrieve(visible, keep)
+        at = split.offsets[keep + 1] - drop
+        liked = None if split.ratings is None else split.ratings[at]
+        labels = candidate_labels(candidates, split.items[at], liked, tasks)
+        batch = tables.batch(attributes[keep], user_vectors(visible, keep), candidates)
+        parts.append(flatten_examples(batch, labels, candidates))
+        owners.append(np.repeat(keep, (candidates.items >= 0).sum(axis=1)))
+    if not parts:
+        return None
+    examples = RankingBatch(*(torch.cat(f) for f in zip(*(b for b, _ in parts), strict=True)))
+    return examples, torch.cat([labels for _, labels in parts]), np.concatenate(owners)
 
 
 def train_ranker(

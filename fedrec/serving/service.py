@@ -30,19 +30,12 @@ import torch
 
 from fedrec.data.split import SequenceSplit
 from fedrec.errors import FedrecDataError
-from fedrec.serving.features import USER_ATTRIBUTES, popularity_counts
+from fedrec.serving.features import USER_ATTRIBUTES
 from fedrec.serving.funnel import Funnel, FunnelConfig, FunnelResult, audit_reranker
 from fedrec.serving.proto import recommend_pb2 as pb
 from fedrec.serving.proto import recommend_pb2_grpc as pb_grpc
 from fedrec.serving.ranker import ranker_scorer, sequential_user_vectors
-from fedrec.serving.sources import (
-    SEMANTIC_ID_SOURCE,
-    SequentialEncoder,
-    generative_source,
-    popularity_source,
-    sequential_source,
-)
-from fedrec.serving.store import MANIFEST, ServingBundle, load_serving_bundle
+from fedrec.serving.store import MANIFEST, ServingBundle, bundle_sources, load_serving_bundle
 
 log = logging.getLogger(__name__)
 
@@ -68,28 +61,16 @@ class Recommender:
     def __init__(self, bundle: ServingBundle, device: torch.device):
         self.bundle, self.device = bundle, device
         config = bundle.funnel
-        # Copies: two recommenders of one bundle (CPU and CUDA) never move each other's models.
-        model = copy.deepcopy(bundle.sequential).to(device)
-        n = config.retrieve_n
-        self.encoder = encoder = SequentialEncoder(model, device)
-        sources = {
-            bundle.model_name: sequential_source(encoder, n),
-            "popularity": popularity_source(popularity_counts(bundle.catalogue), n),
-        }
-        if bundle.retriever is not None:
-            retriever = bundle.retriever
-            sources[SEMANTIC_ID_SOURCE] = generative_source(
-                copy.deepcopy(retriever.model).to(device), retriever.vocabulary, retriever.config, n
-            )
+        self.encoder, sources = bundle_sources(bundle, device, config.retrieve_n)
         # The funnel always keeps its widest list; a request's k cuts it.
-        self.max_k = n
+        self.max_k = config.retrieve_n
         widest = FunnelConfig(**{**vars(config), "k": self.max_k})
         scorer = None
         if bundle.ranker is not None:
             scorer = ranker_scorer(
                 copy.deepcopy(bundle.ranker).to(device),
                 bundle.tables,
-                sequential_user_vectors(encoder),
+                sequential_user_vectors(self.encoder),
             )
         tasks = bundle.ranker.config.tasks if bundle.ranker is not None else ()
         try:

@@ -20,6 +20,7 @@ folder is the aggregator's own; signing bundles is not done).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -44,8 +45,15 @@ from fedrec.models.registry import build_model, model_config
 from fedrec.semantic_id.retrieval import CodeVocabulary, RetrievalConfig
 from fedrec.semantic_id.retrieval import build_model as build_retrieval_model
 from fedrec.serving.bundle import ModelBundle
-from fedrec.serving.features import USER_ATTRIBUTES, FeatureTables
-from fedrec.serving.funnel import FunnelConfig
+from fedrec.serving.features import USER_ATTRIBUTES, FeatureTables, popularity_counts
+from fedrec.serving.funnel import FunnelConfig, Source
+from fedrec.serving.sources import (
+    SEMANTIC_ID_SOURCE,
+    SequentialEncoder,
+    generative_source,
+    popularity_source,
+    sequential_source,
+)
 
 SERVING_FORMAT = "fedrec-serving/1"
 MANIFEST, MODEL_PART, RANKER_PART = "serving.json", "model.bundle", "ranker.safetensors"
@@ -66,8 +74,9 @@ PRIVACY_SCOPES = (
 class ServingConfig:
     """A federation writes a serving bundle after every round (``RUN/serving/v<round>/``, the
     ``keep`` newest kept), which ``fedrec serve --bundle RUN/serving`` swaps in as it appears.
-    It holds the round's sequential model and the ledger's ε at that round; the federation
-    trains no ranker, so its ``funnel`` ranks by retrieval (``rank: false``)."""
+    It holds the round's global model and the ledger's ε at that round: a federation of the
+    sequential model serves its retrieval (``rank: false``); a federation of the ranker
+    (a ``ranking`` section) serves its frozen retrieval and the round's ranker."""
 
     funnel: FunnelConfig = field(default_factory=lambda: FunnelConfig(("hstu", "popularity")))
     keep: int = 3
@@ -75,11 +84,6 @@ class ServingConfig:
     def __post_init__(self) -> None:
         if self.keep < 1:
             raise ValueError("serving.keep must be >= 1 (the newest bundle is always kept)")
-        if self.funnel.rank:
-            raise ValueError(
-                "serving.funnel.rank: the federation trains no ranker; set rank: false "
-                "(a ranked bundle: simulations/bench_funnel.py --bundle-out)"
-            )
 
 
 @dataclass
@@ -107,6 +111,7 @@ class ServingBundle:
     tables: FeatureTables
     funnel: FunnelConfig
     privacy: dict[str, float]
+    model_bundle: ModelBundle
     retriever: GenerativeRetriever | None = None
 
     @property
@@ -116,6 +121,25 @@ class ServingBundle:
             if key in self.privacy:
                 return self.privacy[key], self.privacy.get(f"{key}_delta", 0.0), scope
         return math.inf, 0.0, "no DP claimed"
+
+
+def bundle_sources(
+    bundle: ServingBundle, device: torch.device, n: int
+) -> tuple[SequentialEncoder, dict[str, Source]]:
+    """``bundle``'s retrieval sources on ``device``, each proposing ``n`` items, and the
+    encoder they share. Copies: two users of one bundle (CPU and CUDA) never move each other's
+    models."""
+    encoder = SequentialEncoder(copy.deepcopy(bundle.sequential).to(device), device)
+    sources = {
+        bundle.model_name: sequential_source(encoder, n),
+        "popularity": popularity_source(popularity_counts(bundle.catalogue), n),
+    }
+    if bundle.retriever is not None:
+        retriever = bundle.retriever
+        sources[SEMANTIC_ID_SOURCE] = generative_source(
+            copy.deepcopy(retriever.model).to(device), retriever.vocabulary, retriever.config, n
+        )
+    return encoder, sources
 
 
 def write_serving_bundle(
@@ -243,6 +267,7 @@ def _build(
         tables=tables,
         funnel=FunnelConfig(**manifest["funnel"]),
         privacy={k: math.inf if v is None else float(v) for k, v in manifest["privacy"].items()},
+        model_bundle=model_bundle,
         retriever=retriever,
     )
 
@@ -280,6 +305,9 @@ def publish_round(
     model_options: dict[str, Any],
     config: ServingConfig,
     privacy: Mapping[str, float],
+    ranker: MultiTaskRanker | None = None,
+    vocabularies: tuple[tuple[str, ...], ...] = (),
+    retriever: GenerativeRetriever | None = None,
 ) -> Path:
     """The federation's serving bundle of ``model_bundle``'s round in ``root/v<round>/``
     (written aside and renamed into place: a reader sees all of it or none), then only the
@@ -289,7 +317,15 @@ def publish_round(
     shutil.rmtree(aside, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     write_serving_bundle(
-        aside, model_bundle, model_name, model_options, None, (), config.funnel, privacy
+        aside,
+        model_bundle,
+        model_name,
+        model_options,
+        ranker,
+        vocabularies,
+        config.funnel,
+        privacy,
+        retriever,
     )
     shutil.rmtree(target, ignore_errors=True)  # a resumed run publishes its round again
     os.replace(aside, target)
