@@ -197,6 +197,12 @@ def run_federation(
     device the final bundle after the last round."""
     started = time.perf_counter()
     config, fed = population.config, population.config.federated
+    ranking = config.ranking
+    if ranking is not None and "like" in ranking.tasks and population.split.ratings is None:
+        raise ValueError(
+            f"ranking.tasks: 'like' needs ratings, and {population.dataset.name or 'the data'} "
+            "has none: set ranking.tasks: [engage]"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     catalogue = population.publish(run_dir, progress=progress)
     client_audit = config.audit.enabled and config.audit.mode == "federated"

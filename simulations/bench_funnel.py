@@ -232,6 +232,12 @@ def main() -> None:
         help="ranker examples from each user's last P positions before the test item (1: the "
         "validation item only; more reach into what the sequential model trained on)",
     )
+    parser.add_argument(
+        "--before-validation",
+        action="store_true",
+        help="take the P positions before the validation item instead (held out, as a "
+        "federation's clients build their examples: configs/ml-100k-ranker-federated.yaml)",
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--like-weight", type=float, default=0.5)
@@ -354,13 +360,15 @@ def main() -> None:
             args.output.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         return
 
-    # The ranker's examples: each user's validation position and, with --positions P, the
-    # P - 1 positions before it. One set of examples for every seed.
+    # The ranker's examples: each user's validation position (or, --before-validation, the
+    # position before it) and, with --positions P, the P - 1 positions before that. One set of
+    # examples for every seed.
     user_vectors = sequential_user_vectors(encoder)
     tasks = ("like", "engage")
     users = np.arange(split.num_users)
+    first = 3 if args.before_validation else 2  # events from the end: 2 is the validation item
     labelled = ranker_examples(
-        plain, tables, user_vectors, split, attributes, range(2, 2 + args.positions), tasks
+        plain, tables, user_vectors, split, attributes, range(first, first + args.positions), tasks
     )
     assert labelled is not None  # every user has a validation position
     examples, flat_labels, owner = labelled

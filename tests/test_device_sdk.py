@@ -21,7 +21,7 @@ from fedrec.config import parse_config
 from fedrec.data import load_dataset
 from fedrec.data.catalogue import ItemCatalogue
 from fedrec.device import ParticipationPolicy
-from fedrec.device.client import BUNDLE, EVENT, dataset_history
+from fedrec.device.client import BUNDLE, EVENT, dataset_attributes, dataset_history
 from fedrec.device.store import DATABASE
 from fedrec.errors import FedrecDataError
 from fedrec.federated_models import initial_federated_model
@@ -142,7 +142,7 @@ def test_nothing_about_the_user_is_readable_in_a_devices_files(deployed, tmp_pat
     for user, folder in zip(USERS, folders, strict=True):
         raw = b"".join(p.read_bytes() for p in folder.iterdir() if p.is_file())
         history = dataset_history(dataset, user)
-        for item, timestamp, _ in history[:30]:
+        for item, timestamp, *_ in history[:30]:
             assert str(timestamp).encode() not in raw
             assert titles[index[item]].encode() not in raw
         assert b"196\t" not in raw and b'"item"' not in raw and b"Star Wars" not in raw
@@ -270,7 +270,16 @@ def test_history_import_is_the_users_events_in_time_order():
     dataset = load_dataset(parse_config(CONFIG, "test").data)
     history = dataset_history(dataset, "405")
     assert len(history) == 737
-    assert np.all(np.diff([t for _, t, _ in history]) >= 0)
+    assert np.all(np.diff([t for _, t, *_ in history]) >= 0)
+    # with the user's ratings (the ranker's like labels) and attributes
+    rows = np.flatnonzero(dataset.raw_user_ids[dataset.user_ids] == "405")
+    assert sorted(r for *_, r in history) == sorted(dataset.ratings[rows].tolist())
+    assert dataset_attributes(dataset, "405") == {
+        "age": "22",
+        "gender": "F",
+        "occupation": "healthcare",
+        "zip_code": "10019",
+    }
 
 
 def test_a_bundle_round_trips_and_a_changed_byte_is_refused(deployed, tmp_path):

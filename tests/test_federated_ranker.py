@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 
@@ -22,14 +23,14 @@ from fedrec.data.synthetic import AGE_BANDS, GENDERS
 from fedrec.errors import FedrecConfigError, FedrecDataError
 from fedrec.evaluation import EvalConfig, evaluate
 from fedrec.federated_models import build_federated_model
-from fedrec.federation.config import FederatedConfig
+from fedrec.federation.config import CentralDPConfig, FederatedConfig
 from fedrec.population import Population, population_of
 from fedrec.serving.bundle import foundation_digest
 from fedrec.serving.federated import RankingFederatedModel
-from fedrec.serving.funnel import Funnel
+from fedrec.serving.funnel import Funnel, FunnelConfig
 from fedrec.serving.ranker import ranker_examples, ranker_scorer, sequential_user_vectors
 from fedrec.serving.service import Recommender, newest_bundle
-from fedrec.serving.store import SERVING_DIR, load_serving_bundle
+from fedrec.serving.store import SERVING_DIR, ServingConfig, load_serving_bundle
 from simulations.inprocess import run_inprocess
 
 BASE = {
@@ -358,3 +359,55 @@ def test_devices_train_the_ranker_from_their_encrypted_stores(tmp_path, retrieva
             assert device.export()["attributes"]["gender"] in GENDERS
             with pytest.raises(FedrecDataError, match="fedrec serve"):
                 device.recommend(5)
+
+
+def test_a_device_keeps_ratings_and_attributes_sealed_and_forgets_them(tmp_path):
+    key = os.urandom(32)
+    with fedrec.device.open(tmp_path / "d", key) as device:
+        device.record("i1", 10)
+        device.record("i2", 20, "rating", rating=4)
+        with pytest.raises(TypeError, match="rating must be a finite number"):
+            device.record("i3", 30, "rating", rating=float("nan"))
+        device.set_attributes({"gender": "F", "occupation": "writer"})
+        ratings = device.events().ratings
+        assert ratings is not None and np.isnan(ratings[0]) and ratings[1] == 4.0
+        assert len(device.events()) == 2  # the refused event was not kept
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "d").iterdir() if p.is_file())
+    assert b"writer" not in raw and b'"rating"' not in raw
+    with fedrec.device.open(tmp_path / "d", key) as device:
+        assert device.export()["attributes"] == {"gender": "F", "occupation": "writer"}
+        device.forget()
+        assert device.attributes() == {} and len(device.events()) == 0
+
+
+def test_user_level_dp_wraps_the_ranker_federation_and_its_bundles_state_epsilon(
+    tmp_path, retrieval
+):
+    config = ranking_config(tmp_path, retrieval)
+    fed = dataclasses.replace(
+        config.federated,
+        central_dp=CentralDPConfig(noise_multiplier=1.0, clipping_norm=0.5, sampling="fixed"),
+    )
+    population = rated(population_of(dataclasses.replace(config, federated=fed)))
+    run = tmp_path / "ranker"
+    results = run_inprocess(population, run, progress=False)
+    assert results["rounds"] == 2 and not results["failed"]
+    bundle = load_serving_bundle(newest_bundle(run / SERVING_DIR))
+    epsilon, _, scope = bundle.epsilon
+    assert bundle.ranker is not None and 0 < epsilon < math.inf
+    assert scope.startswith("user-level")
+    spent = json.loads((run / "results.json").read_text())["final"]["epsilon"]["federation"]
+    assert epsilon == pytest.approx(spent)
+
+
+def test_settings_that_cannot_run_are_named_before_any_round(tmp_path, retrieval):
+    config = ranking_config(tmp_path, retrieval)  # like: the synthetic data has no ratings
+    with pytest.raises(ValueError, match=r"'like' needs ratings.*tasks: \[engage\]"):
+        run_inprocess(population_of(config), tmp_path / "unrated", progress=False)
+    reordered = dataclasses.replace(
+        config,
+        ranking=dataclasses.replace(config.ranking, tasks=("engage",)),
+        serving=ServingConfig(FunnelConfig(("popularity", "hstu"), retrieve_n=20, rank=True)),
+    )
+    with pytest.raises(ValueError, match="in their order"):
+        run_inprocess(population_of(reordered), tmp_path / "reordered", progress=False)

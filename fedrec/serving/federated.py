@@ -49,8 +49,9 @@ from fedrec.serving.store import (
 
 @dataclass
 class RankingConfig:
-    """A federation of the funnel's ranker. ``retrieval``: a serving bundle folder (its
-    sequential model, catalogue and semantic-ID model retrieve and stay frozen); ``positions``:
+    """A federation of the funnel's ranker. ``retrieval``: a serving bundle folder, relative to
+    the working directory (its sequential model, catalogue and semantic-ID model retrieve and
+    stay frozen; a device uses its own copy, checked by digest); ``positions``:
     training positions per user; ``tasks`` and ``task_weights``: the ranker's tasks and their
     weights in the fused score; ``attributes``: the public vocabulary of each user attribute
     the ranker reads (others are "unknown"); ``retrieve_n``: items per source."""
@@ -69,6 +70,9 @@ class RankingConfig:
                 "ranking.retrieval: the serving bundle folder whose retrieval the ranker ranks "
                 "(written by a federation with a serving section, or bench_funnel.py --bundle-out)"
             )
+        # Absolute from here on: every process of a simulation (and the resolved config each
+        # client reads) names the same folder whatever its working directory.
+        self.retrieval = str(Path(self.retrieval).expanduser().resolve())
         if self.positions < 1 or self.retrieve_n < 1:
             raise ValueError("ranking.positions and ranking.retrieve_n must be >= 1")
         unknown = sorted(set(self.tasks) - set(TASKS))
@@ -247,6 +251,12 @@ def publish_ranked_round(
 ) -> Path:
     """The round's serving bundle of a ranker federation: the frozen retrieval bundle's parts
     (its model bundle renumbered to ``version``) and the round's global ranker ``state``."""
+    if config.funnel.sources != model.funnel_config.sources:
+        # The ranker reads each candidate's source by its index in this order.
+        raise ValueError(
+            f"serving.funnel.sources {list(config.funnel.sources)}: a ranker federation serves "
+            f"its retrieval bundle's sources in their order, {list(model.funnel_config.sources)}"
+        )
     retrieval = model.retrieval
     ranker = copy.deepcopy(model.ranker).cpu()
     ranker.load_state_dict(state)
