@@ -653,11 +653,19 @@ def serve(
     insecure: Annotated[
         bool, typer.Option(help="Serve without TLS (local experiments only).")
     ] = False,
+    foundation: Annotated[
+        Path | None,
+        typer.Option(
+            help="An LLM federation's foundation folder (a copy of the server's): needed when "
+            "the bundles' funnel has the llm source (checked against the digest they name)."
+        ),
+    ] = None,
 ) -> None:
     """Serve RecommendService (fedrec/serving/proto/recommend.proto) over gRPC with TLS:
     Recommend(history, context, k), RecommendMany (up to 1,024 users a call), Health and
     ModelInfo (bundle version, ε so far). Requests are validated (bad ones get
     INVALID_ARGUMENT) and nothing from them is stored or logged."""
+    from fedrec.recommend import foundation_llm_source
     from fedrec.serving.service import (
         Batcher,
         BundleWatcher,
@@ -679,8 +687,10 @@ def serve(
             raise ValueError("--max-batch and --threads must be >= 1")
         chosen = device_for(device)
         path = newest_bundle(bundle)
+        llm_builder = None if foundation is None else foundation_llm_source(foundation)
         servicer = RecommendServicer(
-            Recommender(load_serving_bundle(path), chosen), Batcher(max_batch, threads)
+            Recommender(load_serving_bundle(path), chosen, llm_builder),
+            Batcher(max_batch, threads),
         )
         key_pair = None
         if certs is not None:
@@ -698,7 +708,7 @@ def serve(
         f"({'TLS' if key_pair else 'no TLS'}, {chosen}); ε so far: "
         f"{epsilon_text(current)}"
     )
-    watcher = BundleWatcher(bundle, servicer, chosen, poll_seconds)
+    watcher = BundleWatcher(bundle, servicer, chosen, poll_seconds, llm_builder)
     watcher.thread.start()
     try:
         server.wait_for_termination()

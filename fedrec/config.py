@@ -256,10 +256,16 @@ def parse_config(
     if serving is not None:
         line = where.line("serving.funnel.sources") or where.line("serving")
         at = f"{source}{f':{line}' if line else ''}: serving"
-        if experiment.llm is not None:
+        if experiment.llm is not None and not serving.retrieval:
             raise FedrecConfigError(
-                f"{at}: the funnel serves sequential models; this run trains the LLM "
-                "recommender (remove the serving section, or use `fedrec recommend`)"
+                f"{at}.retrieval: an LLM federation's bundles serve its adapters beside a "
+                "frozen retrieval bundle: name one (a sequential federation's RUN/serving/v…, "
+                "or simulations/bench_funnel.py --bundle-out)"
+            )
+        if experiment.llm is None and serving.retrieval:
+            raise FedrecConfigError(
+                f"{at}.retrieval: only an LLM federation serves a frozen retrieval bundle "
+                "(a ranker federation names it in ranking.retrieval; remove this)"
             )
         if serving.funnel.rank and experiment.ranking is None:
             line = where.line("serving.funnel.rank") or line
@@ -268,7 +274,7 @@ def parse_config(
                 "trains no ranker; set rank: false, or federate the ranker (a ranking section)"
             )
         served = {name, "popularity"}
-        if experiment.ranking is None and not set(serving.funnel.sources) <= served:
+        if sequential and not set(serving.funnel.sources) <= served:
             raise FedrecConfigError(
                 f"{at}.funnel.sources {list(serving.funnel.sources)}: a federation's bundle "
                 f"serves {sorted(served)} (model.name and popularity)"

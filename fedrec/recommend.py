@@ -1,14 +1,20 @@
 """``fedrec recommend``: one user's top-K titles from a finished LLM run's global adapters, with
-that user's personal prompt when their device (here: the run folder) holds one."""
+that user's personal prompt when their device (here: the run folder) holds one; and the LLM
+recommender as a source of ``fedrec serve``'s funnel."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
 from fedrec.config import parse_config
 from fedrec.data.catalogue import ItemCatalogue
+from fedrec.errors import FedrecDataError
 from fedrec.federation.layout import CATALOGUE_FILE, client_paths
 from fedrec.federation.model import PersonalFile
 from fedrec.llm_rec.federated import (
@@ -19,6 +25,10 @@ from fedrec.llm_rec.federated import (
 from fedrec.llm_rec.foundation import item_titles
 from fedrec.llm_rec.model import global_state
 from fedrec.population import Population, population_of
+from fedrec.serving.bundle import ModelBundle, foundation_digest
+from fedrec.serving.funnel import Source
+from fedrec.serving.service import LLMSourceBuilder
+from fedrec.serving.sources import llm_source
 
 
 def load_run(run_dir: Path) -> Population:
@@ -71,3 +81,30 @@ def recommend(run_dir: Path, raw_user: str, k: int = 10) -> dict[str, Any]:
             for i, s in top
         ],
     }
+
+
+def foundation_llm_source(foundation: Path) -> LLMSourceBuilder:
+    """What builds the ``llm`` source of a serving bundle's LLM federation round: the
+    foundation in ``foundation`` (its digest must be the one the round names) with the round's
+    adapters, on the service's device."""
+
+    def build(round_bundle: ModelBundle, device: torch.device, n: int) -> Source:
+        if foundation_digest(foundation) != round_bundle.foundation_hash:
+            raise FedrecDataError(
+                f"the bundle's LLM adapters were trained on foundation "
+                f"{round_bundle.foundation_hash[:12]}, not this one: copy the federation's "
+                "foundation folder",
+                foundation,
+            )
+        config = parse_config(
+            yaml.safe_load(round_bundle.config) or {}, "the LLM round's config", round_bundle.config
+        )
+        assert config.llm is not None
+        catalogue = ItemCatalogue.from_text(round_bundle.catalogue, "the LLM round's catalogue")
+        wrapper = new_llm_model(config.llm, catalogue, config.seed, foundation)
+        wrapper.load_shared_state(round_bundle.state)
+        model = copy.deepcopy(wrapper.model).to(device).eval()  # the foundation is cached
+        model.load_personal_state(None)  # a user's own prompt never leaves their device
+        return llm_source(model, n)
+
+    return build

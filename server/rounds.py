@@ -32,7 +32,12 @@ from fedrec.llm_rec.federated import foundation_folder
 from fedrec.population import Population
 from fedrec.serving.bundle import ModelBundle, foundation_digest
 from fedrec.serving.federated import RankingFederatedModel, publish_ranked_round
-from fedrec.serving.store import SERVING_DIR, publish_round
+from fedrec.serving.store import (
+    SERVING_DIR,
+    load_serving_bundle,
+    publish_over_retrieval,
+    publish_round,
+)
 from server.cohort import CohortGrid
 from server.dp import UserLevelDP
 from server.federation import Federation
@@ -283,6 +288,13 @@ def run_federation(
         }
         return ConfigRecord({**dict(sent), **hashed})
 
+    # The retrieval an LLM federation's serving bundles carry (loaded and verified once).
+    frozen = (
+        load_serving_bundle(Path(config.serving.retrieval))
+        if config.serving is not None and config.llm is not None
+        else None
+    )
+
     def publish(version: int) -> None:
         """The round's model bundle and, with ``serving``, its serving bundle (the ledger's ε
         at that round)."""
@@ -295,6 +307,15 @@ def run_federation(
                 arrays.to_torch_state_dict(),
                 config.serving,
                 federation.epsilons(),
+            )
+        elif config.serving is not None and frozen is not None:  # an LLM federation
+            publish_over_retrieval(
+                run_dir / SERVING_DIR,
+                frozen,
+                version,
+                config.serving,
+                federation.epsilons(),
+                llm=bundle(version),
             )
         elif config.serving is not None:
             publish_round(

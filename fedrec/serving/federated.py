@@ -17,7 +17,7 @@ import copy
 import difflib
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ from fedrec.serving.store import (
     ServingConfig,
     bundle_sources,
     load_serving_bundle,
-    publish_round,
+    publish_over_retrieval,
 )
 
 
@@ -70,9 +70,6 @@ class RankingConfig:
                 "ranking.retrieval: the serving bundle folder whose retrieval the ranker ranks "
                 "(written by a federation with a serving section, or bench_funnel.py --bundle-out)"
             )
-        # Absolute from here on: every process of a simulation (and the resolved config each
-        # client reads) names the same folder whatever its working directory.
-        self.retrieval = str(Path(self.retrieval).expanduser().resolve())
         if self.positions < 1 or self.retrieve_n < 1:
             raise ValueError("ranking.positions and ranking.retrieve_n must be >= 1")
         unknown = sorted(set(self.tasks) - set(TASKS))
@@ -257,17 +254,8 @@ def publish_ranked_round(
             f"serving.funnel.sources {list(config.funnel.sources)}: a ranker federation serves "
             f"its retrieval bundle's sources in their order, {list(model.funnel_config.sources)}"
         )
-    retrieval = model.retrieval
     ranker = copy.deepcopy(model.ranker).cpu()
     ranker.load_state_dict(state)
-    return publish_round(
-        root,
-        replace(retrieval.model_bundle, version=version),
-        retrieval.model_name,
-        asdict(retrieval.sequential.config),
-        config,
-        privacy,
-        ranker.eval(),
-        model.tables.vocabularies,
-        retrieval.retriever,
+    return publish_over_retrieval(
+        root, model.retrieval, version, config, privacy, ranker.eval(), model.tables.vocabularies
     )

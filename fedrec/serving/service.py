@@ -18,7 +18,7 @@ import logging
 import math
 import queue
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +30,13 @@ import torch
 
 from fedrec.data.split import SequenceSplit
 from fedrec.errors import FedrecDataError
+from fedrec.serving.bundle import ModelBundle
 from fedrec.serving.features import USER_ATTRIBUTES
-from fedrec.serving.funnel import Funnel, FunnelConfig, FunnelResult, audit_reranker
+from fedrec.serving.funnel import Funnel, FunnelConfig, FunnelResult, Source, audit_reranker
 from fedrec.serving.proto import recommend_pb2 as pb
 from fedrec.serving.proto import recommend_pb2_grpc as pb_grpc
 from fedrec.serving.ranker import ranker_scorer, sequential_user_vectors
+from fedrec.serving.sources import LLM_SOURCE
 from fedrec.serving.store import MANIFEST, ServingBundle, bundle_sources, load_serving_bundle
 
 log = logging.getLogger(__name__)
@@ -55,13 +57,31 @@ class BadRequest(ValueError):
     """A request the service refuses (gRPC INVALID_ARGUMENT)."""
 
 
+# Builds the ``llm`` source of a bundle's LLM federation round on a device, ``n`` items a user
+# (``fedrec.recommend.foundation_llm_source``: it needs the foundation's folder).
+LLMSourceBuilder = Callable[[ModelBundle, torch.device, int], Source]
+
+
 class Recommender:
     """One bundle's funnel on one device (CUDA or CPU), answering batches of users."""
 
-    def __init__(self, bundle: ServingBundle, device: torch.device):
+    def __init__(
+        self,
+        bundle: ServingBundle,
+        device: torch.device,
+        llm_builder: LLMSourceBuilder | None = None,
+    ):
         self.bundle, self.device = bundle, device
         config = bundle.funnel
         self.encoder, sources = bundle_sources(bundle, device, config.retrieve_n)
+        if bundle.llm is not None and LLM_SOURCE in config.sources:
+            if llm_builder is None:
+                raise FedrecDataError(
+                    "the bundle's funnel has the llm source: serve it with --foundation DIR (a "
+                    "copy of the LLM federation's foundation folder)",
+                    MANIFEST,
+                )
+            sources[LLM_SOURCE] = llm_builder(bundle.llm, device, config.retrieve_n)
         # The funnel always keeps its widest list; a request's k cuts it.
         self.max_k = config.retrieve_n
         widest = FunnelConfig(**{**vars(config), "k": self.max_k})
@@ -348,9 +368,15 @@ class BundleWatcher:
     load is logged and skipped (the service keeps serving the one it has)."""
 
     def __init__(
-        self, folder: Path, servicer: RecommendServicer, device: torch.device, seconds: float
+        self,
+        folder: Path,
+        servicer: RecommendServicer,
+        device: torch.device,
+        seconds: float,
+        llm_builder: LLMSourceBuilder | None = None,
     ):
         self.folder, self.servicer, self.device, self.seconds = folder, servicer, device, seconds
+        self.llm_builder = llm_builder
         self.stop = threading.Event()
         self.failed = -1  # the newest version that failed to load
         self.thread = threading.Thread(target=self._run, name="bundle-watcher", daemon=True)
@@ -363,7 +389,7 @@ class BundleWatcher:
         if version <= max(self.servicer.current.bundle.version, self.failed):
             return False
         try:
-            recommender = Recommender(load_serving_bundle(path), self.device)
+            recommender = Recommender(load_serving_bundle(path), self.device, self.llm_builder)
         except Exception as err:  # whatever it is, keep serving the current one
             self.failed = version
             log.error("bundle %s not swapped in (%s): %s", path, type(err).__name__, err)

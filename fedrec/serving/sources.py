@@ -12,12 +12,14 @@ import torch
 
 from fedrec.data.batching import history_mask_indices, next_item_batch
 from fedrec.data.split import SequenceSplit
+from fedrec.llm_rec.model import LLMRecommender
 from fedrec.models.base import SequentialRecommender
 from fedrec.semantic_id.retrieval import CodeVocabulary, RetrievalConfig, generate_items
 from fedrec.serving.funnel import Source
 
 # The funnel's name of ``generative_source`` (``FunnelConfig.sources``).
 SEMANTIC_ID_SOURCE = "semantic_id"
+LLM_SOURCE = "llm"  # an LLM recommender federation's adapters (fedrec serve --foundation)
 # Full scores: (visible histories, users) -> [B, num_items].
 FullScorer = Callable[[SequenceSplit, np.ndarray], torch.Tensor]
 
@@ -113,6 +115,25 @@ def generative_source(
                 if kept:
                     items[lo + row, : len(kept)] = [item for item, _ in kept]
                     scores[lo + row, : len(kept)] = [score for _, score in kept]
+        return items, scores
+
+    return propose
+
+
+def llm_source(model: LLMRecommender, n: int) -> Source:
+    """The LLM recommender's ``n`` best unseen items for each history (its constrained beams,
+    widened until ``n`` unseen items come out; the shared prompt: a user's personal prompt
+    never leaves their device), scored by log-probability. One user at a time."""
+
+    def propose(visible: SequenceSplit, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        items = np.full((len(users), n), -1, dtype=np.int64)
+        scores = np.zeros((len(users), n), dtype=np.float32)
+        for row, user in enumerate(users.tolist()):
+            history, times = visible.full(user)
+            top = model.top_unseen(history, times, n, visible.num_items)
+            if top:
+                items[row, : len(top)] = [item for item, _ in top]
+                scores[row, : len(top)] = [score for _, score in top]
         return items, scores
 
     return propose

@@ -8,6 +8,9 @@ A serving bundle is a folder of parts, each a file hashed (SHA-256) in ``serving
 - ``retrieval.safetensors``: the semantic-ID model, generative retrieval over the catalogue's
   codes (its config and vocabulary sizes are in the manifest; a tied output layer is not
   stored twice);
+- ``llm.bundle``: an LLM recommender federation's round, as its own ``ModelBundle`` (the
+  global adapters, the run's config and catalogue, and the digest of the foundation they
+  need: the foundation itself is large and public and is not copied into every bundle);
 
 and the manifest also carries the funnel's settings, the user-attribute vocabularies (the
 public schema of the ranker's user features) and the ledger's (ε, δ) snapshot at that round.
@@ -27,7 +30,7 @@ import math
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,7 @@ from fedrec.serving.bundle import ModelBundle
 from fedrec.serving.features import USER_ATTRIBUTES, FeatureTables, popularity_counts
 from fedrec.serving.funnel import FunnelConfig, Source
 from fedrec.serving.sources import (
+    LLM_SOURCE,
     SEMANTIC_ID_SOURCE,
     SequentialEncoder,
     generative_source,
@@ -57,7 +61,7 @@ from fedrec.serving.sources import (
 
 SERVING_FORMAT = "fedrec-serving/1"
 MANIFEST, MODEL_PART, RANKER_PART = "serving.json", "model.bundle", "ranker.safetensors"
-RETRIEVAL_PART = "retrieval.safetensors"
+RETRIEVAL_PART, LLM_PART = "retrieval.safetensors", "llm.bundle"
 TIED_OUTPUT = "lm_head.weight"  # transformers' output layer, tied to the input embedding
 SERVING_DIR = "serving"  # RUN/serving/v<round>/: a federation's bundles
 
@@ -76,10 +80,13 @@ class ServingConfig:
     ``keep`` newest kept), which ``fedrec serve --bundle RUN/serving`` swaps in as it appears.
     It holds the round's global model and the ledger's ε at that round: a federation of the
     sequential model serves its retrieval (``rank: false``); a federation of the ranker
-    (a ``ranking`` section) serves its frozen retrieval and the round's ranker."""
+    (a ``ranking`` section) serves its frozen retrieval and the round's ranker; a federation
+    of the LLM recommender serves the frozen serving bundle ``retrieval`` (relative to the
+    working directory) with the round's adapters as the ``llm`` source."""
 
     funnel: FunnelConfig = field(default_factory=lambda: FunnelConfig(("hstu", "popularity")))
     keep: int = 3
+    retrieval: str = ""
 
     def __post_init__(self) -> None:
         if self.keep < 1:
@@ -113,6 +120,7 @@ class ServingBundle:
     privacy: dict[str, float]
     model_bundle: ModelBundle
     retriever: GenerativeRetriever | None = None
+    llm: ModelBundle | None = None  # an LLM federation's round (built with its foundation)
 
     @property
     def epsilon(self) -> tuple[float, float, str]:
@@ -152,10 +160,15 @@ def write_serving_bundle(
     funnel: FunnelConfig,
     privacy: Mapping[str, float] | None = None,
     retriever: GenerativeRetriever | None = None,
+    llm: ModelBundle | None = None,
 ) -> str:
     """Write a serving bundle into the new folder ``folder``; returns its content hash. The
     manifest goes last, so a folder without one is an unfinished write. ``retriever``'s codes
-    must be the catalogue's."""
+    must be the catalogue's; ``llm``'s catalogue must list the same items."""
+    if llm is not None:
+        listed = ItemCatalogue.from_text(llm.catalogue, LLM_PART).raw_item_ids
+        if listed != ItemCatalogue.from_text(model_bundle.catalogue, MODEL_PART).raw_item_ids:
+            raise ValueError("the LLM recommender's catalogue lists other items than the bundle's")
     if retriever is not None:
         codes = ItemCatalogue.from_text(model_bundle.catalogue, folder / MODEL_PART).codes
         vocabulary = retriever.vocabulary
@@ -172,6 +185,8 @@ def write_serving_bundle(
         if retriever.model.config.tie_word_embeddings:
             state.pop(TIED_OUTPUT, None)  # the input embedding's own tensor
         parts[RETRIEVAL_PART] = save_tensors(_plain(state))
+    if llm is not None:
+        parts[LLM_PART] = llm.to_bytes()
     for name, data in parts.items():
         (folder / name).write_bytes(data)
     manifest: dict[str, Any] = {
@@ -256,6 +271,11 @@ def _build(
     retriever = None
     if manifest.get("semantic_id") is not None:  # absent from bundles older than the field
         retriever = _retriever(manifest["semantic_id"], parts[RETRIEVAL_PART], catalogue)
+    llm = None
+    if LLM_PART in parts:
+        llm = ModelBundle.from_bytes(parts[LLM_PART], folder / LLM_PART)
+        if ItemCatalogue.from_text(llm.catalogue, LLM_PART).raw_item_ids != catalogue.raw_item_ids:
+            raise ValueError("the LLM recommender's catalogue lists other items than the bundle's")
     return ServingBundle(
         version=int(manifest["version"]),
         content_hash=str(manifest["content_hash"]),
@@ -269,6 +289,7 @@ def _build(
         privacy={k: math.inf if v is None else float(v) for k, v in manifest["privacy"].items()},
         model_bundle=model_bundle,
         retriever=retriever,
+        llm=llm,
     )
 
 
@@ -308,6 +329,7 @@ def publish_round(
     ranker: MultiTaskRanker | None = None,
     vocabularies: tuple[tuple[str, ...], ...] = (),
     retriever: GenerativeRetriever | None = None,
+    llm: ModelBundle | None = None,
 ) -> Path:
     """The federation's serving bundle of ``model_bundle``'s round in ``root/v<round>/``
     (written aside and renamed into place: a reader sees all of it or none), then only the
@@ -326,6 +348,7 @@ def publish_round(
         config.funnel,
         privacy,
         retriever,
+        llm,
     )
     shutil.rmtree(target, ignore_errors=True)  # a resumed run publishes its round again
     os.replace(aside, target)
@@ -333,6 +356,42 @@ def publish_round(
     for old in versions[: -config.keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def publish_over_retrieval(
+    root: Path,
+    retrieval: ServingBundle,
+    version: int,
+    config: ServingConfig,
+    privacy: Mapping[str, float],
+    ranker: MultiTaskRanker | None = None,
+    vocabularies: tuple[tuple[str, ...], ...] = (),
+    llm: ModelBundle | None = None,
+) -> Path:
+    """The round's serving bundle of a federation that trains no sequential model: the frozen
+    ``retrieval`` bundle's model and semantic-ID model (its model bundle renumbered to
+    ``version``) with what the round trained (the ranker, or an LLM federation's bundle).
+    ``config.funnel`` must name sources the result has, before the first round is run."""
+    served = {retrieval.model_name, "popularity"}
+    served |= {SEMANTIC_ID_SOURCE} if retrieval.retriever is not None else set()
+    served |= {LLM_SOURCE} if llm is not None else set()
+    if not set(config.funnel.sources) <= served:
+        raise ValueError(
+            f"serving.funnel.sources {list(config.funnel.sources)}: this federation's bundles "
+            f"serve {sorted(served)}"
+        )
+    return publish_round(
+        root,
+        replace(retrieval.model_bundle, version=version),
+        retrieval.model_name,
+        asdict(retrieval.sequential.config),
+        config,
+        privacy,
+        ranker,
+        vocabularies,
+        retrieval.retriever,
+        llm,
+    )
 
 
 def _ranker_json(config: RankerConfig) -> dict[str, Any]:
