@@ -213,8 +213,10 @@ def parse_config(
             )
         if fed.record_dp is not None:
             raise FedrecConfigError(
-                f"{at}: federated.record_dp is not available for the ranker (its records are "
-                "not defined); remove record_dp and use user-level DP (federated.central_dp)"
+                f"{at}: federated.record_dp is not available for the ranker: an example's "
+                "features read the whole history before it (user vector, candidates), so one "
+                "record moves every later example and no per-record bound holds; remove "
+                "record_dp and use user-level DP (federated.central_dp)"
             )
     sequential = experiment.llm is None and experiment.ranking is None
     if sequential and fed.record_dp is not None and model.loss == "full_softmax":

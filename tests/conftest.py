@@ -50,3 +50,16 @@ def reply(instruction, arrays, weight: int):
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": weight})})
     TaskIdentity.node_id = instruction.metadata.dst_node_id  # the reply's sender
     return Message(content, reply_to=instruction)
+
+
+class FirstNodes:
+    """The first ``n`` nodes of a grid are online (the enrolled devices of a test)."""
+
+    def __init__(self, grid, n: int):
+        self.grid, self.n = grid, n
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.grid.get_node_ids())[: self.n]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        return self.grid.send_and_receive(messages, timeout=timeout)

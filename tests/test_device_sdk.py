@@ -31,6 +31,7 @@ from fedrec.serving.bundle import BUNDLE_DIR, MANIFEST_FILE, ModelBundle, bundle
 from server.rounds import IdentifiedGrid, run_federation
 from simulations.inprocess import InProcessGrid
 
+from .conftest import FirstNodes
 from .tiny import TINY_LLM
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
@@ -79,22 +80,9 @@ def deployed(tmp_path_factory):
     # the enrolment: node ID (partition + 1 in process) -> client; other nodes are strangers
     enrolment = {client + 1: client for client in range(len(USERS))}
     results = run_federation(
-        population, root / "run", _Only(grid, 3), write_stores=False, enrolment=enrolment
+        population, root / "run", FirstNodes(grid, 3), write_stores=False, enrolment=enrolment
     )
     return root / "run", folders, keys, results
-
-
-class _Only:
-    """The first ``n`` nodes of a grid are online (the three devices)."""
-
-    def __init__(self, grid: InProcessGrid, n: int):
-        self.grid, self.n = grid, n
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.grid.get_node_ids())[: self.n]
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        return self.grid.send_and_receive(messages, timeout=timeout)
 
 
 def test_devices_train_and_recommend_from_their_own_stores(deployed):
@@ -333,7 +321,11 @@ def test_llm_devices_keep_their_personal_prompt_sealed_and_need_the_servers_foun
 
     grid = InProcessGrid(len(population.partitions), app, {}, node_configs=configs)
     results = run_federation(
-        population, tmp_path / "run", _Only(grid, 2), write_stores=False, enrolment={1: 0, 2: 1}
+        population,
+        tmp_path / "run",
+        FirstNodes(grid, 2),
+        write_stores=False,
+        enrolment={1: 0, 2: 1},
     )
     assert results["rounds"] == 1 and not results["failed"]
     key = (tmp_path / "0.key").read_bytes()

@@ -33,6 +33,8 @@ from fedrec.serving.service import Recommender, newest_bundle
 from fedrec.serving.store import SERVING_DIR, ServingConfig, load_serving_bundle
 from simulations.inprocess import run_inprocess
 
+from .conftest import FirstNodes
+
 BASE = {
     "seed": 1,
     "data": {
@@ -285,19 +287,6 @@ def test_a_missing_or_foreign_retrieval_bundle_is_named(tmp_path, retrieval):
         build_federated_model(ranking_config(tmp_path, retrieval), foreign, tmp_path)
 
 
-class _Online:
-    """The first ``n`` nodes of a grid are online (the enrolled devices)."""
-
-    def __init__(self, grid, n: int):
-        self.grid, self.n = grid, n
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.grid.get_node_ids())[: self.n]
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        return self.grid.send_and_receive(messages, timeout=timeout)
-
-
 def test_devices_train_the_ranker_from_their_encrypted_stores(tmp_path, retrieval):
     """Three devices, each one user's events (with ratings) and attributes in its encrypted
     store and a copy of the retrieval bundle, train the ranker through the ClientApp; a device
@@ -341,7 +330,7 @@ def test_devices_train_the_ranker_from_their_encrypted_stores(tmp_path, retrieva
     grid = InProcessGrid(len(population.partitions), app, {}, node_configs=configs)
     enrolment = {client + 1: client for client in range(4)}
     results = run_federation(
-        population, tmp_path / "run", _Online(grid, 4), write_stores=False, enrolment=enrolment
+        population, tmp_path / "run", FirstNodes(grid, 4), write_stores=False, enrolment=enrolment
     )
     assert results["rounds"] == 2 and not results["failed"]
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]

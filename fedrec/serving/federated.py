@@ -216,8 +216,8 @@ class RankingFederatedModel:
 
     def record_count(self, split: SequenceSplit, fed: FederatedConfig) -> int:
         raise ValueError(
-            "record-level DP is not available for the ranker: use user-level DP "
-            "(federated.central_dp) instead of federated.record_dp"
+            "record-level DP is not available for the ranker (an example reads the whole "
+            "history before it): use user-level DP (federated.central_dp)"
         )
 
     def export(self, folder: Path) -> None:
