@@ -228,13 +228,16 @@ def main() -> None:
             timer = threading.Timer(
                 args.seconds / 3,
                 republish,
-                (root / "bundles" / "v0000", root / "bundles" / "v0001", 1),
+                (root / "bundles" / "v0000", root / "bundles" / "v0001", bundle.version + 1),
             )
             timer.start()
             swap = clients(stub, [request], 8, args.seconds)
             timer.join()
+            swap["moved"] = bundle.version + 1 in swap["versions"]
             report["swap"] = swap
             print(json.dumps({"swap": swap}), flush=True)
+            if not swap["moved"]:
+                raise SystemExit("the swap did not happen: no reply came from the new bundle")
             report["many"] = []
             for count in args.many_clients:
                 level = clients(
