@@ -34,23 +34,11 @@ from fedrec.serving.store import SERVING_DIR, ServingConfig, load_serving_bundle
 from simulations.inprocess import run_inprocess
 
 from .conftest import FirstNodes
+from .tiny import TINY_HSTU_FEDERATION
 
 BASE = {
-    "seed": 1,
-    "data": {
-        "source": "synthetic",
-        "synthetic": {"num_users": 30, "num_items": 50, "mean_length": 15, "seed": 0},
-    },
-    "model": {"name": "hstu", "max_len": 16, "embedding_dim": 16, "num_blocks": 1},
-    "evaluation": {"ks": [10]},
-    "audit": {"enabled": False},
-    "federated": {
-        "partitioning": "hash",
-        "num_partitions": 4,
-        "num_rounds": 1,
-        "clients_per_round": 4,
-        "local_learning_rate": 0.01,
-    },
+    **TINY_HSTU_FEDERATION,
+    "federated": {**TINY_HSTU_FEDERATION["federated"], "num_rounds": 1},
     "serving": {"keep": 3, "funnel": {"sources": ["hstu", "popularity"], "retrieve_n": 20}},
 }
 SERVED = {"sources": ["hstu", "popularity"], "retrieve_n": 20, "rank": True}

@@ -17,21 +17,12 @@ from fedrec.serving.service import Recommender, newest_bundle
 from fedrec.serving.store import SERVING_DIR, load_serving_bundle
 from simulations.inprocess import run_inprocess
 
+from .tiny import TINY_HSTU_FEDERATION
+
 CONFIG = {
-    "seed": 1,
-    "data": {
-        "source": "synthetic",
-        "synthetic": {"num_users": 30, "num_items": 50, "mean_length": 15, "seed": 0},
-    },
-    "model": {"name": "hstu", "max_len": 16, "embedding_dim": 16, "num_blocks": 1},
-    "evaluation": {"ks": [10]},
-    "audit": {"enabled": False},
+    **TINY_HSTU_FEDERATION,
     "federated": {
-        "partitioning": "hash",
-        "num_partitions": 4,
-        "num_rounds": 3,
-        "clients_per_round": 4,
-        "local_learning_rate": 0.01,
+        **TINY_HSTU_FEDERATION["federated"],
         "record_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "batch_size": 4},
     },
     "serving": {"keep": 2, "funnel": {"sources": ["hstu", "popularity"], "retrieve_n": 20}},
