@@ -398,10 +398,11 @@ def foundation(
     except (FedrecConfigError, FedrecDataError, ValueError, FileNotFoundError) as err:
         _fail(err)
         return
+    losses = meta["losses"]
+    trained = f"final loss {losses[-1]:.3f}" if losses else "not trained (foundation.epochs: 0)"
     typer.echo(
         f"foundation: {folder} ({meta['parameters']:,} parameters, records {meta['records']}, "
-        f"final loss {meta['losses'][-1] if meta['losses'] else float('nan'):.3f}, "
-        f"{meta['seconds']:.0f} s)"
+        f"{trained}, {meta['seconds']:.0f} s)"
     )
 
 

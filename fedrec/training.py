@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from fedrec.data.batching import history_batch, training_batch
 from fedrec.data.split import SequenceSplit, Stage
+from fedrec.distillation import DistillConfig, TeacherLists, distillation_losses, rank_weights
 from fedrec.evaluation import EvalConfig, EvalResult, evaluate, metric_names
 from fedrec.evaluation.evaluator import Scorer
 from fedrec.files import save_atomic
@@ -34,6 +35,7 @@ class TrainConfig:
 
     Validation runs every ``eval_every`` epochs; training stops after ``patience`` validations
     without improvement of ``monitor`` and the best validated weights are restored.
+    ``distill``: a teacher's ranked lists as a second loss (``fedrec.distillation``).
     """
 
     epochs: int = 200
@@ -46,6 +48,7 @@ class TrainConfig:
     device: str = "auto"
     num_threads: int = 0
     progress: bool = True
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1 or self.patience < 1:
@@ -99,6 +102,29 @@ def model_scorer(
     return score
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """A teacher's lists as the student's second loss, at the position after each user's
+    training history (where the lists rank; ``fedrec.distillation``)."""
+
+    lists: TeacherLists
+    config: DistillConfig
+
+    def loss(
+        self,
+        model: SequentialRecommender,
+        split: SequenceSplit,
+        users: np.ndarray,
+        device: torch.device,
+    ) -> torch.Tensor:
+        items, times = history_batch(split, users, "valid", model.config.max_len)
+        logits = model.score_all(items.to(device), times.to(device)) / model.config.temperature
+        k = self.config.top_k
+        listed = torch.from_numpy(self.lists.items[users, :k]).to(device)
+        weights = rank_weights(listed.shape[1], self.config.decay)
+        return self.config.weight * distillation_losses(logits, listed, weights).mean()
+
+
 def train_epoch(
     model: SequentialRecommender,
     optimizer: torch.optim.Optimizer,
@@ -108,16 +134,19 @@ def train_epoch(
     rng: np.random.Generator,
     device: torch.device,
     progress: Callable[[float], None] | None = None,
+    teacher: Teacher | None = None,
 ) -> float:
-    """One pass over ``users`` in shuffled batches; returns the mean batch loss."""
+    """One pass over ``users`` in shuffled batches; returns the mean batch loss (with the
+    ``teacher``'s distillation term, when given)."""
     model.train()
     order = rng.permutation(users)
     losses = []
     for lo in range(0, len(order), batch_size):
-        inputs, times, targets = training_batch(
-            split, order[lo : lo + batch_size], model.config.max_len
-        )
+        batch = order[lo : lo + batch_size]
+        inputs, times, targets = training_batch(split, batch, model.config.max_len)
         loss = model.loss(inputs.to(device), times.to(device), targets.to(device))
+        if teacher is not None:
+            loss = loss + teacher.loss(model, split, batch, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -160,6 +189,11 @@ def fit(
         betas=(0.9, 0.98),
         weight_decay=train.weight_decay,
     )
+    teacher = None
+    if train.distill.teacher:
+        lists = TeacherLists.load(Path(train.distill.teacher), split)
+        teacher = Teacher(lists, train.distill)
+        log.info("distilling from %s (%s)", lists.source, train.distill)
     scorer = model_scorer(model, split, device)
     best_score, best_epoch, best_valid, best_state = -1.0, 0, {}, copy.deepcopy(model.state_dict())
     history: list[dict[str, Any]] = []
@@ -187,6 +221,7 @@ def fit(
             rng,
             device,
             progress=show,
+            teacher=teacher,
         )
         epoch_seconds.append(time.perf_counter() - start)
         record: dict[str, Any] = {"epoch": epoch, "loss": loss}

@@ -15,6 +15,10 @@
     python simulations/bench_llm.py centralized --config configs/ml-100k-llm.yaml --epochs 10
         the same adapters trained on every user's windows in one place (the reference the
         federation is compared with), and the foundation alone (epochs 0)
+    python simulations/bench_llm.py teacher --config configs/ml-100k-llm-lora16.yaml --epochs 5 \
+            --lists runs/teacher-llm-lora16.npz
+        centralized, then the trained model's ranked lists after every user's training history:
+        the teacher of a distilled student (train.distill, configs/ml-100k-hstu-distill.yaml)
 
 The foundation of the config must exist (`fedrec foundation -c CONFIG`).
 """
@@ -40,6 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from fedrec.audits.metrics import paired_difference  # noqa: E402
 from fedrec.config import load_config  # noqa: E402
+from fedrec.distillation import teacher_lists  # noqa: E402
 from fedrec.evaluation import (  # noqa: E402
     EvalConfig,
     evaluate,
@@ -222,9 +227,10 @@ def bench_final(run_dir: Path, baselines: list[Path], few_shot: int) -> dict[str
 
 def bench_centralized(
     population: Population, epochs: int, learning_rate: float, batch: int = 32
-) -> dict[str, Any]:
+) -> tuple[LLMFederatedModel, dict[str, Any]]:
     """Adapters and prompts trained on all users' records (one shared personal prompt) with
-    Adam; valid/test metrics of the foundation (epoch 0), every 5 epochs and at the end."""
+    Adam; the trained model, and valid/test metrics of the foundation (epoch 0), every 5
+    epochs and at the end."""
     config, fed = population.config, population.config.federated
     torch.set_num_threads(2)
     split = population.split
@@ -253,14 +259,35 @@ def bench_centralized(
             }
             print(json.dumps(row), flush=True)
             history.append(row)
-    return {"records": len(examples), "history": history}
+    return model, {"records": len(examples), "history": history}
+
+
+def bench_teacher(
+    population: Population, epochs: int, learning_rate: float, top_k: int, lists: Path
+) -> dict[str, Any]:
+    """``centralized``, then the trained model's top-``top_k`` lists after every user's
+    training history, saved to ``lists`` for ``train.distill.teacher``."""
+    model, result = bench_centralized(population, epochs, learning_rate)
+    started = time.perf_counter()
+    source = f"LLM recommender trained centrally ({population.config.output_dir}, {epochs} epochs)"
+    teacher = teacher_lists(
+        model.scorer(population.split, torch.device("cpu")), population.split, top_k, source
+    )
+    teacher.save(lists)
+    return result | {
+        "lists": str(lists),
+        "top_k": top_k,
+        "list_seconds": time.perf_counter() - started,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["bytes", "dp-step", "personal", "final", "centralized"])
+    parser.add_argument(
+        "what", choices=["bytes", "dp-step", "personal", "final", "centralized", "teacher"]
+    )
     parser.add_argument("--config", help="LLM experiment YAML (bytes, dp-step)")
     parser.add_argument("--run", type=Path, help="finished LLM run folder (personal, final)")
     parser.add_argument(
@@ -274,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (centralized)")
+    parser.add_argument("--top-k", type=int, default=20, help="items per teacher list (teacher)")
+    parser.add_argument("--lists", type=Path, help="where the teacher lists go (teacher)")
     parser.add_argument("--output", type=Path, help="write the result as JSON here")
     args = parser.parse_args(argv)
     if args.what == "personal":
@@ -292,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "bytes":
             result = bench_bytes(population)
         elif args.what == "centralized":
-            result = bench_centralized(population, args.epochs, args.lr)
+            result = bench_centralized(population, args.epochs, args.lr)[1]
+        elif args.what == "teacher":
+            if args.lists is None:
+                parser.error("teacher needs --lists")
+            result = bench_teacher(population, args.epochs, args.lr, args.top_k, args.lists)
         else:
             result = bench_dp_step(population, args.repeats, args.epochs)
     text = json.dumps(result, indent=2)

@@ -547,19 +547,25 @@ def test_a_foundation_built_for_another_backbone_is_refused(built, tmp_path):
     )
 
 
-def test_any_causal_lm_by_path_gets_the_code_tokens_and_resized_embeddings(built, tmp_path):
-    """``llm.base_model``: a local folder of a model + tokenizer (what a hub id downloads to)."""
-    from transformers import AutoModelForCausalLM
-
+def _plain_causal_lm(dataset, folder):
+    """A saved model + tokenizer that knows nothing of codes, as a hub model would be."""
     from fedrec.llm_rec.backbone import tiny_llama, train_tokenizer
     from fedrec.llm_rec.config import BackboneConfig
     from fedrec.semantic_id.content import item_texts
 
-    _, dataset, split, _, _ = built
     tokenizer = train_tokenizer(item_texts(dataset), 150)
     model = tiny_llama(BackboneConfig(16, 1, 2, 32, 64, 150), len(tokenizer), tokenizer, 0)
-    model.save_pretrained(tmp_path / "plain")
-    tokenizer.save_pretrained(tmp_path / "plain")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
+def test_any_causal_lm_by_path_gets_the_code_tokens_and_resized_embeddings(built, tmp_path):
+    """``llm.base_model``: a local folder of a model + tokenizer (what a hub id downloads to)."""
+    from transformers import AutoModelForCausalLM
+
+    _, dataset, split, _, _ = built
+    _, tokenizer = _plain_causal_lm(dataset, tmp_path / "plain")
     config = tiny_config(base_model=str(tmp_path / "plain"), foundation={"epochs": 1})
     meta = run_foundation(
         config.llm,
@@ -575,6 +581,39 @@ def test_any_causal_lm_by_path_gets_the_code_tokens_and_resized_embeddings(built
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "foundation" / "backbone")
     assert loaded.get_input_embeddings().num_embeddings == meta["vocab_size"]
     assert loaded.config.hidden_size == 16
+
+
+def test_code_tokens_of_a_pretrained_model_start_at_their_items_titles(built, tmp_path):
+    """``llm.code_init: titles``, against a recomputation one code token at a time: the mean
+    over the items whose code holds the token of their title's mean input (and, untied,
+    output) embedding, from the base model's own tables."""
+    from transformers import AutoModelForCausalLM
+
+    _, dataset, split, _, _ = built
+    base, tokenizer = _plain_causal_lm(dataset, tmp_path / "plain")
+    config = tiny_config(
+        base_model=str(tmp_path / "plain"), code_init="titles", foundation={"epochs": 0}
+    )
+    run_foundation(
+        config.llm, config.semantic_id, config.seed, dataset, split, tmp_path / "f", False
+    )
+    vocabulary = load_foundation(tmp_path / "f").vocabulary
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "f" / "backbone")
+    titles = item_titles(dataset, config.llm.title_style)
+    for name, table in (("input", "get_input_embeddings"), ("output", "get_output_embeddings")):
+        before = getattr(base, table)().weight
+        after = getattr(loaded, table)().weight
+        for token in np.unique(vocabulary.tokens)[::7].tolist():
+            items = np.flatnonzero((vocabulary.tokens == token).any(axis=1))
+            means = []
+            for item in items.tolist():
+                ids = tokenizer(titles[item], add_special_tokens=False)["input_ids"][:16]
+                means.append(sum(before[i] for i in ids) / len(ids))
+            expected = sum(means) / len(means)
+            torch.testing.assert_close(after[token], expected, msg=f"{name} row {token}")
+        torch.testing.assert_close(after[: len(tokenizer)], before)  # text rows untouched
+    with pytest.raises(ValueError, match="base_model"):
+        tiny_config(code_init="titles")
 
 
 def test_prompts_with_titles_read_titles_but_predict_only_codes(built):

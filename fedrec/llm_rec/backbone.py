@@ -99,6 +99,45 @@ def tiny_llama(config: BackboneConfig, vocab_size: int, tokenizer: Any, seed: in
     return LlamaForCausalLM(llama)
 
 
+def title_code_embeddings(
+    embeddings: torch.Tensor, title_ids: list[list[int]], item_tokens: np.ndarray
+) -> dict[int, torch.Tensor]:
+    """Code token -> the mean, over the items whose code holds it, of the mean row of
+    ``embeddings`` over the item's title tokens (items without title tokens left out).
+
+    Why: the code tokens are new to a pretrained model. Started all alike (transformers'
+    mean resizing), they mean nothing to it until alignment has separated them, which takes
+    many epochs on a CPU; started from their items' titles, a code already points where the
+    model reads those films (as LC-Rec and TIGER-style LLM recommenders initialise new tokens
+    from their descriptions)."""
+    rows: dict[int, list[torch.Tensor]] = {}
+    for ids, tokens in zip(title_ids, item_tokens.tolist(), strict=True):
+        if not ids:
+            continue
+        title = embeddings[ids].mean(dim=0)
+        for token in tokens:
+            rows.setdefault(token, []).append(title)
+    return {token: torch.stack(r).mean(dim=0) for token, r in rows.items()}
+
+
+def init_code_embeddings(
+    model: Any, tokenizer: Any, vocabulary: CodeVocabulary, titles: list[str], max_title: int
+) -> int:
+    """Set the code tokens' input rows (and output rows, when untied) by
+    ``title_code_embeddings``; returns how many tokens were set."""
+    title_ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_title] for t in titles]
+    tables = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != tables[0].data_ptr():
+        tables.append(output.weight)
+    with torch.no_grad():
+        for table in tables:
+            rows = title_code_embeddings(table, title_ids, vocabulary.tokens)
+            for token, row in rows.items():
+                table[token] = row
+    return len(rows)
+
+
 def new_backbone(
     base_model: str,
     config: BackboneConfig,

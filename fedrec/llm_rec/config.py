@@ -10,6 +10,7 @@ SCENARIO_RULES = ("none", "weekend")
 PROMPT_INITS = ("SAMPLE_VOCAB", "RANDOM")
 PERSONAL_INITS = ("shared", "history")
 TITLE_STYLES = ("catalogue", "readable")
+CODE_INITS = ("mean", "titles")
 
 
 @dataclass
@@ -121,7 +122,10 @@ class LLMRecConfig:
     runs read) the pretrained backbone; empty = ``<run dir>/foundation``. ``title_style``: how
     ``with_titles`` prompts and the foundation's alignment write a title: ``catalogue`` as the
     data has it ("Ice Storm, The"), ``readable`` as a pretrained model has read it in text ("The
-    Ice Storm (1997)": article moved to the front, year added).
+    Ice Storm (1997)": article moved to the front, year added). ``code_init``: where the new
+    code tokens' embeddings of a pretrained ``base_model`` start before alignment: ``mean``
+    (transformers' mean resizing: all alike) or ``titles`` (each at the mean embedding of the
+    titles of the items whose code holds it).
     """
 
     base_model: str = ""
@@ -133,6 +137,7 @@ class LLMRecConfig:
     with_titles: bool = False
     title_tokens: int = 6
     title_style: str = "catalogue"
+    code_init: str = "mean"
     lora: LoraOptions = field(default_factory=LoraOptions)
     prompts: PromptOptions = field(default_factory=PromptOptions)
     beam_width: int = 20
@@ -145,6 +150,13 @@ class LLMRecConfig:
         if self.title_style not in TITLE_STYLES:
             raise ValueError(
                 f"llm.title_style must be one of {TITLE_STYLES}, got {self.title_style!r}"
+            )
+        if self.code_init not in CODE_INITS:
+            raise ValueError(f"llm.code_init must be one of {CODE_INITS}, got {self.code_init!r}")
+        if self.code_init == "titles" and not self.base_model:
+            raise ValueError(
+                "llm.code_init: titles needs a pretrained llm.base_model (the backbone built "
+                "from llm.backbone knows no titles yet); set code_init: mean"
             )
         if self.beam_width < 1 or self.eval_batch_size < 1:
             raise ValueError("llm: beam_width >= 1 and eval_batch_size >= 1")

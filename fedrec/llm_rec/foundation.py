@@ -29,7 +29,7 @@ from tqdm import tqdm
 from fedrec.data.catalogue import ItemCatalogue
 from fedrec.data.dataset import InteractionDataset
 from fedrec.data.split import SequenceSplit
-from fedrec.llm_rec.backbone import new_backbone, quiet_transformers
+from fedrec.llm_rec.backbone import init_code_embeddings, new_backbone, quiet_transformers
 from fedrec.llm_rec.config import LLMRecConfig
 from fedrec.llm_rec.data import IGNORE, PromptBuilder
 from fedrec.llm_rec.model import LLMRecommender
@@ -187,6 +187,9 @@ def run_foundation(
         seed,
     )
     titles = item_titles(dataset, config.title_style)
+    if config.code_init == "titles":
+        set_rows = init_code_embeddings(model, tokenizer, vocabulary, titles, 16)
+        log.info("foundation: %d code tokens start at their items' titles", set_rows)
     rows = {
         "catalogue": _text_rows(tokenizer, texts),
         "alignment": _alignment_rows(tokenizer, vocabulary, titles, 16),
@@ -210,6 +213,7 @@ def run_foundation(
         "version": VERSION,
         "base_model": config.base_model or "llama built from llm.backbone",
         "title_style": config.title_style,
+        "code_init": config.code_init,
         "backbone": asdict(config.backbone),
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
