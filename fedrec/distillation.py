@@ -3,9 +3,11 @@ sequential student.
 
 The teacher (the LLM recommender) ranks the next item after each user's training history; the
 student (HSTU, SASRec) is trained on its own next-item loss plus, at that same position, a
-cross-entropy towards the teacher's top-K items weighted by rank, ``w_r ∝ exp(-r / decay)``.
-This is DLLM2Rec's position-aware ranking distillation; its confidence and consistency
-weights and its embedding distillation are not implemented. The lists are saved once (the
+loss towards the teacher's top-K items weighted by rank, ``w_r ∝ exp(-r / decay)``, plus a
+weight for the items the student already ranks in its top K. These are DLLM2Rec's position-
+and consistency-aware weights; its confidence weight (the distance between what the LLM
+generated and the item it was grounded to: constrained decoding generates only real items) and
+its embedding distillation are not implemented. The lists are saved once (the
 teacher is slow, the student's epochs are not) and hold only what the teacher could compute
 from training data: its input is the training history, and the validation and test items are
 never read.
@@ -26,20 +28,34 @@ from fedrec.evaluation import EvalConfig, evaluate
 from fedrec.evaluation.evaluator import Scorer
 
 
+DISTILL_LOSSES = ("softmax", "pointwise")
+
+
 @dataclass
 class DistillConfig:
     """``teacher``: a lists file written by ``TeacherLists.save`` (empty: no distillation);
     ``weight``: λ of the distillation term next to the student's own loss; ``top_k``: how many
-    of the teacher's items are used; ``decay``: rank weights ``exp(-r / decay)``."""
+    of the teacher's items are used; ``decay``: rank weights ``exp(-r / decay)``;
+    ``consistency``: extra weight of a teacher item the student already ranks in its own top
+    ``top_k`` (DLLM2Rec's consistency weight; 0: none); ``loss``: ``softmax`` (cross-entropy
+    of the student's softmax over all items toward the teacher's items) or ``pointwise``
+    (DLLM2Rec's form: ``-log σ(logit)`` of each teacher item, which raises them without
+    pushing every other item down)."""
 
     teacher: str = ""
     weight: float = 1.0
     top_k: int = 10
     decay: float = 5.0
+    consistency: float = 0.0
+    loss: str = "softmax"
 
     def __post_init__(self) -> None:
-        if self.weight < 0 or self.top_k < 1 or self.decay <= 0:
-            raise ValueError("train.distill: weight >= 0, top_k >= 1 and decay > 0")
+        if self.weight < 0 or self.top_k < 1 or self.decay <= 0 or self.consistency < 0:
+            raise ValueError(
+                "train.distill: weight >= 0, top_k >= 1, decay > 0 and consistency >= 0"
+            )
+        if self.loss not in DISTILL_LOSSES:
+            raise ValueError(f"train.distill.loss must be one of {DISTILL_LOSSES}")
 
 
 @dataclass(frozen=True)
@@ -85,16 +101,34 @@ def rank_weights(top_k: int, decay: float) -> torch.Tensor:
     return weights / weights.sum()
 
 
-def distillation_losses(
-    logits: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor
+def item_weights(
+    logits: torch.Tensor, teacher: torch.Tensor, decay: float, consistency: float
 ) -> torch.Tensor:
-    """``[B]``: ``-Σ_r w_r log softmax(logits)[teacher_r]`` per user, the weights renormalised
-    over the user's listed items (``teacher`` -1 = none; a user with none gets 0).
+    """``[B, K]``: each teacher item's weight, ``exp(-r / decay)`` (normalised over ranks)
+    plus ``consistency`` if the student's own top K (``logits``, not differentiated) holds it,
+    renormalised over the user's listed items (``teacher`` -1 = none; all 0 for a user with
+    none)."""
+    rows, k = teacher.shape
+    weights = rank_weights(k, decay).to(logits.device).expand(rows, k)
+    if consistency:
+        own = logits.detach().topk(k, dim=1).indices
+        shared = (teacher.unsqueeze(2) == own.unsqueeze(1)).any(dim=2)
+        weights = weights + consistency * shared
+    weights = weights * (teacher >= 0)
+    return weights / weights.sum(dim=1, keepdim=True).clamp(min=1e-12)
 
-    ``logits`` ``[B, N]`` over all items; ``teacher`` ``[B, K]`` item indices; ``weights``
-    ``[K]``."""
-    listed = teacher >= 0
-    log_probs = F.log_softmax(logits, dim=-1).gather(1, teacher.clamp(min=0))
-    w = weights.to(logits.device) * listed
-    w = w / w.sum(dim=1, keepdim=True).clamp(min=1e-12)
-    return -(w * log_probs).sum(dim=1)
+
+def distillation_losses(
+    logits: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, loss: str = "softmax"
+) -> torch.Tensor:
+    """``[B]``: ``-Σ_r w_r log p_r`` per user, where ``p_r`` is the student's softmax
+    probability of teacher item r (``softmax``) or the sigmoid of its logit (``pointwise``).
+
+    ``logits`` ``[B, N]`` over all items; ``teacher`` ``[B, K]`` item indices (-1 = none);
+    ``weights`` ``[B, K]`` (``item_weights``: 0 where nothing is listed)."""
+    index = teacher.clamp(min=0)
+    if loss == "softmax":
+        picked = F.log_softmax(logits, dim=-1).gather(1, index)
+    else:
+        picked = F.logsigmoid(logits.gather(1, index))
+    return -(weights * picked).sum(dim=1)

@@ -51,6 +51,12 @@ def build_federated_model(
     config: ExperimentConfig, catalogue: ItemCatalogue, run_dir: Path
 ) -> FederatedModel:
     """A fresh model of the config's kind for the items of ``catalogue``."""
+    if config.train.distill.teacher:
+        raise ValueError(
+            "train.distill.teacher: distillation runs in centralized training (fedrec train); "
+            "a federation's local training reads no teacher, so it would be ignored: remove "
+            "train.distill from a federated run"
+        )
     return FEDERATED_MODEL_KINDS[config.federated_model_kind](config, catalogue, run_dir)
 
 

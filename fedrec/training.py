@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from fedrec.data.batching import history_batch, training_batch
 from fedrec.data.split import SequenceSplit, Stage
-from fedrec.distillation import DistillConfig, TeacherLists, distillation_losses, rank_weights
+from fedrec.distillation import DistillConfig, TeacherLists, distillation_losses, item_weights
 from fedrec.evaluation import EvalConfig, EvalResult, evaluate, metric_names
 from fedrec.evaluation.evaluator import Scorer
 from fedrec.files import save_atomic
@@ -119,10 +119,11 @@ class Teacher:
     ) -> torch.Tensor:
         items, times = history_batch(split, users, "valid", model.config.max_len)
         logits = model.score_all(items.to(device), times.to(device)) / model.config.temperature
-        k = self.config.top_k
-        listed = torch.from_numpy(self.lists.items[users, :k]).to(device)
-        weights = rank_weights(listed.shape[1], self.config.decay)
-        return self.config.weight * distillation_losses(logits, listed, weights).mean()
+        config = self.config
+        listed = torch.from_numpy(self.lists.items[users, : config.top_k]).to(device)
+        weights = item_weights(logits, listed, config.decay, config.consistency)
+        losses = distillation_losses(logits, listed, weights, config.loss)
+        return config.weight * losses.mean()
 
 
 def train_epoch(

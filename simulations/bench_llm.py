@@ -228,15 +228,19 @@ def bench_final(run_dir: Path, baselines: list[Path], few_shot: int) -> dict[str
 def bench_centralized(
     population: Population, epochs: int, learning_rate: float, batch: int = 32
 ) -> tuple[LLMFederatedModel, dict[str, Any]]:
-    """Adapters and prompts trained on all users' records (one shared personal prompt) with
-    Adam; the trained model, and valid/test metrics of the foundation (epoch 0), every 5
+    """Adapters and prompts trained on every event of all users' training histories (one
+    shared personal prompt) with Adam; the trained model, and valid/test metrics of the foundation (epoch 0), every 5
     epochs and at the end."""
     config, fed = population.config, population.config.federated
     torch.set_num_threads(2)
     split = population.split
     model = _model(population, Path(config.output_dir))
     evaluation = EvalConfig(ks=(10, 20))
-    examples = model.model.builder.records(split, trainable_users(split), fed.record_window)
+    # Every event, in consecutive chunks: the day records a DP client trains on keep only the
+    # first record_window + 1 events of each day, a fraction of ML-100K's histories.
+    examples = model.model.builder.records(
+        split, trainable_users(split), fed.record_window, period=None
+    )
     optimizer = torch.optim.Adam(model.model.trainable_parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
     history = []

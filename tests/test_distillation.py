@@ -18,11 +18,14 @@ from fedrec.distillation import (
     DistillConfig,
     TeacherLists,
     distillation_losses,
+    item_weights,
     rank_weights,
     teacher_lists,
 )
 from fedrec.experiment import run_centralized
+from fedrec.federated_models import initial_federated_model
 from fedrec.models import build_model
+from fedrec.population import population_of
 
 from .tiny import TINY_HSTU_FEDERATION
 
@@ -30,23 +33,35 @@ TINY = {k: v for k, v in copy.deepcopy(TINY_HSTU_FEDERATION).items() if k != "fe
 TINY["train"] = {"epochs": 6, "eval_every": 3, "batch_size": 16, "progress": False}
 
 
-def test_distillation_loss_equals_its_definition_one_user_at_a_time():
+@pytest.mark.parametrize("loss", ["softmax", "pointwise"])
+@pytest.mark.parametrize("consistency", [0.0, 0.7])
+def test_distillation_loss_equals_its_definition_one_user_at_a_time(loss, consistency):
     torch.manual_seed(0)
-    logits = torch.randn(3, 12)
-    teacher = torch.tensor([[4, 1, 7], [0, -1, -1], [-1, -1, -1]])
-    weights = rank_weights(3, 2.0)
-    assert math.isclose(float(weights.sum()), 1.0, rel_tol=1e-6)
-    assert weights[0] > weights[1] > weights[2]
-    got = distillation_losses(logits, teacher, weights)
-    for user in range(3):
+    logits = torch.randn(4, 12)
+    teacher = torch.tensor([[4, 1, 7], [0, -1, -1], [-1, -1, -1], [2, 9, 5]])
+    assert math.isclose(float(rank_weights(3, 2.0).sum()), 1.0, rel_tol=1e-6)
+    weights = item_weights(logits, teacher, 2.0, consistency)
+    got = distillation_losses(logits, teacher, weights, loss)
+    for user in range(4):
+        own_top = set(torch.topk(logits[user], 3).indices.tolist())
         listed = [(r, int(i)) for r, i in enumerate(teacher[user]) if i >= 0]
         if not listed:
             assert got[user] == 0
             continue
-        total = sum(math.exp(-r / 2.0) for r, _ in listed)
-        log_p = torch.log_softmax(logits[user], dim=0)
-        expected = -sum(math.exp(-r / 2.0) / total * float(log_p[i]) for r, i in listed)
-        assert math.isclose(float(got[user]), expected, rel_tol=1e-5)
+        raw = {
+            r: math.exp(-r / 2.0) / sum(math.exp(-j / 2.0) for j in range(3))
+            + consistency * (i in own_top)
+            for r, i in listed
+        }
+        total = sum(raw.values())
+        if loss == "softmax":
+            log_p = torch.log_softmax(logits[user], dim=0)
+        else:
+            log_p = torch.nn.functional.logsigmoid(logits[user])
+        expected = -sum(raw[r] / total * float(log_p[i]) for r, i in listed)
+        assert math.isclose(float(got[user]), expected, rel_tol=1e-5), (user, got[user])
+    if consistency:  # the student's own top 3 holds some teacher items: weights moved
+        assert not torch.allclose(weights, item_weights(logits, teacher, 2.0, 0.0))
 
 
 def test_teacher_lists_read_only_the_training_history_and_never_list_it():
@@ -67,7 +82,8 @@ def test_teacher_lists_read_only_the_training_history_and_never_list_it():
         assert lists.items[user].tolist() == unseen[:5]
 
 
-def test_a_distilled_student_learns_what_its_teacher_ranks(tmp_path):
+@pytest.mark.parametrize("loss", ["softmax", "pointwise"])
+def test_a_distilled_student_learns_what_its_teacher_ranks(tmp_path, loss):
     """A teacher that ranks one item first for every user: the distilled student ranks it far
     higher after its training history than the same student trained alone."""
     base = parse_config(TINY)
@@ -82,7 +98,8 @@ def test_a_distilled_student_learns_what_its_teacher_ranks(tmp_path):
     for name, weight in (("alone", 0.0), ("distilled", 5.0)):
         config = parse_config(TINY)
         config.train = dataclasses.replace(
-            config.train, distill=DistillConfig(str(tmp_path / "teacher.npz"), weight, 3, 1.0)
+            config.train,
+            distill=DistillConfig(str(tmp_path / "teacher.npz"), weight, 3, 1.0, loss=loss),
         )
         run_centralized(config, tmp_path / name)
         student = build_model(config.model_name, split.num_items, config.model)
@@ -103,6 +120,9 @@ def test_teacher_lists_that_do_not_fit_the_data_are_refused_with_the_option_name
     TeacherLists(np.zeros((3, 2), dtype=np.int64), "x").save(tmp_path / "small.npz")
     with pytest.raises(ValueError, match="do not fit"):
         TeacherLists.load(tmp_path / "small.npz", split)
+    federated = parse_config(TINY_HSTU_FEDERATION | {"train": {"distill": {"teacher": "t.npz"}}})
+    with pytest.raises(ValueError, match=r"train\.distill.*centralized"):
+        initial_federated_model(federated, population_of(federated).publish(tmp_path), tmp_path)
     bad = copy.deepcopy(TINY)
     bad["train"]["distill"] = {"teacher": "t.npz", "top_k": 0}
     with pytest.raises(Exception, match=r"train\.distill"):
