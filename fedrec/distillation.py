@@ -27,7 +27,6 @@ from fedrec.data.split import SequenceSplit
 from fedrec.evaluation import EvalConfig, evaluate
 from fedrec.evaluation.evaluator import Scorer
 
-
 DISTILL_LOSSES = ("softmax", "pointwise")
 
 
