@@ -229,8 +229,8 @@ def bench_centralized(
     population: Population, epochs: int, learning_rate: float, batch: int = 32
 ) -> tuple[LLMFederatedModel, dict[str, Any]]:
     """Adapters and prompts trained on every event of all users' training histories (one
-    shared personal prompt) with Adam; the trained model, and valid/test metrics of the foundation (epoch 0), every 5
-    epochs and at the end."""
+    shared personal prompt) with Adam; the trained model, and the valid/test metrics of the
+    foundation (epoch 0), every 5 epochs and at the end."""
     config, fed = population.config, population.config.federated
     torch.set_num_threads(2)
     split = population.split
