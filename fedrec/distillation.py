@@ -75,7 +75,8 @@ class TeacherLists:
         if not path.is_file():
             raise FileNotFoundError(
                 f"train.distill.teacher: no teacher lists at {path} (write them with "
-                "`python simulations/bench_distill.py teacher`)"
+                "`python simulations/bench_llm.py teacher --lists ...` or "
+                "`python simulations/teacher_lists.py`)"
             )
         with np.load(path) as data:
             items, source = data["items"], json.loads(str(data["source"]))

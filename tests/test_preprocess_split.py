@@ -119,6 +119,23 @@ def test_without_last_drops_each_users_last_events(small_split, events):
         assert cut.full(user)[1].tolist() == times[: max(len(items) - events, 0)].tolist()
 
 
+def test_without_training_items_removes_them_from_training_only(small_split):
+    # The items of some users' validation and test targets, so that both cases are met.
+    cold = np.unique(np.concatenate([small_split.targets("valid")[:3], [0, 1]]))
+    cut = small_split.without_training_items(cold)
+    for stage in ("valid", "test"):
+        assert (cut.targets(stage) == small_split.targets(stage)).all()
+    for user in range(small_split.num_users):
+        items, times = small_split.full(user)
+        keep = [k for k in range(len(items)) if k >= len(items) - 2 or items[k] not in cold]
+        assert cut.full(user)[0].tolist() == items[keep].tolist()
+        assert cut.full(user)[1].tolist() == times[keep].tolist()
+        assert not np.isin(cut.train_sequence(user)[0], cold).any()
+    assert not np.isin(cold, np.flatnonzero(cut.train_item_counts())).any()
+    for user in range(3):  # a cold validation target is still the test history's last event
+        assert cut.history(user, "test")[0][-1] == small_split.targets("valid")[user]
+
+
 def test_split_ratings_follow_the_split_order_through_subsets_and_windows():
     rows = [(1, 5, 3.0), (0, 2, 9.0), (0, 1, 1.0), (1, 4, 1.0), (0, 3, 5.0), (1, 0, 2.0)]
     rated = {(u, i): 10.0 * u + i for u, i, _ in rows}

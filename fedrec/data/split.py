@@ -87,6 +87,25 @@ class SequenceSplit:
         kept = np.maximum(np.diff(self.offsets) - events, 0)
         return self._windows(self.offsets[:-1], kept)
 
+    def without_training_items(self, items: np.ndarray) -> SequenceSplit:
+        """The same users and targets with every training event of ``items`` removed: a
+        cold start, where those items are new at validation and test time. A validation
+        target among them stays in the test history (it happened before the test item)."""
+        keep = ~np.isin(self.items, items)
+        keep[self.offsets[1:] - 1] = True
+        keep[self.offsets[1:] - 2] = True
+        users = np.repeat(np.arange(self.num_users), np.diff(self.offsets))
+        lengths = np.bincount(users[keep], minlength=self.num_users)
+        return SequenceSplit(
+            num_users=self.num_users,
+            num_items=self.num_items,
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            items=self.items[keep],
+            timestamps=self.timestamps[keep],
+            ratings=None if self.ratings is None else self.ratings[keep],
+            user_features=self.user_features,
+        )
+
     def _windows(self, starts: np.ndarray, kept: np.ndarray) -> SequenceSplit:
         """The same users, each with its ``kept[u]`` events from position ``starts[u]``."""
         within = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)

@@ -161,12 +161,11 @@ def cold_popularity_scorer(split: SequenceSplit, cold: np.ndarray) -> Scorer:
     return lambda batch, stage: scores.expand(len(batch), -1)
 
 
-def cold_start(
+def cold_start_retriever(
     embeddings: np.ndarray, split: SequenceSplit, config: SemanticIdConfig, progress: bool
-) -> dict[str, Any]:
-    """Hold out a random share of items from the RQ-VAE and from retrieval training; code them
-    afterwards from content alone and measure HR@K on users whose test item is one of them,
-    next to popularity (which, without interactions, ranks them last)."""
+) -> tuple[np.ndarray, Any, CodeVocabulary, dict[str, Any]]:
+    """``(cold items, retriever, vocabulary, training facts)``: the RQ-VAE and the retriever
+    trained without the held-out items, which are coded afterwards from content alone."""
     n = split.num_items
     cold = held_out_items(n, config)
     warm = np.setdiff1d(np.arange(n), cold)
@@ -177,10 +176,20 @@ def cold_start(
     codes = np.empty((n, ids.codes.shape[1]), dtype=np.int64)
     codes[warm] = ids.codes
     codes[cold] = disambiguate(model.codes(embeddings[cold]), taken)
-    users = cold_start_users(split, cold)
     retriever, vocabulary, trained = train_generative_retrieval(
         codes, ids.codebook_size, split, config, cold, progress
     )
+    return cold, retriever, vocabulary, trained
+
+
+def cold_start(
+    embeddings: np.ndarray, split: SequenceSplit, config: SemanticIdConfig, progress: bool
+) -> dict[str, Any]:
+    """Hold out a random share of items from the RQ-VAE and from retrieval training; code them
+    afterwards from content alone and measure HR@K on users whose test item is one of them,
+    next to popularity (which, without interactions, ranks them last)."""
+    cold, retriever, vocabulary, trained = cold_start_retriever(embeddings, split, config, progress)
+    users = cold_start_users(split, cold)
     # The configured new-item rule and a small grid around it, all reported.
     rules = {(config.retrieval.new_item_prefix, config.retrieval.new_item_slots)}
     rules |= {(p, n) for p in (1, 2) for n in (0, 1, 3)}

@@ -248,6 +248,32 @@ def constrained_search(
     return found
 
 
+def ranked_lists(
+    model: Any,
+    vocabulary: CodeVocabulary,
+    split: SequenceSplit,
+    stage: Stage,
+    config: RetrievalConfig,
+    users: np.ndarray,
+    batch_size: int = 32,
+    new_items: np.ndarray | None = None,
+) -> list[list[int]]:
+    """Each of ``users``' top-K items for ``stage`` (its visible history excluded), by the
+    constrained beam search; ``new_items`` (cold start) may take ``config.new_item_slots``
+    places next to generated items sharing their code prefix."""
+    by_prefix: dict[tuple[int, ...], list[int]] = {}
+    for item in [] if new_items is None else new_items.tolist():
+        by_prefix.setdefault(_prefix(vocabulary, item, config), []).append(item)
+    lists: list[list[int]] = []
+    for lo in range(0, len(users), batch_size):
+        histories = [split.history(int(u), stage)[0] for u in users[lo : lo + batch_size]]
+        for history, found in zip(
+            histories, generate_items(model, vocabulary, histories, config), strict=True
+        ):
+            lists.append(_top_k(found, set(history.tolist()), by_prefix, vocabulary, config))
+    return lists
+
+
 def evaluate_retrieval(
     model: Any,
     vocabulary: CodeVocabulary,
@@ -260,26 +286,19 @@ def evaluate_retrieval(
 ) -> dict[str, Any]:
     """HR@K / NDCG@K with the full-ranking protocol's conventions: each user's visible history
     is excluded from the list, the target's rank is its position in the generated top-K (a
-    miss beyond K). Also users per second of the constrained beam search. ``new_items``
-    (cold start) may take ``config.new_item_slots`` places next to generated items sharing
-    their code prefix."""
+    miss beyond K). Also users per second of the constrained beam search. ``new_items``: as
+    in ``ranked_lists``."""
     users = np.arange(split.num_users) if users is None else np.asarray(users)
-    by_prefix: dict[tuple[int, ...], list[int]] = {}
-    for item in [] if new_items is None else new_items.tolist():
-        by_prefix.setdefault(_prefix(vocabulary, item, config), []).append(item)
     targets = split.targets(stage)
-    ranks = np.full(len(users), np.inf)
     started = time.perf_counter()
-    for lo in range(0, len(users), batch_size):
-        batch = users[lo : lo + batch_size]
-        histories = [split.history(int(u), stage)[0] for u in batch]
-        for row, (user, found) in enumerate(
-            zip(batch, generate_items(model, vocabulary, histories, config), strict=True)
-        ):
-            listed = _top_k(found, set(histories[row].tolist()), by_prefix, vocabulary, config)
-            if targets[user] in listed:
-                ranks[lo + row] = listed.index(targets[user]) + 1
+    lists = ranked_lists(model, vocabulary, split, stage, config, users, batch_size, new_items)
     seconds = time.perf_counter() - started
+    ranks = np.array(
+        [
+            listed.index(targets[user]) + 1 if targets[user] in listed else np.inf
+            for user, listed in zip(users, lists, strict=True)
+        ]
+    )
     k = config.top_k
     finite = torch.from_numpy(np.where(np.isfinite(ranks), ranks, 10**9))
     metrics = {
