@@ -26,7 +26,7 @@ from fedrec.experiment import environment, run_centralized
 METRICS = ("NDCG@10", "HR@10", "NDCG@20", "HR@20", "MRR", "Coverage@10")
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.4f} ± {spread:.4f}"
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     summary: dict[str, dict] = {"popularity": {"test": popularity}}
     for label, results in rows.items():
-        cells = [_mean_std([r["test"][m] for r in results]) for m in METRICS]
+        cells = [mean_std([r["test"][m] for r in results]) for m in METRICS]
         seconds = statistics.median(r["seconds_per_epoch"] for r in results)
         epochs = ", ".join(str(r["best_epoch"]) for r in results)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds:.2f} | {epochs} |")

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ from fedrec.semantic_id.pipeline import (
 )
 from fedrec.semantic_id.retrieval import evaluate_retrieval, ranked_lists
 from fedrec.training import fit, model_scorer, seed_everything
+from simulations.bench_centralized import mean_std
 
 METRICS = ("HR@10", "NDCG@10")
 
@@ -100,11 +100,6 @@ def _teacher(
     return TeacherLists(items, source), facts
 
 
-def _mean_sd(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {spread:.4f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -124,6 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", type=Path, default=Path("runs/distill-cold"))
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    parser.add_argument(
+        "--students",
+        nargs="+",
+        choices=("plain", "distilled"),
+        default=["plain", "distilled"],
+        help="which HSTU students to train",
+    )
+    parser.add_argument(
+        "--teacher-from",
+        type=Path,
+        default=None,
+        help="an earlier --output of this script: reuse its teacher lists and figures",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.output.mkdir(parents=True, exist_ok=True)
@@ -135,9 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     users = {"all": np.arange(split.num_users), "cold": cold_start_users(split, cold)}
     print(f"{len(cold)} held-out items; {len(users['cold'])} users with one as test item")
 
-    lists, teacher = _teacher(args.retrieval_config, split, cold, users)
-    lists_path = args.output / "teacher-lists.npz"
-    lists.save(lists_path)
+    if args.teacher_from is None:
+        lists, teacher = _teacher(args.retrieval_config, split, cold, users)
+        lists_path = args.output / "teacher-lists.npz"
+        lists.save(lists_path)
+        write_json_atomic(teacher, args.output / "teacher.json")
+    else:
+        lists_path = args.teacher_from / "teacher-lists.npz"
+        TeacherLists.load(lists_path, split)  # refused here, not after the plain students
+        teacher = json.loads((args.teacher_from / "teacher.json").read_text(encoding="utf-8"))
     print(f"teacher: {json.dumps(teacher)}", flush=True)
 
     popularity = {
@@ -146,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             "cold"
         ],
     }
-    students: dict[str, list[dict[str, Any]]] = {"plain": [], "distilled": []}
+    students: dict[str, list[dict[str, Any]]] = {variant: [] for variant in args.students}
     for seed in args.seeds:
         for variant in students:
             distill = dataclasses.replace(
@@ -172,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{row[g][m]:.4f}" for g in ("all", "cold") for m in METRICS]
         lines.append(f"| {label} | " + " | ".join(cells) + " | |")
     for variant, runs in students.items():
-        cells = [_mean_sd([r[g][m] for r in runs]) for g in ("all", "cold") for m in METRICS]
-        share = _mean_sd([r["all"]["cold_share_of_top10"] for r in runs])
+        cells = [mean_std([r[g][m] for r in runs]) for g in ("all", "cold") for m in METRICS]
+        share = mean_std([r["all"]["cold_share_of_top10"] for r in runs])
         lines.append(f"| HSTU {variant} | " + " | ".join(cells) + f" | {share} |")
     table = "\n".join(lines)
     print(table)

@@ -95,25 +95,22 @@ class SequenceSplit:
         keep[self.offsets[1:] - 1] = True
         keep[self.offsets[1:] - 2] = True
         users = np.repeat(np.arange(self.num_users), np.diff(self.offsets))
-        lengths = np.bincount(users[keep], minlength=self.num_users)
-        return SequenceSplit(
-            num_users=self.num_users,
-            num_items=self.num_items,
-            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            items=self.items[keep],
-            timestamps=self.timestamps[keep],
-            ratings=None if self.ratings is None else self.ratings[keep],
-            user_features=self.user_features,
+        return self._events(
+            np.flatnonzero(keep), np.bincount(users[keep], minlength=self.num_users)
         )
 
     def _windows(self, starts: np.ndarray, kept: np.ndarray) -> SequenceSplit:
         """The same users, each with its ``kept[u]`` events from position ``starts[u]``."""
         within = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)
-        positions = np.repeat(starts, kept) + within
+        return self._events(np.repeat(starts, kept) + within, kept)
+
+    def _events(self, positions: np.ndarray, lengths: np.ndarray) -> SequenceSplit:
+        """The same users, user ``u`` keeping ``lengths[u]`` events: those at ``positions``
+        (in order, user by user)."""
         return SequenceSplit(
             num_users=self.num_users,
             num_items=self.num_items,
-            offsets=np.concatenate([[0], np.cumsum(kept)]).astype(np.int64),
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
             items=self.items[positions],
             timestamps=self.timestamps[positions],
             ratings=None if self.ratings is None else self.ratings[positions],
