@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
 from fedrec.config import load_config
 from fedrec.data import prepare_split
+from fedrec.data.dataset import InteractionDataset
 from fedrec.data.split import SequenceSplit
 from fedrec.distillation import TeacherLists
 from fedrec.evaluation import EvalConfig, evaluate, popularity_scorer
@@ -43,6 +44,7 @@ from fedrec.experiment import environment, write_json_atomic
 from fedrec.models import build_model
 from fedrec.semantic_id.content import content_embeddings
 from fedrec.semantic_id.pipeline import (
+    SemanticIdConfig,
     cold_popularity_scorer,
     cold_start_retriever,
     cold_start_users,
@@ -69,13 +71,14 @@ def _scored(
 
 
 def _teacher(
-    retrieval_config: Path, split: SequenceSplit, cold: np.ndarray, users: dict[str, np.ndarray]
+    sid: SemanticIdConfig,
+    dataset: InteractionDataset,
+    split: SequenceSplit,
+    cold: np.ndarray,
+    users: dict[str, np.ndarray],
 ) -> tuple[TeacherLists, dict[str, Any]]:
     """The generative-retrieval teacher trained on the cold split: its lists (validation
     input) and its test metrics."""
-    experiment = load_config(retrieval_config)
-    sid = experiment.semantic_id
-    dataset, _ = prepare_split(experiment.data)
     embeddings = content_embeddings(dataset, sid.content)
     same_cold, retriever, vocabulary, trained = cold_start_retriever(embeddings, split, sid, True)
     assert np.array_equal(same_cold, cold)
@@ -96,7 +99,7 @@ def _teacher(
             retriever, vocabulary, split, "test", sid.retrieval, members, new_items=cold
         )
         facts[group] = {m: result["metrics"][m] for m in METRICS}
-    source = f"generative retrieval ({sid.content.encoder} codes), cold split of {retrieval_config}"
+    source = f"generative retrieval ({sid.content.encoder} codes) on a cold split"
     return TeacherLists(items, source), facts
 
 
@@ -137,14 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
 
     student = load_config(args.student)
-    _, full_split = prepare_split(student.data)
-    cold = held_out_items(full_split.num_items, load_config(args.retrieval_config).semantic_id)
+    sid = load_config(args.retrieval_config).semantic_id
+    dataset, full_split = prepare_split(student.data)
+    cold = held_out_items(full_split.num_items, sid)
     split = full_split.without_training_items(cold)
     users = {"all": np.arange(split.num_users), "cold": cold_start_users(split, cold)}
     print(f"{len(cold)} held-out items; {len(users['cold'])} users with one as test item")
 
     if args.teacher_from is None:
-        lists, teacher = _teacher(args.retrieval_config, split, cold, users)
+        lists, teacher = _teacher(sid, dataset, split, cold, users)
         lists_path = args.output / "teacher-lists.npz"
         lists.save(lists_path)
         write_json_atomic(teacher, args.output / "teacher.json")
@@ -154,12 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         teacher = json.loads((args.teacher_from / "teacher.json").read_text(encoding="utf-8"))
     print(f"teacher: {json.dumps(teacher)}", flush=True)
 
-    popularity = {
-        "all": _scored(popularity_scorer(split), split, cold, {"all": users["all"]})["all"],
-        "cold": _scored(cold_popularity_scorer(split, cold), split, cold, {"cold": users["cold"]})[
-            "cold"
-        ],
-    }
+    # Without interactions the held-out items rank last for popularity on the cold users.
+    popularity = _scored(popularity_scorer(split), split, cold, {"all": users["all"]})
+    popularity |= _scored(cold_popularity_scorer(split, cold), split, cold, {"cold": users["cold"]})
     students: dict[str, list[dict[str, Any]]] = {variant: [] for variant in args.students}
     for seed in args.seeds:
         for variant in students:
